@@ -1,0 +1,193 @@
+"""The serving config: YAML in, frozen dataclasses out. `pdserve plan` writes one, `pdserve serve` reads one.
+
+Every field has a default that runs on a laptop (1 prefill + 1 decode instance on CPU with
+SmolLM2-135M). Loading rejects unknown keys and wrong types with the dotted path of the field
+(`decode.tp: expected int, got 'two'`), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+Mode = Literal["disaggregated", "colocated"]
+ColocatedPolicy = Literal["prefill_priority", "chunked"]
+TransportName = Literal["loopback", "grpc", "torch"]
+CodecName = Literal["auto", "raw", "int8", "fp8", "int4", "int4_zstd"]
+PrefillPolicyName = Literal["least_tokens", "round_robin"]
+DecodePolicyName = Literal["least_kv", "round_robin"]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message starts with the field's dotted path."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    kv_cache_memory_gb: float = 1.0
+    max_model_len: int = 2048
+    num_threads: int = 1  # torch threads per engine process; several engines share the box
+
+    def __post_init__(self) -> None:
+        _positive(self, "block_size", "kv_cache_memory_gb", "max_model_len", "num_threads")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One phase's pool: `instances` copies of a (tp × pp) engine."""
+
+    instances: int = 1
+    tp: int = 1
+    pp: int = 1
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # per-step token budget (the chunk size under `chunked`)
+    num_cpus: float = 1.0  # per worker actor
+    num_gpus: float = 0.0  # per worker actor (tp × pp actors per instance)
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor
+
+    def __post_init__(self) -> None:
+        _positive(self, "instances", "tp", "pp", "max_num_seqs", "max_num_batched_tokens")
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.tp * self.pp
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    transport: TransportName = "grpc"
+    codec: CodecName = "raw"
+    link_gbps: float | None = None  # link bandwidth hint for codec=auto; measured when None
+    lease_s: float = 60.0  # prefill frees exported blocks nobody pulled within this time
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "lease_s", "timeout_s")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    prefill_policy: PrefillPolicyName = "least_tokens"
+    decode_policy: DecodePolicyName = "least_kv"
+    max_pending_requests: int = 256  # beyond this the router answers 429 with Retry-After
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_pending_requests", "request_timeout_s")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"router.port: must be in [0, 65535], got {self.port}")
+
+
+@dataclass(frozen=True)
+class SLOConfig:
+    ttft_s: float = 1.0
+    tpot_s: float = 0.2
+    attainment: float = 0.9
+
+    def __post_init__(self) -> None:
+        _positive(self, "ttft_s", "tpot_s")
+        if not 0 < self.attainment <= 1:
+            raise ConfigError(f"slo.attainment: must be in (0, 1], got {self.attainment}")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    model: str = "smollm2-135m"
+    mode: Mode = "disaggregated"
+    colocated_policy: ColocatedPolicy = "prefill_priority"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    prefill: PoolConfig = field(default_factory=PoolConfig)
+    decode: PoolConfig = field(default_factory=PoolConfig)
+    kvtransfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ServingConfig:
+        return _build(cls, data or {}, "")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServingConfig:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> ServingConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(obj: object, *names: str) -> None:
+    section = _SECTION.get(type(obj).__name__, "")
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and not v > 0:
+            raise ConfigError(f"{section}{n}: must be > 0, got {v!r}")
+
+
+_SECTION = {"EngineConfig": "engine.", "KVTransferConfig": "kvtransfer.", "RouterConfig": "router.",
+            "SLOConfig": "slo.", "PoolConfig": "<pool>."}
+
+
+def _build(cls: type, data: dict[str, Any], path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{path}{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, f"{path}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e).replace("<pool>.", path)
+        raise ConfigError(msg if msg.startswith(path) else f"{path}{msg}") from None
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, path + ".")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(vt, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{path}: expected {getattr(tp, '__name__', tp)}, got {value!r}")

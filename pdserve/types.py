@@ -1,0 +1,127 @@
+"""Wire types shared by the router and both roles: what a request is, and what a step returns.
+
+Pure dataclasses (no torch, no ray) so the router can build them and workers can receive them
+through Ray's object store or any RPC. `SamplingParams` validates itself: a bad value raises
+`ValueError` naming the field, which the router maps to HTTP 400.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, NewType
+
+if TYPE_CHECKING:
+    from pdserve.kvtransfer.types import KVHandle
+
+RequestId = NewType("RequestId", str)
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings, with vLLM's names and defaults."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 (or 0) disables top-k
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
+               "temperature", f"must be >= 0, got {self.temperature!r}")
+        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+               "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
+               "top_k", f"must be -1 (disabled) or >= 0, got {self.top_k!r}")
+        _check(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1,
+               "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        _check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+               "stop", "must be a tuple of non-empty strings")
+        _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
+        _check(isinstance(self.stop_token_ids, tuple) and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids", "must be non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def replace(self, **changes: object) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {why}")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Immutable request as the router hands it to a worker.
+
+    `output_token_ids` is empty for a fresh request; a request re-dispatched after a worker died
+    carries the tokens already streamed, so the new worker recomputes prompt + outputs and
+    continues (it never re-emits them).
+    """
+
+    request_id: RequestId
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    output_token_ids: tuple[int, ...] = ()
+    arrival_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one request: new tokens, their text, and whether it ended.
+
+    `text` is the detokenized delta for `token_ids`, already cut at a stop string. `error` is set
+    iff `finish_reason == "error"`.
+    """
+
+    request_id: RequestId
+    token_ids: tuple[int, ...]
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    # Worker-side latency breakdown, in seconds, on the request's first output from each role:
+    # prefill reports {"queue_s", "prefill_s"}, decode reports {"queue_s", "transfer_s"}.
+    timings: dict[str, float] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What a prefill instance returns: the first token, and where its KV now waits to be pulled.
+
+    `handle` is None when the request already finished at its first token (nothing to decode),
+    or when prefill failed (then `first.finish_reason == "error"`).
+    """
+
+    first: StepOutput
+    handle: KVHandle | None
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A snapshot of one instance, which the router's dispatch policies read."""
+
+    worker_id: str
+    num_running: int = 0
+    num_waiting: int = 0  # queued for prefill, or waiting for KV / blocks on decode
+    num_free_blocks: int = 0
+    num_total_blocks: int = 1
+    outstanding_tokens: int = 0  # prompt tokens queued or running (prefill's policy input)
+    healthy: bool = True
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / max(1, self.num_total_blocks)
