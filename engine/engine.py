@@ -1,0 +1,153 @@
+"""Engine: model + paged KV cache + sampler, advancing requests one scheduled batch at a time.
+
+Both roles run this class. It does not decide what runs (schedulers in prefill/ and decode/ do,
+through `ensure_blocks` and `step(batch)`); it runs the batch, samples, applies stop conditions,
+and frees the blocks of requests that finish. A request whose KV arrives from elsewhere is
+admitted with `adopt()` and continues exactly as if this engine had computed it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.engine.batch import Batch
+from pdserve.engine.kv_cache import BlockAllocator, KVLayout, KVPool, num_blocks_for_budget
+from pdserve.engine.model import LayerHook, LlamaForCausalLM, ModelConfig
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampler import sample
+from pdserve.engine.weights import load_checkpoint
+from pdserve.types import FinishReason, GenerateRequest, StepOutput
+
+
+def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, str]:
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    return torch.device("cuda" if cuda else "cpu"), dtype
+
+
+class Engine:
+    def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, tokenizer: Any = None,
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.model_config: ModelConfig = model.config
+        self.eos_token_ids = eos_token_ids
+        self.device = next(model.parameters()).device
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.max_model_len = min(cfg.max_model_len, self.model_config.max_position_embeddings)
+        attn = next(iter(model.model.layers.values())).self_attn
+        self.layout = KVLayout(
+            num_layers=model.end - model.start,
+            num_kv_heads=attn.k_proj.out_features // attn.head_dim,
+            head_dim=attn.head_dim, block_size=cfg.block_size, dtype=dtype,
+        )
+        num_blocks = num_blocks_for_budget(self.layout, int(cfg.kv_cache_memory_gb * 1e9))
+        self.pool = KVPool(self.layout, num_blocks, self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.runner = ModelRunner(model, self.pool)
+
+    @classmethod
+    def from_config(cls, model: str, cfg: EngineConfig | None = None,
+                    layer_range: tuple[int, int] | None = None) -> Engine:
+        """Load `model` (a name or an HF directory). TP is applied by engine/tp.py on top."""
+        from pdserve.models import resolve_model
+
+        cfg = cfg or EngineConfig()
+        path = resolve_model(model)
+        hf = json.loads((path / "config.json").read_text())
+        mcfg = ModelConfig.from_hf(hf)
+        device, dtype = resolve_device_dtype(cfg)
+        max_len = min(cfg.max_model_len, mcfg.max_position_embeddings)
+        with torch.device(device):
+            net = LlamaForCausalLM(mcfg, max_len, layer_range)
+        load_checkpoint(net, path)
+        net.to(getattr(torch, dtype)).eval()
+        tokenizer, eos = _load_tokenizer(path, hf)
+        return cls(net, cfg, tokenizer, eos)
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def add_request(self, req: GenerateRequest) -> Request:
+        """Validate and wrap a request; raises ValueError naming the bad field. Allocates nothing."""
+        n = len(req.prompt_token_ids) + len(req.output_token_ids)
+        if not req.prompt_token_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt: {n} tokens leave no room to generate (max_model_len {self.max_model_len})")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_token_ids):
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if req.sampling.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a model with a tokenizer")
+        r = Request(req.request_id, list(req.prompt_token_ids), req.sampling,
+                    output_token_ids=list(req.output_token_ids), arrival_s=req.arrival_s)
+        if self.tokenizer is not None:
+            from pdserve.tokenizer import IncrementalDetokenizer
+
+            r.detokenizer = IncrementalDetokenizer(self.tokenizer, r.all_token_ids, req.sampling.stop)
+        return r
+
+    def blocks_needed(self, req: Request, num_tokens: int) -> int:
+        """Extra blocks `req` needs for its table to cover `num_tokens` tokens."""
+        return max(0, self.layout.num_blocks_for(num_tokens) - len(req.block_table))
+
+    def ensure_blocks(self, req: Request, num_tokens: int) -> bool:
+        """Grow `req`'s block table to cover `num_tokens`; False (and no change) if memory is short."""
+        need = self.blocks_needed(req, num_tokens)
+        if not self.allocator.can_allocate(need):
+            return False
+        req.block_table.extend(self.allocator.allocate(need))
+        return True
+
+    # ---- execution -------------------------------------------------------------------------
+
+    def step(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[StepOutput]:
+        """Run one forward over `batch`; return one StepOutput per chunk that sampled."""
+        for c in batch.chunks:
+            assert c.request.status is RequestStatus.RUNNING, f"{c.request.request_id} is {c.request.status}"
+            assert len(c.request.block_table) * self.layout.block_size >= c.request.num_computed_tokens + c.num_tokens
+        logits = self.runner.execute(batch.chunks, layer_hook)
+        sampling = [c for c in batch.chunks if c.samples]
+        tokens = sample(logits, [c.request.sampling for c in sampling], [c.request.num_tokens for c in sampling])
+        for c in batch.chunks:
+            c.request.num_computed_tokens += c.num_tokens
+        return [self._append(c.request, t) for c, t in zip(sampling, tokens)]
+
+    def _append(self, req: Request, token: int) -> StepOutput:
+        req.output_token_ids.append(token)
+        text, hit_stop = req.detokenizer.add([token]) if req.detokenizer is not None else ("", False)
+        reason: FinishReason | None = None
+        sp = req.sampling
+        if hit_stop or token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.finish(req, reason)
+        return StepOutput(req.request_id, (token,), text, reason)
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """Mark finished and release this engine's reference to the request's blocks."""
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        self.free(req)
+
+    def free(self, req: Request) -> None:
+        self.allocator.free(req.block_table)
+        req.block_table = []
+        req.num_computed_tokens = 0
+
+
+def _load_tokenizer(path: Path, hf: dict[str, Any]) -> tuple[Any, frozenset[int]]:
+    eos = hf.get("eos_token_id")
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if not (path / "tokenizer.json").exists():
+        return None, frozenset(ids)
+    from pdserve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(path)
+    return tok, frozenset(ids | set(tok.eos_token_ids))

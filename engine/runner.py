@@ -1,0 +1,59 @@
+"""ModelRunner: turns a batch of chunks into model inputs, runs one forward, returns logits.
+
+It knows tensors, not requests' lifecycles: the engine advances state from what it returns.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from pdserve.engine.attention import AttentionMetadata, build_metadata
+from pdserve.engine.batch import Chunk
+from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.model import LayerHook, LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool) -> None:
+        self.model, self.pool = model, pool
+        self.device = pool.device
+
+    def prepare(self, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat token ids (T,), positions (T,) and attention metadata for `chunks`."""
+        ids: list[int] = []
+        pos: list[int] = []
+        q_lens, ctx_lens = [], []
+        for c in chunks:
+            start = c.request.num_computed_tokens
+            end = start + c.num_tokens
+            ids.extend(c.request.all_token_ids[start:end])
+            pos.extend(range(start, end))
+            q_lens.append(c.num_tokens)
+            ctx_lens.append(end)
+        meta = build_metadata(q_lens, ctx_lens, [c.request.block_table for c in chunks],
+                              self.pool.layout.block_size, self.device)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return as_long(ids), as_long(pos), meta
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[Chunk], hidden_in: torch.Tensor | None = None,
+                layer_hook: LayerHook | None = None) -> torch.Tensor:
+        """Hidden states (T, hidden) after this model's layers; `hidden_in` feeds a later pipeline stage."""
+        ids, positions, meta = self.prepare(chunks)
+        x = ids if hidden_in is None else hidden_in
+        return self.model(x, positions, meta, self.pool, layer_hook)
+
+    @torch.inference_mode()
+    def logits(self, chunks: Sequence[Chunk], hidden: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """Logits (num_sampling_chunks, vocab) at each sampling chunk's last token, or (T, vocab)."""
+        if not all_positions:
+            ends = torch.tensor([c.num_tokens for c in chunks], device=hidden.device).cumsum(0) - 1
+            rows = ends[torch.tensor([c.samples for c in chunks], device=hidden.device)]
+            hidden = hidden.index_select(0, rows)
+        return self.model.compute_logits(hidden)
+
+    def execute(self, chunks: Sequence[Chunk], layer_hook: LayerHook | None = None,
+                all_positions: bool = False) -> torch.Tensor:
+        return self.logits(chunks, self.forward(chunks, layer_hook=layer_hook), all_positions)
