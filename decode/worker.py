@@ -1,0 +1,175 @@
+"""DecodeWorker: engine + DecodeScheduler + KV receiver. Plain class; decode/actor.py is its Ray shell.
+
+A request arrives with a KVHandle (disaggregated) or without one (colocated, or a re-dispatched
+request to recompute). Block ownership through a pulled request's life:
+
+  pending     no blocks here; KV is pinned on prefill until we pull (back-pressure under bursts)
+  pulling     blocks allocated here and owned by the request; the receiver writes into them
+  running     owned by the request; freed by the engine when it finishes
+  failed pull blocks kept, num_computed_tokens reset: the request is recomputed here
+  aborted     freed here; the receiver tells prefill to release the source blocks
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from pdserve.decode.scheduler import DecodeScheduler, Policy
+from pdserve.engine.engine import Engine
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.types import GenerateRequest, RequestId, StepOutput, WorkerStats
+
+if TYPE_CHECKING:
+    from pdserve.kvtransfer.types import KVHandle
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Pull:
+    request: Request
+    handle: KVHandle
+    submitted_s: float
+    transfer: Any = None  # the receiver's transfer id once started
+    started_s: float = 0.0
+
+
+class DecodeWorker:
+    def __init__(self, engine: Engine, policy: Policy, max_num_seqs: int, max_num_batched_tokens: int,
+                 receiver: Any = None, worker_id: str = "decode-0",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine, self.receiver, self.worker_id, self.clock = engine, receiver, worker_id, clock
+        self.scheduler = DecodeScheduler(engine, policy, max_num_seqs, max_num_batched_tokens)
+        self._requests: dict[RequestId, Request] = {}
+        self._pending: deque[_Pull] = deque()
+        self._pulling: dict[RequestId, _Pull] = {}
+        self._timings: dict[RequestId, dict[str, float]] = {}  # reported on the request's first output
+        self._submitted_s: dict[RequestId, float] = {}
+
+    # ---- inputs ----------------------------------------------------------------------------
+
+    def submit(self, req: GenerateRequest, handle: KVHandle | None = None) -> None:
+        """Queue a request; raises ValueError (naming the field) if it can never run here."""
+        if req.request_id in self._requests:
+            raise ValueError(f"request_id: {req.request_id!r} is already running on {self.worker_id}")
+        r = self.engine.add_request(req)
+        if self.engine.layout.num_blocks_for(r.num_tokens + 1) > self.engine.allocator.num_blocks:
+            raise ValueError(f"prompt: {r.num_tokens} tokens do not fit this instance's KV cache")
+        self._requests[r.request_id] = r
+        self._submitted_s[r.request_id] = self.clock()
+        if handle is None:
+            self.scheduler.add_waiting(r)
+        else:
+            assert self.receiver is not None, "a KVHandle needs a KV receiver"
+            assert handle.num_tokens <= r.num_tokens, "handle covers more tokens than the request has"
+            r.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+            self._pending.append(_Pull(r, handle, self.clock()))
+
+    def abort(self, request_id: RequestId) -> bool:
+        r = self._requests.pop(request_id, None)
+        if r is None:
+            return False
+        pull = self._pulling.pop(request_id, None)
+        if pull is not None:
+            self.receiver.abort(pull.transfer)
+        for p in self._pending:
+            if p.request is r:
+                self._pending.remove(p)
+                self.receiver.discard(p.handle)
+                break
+        self.scheduler.remove(r)
+        if r.block_table:
+            self.engine.free(r)
+        r.status = RequestStatus.FINISHED
+        self._forget(request_id)
+        return True
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """Admit pulls, poll transfers, run one batch. Deterministic given inputs and transfer states."""
+        self._admit_pulls()
+        self._poll_pulls()
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return []
+        now = self.clock()
+        for c in batch.chunks:
+            rid = c.request.request_id
+            if rid not in self._timings and rid in self._submitted_s:
+                self._timings[rid] = {"queue_s": now - self._submitted_s[rid], "_start": now}
+        outputs = self.engine.step(batch)
+        return [self._finish_output(o) for o in outputs]
+
+    def _finish_output(self, out: StepOutput) -> StepOutput:
+        rid = out.request_id
+        t = self._timings.get(rid)
+        if t is not None and rid in self._submitted_s:  # first output of this request here
+            del self._submitted_s[rid]
+            start = t.pop("_start")
+            if "transfer_s" not in t:
+                t["prefill_s"] = self.clock() - start
+            out = dataclasses.replace(out, timings=dict(t))
+        if out.finished:
+            r = self._requests.pop(rid)
+            self.scheduler.finished(r)
+            self._forget(rid)
+        return out
+
+    def _admit_pulls(self) -> None:
+        """FCFS: allocate destination blocks and start the pull while memory allows (back-pressure)."""
+        while self._pending:
+            pull = self._pending[0]
+            r, h = pull.request, pull.handle
+            # Keep one block per running request in reserve so admitting a pull does not force a preemption.
+            reserve = len(self.scheduler.running)
+            need = self.engine.layout.num_blocks_for(h.num_tokens)
+            if not self.engine.allocator.can_allocate(need + reserve):
+                return
+            self._pending.popleft()
+            assert self.engine.ensure_blocks(r, h.num_tokens)
+            pull.transfer = self.receiver.pull(h, list(r.block_table))
+            pull.started_s = self.clock()
+            self._pulling[r.request_id] = pull
+
+    def _poll_pulls(self) -> None:
+        from pdserve.kvtransfer.types import TransferStatus
+
+        for rid, pull in list(self._pulling.items()):
+            status, error = self.receiver.poll(pull.transfer)
+            if status not in (TransferStatus.DONE, TransferStatus.FAILED):
+                continue
+            del self._pulling[rid]
+            r, now = pull.request, self.clock()
+            self._timings[rid] = {"queue_s": pull.started_s - pull.submitted_s,
+                                  "transfer_s": now - pull.started_s, "_start": now}
+            if status is TransferStatus.DONE:
+                r.num_computed_tokens = pull.handle.num_tokens
+                self.scheduler.add_running(r)
+            else:  # the KV is lost; this engine can prefill, so recompute instead of failing the request
+                log.warning("KV pull for %s failed (%s); recomputing locally", rid, error)
+                r.num_computed_tokens = 0
+                self.scheduler.add_waiting(r)
+
+    def _forget(self, rid: RequestId) -> None:
+        self._timings.pop(rid, None)
+        self._submitted_s.pop(rid, None)
+
+    # ---- introspection ---------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self._requests)
+
+    def stats(self) -> WorkerStats:
+        a = self.engine.allocator
+        return WorkerStats(
+            worker_id=self.worker_id,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + len(self._pending) + len(self._pulling),
+            num_free_blocks=a.num_free, num_total_blocks=a.num_blocks,
+            outstanding_tokens=sum(r.num_uncomputed_tokens for r in self.scheduler.waiting),
+        )

@@ -1,0 +1,84 @@
+"""PrefillWorker: engine + PrefillScheduler + KV sender. Plain class; prefill/actor.py is its Ray shell.
+
+Block ownership: while queued and computing, the request owns its blocks. After the first token
+is sampled, `sender.export` adds the sender's reference (pinning the blocks for decode to pull)
+and the engine drops the request's own; the sender frees them on release or lease expiry.
+A request that finishes at its first token exports nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+from pdserve.engine.engine import Engine
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.prefill.scheduler import PrefillScheduler
+from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
+
+
+class PrefillWorker:
+    def __init__(self, engine: Engine, max_num_seqs: int, max_num_batched_tokens: int, sender: Any,
+                 worker_id: str = "prefill-0", clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine, self.sender, self.worker_id, self.clock = engine, sender, worker_id, clock
+        self.scheduler = PrefillScheduler(engine, max_num_seqs, max_num_batched_tokens)
+        self._requests: dict[RequestId, Request] = {}
+        self._submitted_s: dict[RequestId, float] = {}
+        self._started_s: dict[RequestId, float] = {}
+
+    def submit(self, req: GenerateRequest) -> None:
+        """Queue a request; raises ValueError (naming the field) if it can never run here."""
+        if req.request_id in self._requests:
+            raise ValueError(f"request_id: {req.request_id!r} is already queued on {self.worker_id}")
+        r = self.engine.add_request(req)
+        if self.engine.layout.num_blocks_for(r.num_tokens) > self.engine.allocator.num_blocks:
+            raise ValueError(f"prompt: {r.num_tokens} tokens do not fit this instance's KV cache")
+        self._requests[r.request_id] = r
+        self._submitted_s[r.request_id] = self.clock()
+        self.scheduler.add(r)
+
+    def abort(self, request_id: RequestId) -> bool:
+        r = self._requests.pop(request_id, None)
+        if r is None:
+            return False
+        self.scheduler.remove(r)
+        self.engine.finish(r, "abort")
+        self._submitted_s.pop(request_id, None)
+        self._started_s.pop(request_id, None)
+        return True
+
+    def step(self) -> list[PrefillResult]:
+        """Run one prefill batch; return a result for each request that sampled its first token."""
+        self.sender.poll()  # serve releases and expire leases before deciding what fits
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return []
+        now = self.clock()
+        for c in batch.chunks:
+            self._started_s.setdefault(c.request.request_id, now)
+        outputs = self.engine.step(batch, layer_hook=self.sender.layer_hook(batch))
+        return [self._result(o) for o in outputs]
+
+    def _result(self, out: StepOutput) -> PrefillResult:
+        rid = out.request_id
+        r = self._requests.pop(rid)
+        submitted, started = self._submitted_s.pop(rid), self._started_s.pop(rid)
+        out = dataclasses.replace(out, timings={"queue_s": started - submitted, "prefill_s": self.clock() - started})
+        if r.finished:  # stopped at its first token: the engine already freed the blocks
+            return PrefillResult(out, None)
+        self.scheduler.done(r)
+        handle = self.sender.export(rid, list(r.block_table), r.num_computed_tokens)
+        self.engine.finish(r, "stop")  # drops the request's reference; the export keeps the blocks pinned
+        return PrefillResult(out, handle)
+
+    def has_work(self) -> bool:
+        return bool(self._requests)
+
+    def stats(self) -> WorkerStats:
+        a = self.engine.allocator
+        return WorkerStats(
+            worker_id=self.worker_id, num_running=0, num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=a.num_free, num_total_blocks=a.num_blocks,
+            outstanding_tokens=self.scheduler.outstanding_tokens,
+        )

@@ -1,0 +1,58 @@
+"""The real model: SmolLM2-135M-Instruct (converted from the bundled GGUF) against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve import LLM, SamplingParams
+from pdserve.models import resolve_model
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM("smollm2-135m", num_threads=2)
+
+
+@pytest.fixture(scope="module")
+def hf_model() -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32).eval()
+
+
+def _hf_greedy(model: torch.nn.Module, ids: list[int], n: int) -> list[int]:
+    """Plain argmax loop (generate() would stop at, or with min_new_tokens suppress, EOS)."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_greedy_tokens_match_transformers_on_smollm2(llm: LLM, hf_model: torch.nn.Module) -> None:
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, outs):
+        ids = llm.tokenizer.encode(prompt)
+        assert out.token_ids == _hf_greedy(hf_model, ids, 32)
+        assert len(out.token_ids) == 32 and out.finish_reason == "length"
+
+
+def test_chat_answers_and_stops_at_eos(llm: LLM) -> None:
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0.0, max_tokens=48))[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"
+    assert out.token_ids[-1] in llm.engine.eos_token_ids
+
+
+def test_stop_string_cuts_text(llm: LLM) -> None:
+    full = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0]
+    assert "return" in full.text
+    cut = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=24, stop=("return",)))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index("return")]
