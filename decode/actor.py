@@ -1,0 +1,92 @@
+"""DecodeActor: the Ray shell around DecodeWorker. Owns the step thread and output streaming only.
+
+`generate` is a streaming-generator method: the router iterates it and gets the request's
+StepOutputs as the step thread produces them. A consumer that goes away aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from pdserve.config import ServingConfig
+from pdserve.decode.worker import DecodeWorker
+from pdserve.engine.engine import Engine
+from pdserve.steploop import StepLoop, deliver_threadsafe
+from pdserve.types import GenerateRequest, RequestId, StepOutput, WorkerStats
+
+if TYPE_CHECKING:
+    from pdserve.kvtransfer.types import KVHandle
+
+
+class DecodeActor:
+    def __init__(self, cfg: ServingConfig, worker_id: str) -> None:
+        self.cfg, self.worker_id = cfg, worker_id  # cheap: weights load in start()
+        self._starting: asyncio.Future[None] | None = None
+        self._streams: dict[RequestId, asyncio.Queue[StepOutput]] = {}
+
+    async def start(self) -> None:
+        """Load weights and start the step thread. Idempotent; every method calls it, so an actor
+        that Ray restarted (which re-runs only __init__) loads itself on its first call."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.worker = await asyncio.to_thread(self._build_worker)
+        self._steps = StepLoop(self.worker.step, self.worker.has_work, self._deliver)
+        self._steps.start()
+
+    def _build_worker(self) -> DecodeWorker:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.engine.num_threads)
+        engine = Engine.from_config(cfg.model, cfg.engine)
+        receiver = None
+        policy = cfg.colocated_policy if cfg.mode == "colocated" else "decode"
+        if cfg.mode == "disaggregated":
+            from pdserve.kvtransfer.connector import make_receiver
+
+            receiver = make_receiver(cfg.kvtransfer, engine.pool)
+        return DecodeWorker(engine, policy, cfg.decode.max_num_seqs, cfg.decode.max_num_batched_tokens,
+                            receiver=receiver, worker_id=self.worker_id)
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        deliver_threadsafe(self._loop, self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    async def generate(self, req: GenerateRequest, handle: KVHandle | None) -> AsyncIterator[StepOutput]:
+        await self.start()
+        stream: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._streams[req.request_id] = stream
+        finished = False
+        try:
+            await self._steps.call(self.worker.submit, req, handle)
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            del self._streams[req.request_id]
+            if not finished:  # the consumer went away (or submit failed): free everything it held
+                self._steps.submit(self.worker.abort, req.request_id)
+
+    async def abort(self, request_id: RequestId) -> None:
+        await self.start()
+        await self._steps.call(self.worker.abort, request_id)
+
+    async def stats(self) -> WorkerStats:
+        await self.start()
+        return await self._steps.call(self.worker.stats)
+
+    async def check_health(self) -> None:
+        await self.start()
+        self._steps.check()
