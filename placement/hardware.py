@@ -1,0 +1,77 @@
+"""What the planner knows about GPUs and the cluster: a `GPUSpec` per device type (from
+`data/gpus.yaml` or a user's YAML file) and a `ClusterSpec` (nodes × GPUs per node, links)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+_GB = 1e9
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPUSpec:
+    name: str
+    peak_tflops: float  # dense bf16/fp16
+    mem_gbps: float  # HBM bandwidth, GB/s
+    mem_gb: float  # HBM capacity, GB
+    link_gbps: float  # intra-node (NVLink/PCIe) bandwidth per GPU, GB/s
+
+    def __post_init__(self) -> None:
+        for name in ("peak_tflops", "mem_gbps", "mem_gb", "link_gbps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"gpu.{name}: must be > 0, got {getattr(self, name)!r}")
+
+    @property
+    def mem_bytes(self) -> float:
+        return self.mem_gb * 2**30  # "80 GB" HBM is 80 GiB
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterSpec:
+    num_nodes: int
+    gpus_per_node: int
+    gpu: GPUSpec
+    inter_node_gbps: float = 100.0  # network between nodes, Gbit/s
+    intra_node_gbps: float | None = None  # GB/s between GPUs of a node; None: the GPU's link
+
+    def __post_init__(self) -> None:
+        if self.num_nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError(f"cluster: need >= 1 node and >= 1 GPU per node, got {self.num_nodes}×{self.gpus_per_node}")
+        if not self.inter_node_gbps > 0:
+            raise ValueError(f"cluster.inter_node_gbps: must be > 0, got {self.inter_node_gbps}")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def intra_node_bytes_per_s(self) -> float:
+        return (self.intra_node_gbps or self.gpu.link_gbps) * _GB
+
+    @property
+    def inter_node_bytes_per_s(self) -> float:
+        return self.inter_node_gbps * _GB / 8
+
+
+def gpu_catalog() -> dict[str, GPUSpec]:
+    text = resources.files("pdserve.placement").joinpath("data/gpus.yaml").read_text()
+    return {name: GPUSpec(name=name, **fields) for name, fields in yaml.safe_load(text).items()}
+
+
+def load_gpu(name_or_path: str) -> GPUSpec:
+    """A catalog name (`a100-80g`, `h100`, ...) or a YAML file with GPUSpec's fields."""
+    catalog = gpu_catalog()
+    key = name_or_path.lower()
+    if key in catalog:
+        return catalog[key]
+    path = Path(name_or_path)
+    if path.is_file():
+        fields = yaml.safe_load(path.read_text())
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path}: expected a mapping of GPUSpec fields")
+        return GPUSpec(**{"name": path.stem, **fields})
+    raise ValueError(f"gpu: unknown {name_or_path!r} (known: {', '.join(catalog)}; or a YAML spec file)")

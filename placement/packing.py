@@ -1,0 +1,73 @@
+"""Putting a plan's instances onto nodes: each pipeline stage of an instance is a TP group that
+must sit inside one node; low-affinity units also keep a stage's prefill and decode segments on
+one node. First-fit decreasing over groups of GPUs; None when they do not fit."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pdserve.placement.candidates import Unit
+from pdserve.placement.hardware import ClusterSpec
+
+
+@dataclass(frozen=True)
+class Segment:
+    role: str  # "prefill" | "decode" | "colocated"
+    instance: int
+    stage: int
+    node: int
+    gpus: tuple[int, ...]  # GPU indices within the node
+
+
+def _groups(unit: Unit, replicas: int) -> list[list[tuple[str, int, int, int]]]:
+    """Groups of (role, instance, stage, tp) that must share a node."""
+    groups: list[list[tuple[str, int, int, int]]] = []
+    roles = [("colocated" if unit.decode is None else "prefill", unit.prefill, unit.num_prefill)]
+    if unit.decode is not None:
+        roles.append(("decode", unit.decode, unit.num_decode))
+    if unit.algorithm == "low-affinity":
+        pp_cross = _common_stages(unit)
+        for r in range(replicas):
+            for x in range(pp_cross):  # one node-group per cross-node stage
+                group = []
+                for role, cfg, count in roles:
+                    per = cfg.pp // pp_cross
+                    for i in range(count):
+                        inst = r * count + i
+                        group += [(role, inst, x * per + s, cfg.tp) for s in range(per)]
+                groups.append(group)
+        return groups
+    for role, cfg, count in roles:
+        for inst in range(replicas * count):
+            groups += [[(role, inst, s, cfg.tp)] for s in range(cfg.pp)]
+    return groups
+
+
+def _common_stages(unit: Unit) -> int:
+    """Stages split across nodes: the largest count dividing both PP degrees."""
+    return math.gcd(unit.prefill.pp, unit.decode.pp) if unit.decode else 1
+
+
+def pack(unit: Unit, replicas: int, cluster: ClusterSpec) -> list[Segment] | None:
+    free = [cluster.gpus_per_node] * cluster.num_nodes
+    placed: list[Segment] = []
+    groups = sorted(_groups(unit, replicas), key=lambda g: -sum(tp for *_, tp in g))
+    for group in groups:
+        size = sum(tp for *_, tp in group)
+        node = next((n for n in range(cluster.num_nodes) if free[n] >= size), None)
+        if node is None:
+            return None
+        base = cluster.gpus_per_node - free[node]
+        for role, inst, stage, tp in group:
+            placed.append(Segment(role, inst, stage, node, tuple(range(base, base + tp))))
+            base += tp
+        free[node] -= size
+    return sorted(placed, key=lambda s: (s.role, s.instance, s.stage))
+
+
+def max_replicas(unit: Unit, cluster: ClusterSpec) -> int:
+    r = 0
+    while (r + 1) * unit.num_gpus <= cluster.num_gpus and pack(unit, r + 1, cluster) is not None:
+        r += 1
+    return r

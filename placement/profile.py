@@ -1,0 +1,78 @@
+"""`pdserve profile`: measure the engine on this hardware over a grid of batch sizes and lengths,
+fit the latency model (fit.py), and write a profile file (profile_file.py's format).
+
+The grid mirrors DistServe's profiler, scaled by a token budget so it stays affordable on a CPU:
+every (batch size, length) pair whose batch holds at most `max_batch_tokens` tokens. Only
+`measure_engine` touches the engine (imported lazily, so the rest of placement stays torch-free).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdserve.placement.fit import DecodeSample, FitReport, PrefillSample, fit_profile
+from pdserve.placement.latency import PhaseProfile
+from pdserve.placement.profile_file import profile_to_json
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192)
+LENGTHS = (4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2020)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Grid:
+    batch_sizes: tuple[int, ...] = BATCH_SIZES
+    lengths: tuple[int, ...] = LENGTHS
+    max_batch_tokens: int = 8192
+    max_len: int = 2048
+
+    def points(self) -> list[tuple[int, int]]:
+        """(batch size, length) pairs in the budget, cheapest first."""
+        pts = [(b, n) for b in self.batch_sizes for n in self.lengths if n <= self.max_len and b * n <= self.max_batch_tokens]
+        return sorted(pts, key=lambda bn: bn[0] * bn[1])
+
+
+Timer = Callable[[list[int]], float]  # seconds for one batched forward at these lengths
+
+
+def measure(grid: Grid, time_prefill: Timer, time_decode: Timer,
+            progress: Callable[[int, int], None] | None = None) -> tuple[list[PrefillSample], list[DecodeSample]]:
+    """Prefill of b prompts of length n, and one decode step of b sequences at context n."""
+    pre: list[PrefillSample] = []
+    dec: list[DecodeSample] = []
+    points = grid.points()
+    for i, (b, n) in enumerate(points):
+        lens = [n] * b
+        pre.append(PrefillSample(tuple(lens), time_prefill(lens)))
+        dec.append(DecodeSample(tuple(lens), time_decode(lens)))
+        if progress:
+            progress(i + 1, len(points))
+    return pre, dec
+
+
+def fit_and_write(path: str | Path, model_key: str, tp: int, prefill: Sequence[PrefillSample],
+                  decode: Sequence[DecodeSample], large_batch_threshold: int = 95) -> tuple[PhaseProfile, dict[str, FitReport]]:
+    """Fit and merge into the profile file at `path` (other models/TPs in it are kept)."""
+    profile, report = fit_profile(prefill, decode, large_batch_threshold)
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault(model_key, {}).update(profile_to_json({model_key: {tp: profile}})[model_key])
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return profile, report
+
+
+def measure_engine(model: str, grid: Grid, repeats: int = 3,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[list[PrefillSample], list[DecodeSample]]:
+    """Run the real engine (one process, TP 1) over `grid`. Imports the engine here only."""
+    import torch
+
+    from pdserve.config import EngineConfig
+    from pdserve.engine.engine import Engine
+    from pdserve.engine.profiling import time_decode, time_prefill
+
+    torch.set_num_threads(1)
+    engine = Engine.from_config(model, EngineConfig(max_model_len=grid.max_len + 1))
+    return measure(grid, lambda lens: time_prefill(engine, lens, repeats),
+                   lambda lens: time_decode(engine, lens, repeats), progress)

@@ -1,0 +1,107 @@
+"""Workloads for planning: (prompt_len, output_len) pairs, and seeded traces drawn from them.
+
+A `Trace` keeps arrival times at rate 1; `arrivals(rate)` scales them by 1/rate, so every rate and
+every candidate of a search sees the same requests in the same order (common random numbers).
+Lengths come from a lengths file (bench's JSON lines, a JSON list, or CSV `prompt_len,output_len`)
+or from `sharegpt_like()`: lognormals fitted to DistServe's ShareGPT statistics (OPT tokenizer,
+prompt + output < 2048; mean 755.5 / 200.3 tokens).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompt_lens: tuple[int, ...]
+    output_lens: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.prompt_lens or len(self.prompt_lens) != len(self.output_lens):
+            raise ValueError(f"workload {self.name}: need matching, non-empty prompt and output lengths")
+        if min(self.prompt_lens) < 1 or min(self.output_lens) < 1:
+            raise ValueError(f"workload {self.name}: lengths must be >= 1")
+
+    @property
+    def mean_prompt_len(self) -> float:
+        return sum(self.prompt_lens) / len(self.prompt_lens)
+
+    @property
+    def mean_output_len(self) -> float:
+        return sum(self.output_lens) / len(self.output_lens)
+
+    def trace(self, num_requests: int, seed: int = 0, cv: float = 1.0) -> Trace:
+        """Resample `num_requests` pairs; Gamma inter-arrivals with coefficient of variation `cv`
+        (1.0 = Poisson) at rate 1."""
+        rng = random.Random(seed)
+        idx = [rng.randrange(len(self.prompt_lens)) for _ in range(num_requests)]
+        shape = 1.0 / (cv * cv)
+        t, times = 0.0, []
+        for _ in range(num_requests):
+            t += rng.gammavariate(shape, 1.0 / shape)
+            times.append(t)
+        return Trace(tuple(times), tuple(self.prompt_lens[i] for i in idx), tuple(self.output_lens[i] for i in idx))
+
+
+@dataclass(frozen=True)
+class Trace:
+    unit_arrivals: tuple[float, ...]  # seconds at rate 1 req/s, increasing
+    prompt_lens: tuple[int, ...]
+    output_lens: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.unit_arrivals)
+
+    def arrivals(self, rate: float) -> list[float]:
+        inv = 1.0 / rate
+        return [t * inv for t in self.unit_arrivals]
+
+
+def sharegpt_like(num: int = 20_000, seed: int = 0, max_total_len: int = 2048) -> Workload:
+    rng = random.Random(seed)
+    prompts: list[int] = []
+    outputs: list[int] = []
+    while len(prompts) < num:
+        p = max(4, int(rng.lognormvariate(6.767, 0.95)))
+        o = max(4, int(rng.lognormvariate(4.945, 1.0)))
+        if p + o < max_total_len:
+            prompts.append(p)
+            outputs.append(o)
+    return Workload("sharegpt-like", tuple(prompts), tuple(outputs))
+
+
+def load_lengths(path: str | Path) -> Workload:
+    """JSON lines of {"prompt_len", "output_len"} (bench's lengths file), a JSON list of such
+    objects or of [prompt_len, output_len] pairs, or CSV with those two columns."""
+    path = Path(path)
+    text = path.read_text()
+    pairs: list[tuple[int, int]] = []
+    if path.suffix == ".csv":
+        for row in csv.DictReader(text.splitlines()):
+            pairs.append((int(row["prompt_len"]), int(row["output_len"])))
+    else:
+        stripped = text.lstrip()
+        rows = json.loads(text) if stripped.startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        for i, row in enumerate(rows):
+            try:
+                pairs.append((int(row["prompt_len"]), int(row["output_len"])) if isinstance(row, dict)
+                             else (int(row[0]), int(row[1])))
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}: entry {i + 1} is not a (prompt_len, output_len) pair ({e!r})") from None
+    if not pairs:
+        raise ValueError(f"{path}: no requests")
+    return Workload(path.stem, tuple(p for p, _ in pairs), tuple(o for _, o in pairs))
+
+
+def load_workload(name_or_path: str) -> Workload:
+    if name_or_path in ("sharegpt", "sharegpt-like"):
+        return sharegpt_like()
+    if Path(name_or_path).is_file():
+        return load_lengths(name_or_path)
+    raise ValueError(f"workload: {name_or_path!r} is neither 'sharegpt-like' nor a lengths file")

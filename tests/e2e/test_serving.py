@@ -1,0 +1,114 @@
+"""Whole system: a real local Ray cluster, real SmolLM2 workers, a real HTTP server, the official
+OpenAI client. Tokens must equal the offline engine's, in both modes, streamed or not."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdserve.config import RouterConfig, ServingConfig
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list[int]]:
+    from pdserve import LLM, SamplingParams
+
+    llm = LLM("smollm2-135m", num_threads=1)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    return {p: o.token_ids for p, o in zip(PROMPTS, outs)}
+
+
+def _deploy(cfg: ServingConfig) -> Iterator[str]:
+    from pdserve.placement.launch import launch
+
+    deployment = launch(cfg)
+    try:
+        yield deployment.url
+    finally:
+        deployment.shutdown()
+
+
+@pytest.fixture(scope="module", params=["disaggregated", "colocated"])
+def served(request: pytest.FixtureRequest, ray_cluster: None) -> Iterator[tuple[str, str]]:
+    cfg = ServingConfig(mode=request.param, router=RouterConfig(port=0))
+    for url in _deploy(cfg):
+        yield request.param, url
+
+
+def _client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+
+
+def test_openai_client_gets_the_offline_engine_tokens(served: tuple[str, str], reference: dict[str, list[int]]) -> None:
+    from pdserve.models import resolve_model
+    from pdserve.tokenizer import Tokenizer
+
+    mode, url = served
+    tok = Tokenizer.from_dir(resolve_model("smollm2-135m"))
+    client = _client(url)
+    for prompt in PROMPTS:
+        want = tok.decode(reference[prompt])
+        resp = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=MAX_TOKENS,
+                                         temperature=0.0, extra_body={"ignore_eos": True})
+        assert resp.choices[0].text == want, f"{mode}, non-streaming"
+        assert resp.usage.completion_tokens == MAX_TOKENS
+        chunks = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=MAX_TOKENS,
+                                           temperature=0.0, stream=True, extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want, f"{mode}, streaming"
+
+
+def test_concurrent_requests_complete_and_metrics_count_them(served: tuple[str, str]) -> None:
+    mode, url = served
+    client = _client(url)
+    before = _counter(url, "pdserve_requests")
+
+    def one(i: int) -> str:
+        r = client.chat.completions.create(model="smollm2-135m", max_tokens=12, temperature=0.0,
+                                           messages=[{"role": "user", "content": f"Count to {i}."}])
+        return r.choices[0].finish_reason
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        reasons = list(pool.map(one, range(16)))
+    assert all(r in ("stop", "length") for r in reasons), reasons
+    assert _counter(url, "pdserve_requests") - before >= 16
+
+
+def test_bad_inputs_get_4xx_with_openai_error_bodies(served: tuple[str, str]) -> None:
+    _, url = served
+    cases = [
+        ({"model": "smollm2-135m", "prompt": "hi", "max_tokens": -1}, 400),
+        ({"model": "smollm2-135m", "prompt": "hi", "temperature": "hot"}, 400),
+        ({"model": "no-such-model", "prompt": "hi"}, 404),
+        ({"model": "smollm2-135m", "prompt": "word " * 5000}, 400),
+        ({"model": "smollm2-135m", "prompt": "hi", "n": 3}, 400),
+    ]
+    for body, status in cases:
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == status, (body, r.text)
+        assert set(r.json()["error"]) >= {"message", "type"}
+    r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def _counter(url: str, prefix: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith(prefix):
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
