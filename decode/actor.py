@@ -81,7 +81,8 @@ class DecodeActor:
 
     async def abort(self, request_id: RequestId) -> None:
         await self.start()
-        await self._steps.call(self.worker.abort, request_id)
+        if await self._steps.call(self.worker.abort, request_id):
+            self._dispatch([StepOutput(request_id, (), "", "abort")])  # ends the request's stream
 
     async def stats(self) -> WorkerStats:
         await self.start()

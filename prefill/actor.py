@@ -10,7 +10,7 @@ from pdserve.config import ServingConfig
 from pdserve.engine.engine import Engine
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.steploop import StepLoop, deliver_threadsafe
-from pdserve.types import GenerateRequest, PrefillResult, RequestId, WorkerStats
+from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
 
 
 class PrefillActor:
@@ -67,7 +67,8 @@ class PrefillActor:
 
     async def abort(self, request_id: RequestId) -> None:
         await self.start()
-        await self._steps.call(self.worker.abort, request_id)
+        if await self._steps.call(self.worker.abort, request_id):
+            self._resolve([PrefillResult(StepOutput(request_id, (), "", "abort"), None)])
 
     async def stats(self) -> WorkerStats:
         await self.start()

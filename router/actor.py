@@ -1,0 +1,148 @@
+"""The Ray shell of the router: `RouterActor` serves the OpenAI API with uvicorn on its own event loop,
+and `RayPrefillClient`/`RayDecodeClient` adapt worker actor handles to the client protocols.
+
+This is the router's only Ray import. Ray's actor-death errors become `WorkerDeadError`; an
+exception raised inside a worker method becomes `RequestFailedError`. Every call is awaited on the
+actor's event loop (no `ray.get`), so thousands of requests stream concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Awaitable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import uvicorn
+from ray.exceptions import ObjectLostError, RayActorError, RaySystemError, RayTaskError, TaskCancelledError
+
+from pdserve.config import ServingConfig
+from pdserve.router.core import Router
+from pdserve.router.openai_api import ModelCard
+from pdserve.router.protocols import RequestFailedError, WorkerDeadError
+from pdserve.router.server import build_app
+from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+    from pdserve.kvtransfer.types import KVHandle
+
+T = TypeVar("T")
+_DEAD = (RayActorError, ObjectLostError, RaySystemError)
+
+
+async def _call(worker_id: str, ref: Awaitable[T]) -> T:
+    try:
+        return await ref
+    except _DEAD as e:
+        raise WorkerDeadError(worker_id, type(e).__name__) from e
+    except (RayTaskError, TaskCancelledError) as e:
+        raise RequestFailedError(str(e).strip().splitlines()[-1]) from e
+
+
+class RayPrefillClient:
+    def __init__(self, worker_id: str, actor: ActorHandle[Any]) -> None:
+        self.worker_id, self.actor = worker_id, actor
+
+    async def prefill(self, req: GenerateRequest) -> PrefillResult:
+        return await _call(self.worker_id, self.actor.prefill.remote(req))
+
+    async def abort(self, request_id: RequestId) -> None:
+        await _call(self.worker_id, self.actor.abort.remote(request_id))
+
+    async def stats(self) -> WorkerStats:
+        return await _call(self.worker_id, self.actor.stats.remote())
+
+
+class RayDecodeClient:
+    def __init__(self, worker_id: str, actor: ActorHandle[Any]) -> None:
+        self.worker_id, self.actor = worker_id, actor
+
+    async def generate(self, req: GenerateRequest, handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
+        try:
+            stream: Any = self.actor.generate.options(num_returns="streaming").remote(req, handle)
+            async for ref in stream:
+                yield await _call(self.worker_id, ref)
+        except _DEAD as e:  # raised by the stream itself, between items
+            raise WorkerDeadError(self.worker_id, type(e).__name__) from e
+
+    async def abort(self, request_id: RequestId) -> None:
+        await _call(self.worker_id, self.actor.abort.remote(request_id))
+
+    async def stats(self) -> WorkerStats:
+        return await _call(self.worker_id, self.actor.stats.remote())
+
+
+class RouterActor:
+    """Ray shell: sync `__init__`, then `start()` binds the server and returns its URL.
+
+    Worker actors are registered by id; registering an id again (a replacement actor) swaps the
+    handle. An actor that Ray restarts behind the same handle rejoins on its own when its stats
+    answer again.
+    """
+
+    def __init__(self, cfg: ServingConfig, tokenizer_dir: str | None = None) -> None:
+        self.cfg, self.tokenizer_dir = cfg, tokenizer_dir
+        self.router = Router(cfg.router, cfg.mode)
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, prefill: dict[str, ActorHandle[Any]], decode: dict[str, ActorHandle[Any]]) -> str:
+        for wid, actor in prefill.items():
+            await self.register_prefill(wid, actor)
+        for wid, actor in decode.items():
+            await self.register_decode(wid, actor)
+        tokenizer, card = await asyncio.to_thread(self._load_model_card)
+        app = build_app(self.router, tokenizer, self.cfg, card=card)
+        config = uvicorn.Config(app, host=self.cfg.router.host, port=self.cfg.router.port, log_level="warning",
+                                lifespan="on", timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # re-raise why it could not start (port in use, ...)
+                raise RuntimeError("router: the HTTP server exited during startup")
+            await asyncio.sleep(0.02)
+        return self._url()
+
+    def _load_model_card(self) -> tuple[Any, ModelCard]:
+        from pdserve.models import resolve_model
+        from pdserve.tokenizer import Tokenizer
+
+        path = Path(self.tokenizer_dir) if self.tokenizer_dir else resolve_model(self.cfg.model)
+        tokenizer = Tokenizer.from_dir(path)
+        hf = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        max_len = min(self.cfg.engine.max_model_len, hf.get("max_position_embeddings", self.cfg.engine.max_model_len))
+        return tokenizer, ModelCard(self.cfg.model, max_len, vocab_size=tokenizer.vocab_size)
+
+    async def register_prefill(self, worker_id: str, actor: ActorHandle[Any]) -> None:
+        self.router.add_prefill(worker_id, RayPrefillClient(worker_id, actor))
+
+    async def register_decode(self, worker_id: str, actor: ActorHandle[Any]) -> None:
+        self.router.add_decode(worker_id, RayDecodeClient(worker_id, actor))
+
+    async def deregister(self, worker_id: str) -> None:
+        self.router.remove(worker_id)
+
+    async def url(self) -> str:
+        return self._url()
+
+    def _url(self) -> str:
+        assert self._server is not None and self._server.started, "router: not started"
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def check_health(self) -> None:
+        if self._task is None or self._task.done() or self._server is None or not self._server.started:
+            raise RuntimeError("router: the HTTP server is not running")
+
+    async def num_pending(self) -> int:
+        return len(self.router.requests)
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+            self._task = None

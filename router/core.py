@@ -1,0 +1,248 @@
+"""The router core: admission, dispatch and the life of each request across the pools. No HTTP, no Ray.
+
+    submit ─► [prefill instance] ─first token─► [decode instance + KVHandle] ─tokens…─► finished
+       │ (colocated: straight to a decode instance with handle None)
+       └ over `max_pending_requests` → OverloadedError (429); no healthy decode → UnavailableError (503)
+
+A prefill instance that dies is replaced by another; with none left, decode recomputes the prompt.
+A decode instance that dies mid-stream is replaced by another healthy one (after waiting up to
+`failover_wait_s` for one to come back), which recomputes prompt + the tokens already streamed
+(`GenerateRequest.output_token_ids`); past `max_attempts` the request ends with an explicit error
+output. Closing a `RequestStream` early (client gone, timeout) aborts it on every worker holding it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pdserve.config import Mode, RouterConfig
+from pdserve.router.policies import decode_policy, prefill_policy
+from pdserve.router.pool import Instance, Pool
+from pdserve.router.protocols import DecodeClient, PrefillClient, RequestFailedError, WorkerDeadError
+from pdserve.types import GenerateRequest, RequestId, StepOutput
+
+if TYPE_CHECKING:
+    from pdserve.kvtransfer.types import KVHandle
+
+Clock = Callable[[], float]
+
+
+class OverloadedError(Exception):
+    """Too many requests pending; retry after `retry_after_s` (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnavailableError(OverloadedError):
+    """No healthy instance can take the request right now (HTTP 503)."""
+
+
+@dataclass
+class _State:
+    request: GenerateRequest
+    arrival_s: float
+    output_ids: list[int] = field(default_factory=list)
+    holders: list[tuple[Pool[Any], str]] = field(default_factory=list)  # every instance given the request
+    worker_timings: dict[str, float] = field(default_factory=dict)  # summed over roles and attempts
+    first_token_s: float | None = None
+    finish_reason: str | None = None
+    released: bool = False
+
+
+class Router:
+    """Request state and dispatch for one serving system (both modes)."""
+
+    def __init__(self, cfg: RouterConfig, mode: Mode = "disaggregated", *, clock: Clock = time.monotonic,
+                 failover_wait_s: float = 30.0, max_attempts: int = 4) -> None:
+        self.cfg, self.mode, self.clock = cfg, mode, clock
+        self.failover_wait_s, self.max_attempts = failover_wait_s, max_attempts
+        self.prefill: Pool[PrefillClient] = Pool("prefill", prefill_policy(cfg.prefill_policy))
+        self.decode: Pool[DecodeClient] = Pool("decode", decode_policy(cfg.decode_policy))
+        self.requests: dict[RequestId, _State] = {}
+        self.num_redispatched = 0
+        self.probe_interval_s = 0.2
+
+    def add_prefill(self, worker_id: str, client: PrefillClient) -> None:
+        self.prefill.add(worker_id, client)
+
+    def add_decode(self, worker_id: str, client: DecodeClient) -> None:
+        self.decode.add(worker_id, client)
+
+    def remove(self, worker_id: str) -> None:
+        self.prefill.remove(worker_id)
+        self.decode.remove(worker_id)
+
+    def submit(self, req: GenerateRequest) -> RequestStream:
+        """Admit `req` or raise `OverloadedError`/`UnavailableError`; iterate the stream for outputs."""
+        if len(self.requests) >= self.cfg.max_pending_requests:
+            raise OverloadedError(f"{len(self.requests)} requests pending, the limit is "
+                                  f"{self.cfg.max_pending_requests}", retry_after_s=1.0)
+        if not self.decode.healthy():
+            raise UnavailableError("no healthy decode instance", retry_after_s=5.0)
+        assert req.request_id not in self.requests, f"duplicate request id {req.request_id}"
+        st = _State(req, req.arrival_s or self.clock(), output_ids=list(req.output_token_ids))
+        self.requests[req.request_id] = st
+        return RequestStream(self, st)
+
+    async def refresh_stats(self, timeout_s: float = 2.0) -> None:
+        await asyncio.gather(self.prefill.refresh(timeout_s), self.decode.refresh(timeout_s))
+
+    async def _lifecycle(self, st: _State) -> AsyncGenerator[StepOutput, None]:
+        try:
+            handle: KVHandle | None = None
+            if self.mode == "disaggregated" and not st.output_ids:
+                first, handle = await self._run_prefill(st)
+                if first is not None:
+                    yield self._emit(st, first)
+                    if first.finished:
+                        return
+            async with aclosing(self._run_decode(st, handle)) as outs:
+                async for out in outs:
+                    yield self._emit(st, out)
+                    if out.finished:
+                        return
+        finally:
+            await self._release(st)
+
+    async def _run_prefill(self, st: _State) -> tuple[StepOutput | None, KVHandle | None]:
+        """First token and KV handle, or (None, None) when no prefill instance could do it."""
+        n = len(st.request.prompt_token_ids)
+        for _ in range(self.max_attempts):
+            inst = self.prefill.pick(st.request)
+            if inst is None:
+                return None, None
+            client = inst.client
+            st.holders.append((self.prefill, inst.worker_id))
+            inst.outstanding_tokens += n
+            try:
+                result = await client.prefill(st.request)
+            except WorkerDeadError:
+                self.prefill.mark_dead(inst.worker_id, client)
+                continue
+            except RequestFailedError as e:
+                return self._error(st, f"prefill failed: {e}"), None
+            finally:
+                inst.outstanding_tokens -= n
+            return result.first, result.handle
+        return None, None
+
+    async def _run_decode(self, st: _State, handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
+        for attempt in range(self.max_attempts):
+            if attempt:
+                self.num_redispatched += 1
+            inst = await self._pick_decode(st)
+            if inst is None:
+                yield self._error(st, "no healthy decode instance to continue the request")
+                return
+            req = dataclasses.replace(st.request, output_token_ids=tuple(st.output_ids))
+            client = inst.client
+            st.holders.append((self.decode, inst.worker_id))
+            inst.num_inflight += 1
+            try:
+                async with aclosing(client.generate(req, handle)) as outs:
+                    async for out in outs:
+                        yield out
+                        if out.finished:
+                            return
+                yield self._error(st, f"decode instance {inst.worker_id} ended the stream unfinished")
+                return
+            except WorkerDeadError:
+                self.decode.mark_dead(inst.worker_id, client)
+            except RequestFailedError as e:
+                yield self._error(st, f"decode failed: {e}")
+                return
+            finally:
+                inst.num_inflight -= 1
+            if handle is not None:  # the KV waiting on prefill will not be pulled now: recompute
+                await self._abort_on(self.prefill, st)
+                handle = None
+        yield self._error(st, f"decode failed on {self.max_attempts} instances")
+
+    async def _pick_decode(self, st: _State) -> Instance[DecodeClient] | None:
+        deadline = self.clock() + self.failover_wait_s
+        while (inst := self.decode.pick(st.request)) is None:
+            if self.clock() >= deadline or not self.decode.instances:
+                return None
+            await asyncio.sleep(self.probe_interval_s)
+            await self.decode.refresh(self.probe_interval_s * 5)
+        return inst
+
+    def _emit(self, st: _State, out: StepOutput) -> StepOutput:
+        """Record an output; the worker timings are folded into the breakdown on the last one."""
+        now = self.clock()
+        st.output_ids.extend(out.token_ids)
+        if st.first_token_s is None and (out.token_ids or out.finished):
+            st.first_token_s = now
+        for k, v in (out.timings or {}).items():
+            st.worker_timings[k] = st.worker_timings.get(k, 0.0) + v
+        if not out.finished:
+            return out if out.timings is None else dataclasses.replace(out, timings=None)
+        st.finish_reason = out.finish_reason
+        return dataclasses.replace(out, timings=self._breakdown(st, now))
+
+    def _breakdown(self, st: _State, now: float) -> dict[str, float]:
+        w = st.worker_timings
+        e2e = now - st.arrival_s
+        queue, prefill, transfer = w.get("queue_s", 0.0), w.get("prefill_s", 0.0), w.get("transfer_s", 0.0)
+        ttft = (st.first_token_s or now) - st.arrival_s
+        out = {"queue_s": queue, "prefill_s": prefill, "transfer_s": transfer,
+               "decode_s": max(0.0, e2e - queue - prefill - transfer), "ttft_s": ttft, "e2e_s": e2e}
+        if "transfer_bytes" in w:
+            out["transfer_bytes"] = w["transfer_bytes"]
+        return out
+
+    def _error(self, st: _State, message: str) -> StepOutput:
+        return StepOutput(st.request.request_id, (), finish_reason="error", error=message)
+
+    async def _abort_on(self, pool: Pool[Any], st: _State) -> None:
+        """Abort the request on every healthy instance of `pool` that was given it (dead ones freed it)."""
+        ids = {w for p, w in st.holders if p is pool}
+        insts = [pool.instances[w] for w in ids if w in pool.instances]
+        targets = [(i.worker_id, i.client) for i in insts if i.healthy]
+        results = await asyncio.gather(*(c.abort(st.request.request_id) for _, c in targets), return_exceptions=True)
+        for (wid, client), r in zip(targets, results, strict=True):
+            if isinstance(r, WorkerDeadError):
+                pool.mark_dead(wid, client)
+
+    async def _release(self, st: _State) -> None:
+        if st.released:
+            return
+        st.released = True
+        self.requests.pop(st.request.request_id, None)
+        if st.finish_reason not in ("stop", "length"):  # failed, client gone, timeout: free its blocks everywhere
+            await asyncio.shield(asyncio.gather(self._abort_on(self.prefill, st),
+                                                self._abort_on(self.decode, st)))
+
+
+class RequestStream:
+    """The outputs of one admitted request. `aclose()` (or leaving `async with`) before the end aborts
+    it on every worker; the last output carries the latency breakdown in `timings`."""
+
+    def __init__(self, router: Router, st: _State) -> None:
+        self.request_id = st.request.request_id
+        self._router, self._state = router, st
+        self._gen = router._lifecycle(st)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+        await self._router._release(self._state)  # when never iterated, the generator had no finally
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,98 @@
+"""Prometheus metrics of the router, in a registry of its own (no process globals).
+
+Latencies are observed per request by the server as outputs stream (TTFT, inter-token, end-to-end)
+and from the breakdown on the last output (queue, prefill, KV transfer, decode). Per-instance
+gauges (running, waiting, KV usage, health) are read from the router's pools at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pdserve.router.core import Router
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Seconds; wide because CPU instances are slow and GPU ones fast.
+_LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# breakdown key prefix -> metric name
+_BREAKDOWN = {"queue": "queue", "prefill": "prefill", "transfer": "kv_transfer", "decode": "decode"}
+
+
+class RouterMetrics:
+    def __init__(self, router: Router | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(f"pdserve_{name}_seconds", doc, buckets=_LATENCY, registry=r)
+
+        self.ttft = hist("time_to_first_token", "Arrival to first token")
+        self.itl = hist("inter_token_latency", "Gap between consecutive outputs, per token")
+        self.tpot = hist("time_per_output_token", "(e2e - TTFT) / (output tokens - 1), per request")
+        self.e2e = hist("e2e_request_latency", "Arrival to last token")
+        self.phase = {p: hist(f"{name}_time", f"Per-request {name} time") for p, name in _BREAKDOWN.items()}
+        self.transfer_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
+        self.requests = Counter("pdserve_requests", "Finished requests", ["finish_reason"], registry=r)
+        self.rejected = Counter("pdserve_rejected_requests", "Requests refused before dispatch", ["status"], registry=r)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("pdserve_generation_tokens", "Tokens sent to clients", registry=r)
+        if router is not None:
+            r.register(_PoolCollector(router))
+
+    def observe_finish(self, finish_reason: str, num_prompt: int, num_output: int,
+                       timings: dict[str, float] | None) -> None:
+        self.requests.labels(finish_reason).inc()
+        self.prompt_tokens.inc(num_prompt)
+        self.generation_tokens.inc(num_output)
+        if not timings or finish_reason == "error":
+            return
+        for p in _BREAKDOWN:
+            self.phase[p].observe(timings.get(f"{p}_s", 0.0))
+        self.ttft.observe(timings["ttft_s"])
+        self.e2e.observe(timings["e2e_s"])
+        if num_output > 1:
+            self.tpot.observe((timings["e2e_s"] - timings["ttft_s"]) / (num_output - 1))
+        self.transfer_bytes.inc(timings.get("transfer_bytes", 0.0))
+
+    def observe_gap(self, gap_s: float, num_tokens: int) -> None:
+        for _ in range(max(1, num_tokens)):
+            self.itl.observe(gap_s / max(1, num_tokens))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _PoolCollector(Collector):
+    """Reads the router's pools at scrape time: no copies to keep in sync."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[Metric]:
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"pdserve_instance_{name}", doc, labels=["role", "instance"])
+
+        running = gauge("running_requests", "Requests running (router view)")
+        waiting = gauge("waiting_requests", "Requests queued (worker view)")
+        usage = gauge("kv_usage_ratio", "Fraction of KV blocks in use")
+        healthy = gauge("healthy", "1 if the instance is serving")
+        tokens = gauge("outstanding_prompt_tokens", "Prompt tokens dispatched, not answered")
+        failures = CounterMetricFamily("pdserve_worker_failures", "Instances seen dying", labels=["role"])
+        for pool in (self.router.prefill, self.router.decode):
+            for inst in pool.instances.values():
+                key = [pool.role, inst.worker_id]
+                snap = inst.snapshot()
+                running.add_metric(key, snap.num_running)
+                waiting.add_metric(key, inst.stats.num_waiting)
+                usage.add_metric(key, inst.stats.kv_usage)
+                healthy.add_metric(key, float(inst.healthy))
+                tokens.add_metric(key, inst.outstanding_tokens)
+            failures.add_metric([pool.role], pool.num_failures)
+        yield from (running, waiting, usage, healthy, tokens, failures)
+        yield CounterMetricFamily("pdserve_redispatched_requests", "Requests moved to another instance after a failure",
+                                  value=self.router.num_redispatched)
+        yield GaugeMetricFamily("pdserve_pending_requests", "Requests admitted and not finished",
+                                value=len(self.router.requests))

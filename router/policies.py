@@ -1,0 +1,65 @@
+"""Dispatch policies: pure functions of (request, stats snapshots, dispatch number) -> instance id.
+
+The `Router` hands a policy only the healthy instances of one pool, with the fields it tracks itself
+(outstanding prompt tokens, requests in flight) already folded into the snapshots, and a counter it
+increments per dispatch (round robin's only state). No clocks, no I/O. Pick one by name with
+`prefill_policy(name)` / `decode_policy(name)`; names are the `RouterConfig` literals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from pdserve.types import GenerateRequest, WorkerStats
+
+Policy = Callable[[GenerateRequest, Sequence[WorkerStats], int], str]
+
+# Decode instances whose KV usage is within this many points of the least-used one count as equally
+# loaded; among them the fewest running + waiting requests wins. Usage is polled, so it lags a burst
+# of dispatches, while the running count is updated by the router at each dispatch.
+KV_USAGE_TOLERANCE = 0.05
+
+
+def least_outstanding_tokens(req: GenerateRequest, stats: Sequence[WorkerStats], tick: int) -> str:
+    """Prefill: the instance with the fewest prompt tokens queued or running (Vidur's LOR idea:
+    prefill time grows with tokens, not requests). Ties go to fewer waiting, then to `tick` order."""
+    assert stats, "policy called with no candidates"
+    n = len(stats)
+    best = min(range(n), key=lambda i: (stats[i].outstanding_tokens, stats[i].num_waiting, (i - tick) % n))
+    return stats[best].worker_id
+
+
+def least_kv_pressure(req: GenerateRequest, stats: Sequence[WorkerStats], tick: int) -> str:
+    """Decode: the least KV-memory pressure, then the fewest running + waiting requests.
+
+    KV usage decides admission on a decode instance (a pull waits for free blocks), so the emptiest
+    pool minimises the wait; the request count breaks near-ties so a burst spreads out.
+    """
+    assert stats, "policy called with no candidates"
+    floor = min(s.kv_usage for s in stats)
+    near = [i for i, s in enumerate(stats) if s.kv_usage <= floor + KV_USAGE_TOLERANCE]
+    n = len(stats)
+    best = min(near, key=lambda i: (stats[i].num_running + stats[i].num_waiting, stats[i].kv_usage, (i - tick) % n))
+    return stats[best].worker_id
+
+
+def round_robin(req: GenerateRequest, stats: Sequence[WorkerStats], tick: int) -> str:
+    """Each instance in turn, whatever its load (the baseline the others are compared with)."""
+    assert stats, "policy called with no candidates"
+    return stats[tick % len(stats)].worker_id
+
+
+_PREFILL: dict[str, Policy] = {"least_tokens": least_outstanding_tokens, "round_robin": round_robin}
+_DECODE: dict[str, Policy] = {"least_kv": least_kv_pressure, "round_robin": round_robin}
+
+
+def prefill_policy(name: str) -> Policy:
+    if name not in _PREFILL:
+        raise ValueError(f"router.prefill_policy: unknown policy {name!r} (known: {', '.join(_PREFILL)})")
+    return _PREFILL[name]
+
+
+def decode_policy(name: str) -> Policy:
+    if name not in _DECODE:
+        raise ValueError(f"router.decode_policy: unknown policy {name!r} (known: {', '.join(_DECODE)})")
+    return _DECODE[name]

@@ -1,0 +1,87 @@
+"""The router's view of a worker instance: `PrefillClient` and `DecodeClient`, and the two error kinds.
+
+The router core talks only to these protocols; `router/actor.py` adapts Ray actor handles to them and
+tests pass in-process fakes. At this boundary there are exactly two failures (as vLLM's
+`EngineGenerateError` vs `EngineDeadError`): `RequestFailedError` — this request failed, the
+instance is fine — and `WorkerDeadError` — the instance is gone, re-dispatch everything it held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Protocol
+
+from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
+
+if TYPE_CHECKING:
+    from pdserve.kvtransfer.types import KVHandle
+
+
+class WorkerDeadError(Exception):
+    """The instance died or became unreachable; nothing it held survives."""
+
+    def __init__(self, worker_id: str, reason: str = "") -> None:
+        super().__init__(f"worker {worker_id} is dead" + (f": {reason}" if reason else ""))
+        self.worker_id = worker_id
+
+
+class RequestFailedError(Exception):
+    """One request failed on a live instance (bad input the worker rejected, an internal error)."""
+
+
+class PrefillClient(Protocol):
+    """One prefill instance, as the router sees it."""
+
+    worker_id: str
+
+    async def prefill(self, req: GenerateRequest) -> PrefillResult:
+        """Run the prompt, return the first token and a handle on the KV that now waits to be pulled.
+
+        `result.handle` is None when the request finished at its first token or failed (then
+        `result.first.finish_reason == "error"`). The instance keeps the KV pinned until a decode
+        instance pulls it, the request is aborted, or its lease expires. Raises `WorkerDeadError` if
+        the instance is gone (the router then tries another one), `RequestFailedError` if only this
+        request failed. Cancelling the awaiting task does not abort the request: call `abort`.
+        """
+        ...
+
+    async def abort(self, request_id: RequestId) -> None:
+        """Drop the request and free its blocks. Unknown or finished ids are a no-op.
+
+        Raises `WorkerDeadError` if the instance is gone (which frees everything anyway).
+        """
+        ...
+
+    async def stats(self) -> WorkerStats:
+        """A fresh snapshot for dispatch policies. Raises `WorkerDeadError` if the instance is gone."""
+        ...
+
+
+class DecodeClient(Protocol):
+    """One decode instance (or, in colocated mode, one instance that does both phases)."""
+
+    worker_id: str
+
+    def generate(self, req: GenerateRequest, handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
+        """Continue `req` and stream its outputs; the last one has `finish_reason` set.
+
+        With a `handle`, the instance pulls the prompt's KV from the prefill instance that holds it.
+        With `handle=None` it computes the prefill itself (colocated mode, or recompute after a
+        failure). `req.output_token_ids` holds every token the client has already received (in
+        disaggregated mode, at least the first token from prefill); the instance continues after
+        them and never emits them again, and `max_tokens` counts them. The first output carries
+        `timings` ({"queue_s", "transfer_s"[, "transfer_bytes"]} or {"queue_s", "prefill_s"}).
+        Iteration raises `WorkerDeadError` if the instance dies, at any point, including before the
+        first output. Closing the iterator early does not abort the request: call `abort`.
+        """
+        ...
+
+    async def abort(self, request_id: RequestId) -> None:
+        """Drop the request and free its blocks; its stream ends with finish_reason "abort" or simply
+        stops. Unknown or finished ids are a no-op. Raises `WorkerDeadError` if the instance is gone.
+        """
+        ...
+
+    async def stats(self) -> WorkerStats:
+        """A fresh snapshot for dispatch policies. Raises `WorkerDeadError` if the instance is gone."""
+        ...
