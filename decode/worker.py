@@ -76,11 +76,8 @@ class DecodeWorker:
         pull = self._pulling.pop(request_id, None)
         if pull is not None:
             self.receiver.abort(pull.transfer)
-        for p in self._pending:
-            if p.request is r:
-                self._pending.remove(p)
-                self.receiver.discard(p.handle)
-                break
+        # A pull never started leaves the KV pinned on prefill; its lease frees it there.
+        self._pending = deque(p for p in self._pending if p.request is not r)
         self.scheduler.remove(r)
         if r.block_table:
             self.engine.free(r)

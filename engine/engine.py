@@ -128,6 +128,8 @@ class Engine:
         elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
+            if req.detokenizer is not None and not hit_stop:
+                text += req.detokenizer.flush()  # text held back for a stop string that never came
             self.finish(req, reason)
         return StepOutput(req.request_id, (token,), text, reason)
 

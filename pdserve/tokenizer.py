@@ -9,10 +9,11 @@ incomplete UTF-8 and anything that could still become a stop string.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 

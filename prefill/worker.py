@@ -57,7 +57,7 @@ class PrefillWorker:
         now = self.clock()
         for c in batch.chunks:
             self._started_s.setdefault(c.request.request_id, now)
-        outputs = self.engine.step(batch, layer_hook=self.sender.layer_hook(batch))
+        outputs = self.engine.step(batch)
         return [self._result(o) for o in outputs]
 
     def _result(self, out: StepOutput) -> PrefillResult:
@@ -68,7 +68,7 @@ class PrefillWorker:
         if r.finished:  # stopped at its first token: the engine already freed the blocks
             return PrefillResult(out, None)
         self.scheduler.done(r)
-        handle = self.sender.export(rid, list(r.block_table), r.num_computed_tokens)
+        handle = self.sender.export(rid, list(r.block_table), r.num_computed_tokens, prefill_s=out.timings["prefill_s"])
         self.engine.finish(r, "stop")  # drops the request's reference; the export keeps the blocks pinned
         return PrefillResult(out, handle)
 

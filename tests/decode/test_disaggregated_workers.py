@@ -1,0 +1,96 @@
+"""PrefillWorker → KV transfer → DecodeWorker gives the colocated tokens, frees every block on both
+sides, and recomputes locally when a pull fails."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdserve.config import EngineConfig, KVTransferConfig
+from pdserve.decode.worker import DecodeWorker
+from pdserve.engine.engine import Engine
+from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.prefill.worker import PrefillWorker
+from pdserve.types import GenerateRequest, RequestId, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 17, 33, 48, 2)]
+
+
+def _engine(path: Path) -> Engine:
+    return Engine.from_config(str(path), EngineConfig(block_size=8, kv_cache_memory_gb=0.01, max_model_len=256))
+
+
+def _colocated(path: Path, prompts: list[list[int]]) -> list[list[int]]:
+    worker = DecodeWorker(_engine(path), "prefill_priority", 64, 2048)
+    for i, p in enumerate(prompts):
+        worker.submit(GenerateRequest(RequestId(f"r{i}"), tuple(p), GREEDY))
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    while worker.has_work():
+        for o in worker.step():
+            out[o.request_id].extend(o.token_ids)
+    return [out[f"r{i}"] for i in range(len(prompts))]
+
+
+def _disaggregated(path: Path, prompts: list[list[int]], transport: str,
+                   break_sender: bool = False) -> tuple[list[list[int]], PrefillWorker, DecodeWorker]:
+    cfg = KVTransferConfig(transport=transport, codec="raw", timeout_s=5)
+    pe, de = _engine(path), _engine(path)
+    sender, receiver = make_sender(cfg, pe.pool, pe.allocator), make_receiver(cfg, de.pool)
+    prefill = PrefillWorker(pe, 64, 64, sender)  # a small budget: prompts spread over several steps
+    decode = DecodeWorker(de, "decode", 64, 2048, receiver=receiver)
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    try:
+        for i, p in enumerate(prompts):
+            prefill.submit(GenerateRequest(RequestId(f"r{i}"), tuple(p), GREEDY))
+        results = []
+        while prefill.has_work():
+            results.extend(prefill.step())
+        if break_sender:
+            sender.close()  # the prefill instance dies with the KV still on it
+        for res in results:
+            rid = res.first.request_id
+            out[rid].extend(res.first.token_ids)
+            prompt = prompts[int(rid[1:])]
+            decode.submit(GenerateRequest(rid, tuple(prompt), GREEDY, output_token_ids=res.first.token_ids),
+                          res.handle)
+        deadline = time.monotonic() + 30
+        while decode.has_work():
+            assert time.monotonic() < deadline, "decode never finished"
+            for o in decode.step():
+                out[o.request_id].extend(o.token_ids)
+            time.sleep(0.001)
+        if not break_sender:
+            while prefill.engine.allocator.num_used and time.monotonic() < deadline:
+                prefill.step()  # serves the releases the receiver sent
+                time.sleep(0.01)
+    finally:
+        receiver.close()
+        sender.close()
+    return [out[f"r{i}"] for i in range(len(prompts))], prefill, decode
+
+
+@pytest.mark.parametrize("transport", ["loopback", "grpc"])
+def test_prefill_worker_to_decode_worker_matches_colocated(tiny_llama_dir: Path, transport: str) -> None:
+    prompts = _prompts()
+    got, prefill, decode = _disaggregated(tiny_llama_dir, prompts, transport)
+    assert got == _colocated(tiny_llama_dir, prompts)
+    for worker in (prefill, decode):
+        worker.engine.allocator.check_integrity()
+        assert worker.engine.allocator.num_used == 0, f"{worker.worker_id} leaked blocks"
+    first = [o for o in got if o]
+    assert all(len(o) == GREEDY.max_tokens for o in first)
+
+
+def test_failed_pull_is_recomputed_locally(tiny_llama_dir: Path) -> None:
+    prompts = _prompts()
+    got, _, decode = _disaggregated(tiny_llama_dir, prompts, "grpc", break_sender=True)
+    assert got == _colocated(tiny_llama_dir, prompts)
+    assert decode.engine.allocator.num_used == 0
