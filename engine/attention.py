@@ -23,6 +23,7 @@ class AttentionMetadata:
     out_index: torch.Tensor  # (T,) row of token t in the (B * max_q) padded output
     mask: torch.Tensor  # (B, 1, max_q, max_ctx) True where query may attend to key
     max_ctx: int
+    gather_buf: torch.Tensor | None = None  # (2, B * max_blocks, block_size, h_kv, d) reused by every layer
 
 
 def build_metadata(q_lens: Sequence[int], ctx_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
@@ -72,9 +73,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     k_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, meta.slot_mapping, v)
     B, max_blocks = meta.block_tables.shape
-    flat_tables = meta.block_tables.flatten()  # index_select copies ~5x faster than advanced indexing on CPU
-    keys = k_cache.index_select(0, flat_tables).view(B, max_blocks * block_size, h_kv, d)[:, : meta.max_ctx]
-    vals = v_cache.index_select(0, flat_tables).view(B, max_blocks * block_size, h_kv, d)[:, : meta.max_ctx]
+    # index_select into a buffer reused across layers: ~5x faster than advanced indexing on CPU, and
+    # a fresh multi-MB tensor per layer would pay page faults on every call.
+    flat_tables = meta.block_tables.flatten()
+    if meta.gather_buf is None:
+        keys, vals = k_cache.index_select(0, flat_tables), v_cache.index_select(0, flat_tables)
+    else:
+        keys = torch.index_select(k_cache, 0, flat_tables, out=meta.gather_buf[0])
+        vals = torch.index_select(v_cache, 0, flat_tables, out=meta.gather_buf[1])
+    keys = keys.view(B, max_blocks * block_size, h_kv, d)[:, : meta.max_ctx]  # (B, max_ctx, h_kv, d)
+    vals = vals.view(B, max_blocks * block_size, h_kv, d)[:, : meta.max_ctx]
     q_pad = torch.cat([q, q.new_zeros(1, h_q, d)])[meta.q_index]  # (B, max_q, h_q, d)
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),  # (B, heads, len, d)

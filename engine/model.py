@@ -227,3 +227,5 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"model: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
         self.load_state_dict({k: tensors[k] for k in own}, strict=True)
+        if self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
+            self.lm_head.weight = self.model.embed_tokens.weight  # one copy in memory, as the checkpoint has

@@ -5,6 +5,7 @@ It knows tensors, not requests' lifecycles: the engine advances state from what 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -19,6 +20,16 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVPool) -> None:
         self.model, self.pool = model, pool
         self.device = pool.device
+        self._gather = torch.empty(0)
+
+    def _gather_buffer(self, num_blocks: int) -> torch.Tensor:
+        """(2, num_blocks, block_size, h_kv, d) view of a grow-only workspace for attention's K/V gather."""
+        lay = self.pool.layout
+        shape = (2, num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
+        need = 2 * num_blocks * lay.block_size * lay.num_kv_heads * lay.head_dim
+        if self._gather.numel() < need:
+            self._gather = torch.empty(max(need, 2 * self._gather.numel()), dtype=self.pool.kv.dtype, device=self.device)
+        return self._gather[:need].view(shape)
 
     def prepare(self, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flat token ids (T,), positions (T,) and attention metadata for `chunks`."""
@@ -34,6 +45,7 @@ class ModelRunner:
             ctx_lens.append(end)
         meta = build_metadata(q_lens, ctx_lens, [c.request.block_table for c in chunks],
                               self.pool.layout.block_size, self.device)
+        meta = dataclasses.replace(meta, gather_buf=self._gather_buffer(meta.block_tables.numel()))
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return as_long(ids), as_long(pos), meta
 

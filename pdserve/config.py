@@ -66,7 +66,7 @@ class PoolConfig:
 class KVTransferConfig:
     transport: TransportName = "grpc"
     codec: CodecName = "raw"
-    link_gbps: float | None = None  # link bandwidth hint for codec=auto; measured when None
+    link_gbps: float | None = None  # link bandwidth in GB/s (bytes) for codec=auto; measured when None
     lease_s: float = 60.0  # prefill frees exported blocks nobody pulled within this time
     timeout_s: float = 30.0
 

@@ -1,0 +1,65 @@
+"""gRPC plumbing shared by the gRPC transport and the connector's control service: servers bound
+to a free port, cached client channels, optional TLS."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for TLS: the server presents cert/key; clients trust `ca` (a self-signed cert works)."""
+
+    cert: str
+    key: str
+    ca: str
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(Path(self.key).read_bytes(), Path(self.cert).read_bytes())])
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=Path(self.ca).read_bytes())
+
+
+def start_server(host: str, tls: TLSFiles | None, register: list, max_workers: int = 16
+                 ) -> tuple[grpc.Server, str]:
+    """A started server with the given `(add_XServicer_to_server, servicer)` pairs, on a free port."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-grpc"),
+                         options=OPTIONS)
+    for add, servicer in register:
+        add(servicer, server)
+    bind = f"{host}:0"
+    port = server.add_secure_port(bind, tls.server_credentials()) if tls else server.add_insecure_port(bind)
+    server.start()
+    return server, f"{host}:{port}"
+
+
+class Channels:
+    """One client channel per peer address, created on first use; closed together."""
+
+    def __init__(self, tls: TLSFiles | None) -> None:
+        self.tls = tls
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, addr: str) -> grpc.Channel:
+        with self._lock:
+            ch = self._channels.get(addr)
+            if ch is None:
+                ch = (grpc.secure_channel(addr, self.tls.channel_credentials(), OPTIONS) if self.tls
+                      else grpc.insecure_channel(addr, OPTIONS))
+                self._channels[addr] = ch
+            return ch
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            ch.close()

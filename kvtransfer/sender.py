@@ -1,0 +1,211 @@
+"""`KVSender`: the prefill end. Pins exported blocks, serves pulls over the transport, frees on release.
+
+Threads: `export`, `layer_hook`, `mark_ready` and `poll` run on the worker's step-loop thread and
+are the only callers of the allocator. Control RPCs (StartPull/Release/Abort) and the transport's
+threads only read the pool and queue frees, which `poll()` applies.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import grpc
+
+from pdserve.engine.kv_cache import BlockAllocator, KVPool
+from pdserve.kvtransfer import kvtransfer_pb2 as pb
+from pdserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
+from pdserve.kvtransfer import wire
+from pdserve.kvtransfer.codecs import get_codec
+from pdserve.kvtransfer.protocols import KVCodec, Transport
+from pdserve.kvtransfer.reshard import gather_slab, token_slots
+from pdserve.kvtransfer.rpc import TLSFiles, start_server
+from pdserve.kvtransfer.transfer import TransferState
+from pdserve.kvtransfer.types import HandleId, KVHandle, KVShard, PeerAddr, Span, TransferId
+
+
+@dataclass
+class _Export:
+    handle: KVHandle
+    shard: KVShard
+    deadline: float  # lease: freed at poll() after this, unless a send is active
+    ready_layers: int  # local layers [0, ready_layers) are in the pool
+    cells_left: set[tuple[int, int]]  # (layer, head) not yet released by any receiver
+    sends: dict[TransferId, TransferState] = field(default_factory=dict)
+
+
+class KVSender:
+    def __init__(self, pool: KVPool, allocator: BlockAllocator, transport: Transport, *, lease_s: float,
+                 timeout_s: float, host: str = "127.0.0.1", layers: Span | None = None,
+                 heads: Span | None = None, tls: TLSFiles | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`layers`/`heads`: the global spans this rank's pool holds (default: the whole pool)."""
+        lay = pool.layout
+        self.pool, self.allocator, self.transport = pool, allocator, transport
+        self.lease_s, self.timeout_s, self.clock = lease_s, timeout_s, clock
+        self.layers = layers or Span(0, lay.num_layers)
+        self.heads = heads or Span(0, lay.num_kv_heads)
+        assert len(self.layers) == lay.num_layers and len(self.heads) == lay.num_kv_heads, "spans != pool"
+        self.total_layers, self.total_heads = self.layers.stop, self.heads.stop  # grown by with_model_shape
+        self._exports: dict[HandleId, _Export] = {}
+        self._cond = threading.Condition()
+        self._server, control = start_server(host, tls, [(pb_grpc.add_KVControlServicer_to_server,
+                                                          _ControlService(self))])
+        self.address = PeerAddr(control=control, data=transport.endpoint())
+
+    def with_model_shape(self, num_layers: int, num_kv_heads: int) -> KVSender:
+        """Declare the whole model's size when this rank holds only a shard of it (TP/PP)."""
+        self.total_layers, self.total_heads = num_layers, num_kv_heads
+        return self
+
+    # ---- step-loop side ----------------------------------------------------------------------
+
+    def export(self, request_id: str, block_ids: list[int], num_tokens: int, *, handle_id: str | None = None,
+               streaming: bool = False, prefill_s: float | None = None) -> KVHandle:
+        """Pin `block_ids` (an extra allocator reference) until released or the lease expires.
+        `streaming=True` exports before the forward pass that writes them: layer i becomes pullable
+        at `layer_hook(i)` (or `mark_ready`). Ranks of one TP/PP instance pass the same handle_id."""
+        lay = self.pool.layout
+        assert len(block_ids) == lay.num_blocks_for(num_tokens), "block_ids must cover num_tokens exactly"
+        self.allocator.fork(block_ids)
+        shard = KVShard(self.address, self.layers, self.heads, tuple(block_ids))
+        handle = KVHandle(HandleId(handle_id or uuid.uuid4().hex), request_id, num_tokens, self.total_layers,
+                          self.total_heads, lay.head_dim, lay.block_size, lay.dtype, (shard,), prefill_s)
+        cells = {(layer, h) for layer in range(self.layers.start, self.layers.stop)
+                 for h in range(self.heads.start, self.heads.stop)}
+        with self._cond:
+            assert handle.handle_id not in self._exports, f"handle {handle.handle_id} exported twice"
+            self._exports[handle.handle_id] = _Export(handle, shard, self.clock() + self.lease_s,
+                                                      0 if streaming else lay.num_layers, cells)
+        return handle
+
+    def layer_hook(self, layer: int) -> None:
+        """Runner callback: global `layer` is written for every streaming export in this forward."""
+        local = layer - self.layers.start + 1
+        with self._cond:
+            for e in self._exports.values():
+                e.ready_layers = max(e.ready_layers, local)
+            self._cond.notify_all()
+
+    def mark_ready(self, handle_id: str) -> None:
+        with self._cond:
+            e = self._exports.get(HandleId(handle_id))
+            if e is not None:
+                e.ready_layers = self.pool.layout.num_layers
+                self._cond.notify_all()
+
+    def release(self, handle_id: str) -> None:
+        """Drop the export now (e.g. the request ended at its first token); blocks free at poll()."""
+        with self._cond:
+            e = self._exports.get(HandleId(handle_id))
+            if e is not None:
+                e.cells_left.clear()
+
+    def poll(self) -> list[HandleId]:
+        """Free the blocks of exports that are fully released or whose lease expired (and that no
+        send is reading). Call from the thread that owns the allocator; never blocks."""
+        now = self.clock()
+        with self._cond:
+            done = [hid for hid, e in self._exports.items()
+                    if not e.sends and (not e.cells_left or now > e.deadline)]
+            freed = [self._exports.pop(hid) for hid in done]
+        for e in freed:
+            self.allocator.free(e.shard.block_ids)
+        return done
+
+    @property
+    def num_exports(self) -> int:
+        return len(self._exports)
+
+    def close(self) -> None:
+        """Stop serving and close the transport (the sender owns it); cancels sends. Pinned blocks are
+        freed by the next poll() (or die with the pool). Idempotent."""
+        with self._cond:
+            sends = [s for e in self._exports.values() for s in e.sends.values()]
+            for e in self._exports.values():
+                e.cells_left.clear()
+        for s in sends:
+            s.cancel("sender closed")
+        self._server.stop(grace=None)
+        self.transport.close()
+
+    # ---- control side (gRPC threads) -----------------------------------------------------------
+
+    def start_pull(self, req: pb.PullRequest) -> str | None:
+        """Begin sending; returns an error string instead of raising."""
+        layers, heads = Span(req.layers.start, req.layers.stop), Span(req.heads.start, req.heads.stop)
+        with self._cond:
+            e = self._exports.get(HandleId(req.handle_id))
+            if e is None:
+                return f"handle {req.handle_id} is not exported here (released or lease expired)"
+            if layers.intersect(self.layers) != layers or heads.intersect(self.heads) != heads:
+                return "requested span is outside this shard"
+            try:
+                codec = get_codec(req.codec)
+            except ValueError as err:
+                return str(err)
+            xfer = TransferId(req.xfer_id)
+            state = self.transport.send(xfer, self._frames(e, xfer, layers, heads, codec), req.transport_info,
+                                        self.timeout_s)
+            e.sends[xfer] = state
+            e.deadline = max(e.deadline, self.clock() + self.lease_s)
+        state.on_end(lambda: self._send_ended(e, xfer))
+        return None
+
+    def _send_ended(self, e: _Export, xfer: TransferId) -> None:
+        with self._cond:
+            e.sends.pop(xfer, None)
+            e.deadline = max(e.deadline, self.clock() + self.lease_s)
+            self._cond.notify_all()  # a frame generator waiting for a layer gives up
+
+    def release_cells(self, handle_id: str, layers: Span, heads: Span) -> None:
+        with self._cond:
+            e = self._exports.get(HandleId(handle_id))
+            if e is not None:
+                e.cells_left -= {(layer, h) for layer in range(layers.start, layers.stop)
+                                 for h in range(heads.start, heads.stop)}
+
+    def abort(self, xfer: str) -> None:
+        with self._cond:
+            states = [e.sends[TransferId(xfer)] for e in self._exports.values() if TransferId(xfer) in e.sends]
+        for s in states:
+            s.cancel("aborted by the receiver")
+
+    def _frames(self, e: _Export, xfer: TransferId, layers: Span, heads: Span, codec: KVCodec
+                ) -> Iterator[bytes]:
+        """Wire chunks of one frame per layer, each produced once its layer is in the pool; stops
+        as soon as the send ends (abort, timeout) so the blocks are never read after release."""
+        h = e.handle
+        slots = token_slots(e.shard.block_ids, self.pool.layout.block_size, h.num_tokens, self.pool.device)
+        local_heads = slice(heads.start - self.heads.start, heads.stop - self.heads.start)
+        for layer in range(layers.start, layers.stop):
+            local = layer - self.layers.start
+            with self._cond:
+                if not self._cond.wait_for(lambda: e.ready_layers > local or xfer not in e.sends, self.timeout_s):
+                    raise TimeoutError(f"layer {layer} was never written")
+                if xfer not in e.sends:
+                    return
+            slab = gather_slab(self.pool, local, slots, local_heads)  # (2, T, heads, D)
+            yield from wire.encode_frame(codec.name, slab.dtype, slab.shape, layer, heads.start,
+                                         codec.encode(slab))
+
+
+class _ControlService(pb_grpc.KVControlServicer):
+    def __init__(self, sender: KVSender) -> None:
+        self.sender = sender
+
+    def StartPull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.Ack:
+        err = self.sender.start_pull(request)
+        return pb.Ack(ok=err is None, error=err or "")
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.Ack:
+        self.sender.release_cells(request.handle_id, Span(request.layers.start, request.layers.stop),
+                                  Span(request.heads.start, request.heads.stop))
+        return pb.Ack(ok=True)
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.Ack:
+        self.sender.abort(request.xfer_id)
+        return pb.Ack(ok=True)

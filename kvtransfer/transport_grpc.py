@@ -1,0 +1,115 @@
+"""`GrpcTransport`: pull over a gRPC server-streaming call; works across any network, TLS optional.
+
+Each sender runs a `KVData` server; `send` parks chunks in its outbox and the receiver's
+`Pull(xfer)` streams them, one wire chunk (<= 4 MiB) per message. Cancelling either side cancels
+the call; a sender-side failure ends the call with ABORTED and its message, so a cut stream is
+never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Iterator
+
+import grpc
+
+from pdserve.kvtransfer import kvtransfer_pb2 as pb
+from pdserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
+from pdserve.kvtransfer.outbox import Outbox, stream
+from pdserve.kvtransfer.protocols import ChunkSink
+from pdserve.kvtransfer.rpc import Channels, TLSFiles, start_server
+from pdserve.kvtransfer.transfer import TransferState, failed
+from pdserve.kvtransfer.types import TransferId, TransferStatus
+
+_WAIT_FOR_SEND_S = 10.0  # how long a pull waits for the matching send to be parked
+
+
+class _DataService(pb_grpc.KVDataServicer):
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+
+    def Pull(self, request: pb.PullData, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        wait_s = context.time_remaining() or _WAIT_FOR_SEND_S
+        parked = self.outbox.take(TransferId(request.xfer_id), min(wait_s, _WAIT_FOR_SEND_S))
+        if parked is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no transfer {request.xfer_id} here")
+        context.add_callback(lambda: parked.state.fail("receiver went away mid-transfer")
+                             if not parked.state.status().terminal and not context.is_active() else None)
+        try:
+            for c in stream(parked):
+                yield pb.Chunk(data=bytes(c))
+        except Exception:  # the source failed; stream() recorded why on the send's state
+            pass
+        if parked.state.status() is TransferStatus.FAILED:
+            context.abort(grpc.StatusCode.ABORTED, parked.state.error or "sender failed")
+
+
+class GrpcTransport:
+    name = "grpc"
+
+    def __init__(self, host: str = "127.0.0.1", tls: TLSFiles | None = None, serve: bool = True) -> None:
+        """`serve=False` for a receive-only end (decode workers need no server)."""
+        self._outbox = Outbox()
+        self._channels = Channels(tls)
+        self._server, self._endpoint = (start_server(host, tls, [(pb_grpc.add_KVDataServicer_to_server,
+                                                                  _DataService(self._outbox))])
+                                        if serve else (None, ""))
+        self._closed = False
+        self._calls: dict[TransferId, TransferState] = {}
+        self._lock = threading.Lock()
+
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def connect_info(self, peer: str) -> str:
+        return ""
+
+    def send(self, xfer: TransferId, chunks: Iterable[bytes | memoryview], peer: str,
+             timeout_s: float) -> TransferState:
+        if self._server is None:
+            return failed(xfer, "this grpc transport does not serve (serve=False)")
+        return self._outbox.put(xfer, chunks, timeout_s)
+
+    def recv(self, xfer: TransferId, peer: str, sink: ChunkSink, timeout_s: float) -> TransferState:
+        with self._lock:
+            if self._closed:
+                return failed(xfer, "transport closed")
+            state = TransferState(xfer)
+            self._calls[xfer] = state
+        state.on_end(lambda: self._forget(xfer))
+        state.arm(timeout_s)
+        threading.Thread(target=self._pull, args=(state, peer, sink, timeout_s), daemon=True,
+                         name=f"grpc-recv-{xfer}").start()
+        return state
+
+    def _pull(self, state: TransferState, peer: str, sink: ChunkSink, timeout_s: float) -> None:
+        stub = pb_grpc.KVDataStub(self._channels.get(peer))
+        call = stub.Pull(pb.PullData(xfer_id=state.xfer), timeout=timeout_s)
+        state.on_end(call.cancel)  # abort / timeout / close unblock the iteration below
+        try:
+            for msg in call:
+                state.start()
+                state.nbytes += len(msg.data)
+                sink(memoryview(msg.data))
+        except grpc.RpcError as e:
+            state.fail(f"grpc {e.code().name}: {e.details()}")
+        except Exception as e:  # the sink rejected a chunk (e.g. checksum mismatch)
+            state.fail(f"{type(e).__name__}: {e}")
+        state.finish()
+
+    def _forget(self, xfer: TransferId) -> None:
+        with self._lock:
+            self._calls.pop(xfer, None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            calls = list(self._calls.values())
+        for s in calls:
+            s.fail("transport closed")
+        self._outbox.close()
+        if self._server is not None:
+            self._server.stop(grace=None)
+        self._channels.close()

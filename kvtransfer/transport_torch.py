@@ -1,0 +1,249 @@
+"""`TorchTransport`: torch.distributed point-to-point (gloo on CPU, NCCL-capable tensors on GPU).
+
+Every (sender, receiver) pair gets its own 2-rank process group over its own TCPStore, created
+lazily: the receiver hosts the store (`connect_info` returns "host:port/nonce"), the sender joins
+when its first `send` names it. One peer dying breaks only its pairs; the next `connect_info`
+builds a fresh one. Data flows sender (rank 0) -> receiver (rank 1) as messages, in order:
+
+    BEGIN(xfer) · CHUNK(n) bytes · ... · END | ABORT(reason)
+
+The receiver posts a receive only while it expects a transfer (a gloo receive that outlives the
+group timeout closes the pair); a late BEGIN of an aborted transfer is drained with the next one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import queue
+import threading
+import uuid
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from pdserve.kvtransfer.protocols import ChunkSink
+from pdserve.kvtransfer.transfer import TransferState, failed
+from pdserve.kvtransfer.types import TransferId
+
+BEGIN, CHUNK, END, ABORT = 1, 2, 3, 4
+
+
+def _new_group(store: dist.Store, nonce: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
+    return dist.ProcessGroupGloo(dist.PrefixStore(nonce, store), rank, 2, datetime.timedelta(seconds=timeout_s))
+
+
+class _SendPair:
+    """Sender end of one pair: a FIFO of transfers drained by one thread (rank 0)."""
+
+    def __init__(self, info: str, timeout_s: float) -> None:
+        self.info, self.timeout_s = info, timeout_s
+        self.queue: queue.Queue[tuple[TransferState, Iterable[bytes | memoryview]] | None] = queue.Queue()
+        self.dead: str | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"torch-send-{info}")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            addr, nonce = self.info.split("/")
+            host, port = addr.rsplit(":", 1)
+            store = dist.TCPStore(host, int(port), 2, False, timeout=datetime.timedelta(seconds=self.timeout_s))
+            pg = _new_group(store, nonce, 0, self.timeout_s)
+        except Exception as e:  # receiver gone before the pair formed
+            return self._die(f"cannot join pair {self.info}: {e}")
+        while (item := self.queue.get()) is not None:
+            state, chunks = item
+            try:
+                self._send_one(pg, state, chunks)
+            except RuntimeError as e:  # gloo: the receiver died or the pair timed out
+                state.fail(f"torch transport: {e}")
+                return self._die(str(e))
+
+    def _send_one(self, pg: dist.ProcessGroup, state: TransferState, chunks: Iterable[bytes | memoryview]) -> None:
+        if state.status().terminal:
+            return  # cancelled before it started: the receiver never hears of it
+        state.start()
+        _msg(pg, BEGIN, state.xfer.encode())
+        try:
+            for c in chunks:
+                if state.status().terminal:
+                    break
+                _msg(pg, CHUNK, c)
+                state.nbytes += len(c)
+        except RuntimeError:
+            raise
+        except Exception as e:  # the chunk source failed (e.g. a layer never became ready)
+            state.fail(f"sender: {type(e).__name__}: {e}")
+        if state.status().terminal:
+            _msg(pg, ABORT, (state.error or "aborted").encode())
+        else:
+            _msg(pg, END, b"")
+            state.finish()
+
+    def _die(self, why: str) -> None:
+        self.dead = why
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[0].fail(f"torch pair dead: {why}")
+
+
+def _msg(pg: dist.ProcessGroup, kind: int, payload: bytes | memoryview) -> None:
+    pg.send([torch.tensor([kind, len(payload)], dtype=torch.int64)], 1, 0).wait()
+    if len(payload):
+        pg.send([torch.frombuffer(bytearray(payload), dtype=torch.uint8)], 1, 0).wait()
+
+
+class _RecvPair:
+    """Receiver end of one pair (rank 1, store host): dispatches incoming transfers to their sinks."""
+
+    def __init__(self, host: str, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.store = dist.TCPStore(host, 0, 2, True, timeout=datetime.timedelta(seconds=timeout_s),
+                                   wait_for_workers=False)
+        self.info = f"{host}:{self.store.port}/{uuid.uuid4().hex[:12]}"
+        self.expected: dict[TransferId, tuple[ChunkSink, TransferState]] = {}
+        self.cond = threading.Condition()
+        self.closed = False
+        self.dead: str | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"torch-recv-{self.info}")
+        self.thread.start()
+
+    def expect(self, state: TransferState, sink: ChunkSink) -> None:
+        with self.cond:
+            self.expected[state.xfer] = (sink, state)
+            self.cond.notify_all()
+        state.on_end(lambda: self._forget(state.xfer))
+
+    def _forget(self, xfer: TransferId) -> None:
+        with self.cond:
+            self.expected.pop(xfer, None)
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def _run(self) -> None:
+        try:
+            pg = _new_group(self.store, self.info.split("/")[1], 1, self.timeout_s)
+            current: tuple[ChunkSink, TransferState] | None = None
+            in_transfer = False
+            while True:
+                kind, payload = self._next(pg, idle=not in_transfer)
+                if kind is None:
+                    return
+                if kind == BEGIN:
+                    with self.cond:
+                        current = self.expected.get(TransferId(payload.numpy().tobytes().decode()))
+                    in_transfer = True
+                    if current is not None:
+                        current[1].start()
+                elif kind == CHUNK and current is not None and not current[1].status().terminal:
+                    self._deliver(current, payload)
+                elif kind in (END, ABORT):
+                    if current is not None:
+                        current[1].finish() if kind == END else current[1].fail(payload.numpy().tobytes().decode())
+                    current, in_transfer = None, False
+        except RuntimeError as e:  # gloo: the sender died, or a receive outlived the group timeout
+            self._die(f"torch transport: {e}")
+
+    def _deliver(self, current: tuple[ChunkSink, TransferState], payload: torch.Tensor) -> None:
+        sink, state = current
+        state.nbytes += payload.numel()
+        try:
+            sink(memoryview(payload.numpy()))
+        except Exception as e:  # the sink rejected a chunk; keep draining to stay in step with the sender
+            state.fail(f"{type(e).__name__}: {e}")
+
+    def _next(self, pg: dist.ProcessGroup, idle: bool) -> tuple[int | None, torch.Tensor]:
+        """Next message. Between transfers it waits, without posting a receive, until one is expected
+        (gloo cannot cancel a posted receive: one left waiting past the group timeout kills the pair,
+        and a thread blocked in one only wakes on data; `close()` never waits for it)."""
+        if idle:
+            with self.cond:
+                self.cond.wait_for(lambda: self.closed or bool(self.expected))
+                if self.closed:
+                    return None, torch.empty(0)
+        meta = torch.empty(2, dtype=torch.int64)
+        pg.recv([meta], 0, 0).wait()
+        if self.closed:
+            return None, torch.empty(0)
+        kind, n = int(meta[0]), int(meta[1])
+        payload = torch.empty(n, dtype=torch.uint8)
+        if n:
+            pg.recv([payload], 0, 0).wait()
+        return kind, payload
+
+    def _die(self, why: str) -> None:
+        with self.cond:
+            self.dead = why
+            expected = [s for _, s in self.expected.values()]
+        for s in expected:
+            s.fail(why)
+
+
+class TorchTransport:
+    name = "torch"
+
+    def __init__(self, host: str = "127.0.0.1", pair_timeout_s: float = 300.0) -> None:
+        """`pair_timeout_s` bounds one gloo operation; keep it above every transfer's timeout."""
+        self.host, self.pair_timeout_s = host, pair_timeout_s
+        self._endpoint = f"torch:{uuid.uuid4().hex[:12]}"
+        self._send_pairs: dict[str, _SendPair] = {}
+        self._recv_pairs: dict[str, _RecvPair] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def connect_info(self, peer: str) -> str:
+        with self._lock:
+            pair = self._recv_pairs.get(peer)
+            if pair is None or pair.dead is not None:
+                if pair is not None:
+                    pair.close()
+                pair = self._recv_pairs[peer] = _RecvPair(self.host, self.pair_timeout_s)
+            return pair.info
+
+    def send(self, xfer: TransferId, chunks: Iterable[bytes | memoryview], peer: str,
+             timeout_s: float) -> TransferState:
+        with self._lock:
+            if self._closed:
+                return failed(xfer, "transport closed")
+            pair = self._send_pairs.get(peer)
+            if pair is None or pair.dead is not None:
+                pair = self._send_pairs[peer] = _SendPair(peer, self.pair_timeout_s)
+        state = TransferState(xfer)
+        state.arm(timeout_s)
+        pair.queue.put((state, chunks))
+        return state
+
+    def recv(self, xfer: TransferId, peer: str, sink: ChunkSink, timeout_s: float) -> TransferState:
+        with self._lock:
+            pair = self._recv_pairs.get(peer)
+            if self._closed or pair is None or pair.dead is not None:
+                why = "transport closed" if self._closed else (pair.dead if pair else "no pair: call connect_info first")
+                return failed(xfer, why or "pair dead")
+        state = TransferState(xfer)
+        state.arm(timeout_s)
+        pair.expect(state, sink)
+        return state
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            send_pairs, recv_pairs = list(self._send_pairs.values()), list(self._recv_pairs.values())
+        for sp in send_pairs:
+            sp.queue.put(None)
+        for rp in recv_pairs:
+            rp.close()
+            rp._die("transport closed")
+        for p in [*send_pairs, *recv_pairs]:  # a thread blocked inside gloo wakes on data or its timeout only
+            p.thread.join(timeout=1.0)
