@@ -54,20 +54,9 @@ class Engine:
     @classmethod
     def from_config(cls, model: str, cfg: EngineConfig | None = None,
                     layer_range: tuple[int, int] | None = None) -> Engine:
-        """Load `model` (a name or an HF directory). TP is applied by engine/tp.py on top."""
-        from pdserve.models import resolve_model
-
+        """Load `model` (a name or an HF directory); TP/PP ranks use PipelineEngine.load instead."""
         cfg = cfg or EngineConfig()
-        path = resolve_model(model)
-        hf = json.loads((path / "config.json").read_text())
-        mcfg = ModelConfig.from_hf(hf)
-        device, dtype = resolve_device_dtype(cfg)
-        max_len = min(cfg.max_model_len, mcfg.max_position_embeddings)
-        with torch.device(device):
-            net = LlamaForCausalLM(mcfg, max_len, layer_range)
-        load_checkpoint(net, path)
-        net.to(getattr(torch, dtype)).eval()
-        tokenizer, eos = _load_tokenizer(path, hf)
+        net, tokenizer, eos = load_model(model, cfg, layer_range)
         return cls(net, cfg, tokenizer, eos)
 
     # ---- admission -------------------------------------------------------------------------
@@ -111,12 +100,17 @@ class Engine:
         for c in batch.chunks:
             assert c.request.status is RequestStatus.RUNNING, f"{c.request.request_id} is {c.request.status}"
             assert len(c.request.block_table) * self.layout.block_size >= c.request.num_computed_tokens + c.num_tokens
-        logits = self.runner.execute(batch.chunks, layer_hook)
-        sampling = [c for c in batch.chunks if c.samples]
-        tokens = sample(logits, [c.request.sampling for c in sampling], [c.request.num_tokens for c in sampling])
+        sampling = [c.request for c in batch.chunks if c.samples]  # before num_computed_tokens moves
+        tokens = self.execute(batch, layer_hook)
         for c in batch.chunks:
             c.request.num_computed_tokens += c.num_tokens
-        return [self._append(c.request, t) for c, t in zip(sampling, tokens)]
+        return [self._append(r, t) for r, t in zip(sampling, tokens)]
+
+    def execute(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[int]:
+        """The forward and the sampling: one token per sampling chunk. Pipeline/TP ranks override this."""
+        logits = self.runner.execute(batch.chunks, layer_hook)
+        sampling = [c for c in batch.chunks if c.samples]
+        return sample(logits, [c.request.sampling for c in sampling], [c.request.num_tokens for c in sampling])
 
     def _append(self, req: Request, token: int) -> StepOutput:
         req.output_token_ids.append(token)
@@ -142,6 +136,23 @@ class Engine:
         self.allocator.free(req.block_table)
         req.block_table = []
         req.num_computed_tokens = 0
+
+
+def load_model(model: str, cfg: EngineConfig, layer_range: tuple[int, int] | None = None,
+               ) -> tuple[LlamaForCausalLM, Any, frozenset[int]]:
+    """(model stage with weights, tokenizer or None, eos token ids) for `model`, on cfg's device/dtype."""
+    from pdserve.models import resolve_model
+
+    path = resolve_model(model)
+    hf = json.loads((path / "config.json").read_text())
+    mcfg = ModelConfig.from_hf(hf)
+    device, dtype = resolve_device_dtype(cfg)
+    with torch.device(device):
+        net = LlamaForCausalLM(mcfg, min(cfg.max_model_len, mcfg.max_position_embeddings), layer_range)
+    load_checkpoint(net, path)
+    net.to(getattr(torch, dtype)).eval()
+    tokenizer, eos = _load_tokenizer(path, hf)
+    return net, tokenizer, eos
 
 
 def _load_tokenizer(path: Path, hf: dict[str, Any]) -> tuple[Any, frozenset[int]]:

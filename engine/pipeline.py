@@ -25,12 +25,10 @@ import torch.distributed as dist
 
 from pdserve.config import EngineConfig
 from pdserve.engine.batch import Batch
-from pdserve.engine.engine import Engine
+from pdserve.engine.engine import Engine, load_model
 from pdserve.engine.model import LayerHook, LlamaForCausalLM, ModelConfig
-from pdserve.engine.request import RequestStatus
 from pdserve.engine.sampler import sample
 from pdserve.engine.tp import apply_tp, check_tp
-from pdserve.types import StepOutput
 
 T = TypeVar("T")
 
@@ -136,15 +134,12 @@ class PipelineEngine(Engine):
         check_tp(mcfg.num_heads, mcfg.num_kv_heads, mcfg.intermediate_size, ranks.tp_size)
         stage = layer_ranges(mcfg.num_layers, ranks.pp_size)[ranks.pp_rank]
         tp_group = make_tp_group(ranks)
-        base = Engine.from_config(model, cfg, layer_range=stage)
-        apply_tp(base.model, ranks.tp_rank, ranks.tp_size, tp_group)
-        # `base` and its pool (sized for unsharded heads) are dropped; this engine sizes the shard's pool.
-        return cls(base.model, cfg, ranks, base.tokenizer, base.eos_token_ids)
+        net, tokenizer, eos = load_model(model, cfg, layer_range=stage)
+        apply_tp(net, ranks.tp_rank, ranks.tp_size, tp_group)  # before the pool is sized for the shard's heads
+        return cls(net, cfg, ranks, tokenizer, eos)
 
-    def step(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[StepOutput]:
+    def execute(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[int]:
         r, chunks = self.ranks, batch.chunks
-        for c in chunks:
-            assert c.request.status is RequestStatus.RUNNING, f"{c.request.request_id} is {c.request.status}"
         hidden_in = None
         if not r.is_first_stage:
             hidden_in = torch.empty((batch.num_tokens, self.model_config.hidden_size),
@@ -161,6 +156,4 @@ class PipelineEngine(Engine):
             tokens = torch.tensor(picked, dtype=torch.long, device=self.device)
         if sampling and r.world_size > 1:
             dist.broadcast(tokens, src=r.sampler_rank)
-        for c in chunks:
-            c.request.num_computed_tokens += c.num_tokens
-        return [self._append(c.request, t) for c, t in zip(sampling, tokens.tolist())]
+        return tokens.tolist()

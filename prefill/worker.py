@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable
 
 from pdserve.engine.engine import Engine
-from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.request import Request
 from pdserve.prefill.scheduler import PrefillScheduler
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
 
