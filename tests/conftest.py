@@ -9,11 +9,15 @@
   near-ties that float rounding could flip; biases and norm weights are perturbed from 0 and 1
   so loading them wrongly shows.
 - `fake_clock`: a clock tests advance by hand.
+- `ray_cluster` (session): one local Ray for every test that needs one (starting Ray costs ~6 s and
+  ~700 MiB, so never per test).
 Heavy imports (torch, transformers) happen inside the fixtures, so torch-free tests stay fast.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,3 +80,12 @@ class FakeClock:
 @pytest.fixture
 def fake_clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

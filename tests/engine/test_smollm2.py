@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from pdserve import LLM, SamplingParams
 from pdserve.models import resolve_model
@@ -26,12 +27,10 @@ def hf_model() -> torch.nn.Module:
 
 
 def _hf_greedy(model: torch.nn.Module, ids: list[int], n: int) -> list[int]:
-    """Plain argmax loop (generate() would stop at, or with min_new_tokens suppress, EOS)."""
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+    """transformers' greedy decoding with EOS disabled (our side runs with ignore_eos)."""
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         generation_config=GenerationConfig(eos_token_id=None, pad_token_id=0))
+    return out[0, len(ids):].tolist()
 
 
 def test_greedy_tokens_match_transformers_on_smollm2(llm: LLM, hf_model: torch.nn.Module) -> None:

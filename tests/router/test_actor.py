@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +38,6 @@ def _tokenizer_dir() -> Path | None:
     root = Path(os.environ.get("PDSERVE_CACHE_DIR", Path.home() / ".cache" / "pdserve"))
     path = root / "models" / "smollm2-135m"
     return path if (path / "tokenizer.json").is_file() else None
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    root = str(Path(__file__).resolve().parents[2])
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root, "RAY_AUTH_MODE": "disabled"}})
-    yield
-    ray.shutdown()
 
 
 def _wait(cond: Any, timeout_s: float = 20.0) -> None:
