@@ -1,0 +1,192 @@
+"""`pdserve bench`: replay a workload against an OpenAI-compatible endpoint and report goodput.
+
+  pdserve bench --url URL --workload sharegpt --num-requests 200 --rate 1 2 4 --ttft 1s --tpot 100ms -o DIR
+  pdserve bench --url URL --goodput ttft:1000 tpot:100 --gpus 2 -o DIR      (no --rate: search the rate)
+  pdserve bench compare DIR1 DIR2 ... [-o OUT]                               (overlay results)
+  pdserve bench lengths --workload sharegpt --tokenizer MODEL -n 1000 -o lengths.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+# Defaults match pdserve.config.SLOConfig.
+DEFAULT_TTFT_S, DEFAULT_TPOT_S, DEFAULT_ATTAINMENT = 1.0, 0.2, 0.9
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmark an OpenAI-compatible endpoint: SLO attainment and goodput",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_args(p)
+    p.set_defaults(func=_run)
+    sub = p.add_subparsers(dest="bench_command")
+    c = sub.add_parser("compare", help="overlay the results of several runs (e.g. one per system)")
+    c.add_argument("dirs", nargs="+", type=Path, help="results directories written by `pdserve bench -o`")
+    c.add_argument("-o", "--output-dir", type=Path, default=Path("bench-compare"))
+    c.add_argument("--at-rate", type=float, default=None,
+                   help="per-GPU rate for the latency CDFs and SLO-scale curves (default: the highest "
+                        "per-GPU rate every run measured)")
+    c.add_argument("--ttft", type=_duration, default=None, help="compare at this TTFT SLO instead of each run's")
+    c.add_argument("--tpot", type=_duration, default=None, help="compare at this TPOT SLO instead of each run's")
+    c.add_argument("--slo-scale", type=float, default=1.0, help="multiply the SLOs compared at by this")
+    c.set_defaults(func=_compare)
+    lengths = sub.add_parser("lengths", help="write a workload's lengths file (the planner's input)")
+    _add_workload_args(lengths)
+    lengths.add_argument("-o", "--output", type=Path, required=True)
+    lengths.set_defaults(func=_lengths)
+
+
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", "--dataset-name", default="sharegpt",
+                   help="sharegpt | humaneval | longbench | PATH of a lengths file (default sharegpt)")
+    p.add_argument("--tokenizer", default=None,
+                   help="the served model's tokenizer: HF directory, tokenizer.json or pdserve model name "
+                        "(default: --model, else smollm2-135m)")
+    p.add_argument("--model", default=None, help="model name sent in requests (default: the endpoint's first model)")
+    p.add_argument("-n", "--num-requests", "--num-prompts", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-input-len", type=int, default=None, help="drop prompts longer than this (tokens)")
+    p.add_argument("--max-output-len", type=int, default=None, help="clamp outputs to this many tokens")
+    p.add_argument("--max-model-len", type=int, default=2048, help="drop pairs with prompt + output >= this")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", "--base-url", default=None, help="endpoint root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    _add_workload_args(p)
+    p.add_argument("--rate", "--request-rate", nargs="+", type=float, default=None,
+                   help="request rates to measure (req/s, 'inf' = all at once); without it, search the goodput")
+    p.add_argument("--goodput", nargs="*", default=None, metavar="KEY:MS",
+                   help="search the rate for goodput; optional vLLM-style SLOs in ms, e.g. ttft:1000 tpot:100")
+    p.add_argument("--search-start-rate", type=float, default=1.0)
+    p.add_argument("--search-steps", type=int, default=3, help="bisection steps after bracketing the goodput")
+    p.add_argument("--ttft", type=_duration, default=None, help="TTFT SLO, e.g. 1s, 250ms (plain numbers: seconds)")
+    p.add_argument("--tpot", type=_duration, default=None, help="TPOT SLO, e.g. 100ms")
+    p.add_argument("--slo-from-unloaded", nargs=2, type=float, default=None, metavar=("TTFT_X", "TPOT_X"),
+                   help="set the SLOs to these multiples of the median unloaded TTFT and TPOT (measured first)")
+    p.add_argument("--attainment", type=_fraction, default=DEFAULT_ATTAINMENT, help="target, 0.9 or 90 (default 90%%)")
+    p.add_argument("--gpus", type=float, default=1.0, help="GPUs (or cores) of the deployment, for per-GPU goodput")
+    p.add_argument("--cv", type=float, default=None, help="Gamma inter-arrival CV (1 = Poisson, default)")
+    p.add_argument("--burstiness", type=float, default=None, help="vLLM's Gamma shape; CV = 1/sqrt(burstiness)")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests sent first")
+    p.add_argument("--label", default=None, help="name of this system in comparisons (default: the output dir name)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-o", "--output-dir", type=Path, default=None)
+
+
+def _duration(text: str) -> float:
+    t = text.strip().lower()
+    try:
+        if t.endswith("ms"):
+            return float(t[:-2]) / 1e3
+        return float(t[:-1]) if t.endswith("s") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 1s or 250ms)") from None
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    return value / 100 if value > 1 else value
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pdserve.bench.arrivals import cv_from_burstiness
+    from pdserve.bench.client import Endpoint
+    from pdserve.bench.loadgen import LoadConfig
+    from pdserve.bench.quick import slo_from_unloaded
+    from pdserve.bench.runner import BenchConfig, run_rates, save, search_goodput
+
+    if args.url is None:
+        raise ValueError("--url is required (or use `pdserve bench compare DIR...`)")
+    model = args.model or _first_model(args.url, args.api_key)
+    workload, meta = _build_workload(args, model)
+    endpoint = Endpoint(args.url, args.endpoint, model, args.api_key)
+    if args.slo_from_unloaded:
+        slo = slo_from_unloaded(endpoint, workload, *args.slo_from_unloaded, attainment=args.attainment)
+        print(f"SLOs from unloaded latency: TTFT {slo.ttft_s * 1e3:.1f} ms, TPOT {slo.tpot_s * 1e3:.1f} ms")
+    else:
+        slo = _slo(args)
+    cv = cv_from_burstiness(args.burstiness) if args.burstiness is not None else (1.0 if args.cv is None else args.cv)
+    load = LoadConfig(rate=1.0, cv=cv, seed=args.seed, max_concurrency=args.max_concurrency,
+                      timeout_s=args.timeout, progress=not args.no_progress)
+    cfg = BenchConfig(endpoint, slo, args.gpus, load, args.warmup, args.label)
+    if args.rate:
+        result = run_rates(cfg, workload, args.rate)
+    else:
+        result = search_goodput(cfg, workload, args.search_start_rate, args.search_steps)
+    if args.output_dir is not None:
+        print(f"results in {save(result, args.output_dir, workload, meta)}")
+    print(result.table())
+    return 0
+
+
+def _slo(args: argparse.Namespace):
+    from pdserve.bench.metrics import SLO
+
+    ttft, tpot = args.ttft, args.tpot
+    for item in args.goodput or ():
+        key, _, value = item.partition(":")
+        try:
+            ms = float(value)
+        except ValueError:
+            raise ValueError(f"--goodput: expected KEY:MS, got {item!r}") from None
+        if key == "ttft":
+            ttft = ms / 1e3
+        elif key == "tpot":
+            tpot = ms / 1e3
+        else:
+            raise ValueError(f"--goodput: unknown SLO {key!r} (ttft and tpot are supported)")
+    return SLO(ttft or DEFAULT_TTFT_S, tpot or DEFAULT_TPOT_S, args.attainment)
+
+
+def _build_workload(args: argparse.Namespace, model: str | None):
+    from pdserve.bench.tokenizer import load_tokenizer
+    from pdserve.bench.workload import WorkloadSpec, build_workload
+
+    spec = WorkloadSpec(args.workload, args.num_requests, args.seed, args.max_input_len,
+                        args.max_output_len, args.max_model_len)
+    tokenizer = load_tokenizer(args.tokenizer or model or "smollm2-135m")
+    meta = {"name": spec.name, "seed": spec.seed, "max_input_len": spec.max_input_len,
+            "max_output_len": spec.max_output_len, "max_model_len": spec.max_model_len,
+            "tokenizer": str(args.tokenizer or model or "smollm2-135m")}
+    return build_workload(spec, tokenizer), meta
+
+
+def _first_model(url: str, api_key: str | None) -> str | None:
+    """The first model id the endpoint lists at /v1/models, or None if it lists none."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
+        data = resp.json().get("data") or []
+    except (httpx.HTTPError, ValueError):
+        return None
+    return data[0].get("id") if data and isinstance(data[0], dict) else None
+
+
+def _lengths(args: argparse.Namespace) -> int:
+    from pdserve.bench.lengths import write_lengths
+
+    workload, _ = _build_workload(args, args.model)
+    n = write_lengths(args.output, [w.lengths() for w in workload])
+    print(f"wrote {n} requests to {args.output}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pdserve.bench.compare import compare
+    from pdserve.bench.metrics import SLO
+    from pdserve.bench.results import read_results
+
+    slo = None
+    if args.ttft is not None or args.tpot is not None or args.slo_scale != 1.0:
+        base = SLO(**read_results(args.dirs[0]).summary["slo"])
+        slo = SLO(args.ttft or base.ttft_s, args.tpot or base.tpot_s, base.attainment).scaled(args.slo_scale)
+    print(compare(args.dirs, args.output_dir, args.at_rate, slo))
+    return 0

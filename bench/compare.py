@@ -1,0 +1,79 @@
+"""`pdserve bench compare`: overlay several results directories (one per system) and rank them by
+per-GPU goodput. Attainment and goodput are recomputed from the per-request records, so the
+systems can be compared at another SLO than the one they ran with (`slo`, e.g. a scaled one).
+Latency CDFs and SLO-scale curves compare the systems at one per-GPU rate: for each system, the
+measured point nearest to it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from pdserve.bench import plots
+from pdserve.bench.goodput import Goodput, goodput_from_curve
+from pdserve.bench.metrics import SLO, attainment, min_slo_scale
+from pdserve.bench.results import RunData, read_results
+from pdserve.bench.runner import cdf_series, slo_curve
+
+
+def compare(dirs: Sequence[str | Path], out_dir: str | Path, at_rate: float | None = None,
+            slo: SLO | None = None) -> str:
+    """Write compare.json and three overlay plots into `out_dir`; return the comparison table.
+    `slo` replaces every run's own SLO when given."""
+    runs = [read_results(d) for d in dirs]
+    slos = [slo or SLO(**r.summary["slo"]) for r in runs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = [_curve(r, s) for r, s in zip(runs, slos)]
+    target = slos[0].attainment
+    plots.plot_attainment([(r.label, c) for r, c in zip(runs, curves)], target, out / "attainment.png")
+    if at_rate is None:
+        at_rate = min(max((x for x, _ in c), default=0.0) for c in curves)
+    chosen = [_nearest_rate(r, at_rate) for r in runs]
+    series = [(r.label, r.records.get(rate, []) if rate is not None else []) for r, rate in zip(runs, chosen)]
+    plots.plot_latency_cdfs(cdf_series(series), slos[0].ttft_s, slos[0].tpot_s, out / "latency_cdf.png")
+    plots.plot_slo_scale([(label, slo_curve(records, s)) for (label, records), s in zip(series, slos)],
+                         target, out / "slo_scale.png")
+    rows = []
+    for r, s, c, rate, (_, records) in zip(runs, slos, curves, chosen, series):
+        gpus = r.summary["gpus"]
+        g = goodput_from_curve([(x * gpus, a) for x, a in c], s.attainment, gpus)
+        rows.append({"label": r.label, "gpus": gpus, "slo": asdict(s), "goodput": g.to_dict(),
+                     "curve_per_gpu": c, "rate_for_curves": rate,
+                     "min_slo_scale": min_slo_scale(records, s) if records else None})
+    base = rows[0]["goodput"]["per_gpu"]
+    for row in rows:
+        row["vs_first"] = row["goodput"]["per_gpu"] / base if base else None
+    (out / "compare.json").write_text(json.dumps({"at_rate_per_gpu": at_rate, "systems": rows}, indent=2))
+    return _table(rows, at_rate)
+
+
+def _curve(run: RunData, slo: SLO) -> list[tuple[float, float]]:
+    """(per-GPU rate, joint attainment) per measured rate, from the records when present."""
+    gpus = run.summary["gpus"]
+    if run.records:
+        return [(rate / gpus, attainment(records, slo)) for rate, records in sorted(run.records.items())]
+    return [(p["rate"] / gpus, p["attainment"]) for p in run.summary["points"] if p["rate"] is not None]
+
+
+def _nearest_rate(run: RunData, per_gpu_rate: float) -> float | None:
+    gpus = run.summary["gpus"]
+    return min(run.records, key=lambda rate: abs(rate / gpus - per_gpu_rate), default=None)
+
+
+def _table(rows: list[dict], at_rate: float) -> str:
+    lines = [f"{'system':<24} {'GPUs':>5} {'goodput':>10} {'/GPU':>8} {'vs first':>8} {'min SLO scale':>14}"]
+    for row in rows:
+        g = Goodput(**row["goodput"])
+        flag = {"above_range": ">=", "below_range": "<", "interpolated": "", "no_data": "?"}[g.bracket]
+        ratio = "-" if row["vs_first"] is None else f"{row['vs_first']:.2f}x"
+        scale = "-" if row["min_slo_scale"] is None else f"{row['min_slo_scale']:.2f}"
+        lines.append(f"{row['label']:<24} {row['gpus']:>5g} {flag + format(g.rate, '.3f'):>10} "
+                     f"{g.per_gpu:>8.3f} {ratio:>8} {scale:>14}")
+    slo = rows[0]["slo"]
+    lines.append(f"SLO: TTFT <= {slo['ttft_s'] * 1e3:g} ms, TPOT <= {slo['tpot_s'] * 1e3:g} ms for "
+                 f"{100 * slo['attainment']:g}% of requests; curves and min SLO scale at the point nearest "
+                 f"{at_rate:.3f} req/s/GPU")
+    return "\n".join(lines)
