@@ -40,7 +40,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser("simulate", help="run a serving config through the simulator at given rates")
     s.add_argument("config", help="serving config YAML (as `pdserve plan` writes)")
     _common(s)
-    s.add_argument("--rates", required=True, help="comma-separated request rates, req/s")
+    s.add_argument("--rate", "--rates", dest="rates", nargs="+", required=True,
+                   help="request rates, req/s (space- or comma-separated)")
     s.set_defaults(func=run_simulate)
 
     f = subparsers.add_parser("profile", help="measure the engine on this machine and fit a latency profile")
@@ -161,7 +162,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     print(f"{unit.describe()} on {dep.num_gpus} GPUs; SLO TTFT {cfg.slo.ttft_s}s TPOT {cfg.slo.tpot_s}s")
     print(f"{'rate':>7} {'joint':>7} {'ttft ok':>7} {'tpot ok':>7} {'ttft p50':>9} {'p90':>8} {'p99':>8} "
           f"{'tpot p50':>9} {'p90':>8} {'p99':>8}")
-    for rate in (float(r) for r in args.rates.split(",")):
+    for rate in (float(r) for arg in args.rates for r in arg.split(",") if r):
         res = simulate(dep, trace, rate)
         q = res.percentiles()
         print(f"{rate:>7.3f} {res.attainment(cfg.slo.ttft_s, cfg.slo.tpot_s):>7.1%} {res.ttft_attainment(cfg.slo.ttft_s):>7.1%} "
