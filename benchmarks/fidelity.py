@@ -1,0 +1,256 @@
+"""Simulator fidelity: simulated vs measured joint SLO attainment of the same trace, per rate.
+
+For every bench results directory (one per deployment, as benchmarks/headline.py writes them) and
+every rate in it, the exact recorded trace (arrival offsets, prompt and output lengths) is replayed
+through the placement simulator with a latency profile measured on this machine, and the simulated
+joint attainment (TTFT and TPOT both met, the run's own SLOs) is compared with the measured one.
+
+What is modelled, beyond the profiled forwards (see benchmarks/fidelity.md):
+  - the deployment: 1 prefill + 1 decode instance, or 2 colocated instances (prefill-priority, or
+    chunked prefill with the run's token budget), each engine on its own core;
+  - the router's dispatch (least outstanding prompt tokens for prefill; least KV pressure then
+    fewest in flight for decode/colocated, placement/trace.py);
+  - the engine's per-step overhead outside the forward and the client/router path before the first
+    token, calibrated from the *unloaded* latency in slo.json (a separate sequential run), never from
+    the rate sweep being compared;
+  - KV transfer: bytes per token ÷ link bandwidth + a fixed overhead, FIFO on the decode side;
+  - KV capacity (1 GB of fp32 KV per instance in blocks of 16), max_num_seqs, the token budget.
+
+Usage:
+  pdserve profile --model smollm2-135m -o results/profile-smollm2.json \\
+      --max-batch-tokens 1024 --max-len 512 --repeats 2
+  python benchmarks/fidelity.py --profile results/profile-smollm2.json results/headline \\
+      -o results/headline/fidelity.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdserve.bench.metrics import SLO, attainment
+from pdserve.bench.record import RequestRecord
+from pdserve.bench.results import RunData, read_results
+from pdserve.placement.deployment import Deployment, SimResult
+from pdserve.placement.latency import InstanceLatency, PhaseProfile
+from pdserve.placement.profile_file import load_profile
+from pdserve.placement.trace import in_recorded_order, recorded_trace, replay, with_step_overhead
+from pdserve.placement.transfer import TransferModel
+
+KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M fp32: layers × (K, V) × kv heads × head dim × 4 B
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setup:
+    """The real deployments' settings (benchmarks/headline.py and ServingConfig defaults)."""
+
+    prefill_instances: int = 1
+    decode_instances: int = 1
+    colocated_instances: int = 2
+    chunk_tokens: int = 32
+    token_budget: int = 2048  # PoolConfig.max_num_batched_tokens
+    max_num_seqs: int = 64
+    kv_capacity_tokens: int = int(1e9) // (KV_BYTES_PER_TOKEN * 16) * 16
+    link_bytes_per_s: float = 1e9  # gRPC streaming on localhost
+    transfer_overhead_s: float = 2e-3
+    step_overhead_s: float = 0.0
+    ttft_overhead_s: float = 0.0  # HTTP + router + Ray before the first token (not engine time)
+
+
+def system_kind(label: str) -> str:
+    """'disaggregated', 'prefill_priority' or 'chunked', from a headline system's label."""
+    if label.startswith("disagg"):
+        return "disaggregated"
+    if "chunk" in label:
+        return "chunked"
+    if "coloc" in label:
+        return "prefill_priority"
+    raise ValueError(f"{label}: cannot tell the deployment from its label (disaggregated*, colocated-*)")
+
+
+def deployment(kind: str, profile: PhaseProfile, setup: Setup) -> Deployment:
+    lat = InstanceLatency(tp=1, pp=1, profile=with_step_overhead(profile, setup.step_overhead_s),
+                          kv_capacity_tokens=setup.kv_capacity_tokens)
+    common = dict(prefill_token_budget=setup.token_budget, max_num_seqs=setup.max_num_seqs)
+    if kind == "disaggregated":
+        transfer = TransferModel(kv_bytes_per_token=KV_BYTES_PER_TOKEN, bytes_per_s=setup.link_bytes_per_s,
+                                 overhead_s=setup.transfer_overhead_s)
+        return Deployment(mode="disaggregated", prefill=(lat,) * setup.prefill_instances,
+                          decode=(lat,) * setup.decode_instances, transfer=transfer, **common)
+    return Deployment(mode="colocated", prefill=(lat,) * setup.colocated_instances, colocated_policy=kind,
+                      chunk_size=setup.chunk_tokens, **common)
+
+
+def simulate_records(kind: str, records: Sequence[RequestRecord], profile: PhaseProfile,
+                     setup: Setup) -> SimResult:
+    """Replay exactly these requests (their send times and lengths); results in record order,
+    TTFT including the client-path overhead."""
+    send = [r.arrival_s + r.send_delay_s for r in records]
+    trace, order = recorded_trace(send, [r.prompt_len for r in records], [r.output_len for r in records])
+    res = in_recorded_order(replay(deployment(kind, profile, setup), trace), order)
+    return SimResult(tuple(t + setup.ttft_overhead_s for t in res.ttft_s), res.tpot_s)
+
+
+def sim_attainment(res: SimResult, output_lens: Sequence[int], slo: SLO) -> float:
+    """As bench.metrics.attainment: a one-token output has no TPOT and meets any TPOT SLO."""
+    ok = sum(1 for t, p, n in zip(res.ttft_s, res.tpot_s, output_lens)
+             if t <= slo.ttft_s and (n < 2 or p <= slo.tpot_s))
+    return ok / len(output_lens)
+
+
+def calibrate(slo_file: Path, runs: dict[str, RunData], profile: PhaseProfile, setup: Setup) -> tuple[Setup, str]:
+    """Overheads from the unloaded run in slo.json: its requests were workload[1:9] sent one at a
+    time (bench/quick.py `unloaded_latency`) on the system named there. The per-step overhead is
+    the measured median TPOT minus the simulated one; the TTFT overhead is what is left of the
+    measured median TTFT after the simulated prefill and one step overhead."""
+    base = json.loads(slo_file.read_text())
+    kind = system_kind(base.get("measured_on", "disaggregated"))
+    lengths = next(iter(runs.values())).path / "lengths.jsonl"
+    rows = [json.loads(line) for line in lengths.read_text().splitlines() if line.strip()][1:9]
+    records = [RequestRecord(i, r["prompt_len"], r["output_len"], 1000.0 * i) for i, r in enumerate(rows)]
+    res = simulate_records(kind, records, profile, dataclasses.replace(setup, step_overhead_s=0.0, ttft_overhead_s=0.0))
+    sim_ttft = statistics.median(res.ttft_s)
+    sim_tpot = statistics.median(t for t, r in zip(res.tpot_s, records) if r.output_len >= 2)
+    step = max(0.0, base["unloaded_tpot_s"] - sim_tpot)
+    ttft = max(0.0, base["unloaded_ttft_s"] - sim_ttft - step)
+    note = (f"calibrated on the unloaded run ({kind}): measured TTFT {base['unloaded_ttft_s'] * 1e3:.0f} ms vs "
+            f"profile {sim_ttft * 1e3:.0f} ms, TPOT {base['unloaded_tpot_s'] * 1e3:.1f} ms vs profile "
+            f"{sim_tpot * 1e3:.1f} ms → step overhead {step * 1e3:.1f} ms, TTFT overhead {ttft * 1e3:.0f} ms")
+    return dataclasses.replace(setup, step_overhead_s=step, ttft_overhead_s=ttft), note
+
+
+def p90(xs: Sequence[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.9 * len(xs)))] if xs else float("nan")
+
+
+def compare(runs: dict[str, RunData], profile: PhaseProfile, base: Setup, calibrated: Setup) -> list[dict]:
+    rows = []
+    for label, run in runs.items():
+        kind = system_kind(label)
+        slo = SLO(run.summary["slo"]["ttft_s"], run.summary["slo"]["tpot_s"])
+        for rate in sorted(run.records):
+            records = run.records[rate]
+            olens = [r.output_len for r in records]
+            raw = simulate_records(kind, records, profile, base)
+            cal = simulate_records(kind, records, profile, calibrated)
+            measured = attainment(records, slo)
+            simulated = sim_attainment(cal, olens, slo)
+            rows.append(dict(
+                system=label, rate=rate, n=len(records), failed=sum(not r.ok for r in records), measured=measured,
+                sim_profile=sim_attainment(raw, olens, slo), simulated=simulated,
+                diff=abs(simulated - measured),
+                ttft_p90=(p90([r.ttft_s for r in records if r.ok and r.ttft_s is not None]), p90(cal.ttft_s)),
+                tpot_p90=(p90([t for r in records if (t := r.tpot_s) is not None]),
+                          p90([t for t, n in zip(cal.tpot_s, olens) if n >= 2])),
+                transfer_ms=_mean([r.server_timings.get("transfer_s") for r in records]),
+                path_ms=_mean([r.ttft_s - r.server_timings["ttft_s"] for r in records
+                               if r.ok and r.ttft_s is not None and "ttft_s" in r.server_timings]),
+            ))
+    return rows
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return 1e3 * statistics.fmean(xs) if xs else None
+
+
+def markdown(rows: list[dict], notes: Sequence[str]) -> str:
+    out = ["| system | rate (req/s) | requests | failed | measured | simulated (profile only) | simulated | abs diff (points) "
+           "| TTFT p90 meas / sim (ms) | TPOT p90 meas / sim (ms) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['system']} | {r['rate']:g} | {r['n']} | {r['failed']} | {100 * r['measured']:.1f}% | "
+                   f"{100 * r['sim_profile']:.1f}% | {100 * r['simulated']:.1f}% | {100 * r['diff']:.1f} | "
+                   f"{_ms(r['ttft_p90'][0])} / {_ms(r['ttft_p90'][1])} | {_ms(r['tpot_p90'][0])} / {_ms(r['tpot_p90'][1])} |")
+    worst = max((r["diff"] for r in rows), default=float("nan"))
+    out.append("")
+    out.append(f"max |simulated − measured| = {100 * worst:.1f} points over {len(rows)} points (target: ≤ 5)")
+    for label in dict.fromkeys(r["system"] for r in rows):
+        sub = [r for r in rows if r["system"] == label]
+        out.append(f"- {label}: max |diff| {100 * max(r['diff'] for r in sub):.1f} points" + "".join(
+            f"; measured mean {name} {v:.0f} ms" for name, key in (("KV transfer", "transfer_ms"),
+                                                                     ("client-path TTFT", "path_ms"))
+            if (v := _mean([r[key] / 1e3 if r[key] is not None else None for r in sub])) is not None))
+    out.extend(f"- {n}" for n in notes)
+    return "\n".join(out) + "\n"
+
+
+def _ms(x: float) -> str:
+    return "-" if x != x else ("inf" if x == float("inf") else f"{x * 1e3:.0f}")
+
+
+def load_runs(paths: Sequence[str]) -> dict[str, RunData]:
+    """Results directories, or a directory holding them (e.g. results/headline)."""
+    runs: dict[str, RunData] = {}
+    for p in map(Path, paths):
+        dirs = [p] if (p / "summary.json").is_file() else sorted(d for d in p.iterdir() if (d / "summary.json").is_file())
+        for d in dirs:
+            run = read_results(d)
+            runs[run.label] = run
+    if not runs:
+        raise ValueError(f"no bench results directories in {', '.join(paths)}")
+    return runs
+
+
+def pick_profile(path: str, model: str | None) -> PhaseProfile:
+    table = load_profile(path).table
+    key = model or next((k for k in table if "smollm2" in k.lower()), None) or next(iter(table))
+    if key not in table or 1 not in table[key]:
+        raise ValueError(f"{path}: no tp=1 entry for {key!r} (models: {', '.join(table)})")
+    return table[key][1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="bench results directories, or a directory of them")
+    ap.add_argument("--profile", required=True, help="profile file from `pdserve profile`")
+    ap.add_argument("--profile-model", default=None, help="model key in the profile (default: the SmolLM2 one)")
+    ap.add_argument("--slo-file", default=None, help="slo.json with the unloaded latency (default: next to the runs)")
+    ap.add_argument("--overheads", choices=("unloaded", "none", "manual"), default="unloaded",
+                    help="unloaded: calibrate from slo.json; manual: --step-overhead-ms/--ttft-overhead-ms")
+    ap.add_argument("--step-overhead-ms", type=float, default=0.0)
+    ap.add_argument("--ttft-overhead-ms", type=float, default=0.0)
+    ap.add_argument("--link-gbps", type=float, default=1.0, help="KV transfer bandwidth, GB/s (gRPC on localhost)")
+    ap.add_argument("--transfer-overhead-ms", type=float, default=2.0)
+    ap.add_argument("--chunk-tokens", type=int, default=32)
+    ap.add_argument("--colocated-instances", type=int, default=2)
+    ap.add_argument("-o", "--output", default=None, help="also write the markdown table here")
+    args = ap.parse_args(argv)
+
+    runs = load_runs(args.results)
+    profile = pick_profile(args.profile, args.profile_model)
+    base = Setup(link_bytes_per_s=args.link_gbps * 1e9, transfer_overhead_s=args.transfer_overhead_ms * 1e-3,
+                 chunk_tokens=args.chunk_tokens, colocated_instances=args.colocated_instances)
+    notes = [f"profile {args.profile}: prefill a={profile.prefill.a * 1e3:.2f} ms b={profile.prefill.b * 1e3:.4f} ms/token, "
+             f"decode a={profile.decode_small.a * 1e3:.2f} ms b={profile.decode_small.b * 1e6:.2f} µs/ctx-token "
+             f"c={profile.decode_small.c * 1e3:.3f} ms/seq"]
+    calibrated = base
+    if args.overheads == "manual":
+        calibrated = dataclasses.replace(base, step_overhead_s=args.step_overhead_ms * 1e-3,
+                                         ttft_overhead_s=args.ttft_overhead_ms * 1e-3)
+        notes.append(f"overheads set by hand: step {args.step_overhead_ms} ms, TTFT {args.ttft_overhead_ms} ms")
+    elif args.overheads == "unloaded":
+        first = next(iter(runs.values())).path
+        slo_file = Path(args.slo_file) if args.slo_file else first.parent / "slo.json"
+        if slo_file.is_file():
+            calibrated, note = calibrate(slo_file, runs, profile, base)
+            notes.append(note)
+        else:
+            print(f"no {slo_file}: no overheads calibrated", file=sys.stderr)
+    rows = compare(runs, profile, base, calibrated)
+    text = markdown(rows, notes)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

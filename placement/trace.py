@@ -1,0 +1,101 @@
+"""Replaying a recorded trace through the simulator: exact arrival times and lengths instead of a
+sampled workload, per-step overheads folded into a profile, and the router's colocated dispatch.
+
+`simulate()` draws nothing when handed a `Trace` whose arrivals are already in seconds and run at
+rate 1, so a measured run is replayed as `replay(dep, recorded_trace(...))`. What this module adds
+to the simulator, and why the comparison with a real run needs it:
+
+  - `recorded_trace`: arrivals sorted (the simulator needs them increasing) with the permutation
+    back to the recorded order, so per-request results line up with the records.
+  - `with_step_overhead`: the serving loop's fixed cost per engine step (scheduling, sampling,
+    streaming outputs through Ray) that a profile of bare forwards does not contain.
+  - `RouterDispatch`: pdserve's router sends a colocated request to the instance with the least KV
+    usage (within `KV_USAGE_TOLERANCE`), then the fewest requests in flight, ties rotating with the
+    dispatch count (router/policies.py `least_kv_pressure`). The simulator's own colocated dispatch
+    picks the fewest outstanding prompt tokens, which at light load sends every request to
+    instance 0; that skews the decode batches of a 2-instance deployment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from pdserve.placement.deployment import Deployment, SimResult
+from pdserve.placement.latency import Coeffs, PhaseProfile
+from pdserve.placement.simulator import _Sim, simulate
+from pdserve.placement.workload import Trace
+
+KV_USAGE_TOLERANCE = 0.05  # router/policies.py: usages this close count as equal
+
+
+def recorded_trace(arrival_s: Sequence[float], prompt_lens: Sequence[int],
+                   output_lens: Sequence[int]) -> tuple[Trace, list[int]]:
+    """A trace in seconds (replay it at rate 1) and `order`: trace position k holds recorded
+    request order[k]. Ties keep the recorded order."""
+    if not (len(arrival_s) == len(prompt_lens) == len(output_lens)) or not arrival_s:
+        raise ValueError("recorded trace: need matching, non-empty arrivals and lengths")
+    order = sorted(range(len(arrival_s)), key=lambda i: (arrival_s[i], i))
+    trace = Trace(tuple(float(arrival_s[i]) for i in order), tuple(int(prompt_lens[i]) for i in order),
+                  tuple(int(output_lens[i]) for i in order))
+    return trace, order
+
+
+def in_recorded_order(result: SimResult, order: Sequence[int]) -> SimResult:
+    """Undo `recorded_trace`'s sort: element i belongs to recorded request i."""
+    ttft, tpot = [0.0] * len(order), [0.0] * len(order)
+    for k, i in enumerate(order):
+        ttft[i], tpot[i] = result.ttft_s[k], result.tpot_s[k]
+    return SimResult(tuple(ttft), tuple(tpot))
+
+
+def with_step_overhead(profile: PhaseProfile, step_s: float) -> PhaseProfile:
+    """Every prefill and decode step costs `step_s` more (the constant term `a` grows)."""
+    def add(c: Coeffs) -> Coeffs:
+        return Coeffs(c.a + step_s, c.b, c.c)
+
+    return replace(profile, prefill=add(profile.prefill), decode_small=add(profile.decode_small),
+                   decode_large=add(profile.decode_large))
+
+
+def replay(dep: Deployment, trace: Trace, router_dispatch: bool = True) -> SimResult:
+    """Simulate `trace` (arrivals in seconds) on `dep`. With `router_dispatch`, colocated requests
+    are dispatched as pdserve's router does (`RouterDispatch`); disaggregated dispatch already
+    matches the router (least outstanding prompt tokens, then least reserved KV)."""
+    if dep.mode == "colocated" and router_dispatch:
+        return RouterDispatch(dep, trace, 1.0).run()
+    return simulate(dep, trace, 1.0)
+
+
+class RouterDispatch(_Sim):
+    """The simulator with router/policies.py's `least_kv_pressure` for colocated arrivals.
+    KV usage is the KV reserved by admitted requests over the instance's capacity (the router
+    reads block usage polled every 0.5 s; the lag is not modelled)."""
+
+    def __init__(self, dep: Deployment, trace: Trace, rate: float) -> None:
+        super().__init__(dep, trace, rate)
+        self.num_dispatched = 0
+
+    def in_flight(self, ci: int) -> int:
+        """Dispatched and not finished: admitted (running) + waiting, counting a partly
+        chunk-prefilled head of the queue (both admitted and waiting) once."""
+        inst = self.colocs[ci]
+        partial = 1 if inst.waiting and 0 < self.prefilled[inst.waiting[0]] < self.plen[inst.waiting[0]] else 0
+        return inst.running + len(inst.waiting) - partial
+
+    def pick(self) -> int:
+        n = len(self.colocs)
+        usage = [inst.reserved / self.dep.decode_capacity(inst.lat) for inst in self.colocs]
+        floor = min(usage)
+        near = [i for i in range(n) if usage[i] <= floor + KV_USAGE_TOLERANCE]
+        tick = self.num_dispatched
+        self.num_dispatched += 1
+        return min(near, key=lambda i: (self.in_flight(i), usage[i], (i - tick) % n))
+
+    def on_coloc_arrival(self, r: int) -> None:
+        ci = self.pick()
+        if self.plen[r] + self.olen[r] > self.dep.decode_capacity(self.colocs[ci].lat):
+            return  # can never run here: unserved (inf), as in the simulator
+        self.colocs[ci].waiting.append(r)
+        self.outstanding[ci] += self.plen[r]
+        self.coloc_schedule(ci)

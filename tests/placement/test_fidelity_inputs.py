@@ -1,0 +1,173 @@
+"""Replaying recorded traces (placement/trace.py) and benchmarks/fidelity.py on a synthetic results
+directory written with bench's own writer."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdserve.bench.lengths import RequestLengths
+from pdserve.bench.metrics import SLO, attainment
+from pdserve.bench.record import RequestRecord
+from pdserve.bench.results import write_results
+from pdserve.placement.deployment import Deployment
+from pdserve.placement.latency import Coeffs, InstanceLatency, PhaseProfile
+from pdserve.placement.profile_file import profile_to_json
+from pdserve.placement.simulator import simulate
+from pdserve.placement.trace import RouterDispatch, in_recorded_order, recorded_trace, replay, with_step_overhead
+from pdserve.placement.workload import Trace
+
+ROOT = Path(__file__).resolve().parents[2]
+# Roughly SmolLM2 on one core: ~3 ms per prompt token, ~40 ms per decode step.
+PROFILE = PhaseProfile(prefill=Coeffs(0.02, 3e-3, 1e-7), decode_small=Coeffs(0.035, 2e-6, 1e-3),
+                       decode_large=Coeffs(0.035, 2e-6, 1e-3))
+
+
+def _fidelity():
+    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "benchmarks" / "fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fidelity"] = mod  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _coloc(policy: str = "prefill_priority") -> Deployment:
+    lat = InstanceLatency(tp=1, pp=1, profile=PROFILE, kv_capacity_tokens=20_000)
+    return Deployment(mode="colocated", prefill=(lat, lat), colocated_policy=policy, chunk_size=32, max_num_seqs=64)
+
+
+def test_recorded_trace_sorts_and_maps_back():
+    trace, order = recorded_trace([3.0, 1.0, 2.0, 1.0], [10, 20, 30, 40], [5, 6, 7, 8])
+    assert trace.unit_arrivals == (1.0, 1.0, 2.0, 3.0)
+    assert trace.prompt_lens == (20, 40, 30, 10) and order == [1, 3, 2, 0]
+    assert trace.arrivals(1.0) == [1.0, 1.0, 2.0, 3.0]  # replayed at rate 1: the recorded seconds
+    lat = InstanceLatency(tp=1, pp=1, profile=PROFILE, kv_capacity_tokens=20_000)
+    res = in_recorded_order(simulate(Deployment(prefill=(lat,), decode=(lat,)), trace, 1.0), order)
+    # request 0 (arrives last, 10 tokens, alone by then) has the plain prefill time as TTFT
+    assert res.ttft_s[0] == pytest.approx(PROFILE.prefill_s(10, 100))
+
+
+def test_step_overhead_adds_to_every_constant_term():
+    p = with_step_overhead(PROFILE, 0.005)
+    assert p.prefill_s(100, 10_000) == pytest.approx(PROFILE.prefill_s(100, 10_000) + 0.005)
+    assert p.decode_s(1000, 4) == pytest.approx(PROFILE.decode_s(1000, 4) + 0.005)
+    assert p.decode_large.a == pytest.approx(PROFILE.decode_large.a + 0.005)
+
+
+def test_router_dispatch_spreads_light_load_over_both_instances():
+    # Requests far apart: the simulator's own policy (fewest outstanding prompt tokens, 0 for both)
+    # always picks instance 0; the router's rotates ties like router/policies.py.
+    trace = Trace(tuple(100.0 * i for i in range(6)), (50,) * 6, (10,) * 6)
+    sim = RouterDispatch(_coloc(), trace, 1.0)
+    picks = []
+    original = sim.pick
+
+    def spy() -> int:
+        picks.append(original())
+        return picks[-1]
+
+    sim.pick = spy
+    sim.run()
+    assert picks == [0, 1, 0, 1, 0, 1]
+
+
+def test_router_dispatch_prefers_fewer_requests_in_flight():
+    # Two long requests land on 0 and 1; 1's finishes first, so the third goes to 1.
+    trace = Trace((0.0, 0.01, 5.0), (20, 20, 20), (400, 100, 10))
+    sim = RouterDispatch(_coloc(), trace, 1.0)
+    picks = []
+    original = sim.pick
+    sim.pick = lambda: picks.append(original()) or picks[-1]
+    sim.run()
+    assert picks == [0, 1, 1]
+
+
+@pytest.mark.parametrize("policy", ["prefill_priority", "chunked"])
+def test_replay_is_deterministic_and_serves_everything(policy):
+    rng = random.Random(1)
+    t, arrivals = 0.0, []
+    for _ in range(40):
+        t += rng.expovariate(0.5)
+        arrivals.append(t)
+    trace = Trace(tuple(arrivals), tuple(rng.randint(8, 500) for _ in range(40)),
+                  tuple(rng.randint(2, 64) for _ in range(40)))
+    a, b = replay(_coloc(policy), trace), replay(_coloc(policy), trace)
+    assert a == b
+    assert all(x < float("inf") for x in a.ttft_s) and all(x > 0 for x in a.tpot_s)
+
+
+def _synthetic_run(tmp: Path, fid, kind: str, label: str, setup, slo: SLO, rates=(0.2, 0.6)) -> None:
+    """A results directory whose 'measurements' are the simulator's own, plus one failed request."""
+    rng = random.Random(0)
+    lengths = [RequestLengths(rng.randint(16, 400), rng.randint(1, 48)) for _ in range(24)]
+    by_rate = {}
+    for rate in rates:
+        t, records = 0.0, []
+        for i, ln in enumerate(lengths):
+            t += rng.expovariate(rate)
+            records.append(RequestRecord(i, ln.prompt_len, ln.output_len, t))
+        res = fid.simulate_records(kind, records, PROFILE, setup)
+        for r, ttft, tpot in zip(records, res.ttft_s, res.tpot_s):
+            r.ok, r.ttft_s, r.num_output_tokens = True, ttft, r.output_len
+            r.e2e_s = ttft + tpot * max(0, r.output_len - 1)
+        records[-1].ok, records[-1].error = False, "boom"  # a failure is a miss in both
+        by_rate[rate] = records
+    summary = {"label": label, "slo": dataclasses.asdict(slo), "points": []}
+    write_results(tmp / label, summary, by_rate, lengths)
+
+
+def test_fidelity_on_synthetic_results_matches_exactly(tmp_path, capsys):
+    fid = _fidelity()
+    slo = SLO(ttft_s=1.5, tpot_s=0.06)
+    setup = fid.Setup()
+    for kind, label in (("disaggregated", "disaggregated"), ("prefill_priority", "colocated-prefill-priority"),
+                        ("chunked", "colocated-chunked")):
+        _synthetic_run(tmp_path, fid, kind, label, setup, slo)
+    (tmp_path / "profile.json").write_text(json.dumps(profile_to_json({"HuggingFaceTB/SmolLM2-135M-Instruct": {1: PROFILE}})))
+    out = tmp_path / "fidelity.md"
+    assert fid.main([str(tmp_path), "--profile", str(tmp_path / "profile.json"), "--overheads", "none",
+                     "-o", str(out)]) == 0
+    rows = fid.compare(fid.load_runs([str(tmp_path)]), PROFILE, setup, setup)
+    assert len(rows) == 6 and {r["system"] for r in rows} == {"disaggregated", "colocated-prefill-priority",
+                                                              "colocated-chunked"}
+    # The last request failed in the "measurement" (a miss) but is served, in time, by the
+    # simulator (it is alone after the others at these rates): exactly 1/24 apart, nothing else.
+    assert all(r["diff"] == pytest.approx(1 / 24) and r["failed"] == 1 for r in rows)
+    assert any(0 < r["measured"] < 0.9 for r in rows)  # the SLOs bite somewhere: not a trivial match
+    text = out.read_text()
+    assert "max |simulated − measured| = 4.2 points over 6 points" in text
+    assert "| colocated-chunked | 0.6 | 24 | 1 |" in text
+
+
+def test_calibration_recovers_known_overheads(tmp_path):
+    fid = _fidelity()
+    slo = SLO(ttft_s=1.5, tpot_s=0.06)
+    _synthetic_run(tmp_path, fid, "disaggregated", "disaggregated", fid.Setup(), slo, rates=(0.2,))
+    truth = fid.Setup(step_overhead_s=0.004, ttft_overhead_s=0.030)
+    rows = [json.loads(x) for x in (tmp_path / "disaggregated" / "lengths.jsonl").read_text().splitlines()][1:9]
+    records = [RequestRecord(i, r["prompt_len"], r["output_len"], 1000.0 * i) for i, r in enumerate(rows)]
+    res = fid.simulate_records("disaggregated", records, PROFILE, truth)
+    (tmp_path / "slo.json").write_text(json.dumps({
+        "unloaded_ttft_s": statistics.median(res.ttft_s),
+        "unloaded_tpot_s": statistics.median(t for t, r in zip(res.tpot_s, records) if r.output_len >= 2),
+        "measured_on": "disaggregated"}))
+    setup, note = fid.calibrate(tmp_path / "slo.json", fid.load_runs([str(tmp_path)]), PROFILE, fid.Setup())
+    assert setup.step_overhead_s == pytest.approx(0.004, abs=2e-4)
+    assert setup.ttft_overhead_s == pytest.approx(0.030, abs=1e-3)
+    assert "step overhead 4.0 ms" in note
+
+
+def test_measured_attainment_matches_bench(tmp_path):
+    fid = _fidelity()
+    slo = SLO(ttft_s=1.5, tpot_s=0.06)
+    _synthetic_run(tmp_path, fid, "chunked", "colocated-chunked", fid.Setup(), slo, rates=(0.6,))
+    run = fid.load_runs([str(tmp_path / "colocated-chunked")])["colocated-chunked"]
+    (row,) = fid.compare({"colocated-chunked": run}, PROFILE, fid.Setup(), fid.Setup())
+    assert row["measured"] == attainment(run.records[0.6], slo)
