@@ -87,7 +87,7 @@ class RouterConfig:
     def __post_init__(self) -> None:
         _positive(self, "max_pending_requests", "request_timeout_s")
         if not 0 <= self.port < 65536:
-            raise ConfigError(f"router.port: must be in [0, 65535], got {self.port}")
+            raise ConfigError(f"port: must be in [0, 65535], got {self.port}")
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class SLOConfig:
     def __post_init__(self) -> None:
         _positive(self, "ttft_s", "tpot_s")
         if not 0 < self.attainment <= 1:
-            raise ConfigError(f"slo.attainment: must be in (0, 1], got {self.attainment}")
+            raise ConfigError(f"attainment: must be in (0, 1], got {self.attainment}")
 
 
 @dataclass(frozen=True)
@@ -140,15 +140,11 @@ class ServingConfig:
 
 
 def _positive(obj: object, *names: str) -> None:
-    section = _SECTION.get(type(obj).__name__, "")
+    """Messages name the field only; `_build` prefixes the section's dotted path."""
     for n in names:
         v = getattr(obj, n)
         if v is not None and not v > 0:
-            raise ConfigError(f"{section}{n}: must be > 0, got {v!r}")
-
-
-_SECTION = {"EngineConfig": "engine.", "KVTransferConfig": "kvtransfer.", "RouterConfig": "router.",
-            "SLOConfig": "slo.", "PoolConfig": "<pool>."}
+            raise ConfigError(f"{n}: must be > 0, got {v!r}")
 
 
 def _build(cls: type, data: dict[str, Any], path: str) -> Any:
@@ -163,8 +159,7 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        msg = str(e).replace("<pool>.", path)
-        raise ConfigError(msg if msg.startswith(path) else f"{path}{msg}") from None
+        raise ConfigError(f"{path}{e}") from None
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
