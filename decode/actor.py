@@ -15,7 +15,9 @@ import torch
 from pdserve.config import ServingConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
-from pdserve.steploop import StepLoop, deliver_threadsafe
+from pdserve.engine.pipeline import RankLayout
+from pdserve.lockstep import free_init_method, make_step_loop
+from pdserve.steploop import deliver_threadsafe
 from pdserve.types import GenerateRequest, RequestId, StepOutput, WorkerStats
 
 if TYPE_CHECKING:
@@ -23,22 +25,32 @@ if TYPE_CHECKING:
 
 
 class DecodeActor:
-    def __init__(self, cfg: ServingConfig, worker_id: str) -> None:
+    def __init__(self, cfg: ServingConfig, worker_id: str, rank: int = 0) -> None:
         self.cfg, self.worker_id = cfg, worker_id  # cheap: weights load in start()
+        self.ranks = RankLayout(cfg.decode.tp, cfg.decode.pp, rank)
         self._starting: asyncio.Future[None] | None = None
         self._streams: dict[RequestId, asyncio.Queue[StepOutput]] = {}
 
-    async def start(self) -> None:
+    async def start(self, init_method: str = "") -> None:
         """Load weights and start the step thread. Idempotent; every method calls it, so an actor
-        that Ray restarted (which re-runs only __init__) loads itself on its first call."""
+        that Ray restarted (which re-runs only __init__) loads itself on its first call. Ranks of a
+        tp × pp instance all get rank 0's `rendezvous()` and run in lock-step (pdserve/lockstep.py)."""
         if self._starting is None:
-            self._starting = asyncio.ensure_future(self._start())
+            self._starting = asyncio.ensure_future(self._start(init_method))
         await asyncio.shield(self._starting)
 
-    async def _start(self) -> None:
+    def rendezvous(self) -> str:
+        return free_init_method("127.0.0.1")  # STRICT_PACK: an instance's ranks share a node
+
+    async def _start(self, init_method: str) -> None:
         self._loop = asyncio.get_running_loop()
-        self.worker = await asyncio.to_thread(self._build_worker)
-        self._steps = StepLoop(self.worker.step, self.worker.has_work, self._deliver)
+        if self.ranks.world_size > 1:
+            from pdserve.decode.ranks import build_decode_rank
+
+            self.worker = await asyncio.to_thread(build_decode_rank, self.cfg, self.worker_id, self.ranks, init_method)
+        else:
+            self.worker = await asyncio.to_thread(self._build_worker)
+        self._steps = make_step_loop(self.worker, self._deliver)
         self._steps.start()
 
     def _build_worker(self) -> DecodeWorker:

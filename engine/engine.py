@@ -59,6 +59,14 @@ class Engine:
         net, tokenizer, eos = load_model(model, cfg, layer_range)
         return cls(net, cfg, tokenizer, eos)
 
+    def resize_pool(self, num_blocks: int) -> None:
+        """Reallocate the KV cache with `num_blocks` blocks (before any request holds one): the
+        ranks of one TP/PP instance agree on a common size so their allocations stay identical."""
+        assert self.allocator.num_used == 0, "resize_pool with blocks in use"
+        self.pool = KVPool(self.layout, num_blocks, self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.runner.pool = self.pool
+
     # ---- admission -------------------------------------------------------------------------
 
     def add_request(self, req: GenerateRequest) -> Request:

@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 
 class StepLoop:
     def __init__(self, step: Callable[[], list[Any]], has_work: Callable[[], bool],
-                 deliver: Callable[[list[Any]], None], idle_poll_s: float = 0.02) -> None:
-        self._step, self._has_work, self._deliver = step, has_work, deliver
+                 deliver: Callable[[list[Any]], None], idle_poll_s: float = 0.02,
+                 stopped: Callable[[], bool] = lambda: False) -> None:
+        """`stopped`: the loop ends once it returns True (a lock-step follower whose instance stopped)."""
+        self._step, self._has_work, self._deliver, self._stopped = step, has_work, deliver, stopped
         self._idle_poll_s = idle_poll_s
         self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="pdserve-step", daemon=True)
@@ -61,7 +63,7 @@ class StepLoop:
 
     def _run(self) -> None:
         try:
-            while self._drain(block=not self._has_work()):
+            while not self._stopped() and self._drain(block=not self._has_work()):
                 outputs = self._step()  # an idle step still lets transfers and leases progress
                 if outputs:
                     self._deliver(outputs)

@@ -1,10 +1,13 @@
 """launch: turn a ServingConfig into running Ray actors — the one place actors are created.
 
 Each instance gets its own placement group (STRICT_PACK: an instance's tp × pp ranks share a
-node); resources per actor come from the config's pools, so custom resources let a CPU box stand
-in for GPU node types. Worker actors restart on failure (Ray re-runs `__init__`; the actor loads
-itself again on its first call) and the router keeps their handles, so a restarted worker
-rejoins its pool. The router runs as an actor too and serves HTTP from its own process.
+node), one bundle and one actor per rank; resources per actor come from the config's pools, so
+custom resources let a CPU box stand in for GPU node types. Rank 0 is the instance's entry point
+(the only handle the router gets); the other ranks follow it in lock-step over a process group
+whose rendezvous rank 0 picks. Single-rank actors restart on failure (Ray re-runs `__init__`; the
+actor loads itself again on its first call) and the router keeps their handles, so a restarted
+worker rejoins its pool; a rank of a multi-rank instance cannot rejoin its process group, so
+those do not restart. The router runs as an actor too and serves HTTP from its own process.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pdserve.config import ConfigError, PoolConfig, ServingConfig
+from pdserve.config import PoolConfig, ServingConfig
 from pdserve.decode.actor import DecodeActor
 from pdserve.prefill.actor import PrefillActor
 from pdserve.router.actor import RouterActor
@@ -28,6 +31,7 @@ class Deployment:
     router: Any
     prefill: dict[str, Any] = field(default_factory=dict)
     decode: dict[str, Any] = field(default_factory=dict)
+    followers: dict[str, list[Any]] = field(default_factory=dict)  # ranks 1.. of each instance
     groups: list[PlacementGroup] = field(default_factory=list)
 
     def shutdown(self) -> None:
@@ -35,44 +39,53 @@ class Deployment:
             ray.get(self.router.stop.remote(), timeout=10)
         except Exception:  # noqa: BLE001 — best effort: the actors are killed next anyway
             pass
-        for actor in [self.router, *self.prefill.values(), *self.decode.values()]:
+        ranks = [a for fs in self.followers.values() for a in fs]
+        for actor in [self.router, *self.prefill.values(), *self.decode.values(), *ranks]:
             ray.kill(actor, no_restart=True)
         for pg in self.groups:
             remove_placement_group(pg)
 
 
-def _check_supported(cfg: ServingConfig) -> None:
-    for name, pool in (("prefill", cfg.prefill), ("decode", cfg.decode)):
-        if pool.tp * pool.pp != 1:
-            raise ConfigError(f"{name}.tp/{name}.pp: serving instances run one rank each in this release "
-                              f"(got tp={pool.tp}, pp={pool.pp}); the engine's TP/PP transforms are used offline")
-
-
-def _pool_actors(cls: type, cfg: ServingConfig, pool: PoolConfig, role: str,
-                 groups: list[PlacementGroup]) -> dict[str, Any]:
+def _pool_actors(cls: type, cfg: ServingConfig, pool: PoolConfig, role: str, groups: list[PlacementGroup],
+                 followers: dict[str, list[Any]]) -> dict[str, Any]:
+    """Rank 0 of each instance by worker id; ranks 1.. go into `followers`."""
     remote_cls = ray.remote(cls)  # once per class per launch, never per actor
     bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {}), **pool.resources}
+    world = pool.gpus_per_instance
     actors = {}
     for i in range(pool.instances):
-        pg = placement_group([bundle] * pool.gpus_per_instance, strategy="STRICT_PACK", name=f"pdserve-{role}-{i}")
+        pg = placement_group([bundle] * world, strategy="STRICT_PACK", name=f"pdserve-{role}-{i}")
         groups.append(pg)
         worker_id = f"{role}-{i}"
-        actors[worker_id] = remote_cls.options(
-            name=f"pdserve-{worker_id}", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
-            resources=pool.resources or None, max_restarts=-1, max_task_retries=0, max_concurrency=1000,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-        ).remote(cfg, worker_id)
+        ranks = [remote_cls.options(
+            name=f"pdserve-{worker_id}" + (f"-rank{r}" if r else ""), num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus, resources=pool.resources or None, max_restarts=-1 if world == 1 else 0,
+            max_task_retries=0, max_concurrency=1000,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+        ).remote(cfg, worker_id, r) for r in range(world)]
+        actors[worker_id] = ranks[0]
+        if world > 1:
+            followers[worker_id] = ranks[1:]
     return actors
+
+
+def _start_all(entry: dict[str, Any], followers: dict[str, list[Any]], timeout_s: float) -> None:
+    """Start every instance; a multi-rank instance's ranks start together (they join one group)."""
+    inits = dict(zip(followers, ray.get([entry[w].rendezvous.remote() for w in followers], timeout=timeout_s)))
+    starts = [a.start.remote(inits[w]) for w, fs in followers.items() for a in fs]
+    starts += [a.start.remote(inits.get(w, "")) for w, a in entry.items()]
+    ray.get(starts, timeout=timeout_s)
 
 
 def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0) -> Deployment:
     """Start every pool and the router; returns once all instances loaded and HTTP is up."""
-    _check_supported(cfg)
     groups: list[PlacementGroup] = []
-    prefill = _pool_actors(PrefillActor, cfg, cfg.prefill, "prefill", groups) if cfg.mode == "disaggregated" else {}
-    decode = _pool_actors(DecodeActor, cfg, cfg.decode, "decode", groups)
+    followers: dict[str, list[Any]] = {}
+    prefill = (_pool_actors(PrefillActor, cfg, cfg.prefill, "prefill", groups, followers)
+               if cfg.mode == "disaggregated" else {})
+    decode = _pool_actors(DecodeActor, cfg, cfg.decode, "decode", groups, followers)
     ray.get([pg.ready() for pg in groups], timeout=ready_timeout_s)
-    ray.get([a.start.remote() for a in [*prefill.values(), *decode.values()]], timeout=ready_timeout_s)
+    _start_all({**prefill, **decode}, followers, ready_timeout_s)
     router = ray.remote(RouterActor).options(name="pdserve-router", num_cpus=0, max_concurrency=1000).remote(cfg)
     url = ray.get(router.start.remote(prefill, decode), timeout=ready_timeout_s)
-    return Deployment(url, router, prefill, decode, groups)
+    return Deployment(url, router, prefill, decode, followers, groups)

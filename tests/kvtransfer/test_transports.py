@@ -198,3 +198,59 @@ def test_failing_source_fails_both_ends(name: str) -> None:
     assert send.wait(10) is FAILED
     threading.Thread(target=tx.close).start()
     rx.close()
+
+
+def _torch_pair() -> tuple[object, object, str]:
+    tx, rx = make_transport("torch", pair_timeout_s=30), make_transport("torch", pair_timeout_s=30)
+    return tx, rx, rx.connect_info(tx.endpoint())
+
+
+def test_torch_source_error_fails_one_transfer_and_the_pair_lives_on() -> None:
+    """A RuntimeError from the chunk source (not from gloo) fails that transfer only; the pipelined
+    sender keeps the pair, so the next transfer on it is bit-exact."""
+    tx, rx, info = _torch_pair()
+
+    def source() -> Iterator[bytes]:
+        yield b"abc"
+        raise RuntimeError("layer 3 was never written")
+
+    try:
+        bad, _ = _recv(rx, type("P", (), {"endpoint": tx.endpoint()}), "f")
+        send = tx.send(TransferId("f"), source(), info, 10)
+        assert bad.wait(10) is FAILED and "never written" in bad.error
+        assert send.wait(10) is FAILED and "never written" in send.error
+        good, got = _recv(rx, type("P", (), {"endpoint": tx.endpoint()}), "g")
+        data = payload(5 << 20, 7)
+        assert tx.send(TransferId("g"), chunked(data, 1 << 20), info, 10).wait(10) is DONE
+        assert good.wait(10) is DONE and b"".join(got) == data
+    finally:
+        rx.close()
+        tx.close()
+
+
+def test_torch_cancel_while_the_source_blocks_ends_both_sides() -> None:
+    """The source runs on a feeder thread: cancelling the send while the source waits (layer-wise
+    streaming before a layer is ready) ends the transfer at once and tells the receiver."""
+    tx, rx, info = _torch_pair()
+    gate = threading.Event()
+
+    def source() -> Iterator[bytes]:
+        yield b"first"
+        gate.wait(10)
+        yield b"late"
+
+    try:
+        state, got = _recv(rx, type("P", (), {"endpoint": tx.endpoint()}), "s")
+        send = tx.send(TransferId("s"), source(), info, 10)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        send.cancel("aborted")
+        assert state.wait(5) is FAILED and state.error == "aborted"
+        assert time.monotonic() - t0 < 2
+        assert got == [b"first"]
+    finally:
+        gate.set()
+        rx.close()
+        tx.close()

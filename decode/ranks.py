@@ -1,0 +1,81 @@
+"""A decode rank of a tp × pp instance: KV pulls whose outcome all ranks agree on.
+
+Each rank pulls its own (layers × kv heads) of a request's KV with its own KVReceiver, so a pull
+completes at a different moment on each rank. `AgreedReceiver` hides the local outcome from
+DecodeWorker until the ranks agree: DONE once every rank is DONE; FAILED as soon as any rank
+failed (the others abort theirs), so every rank recomputes. Transfers are named by a sequence
+number, identical across ranks because every rank starts the same pulls in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pdserve.config import ServingConfig
+from pdserve.decode.worker import DecodeWorker
+from pdserve.engine.pipeline import RankLayout
+from pdserve.kvtransfer.connector import KVReceiver, make_receiver
+from pdserve.kvtransfer.types import KVHandle, TransferId, TransferStatus
+from pdserve.lockstep import LockStep, load_rank_engine, rank_spans
+
+Outcome = tuple[TransferStatus, "str | None"]
+
+
+class AgreedReceiver:
+    """What DecodeWorker uses as its receiver on a rank; also the rank's `Agreement` on pulls."""
+
+    def __init__(self, receiver: KVReceiver) -> None:
+        self.receiver = receiver
+        self._xfers: dict[int, TransferId] = {}  # undecided pulls: key -> this rank's transfer
+        self._decided: dict[int, Outcome] = {}
+        self._seq = 0
+
+    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> int:
+        self._seq += 1
+        self._xfers[self._seq] = self.receiver.pull(handle, dst_block_ids)
+        return self._seq
+
+    def poll(self, key: int) -> Outcome:
+        return self._decided.pop(key, (TransferStatus.PENDING, None))
+
+    def abort(self, key: int) -> None:
+        self._decided.pop(key, None)
+        xfer = self._xfers.pop(key, None)
+        if xfer is not None:
+            self.receiver.abort(xfer)
+
+    def close(self) -> None:
+        self.receiver.close()
+
+    def local_report(self) -> dict[int, Outcome]:
+        out = {k: self.receiver.poll(x) for k, x in self._xfers.items()}
+        return {k: o for k, o in out.items() if o[0].terminal}
+
+    def agree(self, reports: list[dict[int, Outcome]]) -> None:
+        for key in sorted(self._xfers):  # the same keys on every rank: pulls and aborts are replayed
+            seen = [r.get(key) for r in reports]
+            failed = [o for o in seen if o is not None and o[0] is TransferStatus.FAILED]
+            if failed:
+                self.receiver.abort(self._xfers.pop(key))  # no-op where it already ended
+                self._decided[key] = (TransferStatus.FAILED, failed[0][1])
+            elif all(o is not None for o in seen):
+                del self._xfers[key]
+                self._decided[key] = (TransferStatus.DONE, None)
+
+
+def build_decode_rank(cfg: ServingConfig, worker_id: str, ranks: RankLayout, init_method: str,
+                      host: str = "127.0.0.1") -> LockStep:
+    """Join the instance and load this rank's shard. Collective: every rank calls it."""
+    engine = load_rank_engine(cfg.model, cfg.engine, ranks, init_method)
+    agreements: list[Any] = []
+    receiver = None
+    if cfg.mode == "disaggregated":
+        layers, heads = rank_spans(engine, ranks)
+        receiver = AgreedReceiver(make_receiver(cfg.kvtransfer, engine.pool, host=host, layers=layers,
+                                                heads=heads))
+        agreements.append(receiver)
+    policy = cfg.colocated_policy if cfg.mode == "colocated" else "decode"
+    worker = DecodeWorker(engine, policy, cfg.decode.max_num_seqs, cfg.decode.max_num_batched_tokens,
+                          receiver=receiver, worker_id=worker_id)
+    return LockStep(worker, agreements, ranks)

@@ -1,0 +1,169 @@
+"""LockStep: one rank of a tp × pp serving instance, driving its role worker in SPMD lock-step.
+
+Every rank holds the same worker (PrefillWorker or DecodeWorker on a PipelineEngine) and must make
+the same decisions in the same order, or the collectives inside the forward pass deadlock. Rank 0
+is the instance's entry point: the actor's step thread calls `submit`/`abort` on it, which run on
+rank 0 at once and are queued. Each step then does one collective (all_gather_object):
+
+    rank 0     (queued ops, reports[0], num_free)  ─┐
+    rank k     (None,       reports[k], num_free)  ─┼─> every rank: apply rank 0's ops (followers),
+                                                    ┘   let each Agreement decide from all reports,
+                                                        then worker.step()
+
+Rank-local events that would make ranks diverge (a KV pull finishing, a sender lease expiring)
+never act directly: an `Agreement` reports them and acts only on the decision all ranks share.
+With tp = pp = 1 none of this is used; actors drive the worker directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from pdserve.config import EngineConfig
+from pdserve.engine.engine import Engine
+from pdserve.engine.pipeline import PipelineEngine, RankLayout, layer_ranges
+from pdserve.engine.tp import init_process_group
+from pdserve.kvtransfer.types import Span
+from pdserve.steploop import StepLoop
+
+log = logging.getLogger(__name__)
+
+
+class Agreement(Protocol):
+    """A rank-local source of events whose effect all ranks must apply identically."""
+
+    def local_report(self) -> Any:
+        """What this rank saw since the last step (picklable, small). Called once per step, before agree()."""
+        ...
+
+    def agree(self, reports: list[Any]) -> None:
+        """Act on every rank's report (index = rank). Must be a pure function of `reports` and state
+        that is itself identical across ranks; runs after this step's ops were applied."""
+        ...
+
+
+@dataclass(frozen=True)
+class Submit:
+    args: tuple[Any, ...]  # the worker's submit arguments: (req,) or (req, handle)
+
+    def apply(self, worker: Any) -> Any:
+        return worker.submit(*self.args)
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+    def apply(self, worker: Any) -> Any:
+        return worker.abort(self.request_id)
+
+
+class LockStep:
+    """Presents the worker's interface (submit/abort/step/has_work/stats) for rank 0's step thread;
+    followers call `run_follower()` instead and never see a router call."""
+
+    def __init__(self, worker: Any, agreements: list[Agreement], ranks: RankLayout) -> None:
+        self.worker, self.agreements, self.ranks = worker, agreements, ranks
+        self._ops: list[Submit | Abort] = []
+        self.stopped = False
+        # Free blocks as the last step left them: rank 0 applies ops (an abort frees blocks) before
+        # the collective and followers after it, so only this value is comparable across ranks.
+        self._free_after_step = worker.engine.allocator.num_free
+
+    def submit(self, *args: Any) -> Any:
+        return self._record(Submit(args))
+
+    def abort(self, request_id: str) -> Any:
+        return self._record(Abort(request_id))
+
+    def _record(self, op: Submit | Abort) -> Any:
+        assert self.ranks.rank == 0, "only rank 0 takes router calls"
+        self._ops.append(op)  # even if it raises: followers replay it and reach the same state
+        return op.apply(self.worker)
+
+    def has_work(self) -> bool:
+        return self.worker.has_work()
+
+    def stats(self) -> Any:
+        return self.worker.stats()
+
+    def step(self) -> list[Any]:
+        self._sync(stop=False)
+        if self.stopped:
+            return []
+        outputs = self.worker.step()
+        self._free_after_step = self.worker.engine.allocator.num_free
+        return outputs
+
+    def stop(self) -> None:
+        """Rank 0: end the followers' loops (they return from run_follower)."""
+        self._sync(stop=True)
+
+    def run_follower(self) -> None:
+        assert self.ranks.rank != 0, "rank 0 is driven by its actor's step thread"
+        while not self.stopped:
+            self.step()
+
+    def _sync(self, stop: bool) -> None:
+        """The step's one collective: share rank 0's ops and every rank's reports, then apply them."""
+        mine = ((self._ops, stop) if self.ranks.rank == 0 else None,
+                [a.local_report() for a in self.agreements], self._free_after_step)
+        everyone: list[Any] = [None] * self.ranks.world_size
+        dist.all_gather_object(everyone, mine)
+        ops, self.stopped = everyone[0][0]
+        self._ops = []
+        free = {g[2] for g in everyone}
+        assert len(free) == 1, f"ranks diverged: free KV blocks per rank {[g[2] for g in everyone]}"
+        if self.ranks.rank != 0:
+            for op in ops:
+                try:
+                    op.apply(self.worker)
+                except ValueError as e:  # rank 0 raised the same and told its caller
+                    log.debug("replayed op failed as on rank 0: %s", e)
+        for i, a in enumerate(self.agreements):
+            a.agree([g[1][i] for g in everyone])
+
+
+def make_step_loop(worker: Any, deliver: Callable[[list[Any]], None]) -> StepLoop:
+    """The actor's step thread: a single rank or rank 0 steps when it has work (idle steps every
+    poll interval); a follower steps whenever rank 0 does (the collective paces it) until stopped."""
+    if isinstance(worker, LockStep) and worker.ranks.rank != 0:
+        return StepLoop(worker.step, lambda: True, deliver, stopped=lambda: worker.stopped)
+    return StepLoop(worker.step, worker.has_work, deliver)
+
+
+def free_init_method(host: str) -> str:
+    """A `tcp://host:port` rendezvous on a port free right now (rank 0 picks it, launch shares it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+def load_rank_engine(model: str, cfg: EngineConfig, ranks: RankLayout, init_method: str) -> PipelineEngine:
+    """Join the instance's process group and load this rank's shard; every rank gets the same
+    number of KV blocks (the minimum: uneven PP stages size their pools differently), or block
+    allocation, and with it scheduling, would diverge."""
+    torch.set_num_threads(cfg.num_threads)
+    init_process_group(ranks.rank, ranks.world_size, init_method)
+    engine = PipelineEngine.load(model, cfg, ranks)
+    n = torch.tensor([engine.allocator.num_blocks])
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    if int(n) < engine.allocator.num_blocks:
+        engine.resize_pool(int(n))
+    return engine
+
+
+def rank_spans(engine: Engine, ranks: RankLayout) -> tuple[Span, Span]:
+    """The global (layers, kv heads) this rank's pool holds: its stage's layer range and its
+    contiguous 1/tp of the kv heads (tp.py's split)."""
+    mcfg = engine.model_config
+    layers = Span(*layer_ranges(mcfg.num_layers, ranks.pp_size)[ranks.pp_rank])
+    h = engine.layout.num_kv_heads  # this rank's share: num_kv_heads / tp
+    return layers, Span(ranks.tp_rank * h, (ranks.tp_rank + 1) * h)
