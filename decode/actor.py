@@ -77,6 +77,8 @@ class DecodeActor:
 
     async def generate(self, req: GenerateRequest, handle: KVHandle | None) -> AsyncIterator[StepOutput]:
         await self.start()
+        if req.request_id in self._streams:  # before registering: the live request keeps its stream
+            raise ValueError(f"request_id: {req.request_id!r} is already running on {self.worker_id}")
         stream: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._streams[req.request_id] = stream
         finished = False

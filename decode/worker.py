@@ -49,6 +49,8 @@ class DecodeWorker:
         self._pulling: dict[RequestId, _Pull] = {}
         self._timings: dict[RequestId, dict[str, float]] = {}  # reported on the request's first output
         self._submitted_s: dict[RequestId, float] = {}
+        self.max_num_seqs = max_num_seqs
+        self.idle = False  # the last step ran no batch: the step thread may sleep until new input
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -59,13 +61,16 @@ class DecodeWorker:
         r = self.engine.add_request(req)
         if self.engine.layout.num_blocks_for(r.num_tokens + 1) > self.engine.allocator.num_blocks:
             raise ValueError(f"prompt: {r.num_tokens} tokens do not fit this instance's KV cache")
+        if handle is not None and self.receiver is None:
+            raise ValueError(f"handle: {self.worker_id} runs colocated and cannot pull KV")
+        if handle is not None and handle.num_tokens > r.num_tokens:
+            raise ValueError(f"handle: covers {handle.num_tokens} tokens, the request has {r.num_tokens}")
         self._requests[r.request_id] = r
         self._submitted_s[r.request_id] = self.clock()
+        self.idle = False
         if handle is None:
             self.scheduler.add_waiting(r)
         else:
-            assert self.receiver is not None, "a KVHandle needs a KV receiver"
-            assert handle.num_tokens <= r.num_tokens, "handle covers more tokens than the request has"
             r.status = RequestStatus.WAITING_FOR_REMOTE_KVS
             self._pending.append(_Pull(r, handle, self.clock()))
 
@@ -92,7 +97,8 @@ class DecodeWorker:
         self._admit_pulls()
         self._poll_pulls()
         batch = self.scheduler.schedule()
-        if not batch.chunks:
+        self.idle = not batch.chunks
+        if self.idle:
             return []
         now = self.clock()
         for c in batch.chunks:
@@ -119,7 +125,7 @@ class DecodeWorker:
 
     def _admit_pulls(self) -> None:
         """FCFS: allocate destination blocks and start the pull while memory allows (back-pressure)."""
-        while self._pending:
+        while self._pending and len(self.scheduler.running) + len(self._pulling) < self.max_num_seqs:
             pull = self._pending[0]
             r, h = pull.request, pull.handle
             # Keep one block per running request in reserve so admitting a pull does not force a preemption.

@@ -122,8 +122,16 @@ class KVReceiver:
         return None
 
     def _run(self, p: _Pull, dst: list[int]) -> None:
-        slots = token_slots(dst, self.pool.layout.block_size, p.handle.num_tokens, self.pool.device)
         started: list[tuple[Piece, TransferId]] = []
+        try:
+            self._pull_pieces(p, dst, started)
+        except Exception as e:  # a setup failure (TCPStore, bad handle) is this transfer's FAILED, not a dead thread
+            p.state.fail(f"pull failed: {e!r}")
+        finally:
+            self._finish(p, started)
+
+    def _pull_pieces(self, p: _Pull, dst: list[int], started: list[tuple[Piece, TransferId]]) -> None:
+        slots = token_slots(dst, self.pool.layout.block_size, p.handle.num_tokens, self.pool.device)
         sinks: list[_FrameSink] = []
         for i, piece in enumerate(p.pieces):
             sub_xfer = TransferId(f"{p.state.xfer}.{i}")
@@ -150,7 +158,6 @@ class KVReceiver:
         if any(not k.complete for k in sinks):
             p.state.fail("the stream ended before every layer arrived")
         p.state.finish()
-        self._finish(p, started)
 
     def _finish(self, p: _Pull, started: list[tuple[Piece, TransferId]]) -> None:
         """Tell every shard we are done with our region (and to stop sending if we failed)."""

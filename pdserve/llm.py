@@ -72,11 +72,16 @@ class LLM:
 
     def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
         rids: list[RequestId] = []
-        for p in prompts:
-            self._counter += 1
-            rid = RequestId(f"llm-{self._counter}")
-            self._worker.submit(GenerateRequest(rid, tuple(p), params))
-            rids.append(rid)
+        try:
+            for p in prompts:
+                self._counter += 1  # ids are process-local: this worker serves only this LLM
+                rid = RequestId(f"llm-{self._counter}")
+                self._worker.submit(GenerateRequest(rid, tuple(p), params))
+                rids.append(rid)
+        except ValueError:
+            for rid in rids:  # all or nothing: an invalid prompt leaves no request behind
+                self._worker.abort(rid)
+            raise
         tokens: dict[RequestId, list[int]] = {r: [] for r in rids}
         texts: dict[RequestId, list[str]] = {r: [] for r in rids}
         reasons: dict[RequestId, str | None] = {}

@@ -18,6 +18,7 @@ With tp = pp = 1 none of this is used; actors drive the worker directly.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +92,10 @@ class LockStep:
     def has_work(self) -> bool:
         return self.worker.has_work()
 
+    @property
+    def idle(self) -> bool:
+        return self.worker.idle
+
     def stats(self) -> Any:
         return self.worker.stats()
 
@@ -135,8 +140,16 @@ def make_step_loop(worker: Any, deliver: Callable[[list[Any]], None]) -> StepLoo
     """The actor's step thread: a single rank or rank 0 steps when it has work (idle steps every
     poll interval); a follower steps whenever rank 0 does (the collective paces it) until stopped."""
     if isinstance(worker, LockStep) and worker.ranks.rank != 0:
-        return StepLoop(worker.step, lambda: True, deliver, stopped=lambda: worker.stopped)
-    return StepLoop(worker.step, worker.has_work, deliver)
+        return StepLoop(worker.step, lambda: True, deliver, stopped=lambda: worker.stopped, on_death=_exit_process)
+    # Sleep on the inbox (idle poll) when the last step ran no batch: waiting for a pull or for
+    # memory must not spin a core that the other engine on this box needs.
+    return StepLoop(worker.step, lambda: worker.has_work() and not worker.idle, deliver, on_death=_exit_process)
+
+
+def _exit_process() -> None:
+    """Crash-only: an actor whose step loop died exits, Ray restarts it, the router fails over."""
+    logging.getLogger(__name__).error("step loop died; exiting so Ray restarts this actor")
+    os._exit(1)
 
 
 def free_init_method(host: str) -> str:

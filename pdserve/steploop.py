@@ -20,10 +20,13 @@ log = logging.getLogger(__name__)
 
 class StepLoop:
     def __init__(self, step: Callable[[], list[Any]], has_work: Callable[[], bool],
-                 deliver: Callable[[list[Any]], None], idle_poll_s: float = 0.02,
-                 stopped: Callable[[], bool] = lambda: False) -> None:
-        """`stopped`: the loop ends once it returns True (a lock-step follower whose instance stopped)."""
+                 deliver: Callable[[list[Any]], None], idle_poll_s: float = 0.01,
+                 stopped: Callable[[], bool] = lambda: False, on_death: Callable[[], None] | None = None) -> None:
+        """`stopped`: the loop ends once it returns True (a lock-step follower whose instance stopped).
+        `on_death`: called if a step raises, after every pending call has failed (actors exit, so
+        Ray restarts them and the router fails their requests over)."""
         self._step, self._has_work, self._deliver, self._stopped = step, has_work, deliver, stopped
+        self._on_death = on_death
         self._idle_poll_s = idle_poll_s
         self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="pdserve-step", daemon=True)
@@ -35,6 +38,9 @@ class StepLoop:
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run `fn(*args)` on the step thread before its next step; the future holds result or exception."""
         fut: Future[T] = Future()
+        if self.error is not None:
+            fut.set_exception(RuntimeError(f"step loop died: {self.error!r}"))
+            return fut
         self._inbox.put((lambda: fn(*args), fut))
         return fut
 
@@ -70,6 +76,19 @@ class StepLoop:
         except BaseException as e:  # reported by check(), i.e. the actor's check_health()
             log.exception("step loop died")
             self.error = e
+            self._fail_pending()
+            if self._on_death is not None:
+                self._on_death()
+
+    def _fail_pending(self) -> None:
+        """No call may wait forever on a loop that will never run it."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(RuntimeError(f"step loop died: {self.error!r}"))
 
     def check(self) -> None:
         if self.error is not None:

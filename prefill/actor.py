@@ -65,6 +65,8 @@ class PrefillActor:
 
     async def prefill(self, req: GenerateRequest) -> PrefillResult:
         await self.start()
+        if req.request_id in self._waiting:  # before registering: the live request keeps its future
+            raise ValueError(f"request_id: {req.request_id!r} is already queued on {self.worker_id}")
         fut = self._loop.create_future()
         self._waiting[req.request_id] = fut
         try:

@@ -26,6 +26,8 @@ class PrefillWorker:
         self._requests: dict[RequestId, Request] = {}
         self._submitted_s: dict[RequestId, float] = {}
         self._started_s: dict[RequestId, float] = {}
+        self._exports: dict[RequestId, str] = {}  # request → handle id while the sender pins its KV
+        self.idle = False  # the last step ran no batch: the step thread may sleep until new input
 
     def submit(self, req: GenerateRequest) -> None:
         """Queue a request; raises ValueError (naming the field) if it can never run here."""
@@ -37,11 +39,16 @@ class PrefillWorker:
         self._requests[r.request_id] = r
         self._submitted_s[r.request_id] = self.clock()
         self.scheduler.add(r)
+        self.idle = False
 
     def abort(self, request_id: RequestId) -> bool:
+        """Drop a queued request, or release the KV of one already exported (nobody will pull it)."""
         r = self._requests.pop(request_id, None)
         if r is None:
-            return False
+            handle_id = self._exports.pop(request_id, None)
+            if handle_id is not None:
+                self.sender.release(handle_id)  # the blocks free at the next sender.poll()
+            return handle_id is not None
         self.scheduler.remove(r)
         self.engine.finish(r, "abort")
         self._submitted_s.pop(request_id, None)
@@ -50,9 +57,12 @@ class PrefillWorker:
 
     def step(self) -> list[PrefillResult]:
         """Run one prefill batch; return a result for each request that sampled its first token."""
-        self.sender.poll()  # serve releases and expire leases before deciding what fits
+        freed = set(self.sender.poll())  # serve releases and expire leases before deciding what fits
+        if freed:
+            self._exports = {rid: h for rid, h in self._exports.items() if h not in freed}
         batch = self.scheduler.schedule()
-        if not batch.chunks:
+        self.idle = not batch.chunks
+        if self.idle:
             return []
         now = self.clock()
         for c in batch.chunks:
@@ -65,10 +75,12 @@ class PrefillWorker:
         r = self._requests.pop(rid)
         submitted, started = self._submitted_s.pop(rid), self._started_s.pop(rid)
         out = dataclasses.replace(out, timings={"queue_s": started - submitted, "prefill_s": self.clock() - started})
+        self.scheduler.done(r)
         if r.finished:  # stopped at its first token: the engine already freed the blocks
             return PrefillResult(out, None)
-        self.scheduler.done(r)
-        handle = self.sender.export(rid, list(r.block_table), r.num_computed_tokens, prefill_s=out.timings["prefill_s"])
+        handle = self.sender.export(rid, list(r.block_table), r.num_computed_tokens,
+                                    prefill_s=out.timings["prefill_s"])
+        self._exports[rid] = handle.handle_id
         self.engine.finish(r, "stop")  # drops the request's reference; the export keeps the blocks pinned
         return PrefillResult(out, handle)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.config import ServingConfig
@@ -30,6 +32,8 @@ from pdserve.router.responses import SSE_DONE, TIMINGS_FIELD, TIMINGS_HEADER, Re
 from pdserve.types import GenerateRequest, RequestId, StepOutput
 
 MAX_BODY_BYTES = 16 << 20
+
+log = logging.getLogger(__name__)
 
 
 class _Tally:
@@ -112,8 +116,11 @@ def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, c
         tally = _Tally(metrics, router.clock, len(parsed.prompt_token_ids))
         deadline = asyncio.get_running_loop().time() + cfg.router.request_timeout_s
         if parsed.stream:
+            # The background close covers a client gone before the body iteration starts (then the
+            # generator's `finally` never runs); closing an already-closed stream is a no-op.
             return StreamingResponse(_events(stream, builder, tally, deadline, parsed.include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(stream.aclose))
         return await _complete(request, stream, builder, tally, deadline)
 
     @app.post("/v1/completions")
@@ -148,7 +155,10 @@ def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, c
 
 async def _poll_stats(router: Router, interval_s: float) -> None:
     while True:
-        await router.refresh_stats()
+        try:
+            await router.refresh_stats()
+        except Exception:  # a poll that fails must not stop all later ones (instances would stay dead)
+            log.exception("stats poll failed")
         await asyncio.sleep(interval_s)
 
 

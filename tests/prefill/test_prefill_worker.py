@@ -1,0 +1,54 @@
+"""PrefillWorker block ownership: first-token finishes export nothing; an exported request that is
+aborted releases its KV at once instead of waiting for the lease."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pdserve.config import EngineConfig, KVTransferConfig
+from pdserve.engine.engine import Engine
+from pdserve.kvtransfer.connector import make_sender
+from pdserve.prefill.worker import PrefillWorker
+from pdserve.types import GenerateRequest, RequestId, SamplingParams
+
+
+def _worker(path: Path) -> PrefillWorker:
+    engine = Engine.from_config(str(path), EngineConfig(block_size=8, kv_cache_memory_gb=0.01, max_model_len=256))
+    sender = make_sender(KVTransferConfig(transport="loopback", lease_s=3600), engine.pool, engine.allocator)
+    return PrefillWorker(engine, 64, 2048, sender)
+
+
+def _drain(worker: PrefillWorker) -> list:
+    results = []
+    for _ in range(10):
+        results.extend(worker.step())
+    return results
+
+
+def test_request_finished_at_its_first_token_exports_nothing_and_leaves_the_queue(tiny_llama_dir: Path) -> None:
+    worker = _worker(tiny_llama_dir)
+    try:
+        worker.submit(GenerateRequest(RequestId("one"), (5, 6, 7, 8), SamplingParams(temperature=0, max_tokens=1)))
+        (result,) = _drain(worker)
+        assert result.handle is None and result.first.finish_reason == "length"
+        assert not worker.has_work() and not worker.scheduler.waiting
+        assert worker.engine.allocator.num_used == 0
+    finally:
+        worker.sender.close()
+
+
+def test_abort_after_export_releases_the_pinned_blocks(tiny_llama_dir: Path) -> None:
+    worker = _worker(tiny_llama_dir)
+    try:
+        worker.submit(GenerateRequest(RequestId("r"), tuple(range(3, 40)), SamplingParams(temperature=0, max_tokens=8)))
+        (result,) = _drain(worker)
+        assert result.handle is not None
+        pinned = worker.engine.allocator.num_used
+        assert pinned == worker.engine.layout.num_blocks_for(37)
+        assert worker.abort(RequestId("r"))  # the router gave up on it: nobody will pull
+        worker.step()
+        assert worker.engine.allocator.num_used == 0
+        assert not worker.abort(RequestId("r"))  # once released, it is unknown
+        worker.engine.allocator.check_integrity()
+    finally:
+        worker.sender.close()
