@@ -67,3 +67,42 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     out = torch.stack((p & 0xF, p >> 4), dim=-1)  # (..., D/2, 2)
     return out.flatten(-2)
+
+
+def delta_mod(q: torch.Tensor, levels: int) -> torch.Tensor:
+    """Codes (C, M) in [0, levels) -> first code, then (q[t] - q[t-1]) mod levels along dim -1: still
+    in [0, levels), and neighbouring tokens that agree become 0 (CacheGen's token-wise locality)."""
+    d = q.to(torch.int16)
+    d[:, 1:] = torch.remainder(d[:, 1:] - q[:, :-1].to(torch.int16), levels)
+    return d.to(torch.uint8)
+
+
+def undelta_mod(d: torch.Tensor, levels: int) -> torch.Tensor:
+    """Inverse of delta_mod, exactly."""
+    return torch.remainder(d.to(torch.int32).cumsum(dim=-1), levels).to(torch.uint8)
+
+
+def pack_pairs(q: torch.Tensor, levels: int) -> torch.Tensor:
+    """Codes (C, M) in [0, levels) with levels <= 16 -> 1-D uint8 symbols: q[:, 2i] * levels + q[:, 2i+1]
+    row by row ((C, M // 2) symbols), then the last column alone when M is odd. One byte then holds two
+    neighbouring tokens of one channel, so an order-0 entropy coder (zstd's Huffman) codes their
+    joint distribution."""
+    m = q.shape[1]
+    even = m // 2 * 2
+    q16 = q.to(torch.int16)
+    pairs = (q16[:, 0:even:2] * levels + q16[:, 1:even:2]).to(torch.uint8)  # (C, M // 2)
+    return torch.cat((pairs.reshape(-1), q[:, even:].reshape(-1).to(torch.uint8)))
+
+
+def unpack_pairs(s: torch.Tensor, levels: int, c: int, m: int) -> torch.Tensor:
+    """Inverse of pack_pairs -> (C, M) uint8; ValueError if a symbol is out of range."""
+    half = m // 2
+    if s.numel() != c * half + c * (m % 2):
+        raise ValueError(f"{s.numel()} symbols, expected {c * half + c * (m % 2)}")
+    pairs, tail = s[:c * half].view(c, half), s[c * half:].view(c, m % 2)
+    if (pairs.numel() and int(pairs.max()) >= levels * levels) or (tail.numel() and int(tail.max()) >= levels):
+        raise ValueError("symbol out of range")
+    byte = torch.arange(256)
+    lut = torch.stack((byte // levels, byte % levels), dim=-1).to(torch.uint8)  # (256, 2): symbol -> pair
+    out = lut.index_select(0, pairs.reshape(-1).int()).view(c, 2 * half)  # (C, M - M % 2)
+    return torch.cat((out, tail), dim=1)

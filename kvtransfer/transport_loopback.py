@@ -75,7 +75,9 @@ class LoopbackTransport:
 
     def _pull(self, state: TransferState, peer: str, sink: ChunkSink, timeout_s: float) -> None:
         outbox = self.hub.lookup(peer)
-        parked = outbox.take(state.xfer, timeout_s) if outbox is not None else None
+        # Wait a little past the transfer's own deadline, so a sender that never shows up is the
+        # armed timer's "timed out" rather than a race between the two clocks.
+        parked = outbox.take(state.xfer, timeout_s + 0.25) if outbox is not None else None
         if parked is None:
             state.fail(f"peer {peer} has no transfer {state.xfer} (closed or never sent)")
             return

@@ -9,15 +9,22 @@ builds a fresh one. Data flows sender (rank 0) -> receiver (rank 1) as messages,
 
 The receiver posts a receive only while it expects a transfer (a gloo receive that outlives the
 group timeout closes the pair); a late BEGIN of an aborted transfer is drained with the next one.
+
+Both ends are pipelines, `_DEPTH` chunks deep: on the sender a feeder thread pulls chunks from the
+source (gather, encode, frame, crc) while the pair's thread keeps up to `_DEPTH` messages posted to
+gloo (meta and payload on separate tags, each kind in order); on the receiver the pair's thread
+receives the next message while a delivery thread runs the sink on the previous chunk. Chunks go to gloo as tensors over their own bytes (torch.frombuffer, no copy).
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
 import queue
 import threading
 import uuid
-from typing import Iterable
+import warnings
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -27,6 +34,69 @@ from pdserve.kvtransfer.transfer import TransferState, failed
 from pdserve.kvtransfer.types import TransferId
 
 BEGIN, CHUNK, END, ABORT = 1, 2, 3, 4
+_DEPTH = 2  # chunks in flight between the two stages of each end's pipeline
+_POLL_S = 0.05  # how often a stage blocked on its queue checks for cancellation
+_META_TAG, _PAYLOAD_TAG = 0, 1  # separate tags keep each kind in order while several are posted
+
+# gloo only reads a send buffer, so a tensor over the (read-only) bytes of a chunk is safe. torch warns
+# about read-only buffers once per process: spend that warning here, silenced, at import.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+class _SourceError(Exception):
+    """The chunk source raised `cause` (as opposed to gloo failing, which kills the pair)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _Feeder:
+    """Runs a chunk source on its own thread, at most `_DEPTH` chunks ahead of the consumer."""
+
+    def __init__(self, chunks: Iterable[bytes | memoryview], name: str) -> None:
+        self._chunks = chunks
+        self._queue: queue.Queue[tuple[int, object]] = queue.Queue(_DEPTH)
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name=name).start()
+
+    def _run(self) -> None:
+        try:
+            for c in self._chunks:
+                if not self._put((CHUNK, c)):
+                    return
+            self._put((END, None))
+        except BaseException as e:  # noqa: BLE001 - any failure of the source fails the transfer
+            self._put((ABORT, e))
+
+    def _put(self, item: tuple[int, object]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def chunks(self, state: TransferState) -> Iterator[bytes | memoryview]:
+        """Chunks in order until the source ends or `state` turns terminal; the source's exception
+        comes out as `_SourceError`."""
+        while not state.status().terminal:
+            try:
+                kind, item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if kind == END:
+                return
+            if kind == ABORT:
+                raise _SourceError(item)  # type: ignore[arg-type]
+            yield item  # type: ignore[misc]
+
+    def stop(self) -> None:
+        """Let the feeder thread end (at its next chunk, if the source is blocked)."""
+        self._stop.set()
 
 
 def _new_group(store: dist.Store, nonce: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
@@ -63,21 +133,22 @@ class _SendPair:
         if state.status().terminal:
             return  # cancelled before it started: the receiver never hears of it
         state.start()
-        _msg(pg, BEGIN, state.xfer.encode())
+        feeder, out = _Feeder(chunks, f"torch-feed-{state.xfer}"), _Posted(pg)
+        out.msg(BEGIN, state.xfer.encode())
         try:
-            for c in chunks:
-                if state.status().terminal:
-                    break
-                _msg(pg, CHUNK, c)
+            for c in feeder.chunks(state):
+                out.msg(CHUNK, c)
                 state.nbytes += len(c)
-        except RuntimeError:
-            raise
-        except Exception as e:  # the chunk source failed (e.g. a layer never became ready)
-            state.fail(f"sender: {type(e).__name__}: {e}")
+        except _SourceError as e:  # the chunk source failed (e.g. a layer never became ready)
+            state.fail(f"sender: {type(e.cause).__name__}: {e.cause}")
+        finally:
+            feeder.stop()
         if state.status().terminal:
-            _msg(pg, ABORT, (state.error or "aborted").encode())
+            out.msg(ABORT, (state.error or "aborted").encode())
+            out.flush()
         else:
-            _msg(pg, END, b"")
+            out.msg(END, b"")
+            out.flush()
             state.finish()
 
     def _die(self, why: str) -> None:
@@ -91,10 +162,31 @@ class _SendPair:
                 item[0].fail(f"torch pair dead: {why}")
 
 
-def _msg(pg: dist.ProcessGroup, kind: int, payload: bytes | memoryview) -> None:
-    pg.send([torch.tensor([kind, len(payload)], dtype=torch.int64)], 1, 0).wait()
-    if len(payload):
-        pg.send([torch.frombuffer(bytearray(payload), dtype=torch.uint8)], 1, 0).wait()
+class _Posted:
+    """gloo sends posted and not yet complete, at most `_DEPTH` messages deep: the next message goes
+    out without a round trip per message. Each entry keeps its tensors (and so the chunk) alive."""
+
+    def __init__(self, pg: dist.ProcessGroup) -> None:
+        self.pg = pg
+        self.sends: collections.deque[tuple[list[dist.Work], list[torch.Tensor]]] = collections.deque()
+
+    def msg(self, kind: int, payload: bytes | memoryview) -> None:
+        """(kind, length), then the payload as a tensor over its own bytes."""
+        tensors = [torch.tensor([kind, len(payload)], dtype=torch.int64)]
+        if len(payload):
+            tensors.append(torch.frombuffer(payload, dtype=torch.uint8))
+        self.sends.append(([self.pg.send([t], 1, tag) for t, tag in zip(tensors, (_META_TAG, _PAYLOAD_TAG))],
+                           tensors))
+        while len(self.sends) > _DEPTH:
+            self._wait_oldest()
+
+    def flush(self) -> None:
+        while self.sends:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        for w in self.sends.popleft()[0]:
+            w.wait()
 
 
 class _RecvPair:
@@ -128,18 +220,35 @@ class _RecvPair:
             self.cond.notify_all()
 
     def _run(self) -> None:
+        """Receive stage: posts receives and hands messages to the delivery stage in order."""
+        inbox: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(_DEPTH)
+        threading.Thread(target=self._dispatch, args=(inbox,), daemon=True,
+                         name=f"torch-deliver-{self.info}").start()
         try:
             pg = _new_group(self.store, self.info.split("/")[1], 1, self.timeout_s)
-            current: tuple[ChunkSink, TransferState] | None = None
             in_transfer = False
             while True:
                 kind, payload = self._next(pg, idle=not in_transfer)
                 if kind is None:
                     return
+                inbox.put((kind, payload))
+                in_transfer = kind in (BEGIN, CHUNK)
+                if not in_transfer:
+                    inbox.join()  # the transfer has ended (and left `expected`) before the next idle check
+        except RuntimeError as e:  # gloo: the sender died, or a receive outlived the group timeout
+            self._die(f"torch transport: {e}")
+        finally:
+            inbox.put(None)
+
+    def _dispatch(self, inbox: queue.Queue[tuple[int, torch.Tensor] | None]) -> None:
+        """Delivery stage: runs sinks and transfer state changes, one message at a time."""
+        current: tuple[ChunkSink, TransferState] | None = None
+        while (item := inbox.get()) is not None:
+            kind, payload = item
+            try:
                 if kind == BEGIN:
                     with self.cond:
                         current = self.expected.get(TransferId(payload.numpy().tobytes().decode()))
-                    in_transfer = True
                     if current is not None:
                         current[1].start()
                 elif kind == CHUNK and current is not None and not current[1].status().terminal:
@@ -147,9 +256,9 @@ class _RecvPair:
                 elif kind in (END, ABORT):
                     if current is not None:
                         current[1].finish() if kind == END else current[1].fail(payload.numpy().tobytes().decode())
-                    current, in_transfer = None, False
-        except RuntimeError as e:  # gloo: the sender died, or a receive outlived the group timeout
-            self._die(f"torch transport: {e}")
+                    current = None
+            finally:
+                inbox.task_done()
 
     def _deliver(self, current: tuple[ChunkSink, TransferState], payload: torch.Tensor) -> None:
         sink, state = current
@@ -169,13 +278,13 @@ class _RecvPair:
                 if self.closed:
                     return None, torch.empty(0)
         meta = torch.empty(2, dtype=torch.int64)
-        pg.recv([meta], 0, 0).wait()
+        pg.recv([meta], 0, _META_TAG).wait()
         if self.closed:
             return None, torch.empty(0)
         kind, n = int(meta[0]), int(meta[1])
         payload = torch.empty(n, dtype=torch.uint8)
         if n:
-            pg.recv([payload], 0, 0).wait()
+            pg.recv([payload], 0, _PAYLOAD_TAG).wait()
         return kind, payload
 
     def _die(self, why: str) -> None:

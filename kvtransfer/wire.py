@@ -26,7 +26,7 @@ import torch
 
 from pdserve.kvtransfer import kvtransfer_pb2 as pb
 
-VERSION = 1
+VERSION = 2  # 2: int4_zstd carries its entropy-stage format part
 MAGIC = 0x3156_4B50  # b"PKV1" little endian
 MAX_CHUNK = 4 << 20
 _PREFIX = struct.Struct("<IIII")
