@@ -5,8 +5,9 @@ Three deployments of SmolLM2-135M on the same 2 cores, one core per engine proce
   (b) colocated, prefill-priority continuous batching (vLLM's default), 2 instances
   (c) colocated, chunked prefill (Sarathi), 2 instances
 each replaying the same ShareGPT workload (capped to fit) at the same Poisson rates. SLOs are set
-from the unloaded latency of one colocated instance: TTFT = 4x and TPOT = 2x (DistServe-style
-SLO scaling around the unloaded values). Goodput is read off each attainment curve at 90%.
+from the unloaded latency of single requests: TTFT = 4x and TPOT = 2x (DistServe-style
+SLO scaling around the unloaded values; measured once, sequentially, on the first system run). Goodput
+is read off each attainment curve at 90%.
 
 Usage: python benchmarks/headline.py [-o results/headline] [--num-requests 40] [--rates 0.2 0.4 ...]
 Then:  pdserve bench compare results/headline/disaggregated results/headline/colocated-* -o results/headline/compare
