@@ -5,7 +5,7 @@ every rate in it, the exact recorded trace (arrival offsets, prompt and output l
 through the placement simulator with a latency profile measured on this machine, and the simulated
 joint attainment (TTFT and TPOT both met, the run's own SLOs) is compared with the measured one.
 
-What is modelled, beyond the profiled forwards (see benchmarks/fidelity.md):
+What is modelled, beyond the profiled forwards (see BENCHMARKS.md, simulator fidelity):
   - the deployment: 1 prefill + 1 decode instance, or 2 colocated instances (prefill-priority, or
     chunked prefill with the run's token budget), each engine on its own core;
   - the router's dispatch (least outstanding prompt tokens for prefill; least KV pressure then

@@ -8,52 +8,33 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pdserve.actor_shell import WorkerShell
 from pdserve.config import ServingConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
-from pdserve.lockstep import free_init_method, make_step_loop
-from pdserve.steploop import deliver_threadsafe
-from pdserve.types import GenerateRequest, RequestId, StepOutput, WorkerStats
+from pdserve.types import GenerateRequest, RequestId, StepOutput
 
 if TYPE_CHECKING:
     from pdserve.kvtransfer.types import KVHandle
 
 
-class DecodeActor:
+class DecodeActor(WorkerShell):
     def __init__(self, cfg: ServingConfig, worker_id: str, rank: int = 0) -> None:
+        super().__init__()
         self.cfg, self.worker_id = cfg, worker_id  # cheap: weights load in start()
         self.ranks = RankLayout(cfg.decode.tp, cfg.decode.pp, rank)
-        self._starting: asyncio.Future[None] | None = None
         self._streams: dict[RequestId, asyncio.Queue[StepOutput]] = {}
 
-    async def start(self, init_method: str = "") -> None:
-        """Load weights and start the step thread. Idempotent; every method calls it, so an actor
-        that Ray restarted (which re-runs only __init__) loads itself on its first call. Ranks of a
-        tp × pp instance all get rank 0's `rendezvous()` and run in lock-step (pdserve/lockstep.py)."""
-        if self._starting is None:
-            self._starting = asyncio.ensure_future(self._start(init_method))
-        await asyncio.shield(self._starting)
-
-    def rendezvous(self) -> str:
-        return free_init_method("127.0.0.1")  # STRICT_PACK: an instance's ranks share a node
-
-    async def _start(self, init_method: str) -> None:
-        self._loop = asyncio.get_running_loop()
+    def _build_worker(self, init_method: str) -> Any:
         if self.ranks.world_size > 1:
             from pdserve.decode.ranks import build_decode_rank
 
-            self.worker = await asyncio.to_thread(build_decode_rank, self.cfg, self.worker_id, self.ranks, init_method)
-        else:
-            self.worker = await asyncio.to_thread(self._build_worker)
-        self._steps = make_step_loop(self.worker, self._deliver)
-        self._steps.start()
-
-    def _build_worker(self) -> DecodeWorker:
+            return build_decode_rank(self.cfg, self.worker_id, self.ranks, init_method)
         cfg = self.cfg
         torch.set_num_threads(cfg.engine.num_threads)
         engine = Engine.from_config(cfg.model, cfg.engine)
@@ -66,10 +47,7 @@ class DecodeActor:
         return DecodeWorker(engine, policy, cfg.decode.max_num_seqs, cfg.decode.max_num_batched_tokens,
                             receiver=receiver, worker_id=self.worker_id)
 
-    def _deliver(self, outputs: list[StepOutput]) -> None:
-        deliver_threadsafe(self._loop, self._dispatch, outputs)
-
-    def _dispatch(self, outputs: list[StepOutput]) -> None:
+    def _on_outputs(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
@@ -96,12 +74,4 @@ class DecodeActor:
     async def abort(self, request_id: RequestId) -> None:
         await self.start()
         if await self._steps.call(self.worker.abort, request_id):
-            self._dispatch([StepOutput(request_id, (), "", "abort")])  # ends the request's stream
-
-    async def stats(self) -> WorkerStats:
-        await self.start()
-        return await self._steps.call(self.worker.stats)
-
-    async def check_health(self) -> None:
-        await self.start()
-        self._steps.check()
+            self._on_outputs([StepOutput(request_id, (), "", "abort")])  # ends the request's stream

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from pdserve.engine.kv_cache import KVLayout
 
 _EWMA = 0.25
-_ZSTD_RATIO_VS_INT4 = 1.34  # int4_zstd's size is data-dependent; measured on SmolLM2 (benchmarks/kvtransfer.md)
+_ZSTD_RATIO_VS_INT4 = 1.34  # int4_zstd's size is data-dependent; measured on SmolLM2 (BENCHMARKS.md, KV transfer)
 
 
 class CodecController:

@@ -3,48 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import torch
 
+from pdserve.actor_shell import WorkerShell
 from pdserve.config import ServingConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
-from pdserve.lockstep import free_init_method, make_step_loop
 from pdserve.prefill.worker import PrefillWorker
-from pdserve.steploop import deliver_threadsafe
-from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
+from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput
 
 
-class PrefillActor:
+class PrefillActor(WorkerShell):
     def __init__(self, cfg: ServingConfig, worker_id: str, rank: int = 0) -> None:
+        super().__init__()
         self.cfg, self.worker_id = cfg, worker_id  # cheap: weights load in start()
         self.ranks = RankLayout(cfg.prefill.tp, cfg.prefill.pp, rank)
-        self._starting: asyncio.Future[None] | None = None
         self._waiting: dict[RequestId, asyncio.Future[PrefillResult]] = {}
 
-    async def start(self, init_method: str = "") -> None:
-        """Load weights and start the step thread. Idempotent; every method calls it, so an actor
-        that Ray restarted (which re-runs only __init__) loads itself on its first call. Ranks of a
-        tp × pp instance all get rank 0's `rendezvous()` and run in lock-step (pdserve/lockstep.py)."""
-        if self._starting is None:
-            self._starting = asyncio.ensure_future(self._start(init_method))
-        await asyncio.shield(self._starting)
-
-    def rendezvous(self) -> str:
-        return free_init_method("127.0.0.1")  # STRICT_PACK: an instance's ranks share a node
-
-    async def _start(self, init_method: str) -> None:
-        self._loop = asyncio.get_running_loop()
+    def _build_worker(self, init_method: str) -> Any:
         if self.ranks.world_size > 1:
             from pdserve.prefill.ranks import build_prefill_rank
 
-            self.worker = await asyncio.to_thread(build_prefill_rank, self.cfg, self.worker_id, self.ranks, init_method)
-        else:
-            self.worker = await asyncio.to_thread(self._build_worker)
-        self._steps = make_step_loop(self.worker, self._deliver)
-        self._steps.start()
-
-    def _build_worker(self) -> PrefillWorker:
+            return build_prefill_rank(self.cfg, self.worker_id, self.ranks, init_method)
         from pdserve.kvtransfer.connector import make_sender
 
         cfg = self.cfg
@@ -54,10 +36,7 @@ class PrefillActor:
         return PrefillWorker(engine, cfg.prefill.max_num_seqs, cfg.prefill.max_num_batched_tokens,
                              sender, worker_id=self.worker_id)
 
-    def _deliver(self, results: list[PrefillResult]) -> None:
-        deliver_threadsafe(self._loop, self._resolve, results)
-
-    def _resolve(self, results: list[PrefillResult]) -> None:
+    def _on_outputs(self, results: list[PrefillResult]) -> None:
         for r in results:
             fut = self._waiting.pop(r.first.request_id, None)
             if fut is not None and not fut.done():
@@ -82,12 +61,4 @@ class PrefillActor:
     async def abort(self, request_id: RequestId) -> None:
         await self.start()
         if await self._steps.call(self.worker.abort, request_id):
-            self._resolve([PrefillResult(StepOutput(request_id, (), "", "abort"), None)])
-
-    async def stats(self) -> WorkerStats:
-        await self.start()
-        return await self._steps.call(self.worker.stats)
-
-    async def check_health(self) -> None:
-        await self.start()
-        self._steps.check()
+            self._on_outputs([PrefillResult(StepOutput(request_id, (), "", "abort"), None)])

@@ -1,0 +1,60 @@
+"""WorkerShell: the lifecycle both role actors share — lazy start, rendezvous, stats, health.
+
+A role actor subclasses it and supplies `_build_worker(init_method)` (on a thread: it loads
+weights) and `_on_outputs(outputs)` (on the event loop: hand results to waiting callers).
+Everything else a caller needs is here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from typing import Any
+
+from pdserve.lockstep import free_init_method, make_step_loop
+from pdserve.steploop import StepLoop, deliver_threadsafe
+from pdserve.types import WorkerStats
+
+
+class WorkerShell(ABC):
+    worker: Any
+    _steps: StepLoop
+
+    def __init__(self) -> None:
+        self._starting: asyncio.Future[None] | None = None
+
+    async def start(self, init_method: str = "") -> None:
+        """Load weights and start the step thread. Idempotent; every method calls it, so an actor
+        that Ray restarted (which re-runs only __init__) loads itself on its first call. Ranks of a
+        tp × pp instance all get rank 0's `rendezvous()` and run in lock-step (pdserve/lockstep.py)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start(init_method))
+        await asyncio.shield(self._starting)
+
+    def rendezvous(self) -> str:
+        return free_init_method("127.0.0.1")  # STRICT_PACK: an instance's ranks share a node
+
+    async def _start(self, init_method: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.worker = await asyncio.to_thread(self._build_worker, init_method)
+        self._steps = make_step_loop(self.worker, self._deliver)
+        self._steps.start()
+
+    @abstractmethod
+    def _build_worker(self, init_method: str) -> Any:
+        """On a thread: load weights and return the worker (or its lock-step rank wrapper)."""
+
+    @abstractmethod
+    def _on_outputs(self, outputs: list[Any]) -> None:
+        """On the event loop: hand a step's outputs to the callers waiting for them."""
+
+    def _deliver(self, outputs: list[Any]) -> None:
+        deliver_threadsafe(self._loop, self._on_outputs, outputs)
+
+    async def stats(self) -> WorkerStats:
+        await self.start()
+        return await self._steps.call(self.worker.stats)
+
+    async def check_health(self) -> None:
+        await self.start()
+        self._steps.check()
