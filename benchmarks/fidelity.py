@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdserve.bench.metrics import SLO, attainment
+from pdserve.bench.metrics import SLO, attainment, percentile_stats
 from pdserve.bench.record import RequestRecord
 from pdserve.bench.results import RunData, read_results
 from pdserve.placement.deployment import Deployment, SimResult
@@ -126,8 +126,8 @@ def calibrate(slo_file: Path, runs: dict[str, RunData], profile: PhaseProfile, s
 
 
 def p90(xs: Sequence[float]) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(0.9 * len(xs)))] if xs else float("nan")
+    """The same percentile `pdserve bench` reports (linear interpolation), for both columns."""
+    return percentile_stats(list(xs))["p90"] or float("nan") if xs else float("nan")
 
 
 def compare(runs: dict[str, RunData], profile: PhaseProfile, base: Setup, calibrated: Setup) -> list[dict]:
