@@ -121,6 +121,11 @@ class WorkerStats:
     num_total_blocks: int = 1
     outstanding_tokens: int = 0  # prompt tokens queued or running (prefill's policy input)
     healthy: bool = True
+    # Engine time as the serving path sees it (cumulative since start): busy_s / num_steps is the
+    # mean step time inside the actor, the figure to hold a latency profile against.
+    busy_s: float = 0.0
+    num_steps: int = 0
+    num_step_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -80,6 +80,12 @@ class _PoolCollector(Collector):
         usage = gauge("kv_usage_ratio", "Fraction of KV blocks in use")
         healthy = gauge("healthy", "1 if the instance is serving")
         tokens = gauge("outstanding_prompt_tokens", "Prompt tokens dispatched, not answered")
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"pdserve_instance_{name}", doc, labels=["role", "instance"])
+
+        busy = counter("engine_busy_seconds", "Seconds the instance spent in engine steps (worker view)")
+        steps = counter("engine_steps", "Engine steps that ran a batch")
+        step_tokens = counter("engine_step_tokens", "Tokens run through the model, all steps")
         failures = CounterMetricFamily("pdserve_worker_failures", "Instances seen dying", labels=["role"])
         for pool in (self.router.prefill, self.router.decode):
             for inst in pool.instances.values():
@@ -90,8 +96,11 @@ class _PoolCollector(Collector):
                 usage.add_metric(key, inst.stats.kv_usage)
                 healthy.add_metric(key, float(inst.healthy))
                 tokens.add_metric(key, inst.outstanding_tokens)
+                busy.add_metric(key, inst.stats.busy_s)
+                steps.add_metric(key, inst.stats.num_steps)
+                step_tokens.add_metric(key, inst.stats.num_step_tokens)
             failures.add_metric([pool.role], pool.num_failures)
-        yield from (running, waiting, usage, healthy, tokens, failures)
+        yield from (running, waiting, usage, healthy, tokens, busy, steps, step_tokens, failures)
         yield CounterMetricFamily("pdserve_redispatched_requests", "Requests moved to another instance after a failure",
                                   value=self.router.num_redispatched)
         yield GaugeMetricFamily("pdserve_pending_requests", "Requests admitted and not finished",

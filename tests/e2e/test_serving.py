@@ -85,6 +85,7 @@ def test_concurrent_requests_complete_and_metrics_count_them(served: tuple[str, 
         reasons = list(pool.map(one, range(16)))
     assert all(r in ("stop", "length") for r in reasons), reasons
     assert _counter(url, "pdserve_requests") - before >= 16
+    assert _counter(url, "pdserve_instance_engine_steps") > 0  # the workers' own step counters reach /metrics
 
 
 def test_bad_inputs_get_4xx_with_openai_error_bodies(served: tuple[str, str]) -> None:

@@ -31,6 +31,8 @@ def test_request_finished_at_its_first_token_exports_nothing_and_leaves_the_queu
         worker.submit(GenerateRequest(RequestId("one"), (5, 6, 7, 8), SamplingParams(temperature=0, max_tokens=1)))
         (result,) = _drain(worker)
         assert result.handle is None and result.first.finish_reason == "length"
+        stats = worker.stats()
+        assert stats.num_steps == 1 and stats.num_step_tokens == 4 and stats.busy_s > 0
         assert not worker.has_work() and not worker.scheduler.waiting
         assert worker.engine.allocator.num_used == 0
     finally:
