@@ -51,7 +51,6 @@ class DecodeWorker:
         self._submitted_s: dict[RequestId, float] = {}
         self.max_num_seqs = max_num_seqs
         self.idle = False  # the last step ran no batch: the step thread may sleep until new input
-        self._busy_s, self._num_steps, self._num_step_tokens = 0.0, 0, 0
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -107,9 +106,6 @@ class DecodeWorker:
             if rid not in self._timings and rid in self._submitted_s:
                 self._timings[rid] = {"queue_s": now - self._submitted_s[rid], "_start": now}
         outputs = self.engine.step(batch)
-        self._busy_s += self.clock() - now
-        self._num_steps += 1
-        self._num_step_tokens += batch.num_tokens
         return [self._finish_output(o) for o in outputs]
 
     def _finish_output(self, out: StepOutput) -> StepOutput:
@@ -178,6 +174,6 @@ class DecodeWorker:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting) + len(self._pending) + len(self._pulling),
             num_free_blocks=a.num_free, num_total_blocks=a.num_blocks,
-            busy_s=self._busy_s, num_steps=self._num_steps, num_step_tokens=self._num_step_tokens,
+            busy_s=self.engine.busy_s, num_steps=self.engine.num_steps, num_step_tokens=self.engine.num_step_tokens,
             outstanding_tokens=sum(r.num_uncomputed_tokens for r in self.scheduler.waiting),
         )

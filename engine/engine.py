@@ -9,6 +9,7 @@ admitted with `adopt()` and continues exactly as if this engine had computed it.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ class Engine:
         self.pool = KVPool(self.layout, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.runner = ModelRunner(model, self.pool)
+        # Cumulative step accounting, read by the workers' stats (engine time as serving sees it).
+        self.busy_s, self.num_steps, self.num_step_tokens = 0.0, 0, 0
 
     @classmethod
     def from_config(cls, model: str, cfg: EngineConfig | None = None,
@@ -109,7 +112,11 @@ class Engine:
             assert c.request.status is RequestStatus.RUNNING, f"{c.request.request_id} is {c.request.status}"
             assert len(c.request.block_table) * self.layout.block_size >= c.request.num_computed_tokens + c.num_tokens
         sampling = [c.request for c in batch.chunks if c.samples]  # before num_computed_tokens moves
+        t0 = time.perf_counter()
         tokens = self.execute(batch, layer_hook)
+        self.busy_s += time.perf_counter() - t0
+        self.num_steps += 1
+        self.num_step_tokens += batch.num_tokens
         for c in batch.chunks:
             c.request.num_computed_tokens += c.num_tokens
         return [self._append(r, t) for r, t in zip(sampling, tokens)]

@@ -28,7 +28,6 @@ class PrefillWorker:
         self._started_s: dict[RequestId, float] = {}
         self._exports: dict[RequestId, str] = {}  # request → handle id while the sender pins its KV
         self.idle = False  # the last step ran no batch: the step thread may sleep until new input
-        self._busy_s, self._num_steps, self._num_step_tokens = 0.0, 0, 0
 
     def submit(self, req: GenerateRequest) -> None:
         """Queue a request; raises ValueError (naming the field) if it can never run here."""
@@ -69,9 +68,6 @@ class PrefillWorker:
         for c in batch.chunks:
             self._started_s.setdefault(c.request.request_id, now)
         outputs = self.engine.step(batch)
-        self._busy_s += self.clock() - now
-        self._num_steps += 1
-        self._num_step_tokens += batch.num_tokens
         return [self._result(o) for o in outputs]
 
     def _result(self, out: StepOutput) -> PrefillResult:
@@ -96,6 +92,6 @@ class PrefillWorker:
         return WorkerStats(
             worker_id=self.worker_id, num_running=0, num_waiting=len(self.scheduler.waiting),
             num_free_blocks=a.num_free, num_total_blocks=a.num_blocks,
-            busy_s=self._busy_s, num_steps=self._num_steps, num_step_tokens=self._num_step_tokens,
+            busy_s=self.engine.busy_s, num_steps=self.engine.num_steps, num_step_tokens=self.engine.num_step_tokens,
             outstanding_tokens=self.scheduler.outstanding_tokens,
         )
