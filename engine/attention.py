@@ -2,8 +2,19 @@
 
 The batch holds B sequences; sequence b contributes q_len[b] new tokens (a whole prompt, a
 prefill chunk, or 1 decode token) whose positions are the last q_len[b] of its ctx_len[b]
-tokens. New K/V go into the pool at `slot_mapping`; each sequence then attends over its own
-blocks, gathered and padded to the longest context, with one SDPA call per layer.
+tokens. New K/V go into the pool at `slot_mapping`; then, per layer:
+
+  - the decode rows (q_len == 1) attend in a few groups of similar context length: each group's
+    blocks are gathered, padded to its longest context, and go through one SDPA call with one
+    query per sequence (grouping keeps the padding small: decodes at contexts 20 and 500 padded
+    together cost 2 x 500);
+  - every sequence with several new tokens attends alone (a `Span`): a fresh prompt over its own
+    new K/V with a causal SDPA (no gather, no mask), a chunk or a prompt after a cached prefix
+    over its gathered blocks with an offset causal mask.
+
+Padding prompts together instead would cost B·max_q·max_ctx per layer: a 24-token chunk beside 8
+decodes made every decode row 24 queries long (2.6x the step), and prompts of 10 and 484 tokens
+paid 484² each.
 """
 
 from __future__ import annotations
@@ -16,14 +27,59 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
+class Span:
+    """One sequence with several new tokens: flat tokens [q_start, q_start + q_len)."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    blocks: torch.Tensor | None  # block ids holding [0, ctx_len); None for a fresh prompt (ctx_len == q_len)
+    mask: torch.Tensor | None  # (q_len, ctx_len) True where query may attend; None when causal
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Decode sequences padded together: one query each, contexts padded to `max_ctx`."""
+
+    rows: torch.Tensor  # (n,) flat token index of each sequence's query
+    block_tables: torch.Tensor  # (n, max_blocks) padded with block 0
+    mask: torch.Tensor  # (n, 1, 1, max_ctx) True where the query may attend
+    max_ctx: int
+    buf_offset: int  # first block of this group's slice of the gather buffer
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) flat slot = block_id * block_size + offset, per new token
-    block_tables: torch.Tensor  # (B, max_blocks) padded with block 0
-    q_index: torch.Tensor  # (B, max_q) flat token index of each padded query row; T = padding
-    out_index: torch.Tensor  # (T,) row of token t in the (B * max_q) padded output
-    mask: torch.Tensor  # (B, 1, max_q, max_ctx) True where query may attend to key
-    max_ctx: int
-    gather_buf: torch.Tensor | None = None  # (2, B * max_blocks, block_size, h_kv, d) reused by every layer
+    groups: tuple[DecodeGroup, ...] = ()
+    spans: tuple[Span, ...] = ()
+    gather_blocks: int = 0  # blocks the decode groups gather per layer, together
+    gather_buf: torch.Tensor | None = None  # (2, gather_blocks, block_size, h_kv, d) reused by every layer
+
+
+# What one more group costs per layer (a gather and an SDPA call), in padded context tokens; it
+# keeps a batch of similar contexts in one call and splits a batch of mixed ones.
+GROUP_COST_TOKENS = 64
+
+
+def group_by_context(ctx_lens: Sequence[int], cost_tokens: int = GROUP_COST_TOKENS) -> list[list[int]]:
+    """Indices of `ctx_lens` split into groups minimising Σ (size × longest) + cost per group:
+    an exact partition of the sorted lengths into runs (O(n²) dynamic programme)."""
+    order = sorted(range(len(ctx_lens)), key=ctx_lens.__getitem__)
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[i]: cost of the i shortest
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        longest = ctx_lens[order[i - 1]]
+        for j in range(i):  # the last group is order[j:i]
+            c = best[j] + (i - j) * longest + cost_tokens
+            if c < best[i]:
+                best[i], cut[i] = c, j
+    groups, i = [], n
+    while i > 0:
+        groups.append(order[cut[i]:i])
+        i = cut[i]
+    return groups[::-1]
 
 
 def build_metadata(q_lens: Sequence[int], ctx_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
@@ -33,35 +89,41 @@ def build_metadata(q_lens: Sequence[int], ctx_lens: Sequence[int], block_tables:
         [0, ctx_len - q_len)        already in the cache (computed by earlier steps or pulled)
         [ctx_len - q_len, ctx_len)  new this step: flat tokens [q_start, q_start + q_len)
     """
-    B, max_q, max_ctx = len(q_lens), max(q_lens), max(ctx_lens)
-    max_blocks = -(-max_ctx // block_size)
-    T = sum(q_lens)
-    tables = torch.zeros((B, max_blocks), dtype=torch.long)
     slots: list[int] = []
+    decodes: list[tuple[int, int, Sequence[int]]] = []  # (flat row, context, blocks)
+    spans: list[Span] = []
+    q_start = 0
     for b, (ql, cl, table) in enumerate(zip(q_lens, ctx_lens, block_tables)):
         assert len(table) * block_size >= cl, f"seq {b}: {len(table)} blocks cannot hold {cl} tokens"
-        tables[b, : len(table[:max_blocks])] = torch.tensor(table[:max_blocks], dtype=torch.long)
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(cl - ql, cl))
-    q_lens_t = torch.tensor(q_lens)
-    ctx_t = torch.tensor(ctx_lens)
-    starts = torch.cumsum(q_lens_t, 0) - q_lens_t
-    i = torch.arange(max_q)
-    valid_q = i[None, :] < q_lens_t[:, None]  # (B, max_q)
-    q_index = torch.where(valid_q, starts[:, None] + i[None, :], torch.full_like(valid_q, T, dtype=torch.long))
-    out_index = (torch.arange(B)[:, None] * max_q + i[None, :])[valid_q]  # (T,) in sequence order
-    q_pos = (ctx_t - q_lens_t)[:, None] + i[None, :]  # (B, max_q) absolute position of each query
-    j = torch.arange(max_ctx)
-    mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < ctx_t[:, None, None])
-    mask[~valid_q] = False
-    mask[:, :, 0] |= ~valid_q  # padded rows attend to one key so softmax stays finite; output dropped
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        block_tables=tables.to(device),
-        q_index=q_index.to(device),
-        out_index=out_index.to(device),
-        mask=mask.unsqueeze(1).to(device),
-        max_ctx=max_ctx,
-    )
+        if ql == 1:
+            decodes.append((q_start, cl, table))
+        elif ql == cl:
+            spans.append(Span(q_start, ql, cl, None, None))
+        else:
+            n = -(-cl // block_size)
+            i = torch.arange(ql)[:, None]
+            j = torch.arange(cl)[None, :]
+            spans.append(Span(q_start, ql, cl, torch.tensor(table[:n], dtype=torch.long, device=device),
+                              (j <= i + (cl - ql)).to(device)))
+        q_start += ql
+    groups: list[DecodeGroup] = []
+    offset = 0
+    for members in group_by_context([cl for _, cl, _ in decodes]):
+        rows = [decodes[m][0] for m in members]
+        ctx = [decodes[m][1] for m in members]
+        max_ctx = max(ctx)
+        max_blocks = -(-max_ctx // block_size)
+        tables = torch.zeros((len(members), max_blocks), dtype=torch.long)
+        for r, m in enumerate(members):
+            table = decodes[m][2][:max_blocks]
+            tables[r, : len(table)] = torch.tensor(table, dtype=torch.long)
+        mask = torch.arange(max_ctx)[None, :] < torch.tensor(ctx)[:, None]
+        groups.append(DecodeGroup(torch.tensor(rows, dtype=torch.long, device=device), tables.to(device),
+                                  mask[:, None, None, :].to(device), max_ctx, offset))
+        offset += tables.numel()
+    return AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+                             groups=tuple(groups), spans=tuple(spans), gather_blocks=offset)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -72,21 +134,43 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_blocks, block_size = k_cache.shape[:2]
     k_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, meta.slot_mapping, v)
-    B, max_blocks = meta.block_tables.shape
+    gqa = h_q != h_kv
+    out = q.new_empty(T, h_q, d)
+    for g in meta.groups:
+        out[g.rows] = _decode_attention(q.index_select(0, g.rows), k_cache, v_cache, g, meta.gather_buf, gqa)
+    for s in meta.spans:
+        rows = slice(s.q_start, s.q_start + s.q_len)
+        if s.blocks is None:  # a fresh prompt: its keys are exactly its new tokens
+            keys, vals = k[rows], v[rows]
+        else:
+            keys = k_cache.index_select(0, s.blocks).view(-1, h_kv, d)[: s.ctx_len]
+            vals = v_cache.index_select(0, s.blocks).view(-1, h_kv, d)[: s.ctx_len]
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0),
+            attn_mask=s.mask, is_causal=s.mask is None, enable_gqa=gqa,
+        )  # (1, h_q, q_len, d)
+        out[rows] = o[0].transpose(0, 1)
+    return out.view(T, h_q * d)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup,
+                      gather_buf: torch.Tensor | None, gqa: bool) -> torch.Tensor:
+    """One query per decode sequence of group `g`, (n, h_q, d) → (n, h_q, d)."""
+    n, max_blocks = g.block_tables.shape
+    block_size, h_kv, d = k_cache.shape[1:]
     # index_select into a buffer reused across layers: ~5x faster than advanced indexing on CPU, and
     # a fresh multi-MB tensor per layer would pay page faults on every call.
-    flat_tables = meta.block_tables.flatten()
-    if meta.gather_buf is None:
+    flat_tables = g.block_tables.flatten()
+    if gather_buf is None:
         keys, vals = k_cache.index_select(0, flat_tables), v_cache.index_select(0, flat_tables)
     else:
-        keys = torch.index_select(k_cache, 0, flat_tables, out=meta.gather_buf[0])
-        vals = torch.index_select(v_cache, 0, flat_tables, out=meta.gather_buf[1])
-    keys = keys.view(B, max_blocks * block_size, h_kv, d)[:, : meta.max_ctx]  # (B, max_ctx, h_kv, d)
-    vals = vals.view(B, max_blocks * block_size, h_kv, d)[:, : meta.max_ctx]
-    q_pad = torch.cat([q, q.new_zeros(1, h_q, d)])[meta.q_index]  # (B, max_q, h_q, d)
+        span = slice(g.buf_offset, g.buf_offset + flat_tables.numel())
+        keys = torch.index_select(k_cache, 0, flat_tables, out=gather_buf[0, span])
+        vals = torch.index_select(v_cache, 0, flat_tables, out=gather_buf[1, span])
+    keys = keys.view(n, max_blocks * block_size, h_kv, d)[:, : g.max_ctx]  # (n, max_ctx, h_kv, d)
+    vals = vals.view(n, max_blocks * block_size, h_kv, d)[:, : g.max_ctx]
     out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),  # (B, heads, len, d)
-        attn_mask=meta.mask, enable_gqa=h_q != h_kv,
-    )  # (B, h_q, max_q, d)
-    out = out.transpose(1, 2).reshape(-1, h_q * d)  # (B * max_q, h_q * d)
-    return out[meta.out_index]
+        q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),  # (n, heads, len, d)
+        attn_mask=g.mask, enable_gqa=gqa,
+    )  # (n, h_q, 1, d)
+    return out.squeeze(2)

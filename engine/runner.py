@@ -45,7 +45,7 @@ class ModelRunner:
             ctx_lens.append(end)
         meta = build_metadata(q_lens, ctx_lens, [c.request.block_table for c in chunks],
                               self.pool.layout.block_size, self.device)
-        meta = dataclasses.replace(meta, gather_buf=self._gather_buffer(meta.block_tables.numel()))
+        meta = dataclasses.replace(meta, gather_buf=self._gather_buffer(meta.gather_blocks))
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return as_long(ids), as_long(pos), meta
 

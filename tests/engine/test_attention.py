@@ -1,0 +1,74 @@
+"""Paged attention on a mixed batch against dense per-sequence attention, and the decode grouping."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from pdserve.engine.attention import build_metadata, group_by_context, paged_attention
+
+BLOCK, H_Q, H_KV, D = 4, 4, 2, 8
+
+
+def _dense(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, ctx: int) -> torch.Tensor:
+    """q (n, h_q, d) at the last n positions of a context of `ctx` tokens; keys/vals (ctx, h_kv, d)."""
+    rep = H_Q // H_KV
+    k, v = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / D**0.5
+    pos = torch.arange(ctx - q.shape[0], ctx)[:, None]
+    scores = scores.masked_fill(torch.arange(ctx)[None, :] > pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mixed_batch_equals_dense_attention(seed: int) -> None:
+    """Decodes at very different contexts (several groups), a fresh prompt, a chunk after a cached
+    prefix and a one-token-context decode, in one shuffled batch."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    shapes = [(1, 3), (1, 9), (1, 200), (1, 210), (1, 1), (17, 17), (6, 40), (1, 57)]  # (q_len, ctx_len)
+    rng.shuffle(shapes)
+    num_blocks = sum(-(-c // BLOCK) for _, c in shapes) + 4
+    k_cache = torch.zeros(num_blocks, BLOCK, H_KV, D)
+    v_cache = torch.zeros(num_blocks, BLOCK, H_KV, D)
+    free = list(range(1, num_blocks))
+    rng.shuffle(free)
+    tables, full_k, full_v = [], [], []
+    for ql, cl in shapes:
+        table = [free.pop() for _ in range(-(-cl // BLOCK))]
+        kk, vv = torch.randn(cl, H_KV, D), torch.randn(cl, H_KV, D)
+        for p in range(cl - ql):  # the cached prefix is already in the pool
+            k_cache[table[p // BLOCK], p % BLOCK] = kk[p]
+            v_cache[table[p // BLOCK], p % BLOCK] = vv[p]
+        tables.append(table)
+        full_k.append(kk)
+        full_v.append(vv)
+    q = torch.randn(sum(ql for ql, _ in shapes), H_Q, D)
+    new_k = torch.cat([kk[cl - ql:] for kk, (ql, cl) in zip(full_k, shapes)])
+    new_v = torch.cat([vv[cl - ql:] for vv, (ql, cl) in zip(full_v, shapes)])
+    meta = build_metadata([s[0] for s in shapes], [s[1] for s in shapes], tables, BLOCK, torch.device("cpu"))
+    assert len(meta.groups) >= 2 and len(meta.spans) == 2
+    out = paged_attention(q, new_k, new_v, k_cache, v_cache, meta).view(-1, H_Q, D)
+    start = 0
+    for (ql, cl), kk, vv in zip(shapes, full_k, full_v):
+        want = _dense(q[start:start + ql], kk, vv, cl)
+        torch.testing.assert_close(out[start:start + ql], want, atol=1e-5, rtol=1e-5)
+        start += ql
+
+
+def test_group_by_context_is_the_cheapest_partition() -> None:
+    rng = random.Random(0)
+    for _ in range(40):
+        ctx = [rng.choice([1, 5, 30, 31, 200, 220, 900]) + rng.randrange(3) for _ in range(rng.randrange(1, 7))]
+        cost = lambda groups: sum(len(g) * max(ctx[i] for i in g) + 64 for g in groups)  # noqa: E731
+        got = group_by_context(ctx, 64)
+        assert sorted(i for g in got for i in g) == list(range(len(ctx)))
+        order = sorted(range(len(ctx)), key=ctx.__getitem__)
+        best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(ctx),))])
+                   for r in range(len(ctx)) for cuts in itertools.combinations(range(1, len(ctx)), r))
+        assert cost(got) == best
+    assert len(group_by_context([100, 101, 102, 103])) == 1  # similar contexts: one call
+    assert len(group_by_context([10, 2000])) == 2  # padding 10 to 2000 costs more than a call
