@@ -16,14 +16,24 @@ from pdserve.bench.tokenizer import load_tokenizer
 from pdserve.bench.workload import WorkloadRequest, WorkloadSpec, build_workload
 
 
-def unloaded_latency(endpoint: Endpoint, workload: Sequence[WorkloadRequest], num_requests: int = 5,
-                     timeout_s: float = 600.0) -> tuple[float, float]:
-    """(median TTFT, median TPOT) in seconds of `num_requests` requests sent one at a time,
-    after one more that warms the server up and is not counted."""
+def unloaded_records(endpoint: Endpoint, workload: Sequence[WorkloadRequest], num_requests: int = 5,
+                     timeout_s: float = 600.0) -> list[RequestRecord]:
+    """`num_requests` requests sent one at a time, after one more that warms the server up and
+    is not returned."""
     import asyncio
 
     load = LoadConfig(rate=math.inf, max_concurrency=1, timeout_s=timeout_s, progress=False)
-    records = asyncio.run(run_load(endpoint, list(workload[:num_requests + 1]), load)).records[1:]
+    return asyncio.run(run_load(endpoint, list(workload[:num_requests + 1]), load)).records[1:]
+
+
+def unloaded_latency(endpoint: Endpoint, workload: Sequence[WorkloadRequest], num_requests: int = 5,
+                     timeout_s: float = 600.0) -> tuple[float, float]:
+    """(median TTFT, median TPOT) in seconds of `unloaded_records`."""
+    return median_latency(unloaded_records(endpoint, workload, num_requests, timeout_s))
+
+
+def median_latency(records: Sequence[RequestRecord]) -> tuple[float, float]:
+    """(median TTFT, median TPOT) of the requests that completed with 2+ tokens."""
     ttfts = [r.ttft_s for r in records if r.ok and r.ttft_s is not None]
     tpots = [t for r in records if (t := r.tpot_s) is not None]
     if not ttfts or not tpots:

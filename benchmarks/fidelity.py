@@ -57,8 +57,9 @@ class Setup:
     token_budget: int = 2048  # PoolConfig.max_num_batched_tokens
     max_num_seqs: int = 64
     kv_capacity_tokens: int = int(1e9) // (KV_BYTES_PER_TOKEN * 16) * 16
-    link_bytes_per_s: float = 1e9  # gRPC streaming on localhost
+    link_bytes_per_s: float = 0.51e9  # a KV pull over gRPC on this machine (BENCHMARKS.md §5, transports)
     transfer_overhead_s: float = 2e-3
+    pull_at_step_boundary: bool = True  # the decode worker starts pulls between its iterations
     step_overhead_s: float = 0.0
     ttft_overhead_s: float = 0.0  # HTTP + router + Ray before the first token (not engine time)
 
@@ -82,7 +83,8 @@ def deployment(kind: str, profile: PhaseProfile, setup: Setup) -> Deployment:
         transfer = TransferModel(kv_bytes_per_token=KV_BYTES_PER_TOKEN, bytes_per_s=setup.link_bytes_per_s,
                                  overhead_s=setup.transfer_overhead_s)
         return Deployment(mode="disaggregated", prefill=(lat,) * setup.prefill_instances,
-                          decode=(lat,) * setup.decode_instances, transfer=transfer, **common)
+                          decode=(lat,) * setup.decode_instances, transfer=transfer,
+                          pull_at_step_boundary=setup.pull_at_step_boundary, **common)
     return Deployment(mode="colocated", prefill=(lat,) * setup.colocated_instances, colocated_policy=kind,
                       chunk_size=setup.chunk_tokens, **common)
 
@@ -106,23 +108,31 @@ def sim_attainment(res: SimResult, output_lens: Sequence[int], slo: SLO) -> floa
 
 def calibrate(slo_file: Path, runs: dict[str, RunData], profile: PhaseProfile, setup: Setup) -> tuple[Setup, str]:
     """Overheads from the unloaded run in slo.json: its requests were workload[1:9] sent one at a
-    time (bench/quick.py `unloaded_latency`) on the system named there. The per-step overhead is
-    the measured median TPOT minus the simulated one; the TTFT overhead is what is left of the
-    measured median TTFT after the simulated prefill and one step overhead."""
+    time (benchmarks/headline.py) on the system named there. The per-step overhead is the measured
+    median TPOT minus the simulated one; the TTFT overhead is what is left of the measured median
+    TTFT after the simulated prefill and one step overhead; the fixed KV-transfer overhead (when
+    slo.json holds the requests' server breakdown) is the median measured transfer minus bytes ÷ link."""
     base = json.loads(slo_file.read_text())
     kind = system_kind(base.get("measured_on", "disaggregated"))
+    unloaded = [u for u in base.get("unloaded_requests", []) if "transfer_s" in (u.get("server_timings") or {})]
+    xfer = setup.transfer_overhead_s
+    if unloaded:
+        xfer = max(0.0, statistics.median(u["server_timings"]["transfer_s"] - u["prompt_len"] * KV_BYTES_PER_TOKEN
+                                          / setup.link_bytes_per_s for u in unloaded))
     lengths = next(iter(runs.values())).path / "lengths.jsonl"
     rows = [json.loads(line) for line in lengths.read_text().splitlines() if line.strip()][1:9]
     records = [RequestRecord(i, r["prompt_len"], r["output_len"], 1000.0 * i) for i, r in enumerate(rows)]
-    res = simulate_records(kind, records, profile, dataclasses.replace(setup, step_overhead_s=0.0, ttft_overhead_s=0.0))
+    zero = dataclasses.replace(setup, step_overhead_s=0.0, ttft_overhead_s=0.0, transfer_overhead_s=xfer)
+    res = simulate_records(kind, records, profile, zero)
     sim_ttft = statistics.median(res.ttft_s)
     sim_tpot = statistics.median(t for t, r in zip(res.tpot_s, records) if r.output_len >= 2)
     step = max(0.0, base["unloaded_tpot_s"] - sim_tpot)
     ttft = max(0.0, base["unloaded_ttft_s"] - sim_ttft - step)
     note = (f"calibrated on the unloaded run ({kind}): measured TTFT {base['unloaded_ttft_s'] * 1e3:.0f} ms vs "
             f"profile {sim_ttft * 1e3:.0f} ms, TPOT {base['unloaded_tpot_s'] * 1e3:.1f} ms vs profile "
-            f"{sim_tpot * 1e3:.1f} ms → step overhead {step * 1e3:.1f} ms, TTFT overhead {ttft * 1e3:.0f} ms")
-    return dataclasses.replace(setup, step_overhead_s=step, ttft_overhead_s=ttft), note
+            f"{sim_tpot * 1e3:.1f} ms → step overhead {step * 1e3:.1f} ms, TTFT overhead {ttft * 1e3:.0f} ms"
+            + (f", KV-transfer overhead {xfer * 1e3:.0f} ms (median of {len(unloaded)} unloaded pulls)" if unloaded else ""))
+    return dataclasses.replace(zero, step_overhead_s=step, ttft_overhead_s=ttft), note
 
 
 def p90(xs: Sequence[float]) -> float:
@@ -217,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="unloaded: calibrate from slo.json; manual: --step-overhead-ms/--ttft-overhead-ms")
     ap.add_argument("--step-overhead-ms", type=float, default=0.0)
     ap.add_argument("--ttft-overhead-ms", type=float, default=0.0)
-    ap.add_argument("--link-gbps", type=float, default=1.0, help="KV transfer bandwidth, GB/s (gRPC on localhost)")
+    ap.add_argument("--link-gbps", type=float, default=0.51,
+                    help="KV transfer bandwidth, GB/s (default: a KV pull over gRPC here, BENCHMARKS.md §5)")
     ap.add_argument("--transfer-overhead-ms", type=float, default=2.0)
     ap.add_argument("--chunk-tokens", type=int, default=32)
     ap.add_argument("--colocated-instances", type=int, default=2)

@@ -25,7 +25,7 @@ from pathlib import Path
 from pdserve.bench.client import Endpoint
 from pdserve.bench.loadgen import LoadConfig
 from pdserve.bench.metrics import SLO
-from pdserve.bench.quick import unloaded_latency
+from pdserve.bench.quick import median_latency, unloaded_records
 from pdserve.bench.runner import BenchConfig, run_rates, save
 from pdserve.bench.tokenizer import load_tokenizer
 from pdserve.bench.workload import WorkloadSpec, build_workload
@@ -82,10 +82,15 @@ def main() -> None:
         try:
             endpoint = Endpoint(deployment.url, model=cfg.model)
             if not slo_file.exists():  # measured once, unloaded, and shared by every system
-                ttft, tpot = unloaded_latency(endpoint, workload, num_requests=8)
+                records = unloaded_records(endpoint, workload, num_requests=8)
+                ttft, tpot = median_latency(records)
+                # the requests themselves (with the server's breakdown) calibrate benchmarks/fidelity.py
+                unloaded = [{"prompt_len": r.prompt_len, "output_len": r.output_len, "ttft_s": r.ttft_s,
+                             "tpot_s": r.tpot_s, "server_timings": r.server_timings} for r in records]
                 slo_file.write_text(json.dumps({"unloaded_ttft_s": ttft, "unloaded_tpot_s": tpot,
                                                 "measured_on": name, "ttft_scale": args.ttft_scale,
-                                                "tpot_scale": args.tpot_scale}, indent=2))
+                                                "tpot_scale": args.tpot_scale, "unloaded_requests": unloaded},
+                                               indent=2))
             base = json.loads(slo_file.read_text())
             slo = SLO(base["unloaded_ttft_s"] * args.ttft_scale, base["unloaded_tpot_s"] * args.tpot_scale, 0.9)
             bench = BenchConfig(endpoint, slo, gpus=2.0, load=LoadConfig(rate=1.0, progress=False),

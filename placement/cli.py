@@ -49,6 +49,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("-o", "--output", default="profile.json")
     f.add_argument("--max-batch-tokens", type=int, default=2048, help="largest batch measured, in tokens")
     f.add_argument("--max-len", type=int, default=1024)
+    f.add_argument("--max-decode-tokens", type=int, default=16384, help="largest decode batch measured, in context tokens")
     f.add_argument("--repeats", type=int, default=3)
     f.set_defaults(func=run_profile)
 
@@ -174,8 +175,9 @@ def run_simulate(args: argparse.Namespace) -> int:
 def run_profile(args: argparse.Namespace) -> int:
     from pdserve.placement.profile import Grid, fit_and_write, measure_engine
 
-    grid = Grid(max_batch_tokens=args.max_batch_tokens, max_len=args.max_len)
-    print(f"profiling {args.model} over {len(grid.points())} grid points", file=sys.stderr)
+    grid = Grid(max_batch_tokens=args.max_batch_tokens, max_len=args.max_len, max_decode_tokens=args.max_decode_tokens)
+    print(f"profiling {args.model} over {len(grid.points())} prefill and {len(grid.decode_points())} decode points",
+          file=sys.stderr)
     pre, dec = measure_engine(args.model, grid, args.repeats,
                               progress=lambda i, n: print(f"  [{i}/{n}]", file=sys.stderr))
     try:

@@ -30,6 +30,9 @@ class Deployment:
     colocated_policy: Literal["prefill_priority", "chunked"] = "prefill_priority"
     chunk_size: int = 512  # tokens per iteration under chunked prefill
     phases: Phases = "both"  # "prefill"/"decode": simulate one phase alone (DistServe Alg. 1)
+    pull_at_step_boundary: bool = False
+    """A decode instance starts a KV pull only between two of its iterations (pdserve's decode
+    worker: the step thread owns the pool), not the moment the request arrives (DistServe's model)."""
 
     def __post_init__(self) -> None:
         if not self.prefill and self.phases != "decode":

@@ -4,12 +4,22 @@ instance the stage times, KV capacity and the way decode iterations grow, which 
   prefill  T = a + b·Σl + c·Σl²    (l: prompt lengths in the batch)
   decode   T = a + b·Σctx + c·B    (B: batch size; `decode_small` up to the threshold, then `decode_large`)
 
+A measured profile may also carry two curves that replace the linear terms where it has data
+(DistServe's form assumes GPU kernels whose time is linear in the batch; a CPU's small-M GEMMs are
+not: on this machine a decode step of 2 sequences costs 1.55× one of 1, and 3 costs more than 4):
+
+  prefill  T = P(Σl) + c'·Σl²      (P: measured time at Σl tokens without the attention term)
+  decode   T = D(B) + b'·Σctx      (D: measured time at batch B without the context term)
+
+both piecewise linear between the measured points (`Curve`, which carries its own c' or b').
+
 Times are seconds for the whole model on `tp` GPUs. A PP instance splits it into `pp` stages:
 a prefill stage takes T/pp + `pp_stage_overhead_s`, a decode stage T/pp (DistServe's model).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,20 +40,70 @@ class Coeffs:
         return Coeffs(self.a * k, self.b * k, self.c * k)
 
 
+@dataclass(frozen=True)
+class Curve:
+    """T = f(key) + slope·x, f piecewise linear through measured points (xs strictly increasing),
+    held flat before the first point and continued past the last along the last segment's slope
+    (never downwards)."""
+
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    slope: float
+
+    def __post_init__(self) -> None:
+        if len(self.xs) != len(self.ys) or not self.xs or any(b <= a for a, b in zip(self.xs, self.xs[1:])):
+            raise ValueError(f"curve: need matching, strictly increasing points, got xs={self.xs}")
+
+    def __call__(self, key: float, x: float) -> float:
+        return self.base(key) + self.slope * x
+
+    def base(self, key: float) -> float:
+        xs, ys = self.xs, self.ys
+        if key <= xs[0]:
+            return ys[0]
+        i = bisect.bisect_left(xs, key)
+        if i == len(xs):
+            rise = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+            return ys[-1] + max(rise, 0.0) * (key - xs[-1])
+        t = (key - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + t * (ys[i] - ys[i - 1])
+
+    def shifted(self, dy: float) -> Curve:
+        return Curve(self.xs, tuple(y + dy for y in self.ys), self.slope)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PhaseProfile:
-    """Fitted full-model times (seconds) of one (model, GPU, TP)."""
+    """Fitted full-model times (seconds) of one (model, GPU, TP). When present, `prefill_tokens`
+    replaces the prefill form (continued past its last point) and `decode_batch` the decode form
+    up to its largest measured batch."""
 
     prefill: Coeffs
     decode_small: Coeffs
     decode_large: Coeffs
     large_batch_threshold: int = 95
+    prefill_tokens: Curve | None = None  # T(Σl, Σl²)
+    decode_batch: Curve | None = None  # T(B, Σctx)
 
     def prefill_s(self, sum_len: float, sum_len_sq: float) -> float:
-        return self.prefill(sum_len, sum_len_sq)
+        if self.prefill_tokens is None:
+            return self.prefill(sum_len, sum_len_sq)
+        return self.prefill_tokens(sum_len, sum_len_sq)
+
+    def prefill_extra_s(self, base_tokens: int, num_tokens: float, sum_sq: float) -> float:
+        """What `num_tokens` prompt tokens (attention term `sum_sq`) add to a step that already
+        carries `base_tokens` tokens: a chunked-prefill iteration riding on a decode batch."""
+        if self.prefill_tokens is None:
+            return self.prefill.b * num_tokens + self.prefill.c * sum_sq
+        curve = self.prefill_tokens
+        return max(0.0, curve.base(base_tokens + num_tokens) - curve.base(base_tokens)) + curve.slope * sum_sq
 
     def decode_coeffs(self, batch_size: int) -> Coeffs:
-        return self.decode_small if batch_size <= self.large_batch_threshold else self.decode_large
+        """Per-iteration `a + b·Σctx + c·B` at this batch size (with a batch curve: a = D(B), c = 0)."""
+        linear = self.decode_small if batch_size <= self.large_batch_threshold else self.decode_large
+        if self.decode_batch is None or batch_size > self.decode_batch.xs[-1]:
+            return linear
+        return Coeffs(self.decode_batch.base(batch_size), self.decode_batch.slope, 0.0)
 
     def decode_s(self, sum_ctx: float, batch_size: int) -> float:
         return self.decode_coeffs(batch_size)(sum_ctx, batch_size)

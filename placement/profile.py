@@ -17,21 +17,38 @@ from pdserve.placement.fit import DecodeSample, FitReport, PrefillSample, fit_pr
 from pdserve.placement.latency import PhaseProfile
 from pdserve.placement.profile_file import profile_to_json
 
-BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192)
-LENGTHS = (4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2020)
+BATCH_SIZES = (1, 2, 3, 4, 8, 16, 32, 64, 96, 128, 160, 192)
+LENGTHS = (4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 768, 1024, 1536, 2020)
+# Decode at every small batch size: on CPUs (and small GPUs) the step time is not linear in B there.
+DECODE_BATCH_SIZES = tuple(range(1, 17)) + (24, 32, 48, 64, 96, 128, 160, 192)
+DECODE_CONTEXTS = (16, 128, 512, 2020)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Grid:
+    """Prefill: b prompts of length n for every (b, n) with b·n <= max_batch_tokens. Decode: one
+    step of b sequences at context n for every (b, n) with b·n <= max_decode_tokens."""
+
     batch_sizes: tuple[int, ...] = BATCH_SIZES
     lengths: tuple[int, ...] = LENGTHS
     max_batch_tokens: int = 8192
     max_len: int = 2048
+    decode_batch_sizes: tuple[int, ...] = DECODE_BATCH_SIZES
+    decode_contexts: tuple[int, ...] = DECODE_CONTEXTS
+    max_decode_tokens: int = 16384
 
     def points(self) -> list[tuple[int, int]]:
-        """(batch size, length) pairs in the budget, cheapest first."""
-        pts = [(b, n) for b in self.batch_sizes for n in self.lengths if n <= self.max_len and b * n <= self.max_batch_tokens]
-        return sorted(pts, key=lambda bn: bn[0] * bn[1])
+        """Prefill (batch size, length) pairs in the budget, cheapest first."""
+        return _pairs(self.batch_sizes, self.lengths, self.max_len, self.max_batch_tokens)
+
+    def decode_points(self) -> list[tuple[int, int]]:
+        """Decode (batch size, context length) pairs in the budget, cheapest first."""
+        return _pairs(self.decode_batch_sizes, self.decode_contexts, self.max_len, self.max_decode_tokens)
+
+
+def _pairs(batch_sizes: Sequence[int], lengths: Sequence[int], max_len: int, budget: int) -> list[tuple[int, int]]:
+    pts = [(b, n) for b in batch_sizes for n in lengths if n <= max_len and b * n <= budget]
+    return sorted(pts, key=lambda bn: bn[0] * bn[1])
 
 
 Timer = Callable[[list[int]], float]  # seconds for one batched forward at these lengths
@@ -42,13 +59,16 @@ def measure(grid: Grid, time_prefill: Timer, time_decode: Timer,
     """Prefill of b prompts of length n, and one decode step of b sequences at context n."""
     pre: list[PrefillSample] = []
     dec: list[DecodeSample] = []
-    points = grid.points()
-    for i, (b, n) in enumerate(points):
-        lens = [n] * b
-        pre.append(PrefillSample(tuple(lens), time_prefill(lens)))
-        dec.append(DecodeSample(tuple(lens), time_decode(lens)))
+    prefill_points, decode_points = grid.points(), grid.decode_points()
+    total = len(prefill_points) + len(decode_points)
+    for i, (b, n) in enumerate(prefill_points):
+        pre.append(PrefillSample((n,) * b, time_prefill([n] * b)))
         if progress:
-            progress(i + 1, len(points))
+            progress(i + 1, total)
+    for i, (b, n) in enumerate(decode_points):
+        dec.append(DecodeSample((n,) * b, time_decode([n] * b)))
+        if progress:
+            progress(len(prefill_points) + i + 1, total)
     return pre, dec
 
 

@@ -3,7 +3,12 @@
   {"<hf model name>": {"<tp>": {"prefill": [a, b, c], "decoding_smallbs": [a, b, c],
                                "decoding_largebs": [a, b, c], "decoding_large_small_bs_threshold": 95}}}
 
-Times are milliseconds in the file and seconds in `PhaseProfile`. The published DistServe A100-80GB
+Times are milliseconds in the file and seconds in `PhaseProfile`. A profile `pdserve profile` measured
+also carries the measured curves (latency.py), in keys DistServe's readers ignore:
+
+  "prefill_curve": {"x": [Σl, ...], "ms": [...], "slope_ms": c'}        T = P(Σl) + c'·Σl²
+  "decode_curve":  {"x": [B, ...],  "ms": [...], "slope_ms": b'}        T = D(B) + b'·Σctx
+ The published DistServe A100-80GB
 profile ships in `data/distserve-a100-80g.json` (OPT-13B TP 1/2/4, OPT-66B TP 2/3/4/8).
 """
 
@@ -15,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pdserve.placement.latency import Coeffs, PhaseProfile
+from pdserve.placement.latency import Coeffs, Curve, PhaseProfile
 from pdserve.placement.model_spec import ModelSpec
 
 PUBLISHED = {"distserve-a100": "data/distserve-a100-80g.json",
@@ -63,18 +68,33 @@ def parse_profile(data: Any, where: str = "profile") -> dict[str, dict[int, Phas
                     prefill=_coeffs(entry["prefill"]),
                     decode_small=_coeffs(entry["decoding_smallbs"]),
                     decode_large=_coeffs(entry["decoding_largebs"]),
-                    large_batch_threshold=int(entry.get("decoding_large_small_bs_threshold", 95)))
+                    large_batch_threshold=int(entry.get("decoding_large_small_bs_threshold", 95)),
+                    prefill_tokens=_curve(entry.get("prefill_curve")),
+                    decode_batch=_curve(entry.get("decode_curve")))
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{where}: {model} tp={tp}: bad entry ({e!r})") from None
     return table
 
 
 def profile_to_json(table: dict[str, dict[int, PhaseProfile]]) -> dict[str, Any]:
-    return {model: {str(tp): {"decoding_large_small_bs_threshold": p.large_batch_threshold,
-                              "prefill": _ms(p.prefill), "decoding_smallbs": _ms(p.decode_small),
-                              "decoding_largebs": _ms(p.decode_large)}
-                    for tp, p in sorted(per_tp.items())}
-            for model, per_tp in table.items()}
+    return {model: {str(tp): _entry(p) for tp, p in sorted(per_tp.items())} for model, per_tp in table.items()}
+
+
+def _entry(p: PhaseProfile) -> dict[str, Any]:
+    entry: dict[str, Any] = {"decoding_large_small_bs_threshold": p.large_batch_threshold,
+                             "prefill": _ms(p.prefill), "decoding_smallbs": _ms(p.decode_small),
+                             "decoding_largebs": _ms(p.decode_large)}
+    for key, curve in (("prefill_curve", p.prefill_tokens), ("decode_curve", p.decode_batch)):
+        if curve is not None:
+            entry[key] = {"x": list(curve.xs), "ms": [y * 1e3 for y in curve.ys], "slope_ms": curve.slope * 1e3}
+    return entry
+
+
+def _curve(entry: Any) -> Curve | None:
+    if entry is None:
+        return None
+    return Curve(tuple(float(x) for x in entry["x"]), tuple(float(y) * 1e-3 for y in entry["ms"]),
+                 float(entry["slope_ms"]) * 1e-3)
 
 
 def _coeffs(ms: list[float]) -> Coeffs:

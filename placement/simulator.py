@@ -181,9 +181,17 @@ class _Sim:
             dec.waiting_tokens -= need
             dec.reserved += need
             dec.running += 1
-            start = max(self.now, dec.link_free)
+            start = max(self.now, dec.link_free, self.next_boundary(dec) if self.dep.pull_at_step_boundary else 0.0)
             dec.link_free = start + transfer.transfer_s(plen[r])
             self.push(dec.link_free, _XFER_DONE, r, di)
+
+    def next_boundary(self, dec: _Decode) -> float:
+        """When the instance's running iteration ends (now, if it is idle)."""
+        lane = min(dec.lanes, key=lambda ln: ln.num_reqs)
+        if lane.num_reqs == 0:
+            return self.now
+        self.sync(lane)
+        return lane.time_at(lane.i0)
 
     def release_prefill(self, r: int) -> None:
         if self.dep.phases == "decode":
@@ -332,11 +340,11 @@ class _Sim:
             self.prefilled[r] = d + s
             if d + s == self.plen[r]:
                 done.append(inst.waiting.popleft())
-        pc = inst.lat.profile.prefill
+        prof = inst.lat.profile
         if lane.num_reqs:
-            dt = inst.lat.profile.decode_s(lane.sum_ctx, lane.num_reqs) + pc.b * x1 + pc.c * x2
+            dt = prof.decode_s(lane.sum_ctx, lane.num_reqs) + prof.prefill_extra_s(lane.num_reqs, x1, x2)
         else:
-            dt = pc(x1, x2)
+            dt = prof.prefill_s(x1, x2)
         lane.custom_step(dt)
         for r in done:
             self.coloc_first_token(ci, inst, lane, r, lane.t0)

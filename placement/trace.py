@@ -55,7 +55,9 @@ def with_step_overhead(profile: PhaseProfile, step_s: float) -> PhaseProfile:
         return Coeffs(c.a + step_s, c.b, c.c)
 
     return replace(profile, prefill=add(profile.prefill), decode_small=add(profile.decode_small),
-                   decode_large=add(profile.decode_large))
+                   decode_large=add(profile.decode_large),
+                   prefill_tokens=profile.prefill_tokens and profile.prefill_tokens.shifted(step_s),
+                   decode_batch=profile.decode_batch and profile.decode_batch.shifted(step_s))
 
 
 def replay(dep: Deployment, trace: Trace, router_dispatch: bool = True) -> SimResult:

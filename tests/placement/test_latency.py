@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pdserve.placement.hardware import load_gpu
-from pdserve.placement.latency import kv_capacity_tokens
+from pdserve.placement.latency import Coeffs, Curve, PhaseProfile, kv_capacity_tokens
 from pdserve.placement.model_spec import from_hf_config, load_model
 from pdserve.placement.profile_file import load_profile
 from pdserve.placement.roofline import Roofline
@@ -75,3 +75,26 @@ def test_transfer_time_scales_with_codec():
     assert int8.transfer_s(1000) < raw.transfer_s(1000) / 1.9
     with pytest.raises(ValueError, match="codec"):
         TransferModel(kv_bytes_per_token=1, bytes_per_s=1, codec="zip")
+
+
+def test_curve_interpolates_and_extends():
+    c = Curve((1, 2, 4), (0.05, 0.08, 0.09), 1e-5)
+    assert c.base(0) == c.base(1) == 0.05  # flat before the first point
+    assert c.base(3) == pytest.approx(0.085) and c(3, 1000) == pytest.approx(0.095)
+    assert c.base(8) == pytest.approx(0.11)  # past the last point along the last slope
+    assert Curve((1, 2), (0.08, 0.05), 0.0).base(5) == 0.05  # never continued downwards
+    with pytest.raises(ValueError, match="increasing"):
+        Curve((2, 1), (0.1, 0.2), 0.0)
+
+
+def test_profile_uses_curves_where_measured():
+    linear = PhaseProfile(prefill=Coeffs(0.01, 1e-3, 0.0), decode_small=Coeffs(0.05, 1e-5, 0.004),
+                          decode_large=Coeffs(0.05, 1e-5, 0.004))
+    p = PhaseProfile(prefill=linear.prefill, decode_small=linear.decode_small, decode_large=linear.decode_large,
+                     prefill_tokens=Curve((32, 512), (0.04, 0.60), 1e-7), decode_batch=Curve((1, 2, 4), (0.05, 0.08, 0.09), 1e-5))
+    assert p.decode_s(600, 2) == pytest.approx(0.08 + 600e-5)
+    assert p.decode_s(600, 5) == linear.decode_s(600, 5)  # past the measured batches: the linear fit
+    assert p.prefill_s(272, 272**2) == pytest.approx(0.32 + 1e-7 * 272**2)
+    # a 32-token chunk riding on 4 decodes costs what the curve adds between 4 and 36 tokens
+    assert p.prefill_extra_s(4, 32, 1000) == pytest.approx(p.prefill_tokens.base(36) - 0.04 + 1e-4)
+    assert linear.prefill_extra_s(4, 32, 1000) == pytest.approx(32e-3)

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
 from pdserve.placement.deployment import Deployment
 from pdserve.placement.lane import Lane
-from pdserve.placement.latency import Coeffs, InstanceLatency, PhaseProfile
+from pdserve.placement.latency import Coeffs, Curve, InstanceLatency, PhaseProfile
 from pdserve.placement.simulator import simulate
 from pdserve.placement.transfer import TransferModel
 from pdserve.placement.workload import Trace, Workload, load_lengths, sharegpt_like
 
 PROFILE = PhaseProfile(prefill=Coeffs(0.010, 1e-4, 1e-8), decode_small=Coeffs(0.020, 6e-7, 4e-4),
                        decode_large=Coeffs(0.007, 5e-7, 1.5e-3), large_batch_threshold=8)
+# A measured profile: decode step time not linear (nor monotone) in the batch, up to batch 6.
+CURVED = dataclasses.replace(PROFILE, decode_batch=Curve((1, 2, 3, 4, 6), (0.020, 0.031, 0.038, 0.034, 0.036), 7e-7),
+                             prefill_tokens=Curve((16, 256, 1024), (0.012, 0.036, 0.120), 1e-8))
 
 
-def inst(tp: int = 1, pp: int = 1, cap: int = 10**7) -> InstanceLatency:
-    return InstanceLatency(tp=tp, pp=pp, profile=PROFILE, kv_capacity_tokens=cap, pp_stage_overhead_s=0.001 * pp)
+def inst(tp: int = 1, pp: int = 1, cap: int = 10**7, profile: PhaseProfile = PROFILE) -> InstanceLatency:
+    return InstanceLatency(tp=tp, pp=pp, profile=profile, kv_capacity_tokens=cap, pp_stage_overhead_s=0.001 * pp)
 
 
 def one(p: int, o: int) -> Trace:
@@ -57,7 +61,7 @@ def test_single_request_colocated_and_pipeline():
     assert pp2.ttft_s[0] == pytest.approx(PROFILE.prefill_s(300, 300**2) + 2 * 0.002)  # T/pp + pp ms per stage
 
 
-def _reference_decode(arrivals, plens, olens):
+def _reference_decode(profile, arrivals, plens, olens):
     """Per-iteration continuous batching, unlimited memory: the ground truth for the closed form."""
     order = sorted(range(len(arrivals)), key=arrivals.__getitem__)
     t, k, running, tpot = 0.0, 0, [], [0.0] * len(arrivals)
@@ -68,7 +72,7 @@ def _reference_decode(arrivals, plens, olens):
             r = order[k]
             running.append([r, plens[r] + 1, olens[r] - 1])
             k += 1
-        t += PROFILE.decode_s(sum(x[1] for x in running), len(running))
+        t += profile.decode_s(sum(x[1] for x in running), len(running))
         for x in running:
             x[1] += 1
             x[2] -= 1
@@ -78,13 +82,14 @@ def _reference_decode(arrivals, plens, olens):
     return tpot
 
 
-def test_decode_closed_form_equals_per_iteration_reference():
+@pytest.mark.parametrize("profile", [PROFILE, CURVED], ids=["linear", "measured-curve"])
+def test_decode_closed_form_equals_per_iteration_reference(profile):
     w = Workload("w", tuple(range(20, 420, 7)), tuple(range(2, 200, 3))[:58])
     trace = w.trace(300, seed=3)
     for rate in (5.0, 40.0, 200.0):  # idle, batch sizes around the small/large split, heavy
-        dep = Deployment(prefill=(), decode=(inst(),), phases="decode")
+        dep = Deployment(prefill=(), decode=(inst(profile=profile),), phases="decode")
         got = simulate(dep, trace, rate).tpot_s
-        want = _reference_decode(trace.arrivals(rate), trace.prompt_lens, trace.output_lens)
+        want = _reference_decode(profile, trace.arrivals(rate), trace.prompt_lens, trace.output_lens)
         assert got == pytest.approx(want, rel=1e-9)
 
 
@@ -128,3 +133,18 @@ def test_sharegpt_like_matches_published_means(tmp_path):
     assert load_lengths(tmp_path / "l.csv").output_lens == (7,)
     t = w.trace(100, seed=1)
     assert t.arrivals(2.0)[-1] == pytest.approx(t.unit_arrivals[-1] / 2)
+
+
+def test_pull_at_step_boundary_waits_for_the_running_iteration():
+    """pdserve's decode worker starts a pull only between iterations: a request arriving just
+    after a boundary of a busy instance joins one iteration later than under DistServe's model."""
+    xfer = TransferModel(kv_bytes_per_token=0.0, bytes_per_s=1e9, overhead_s=0.001)
+    d = [PROFILE.decode_s(101 + k, 1) for k in range(3)]  # A's first iterations, alone
+    t_b = 1.001 + d[0] + d[1] + 1e-4  # B arrives just after A's second boundary
+    trace = Trace((1.0, t_b), (100, 20), (50, 11))
+    finish = {}
+    for at_boundary in (False, True):
+        dep = Deployment(prefill=(), decode=(inst(),), phases="decode", transfer=xfer, pull_at_step_boundary=at_boundary)
+        res = simulate(dep, trace, 1.0)
+        finish[at_boundary] = t_b + res.tpot_s[1] * 10
+    assert finish[True] - finish[False] == pytest.approx(d[2], abs=1e-4)  # one more iteration of A alone
