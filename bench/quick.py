@@ -11,6 +11,7 @@ from pathlib import Path
 from pdserve.bench.client import Endpoint
 from pdserve.bench.loadgen import LoadConfig, run_load
 from pdserve.bench.metrics import SLO
+from pdserve.bench.record import RequestRecord
 from pdserve.bench.runner import BenchConfig, BenchResult, run_rates, save
 from pdserve.bench.tokenizer import load_tokenizer
 from pdserve.bench.workload import WorkloadRequest, WorkloadSpec, build_workload

@@ -63,7 +63,9 @@ def test_group_by_context_is_the_cheapest_partition() -> None:
     rng = random.Random(0)
     for _ in range(40):
         ctx = [rng.choice([1, 5, 30, 31, 200, 220, 900]) + rng.randrange(3) for _ in range(rng.randrange(1, 7))]
-        cost = lambda groups: sum(len(g) * max(ctx[i] for i in g) + 64 for g in groups)  # noqa: E731
+        def cost(groups: list[list[int]], ctx: list[int] = ctx) -> int:
+            return sum(len(g) * max(ctx[i] for i in g) + 64 for g in groups)
+
         got = group_by_context(ctx, 64)
         assert sorted(i for g in got for i in g) == list(range(len(ctx)))
         order = sorted(range(len(ctx)), key=ctx.__getitem__)
