@@ -2,8 +2,8 @@
 
 Completions (`/v1/completions`) send the prompt text; chat (`/v1/chat/completions`) sends it as
 one user message. Every request asks for `max_tokens` = the workload's output length with
-`ignore_eos`, streams Server-Sent Events, and asks for a final usage chunk. Each chunk carrying
-text (or a chat delta `content`) is a token event; the output token count is the server's
+`ignore_eos`, streams Server-Sent Events, and asks for a final usage chunk. Each completion chunk
+with a choice (its text may be empty) or chat delta with `content` is a token event; the output token count is the server's
 `usage.completion_tokens` when it sends one, else the number of token events. Any error (HTTP
 status, an `error` object in the stream, a stream without `[DONE]`, a timeout, a dropped
 connection) fails the request with a one-line reason; it is never raised. A server's latency
@@ -109,11 +109,13 @@ async def _stream(session: aiohttp.ClientSession, endpoint: Endpoint, req: Workl
 
 
 def _has_token(chunk: dict, chat: bool) -> bool:
+    """Completions: any chunk with a choice is a token, its text may be empty (a special token,
+    half of a character), as vLLM's benchmark counts them. Chat: a delta with content."""
     for choice in chunk.get("choices") or ():
         if chat:
             if (choice.get("delta") or {}).get("content"):
                 return True
-        elif choice.get("text"):
+        elif "text" in choice:
             return True
     return False
 

@@ -206,7 +206,7 @@ async def _events(stream: RequestStream, b: ResponseBuilder, tally: _Tally, dead
                 if include_usage:
                     yield b.usage_chunk(tally.num_output)
                 break
-            if out.text:
+            if out.text or out.token_ids:  # a token without text (special, half a character) is an event too
                 yield b.chunk(out.text)
     except TimeoutError:
         tally.finish("timeout")

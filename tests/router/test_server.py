@@ -260,3 +260,15 @@ def test_metrics_parse_and_count() -> None:
     assert samples[("pdserve_instance_healthy", (("instance", "d0"), ("role", "decode")))] == 1
     assert ("pdserve_instance_kv_usage_ratio", (("instance", "p0"), ("role", "prefill"))) in samples
     assert samples[("pdserve_pending_requests", ())] == 0
+
+
+def test_stream_sends_an_event_for_a_token_without_text(monkeypatch) -> None:
+    """A token whose text is empty (a special token skipped in the text, half a character) still
+    reaches the client as its own event: time to first token is the first token's time."""
+    import tests.router.conftest as fakes
+
+    monkeypatch.setattr(fakes, "token_text", lambda t: "")
+    app, *_ = make_app()
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 4, "stream": True}
+    events = [e for e in sse_events(run(post(app, "/v1/completions", body)).text) if e["choices"]]
+    assert len(events) == 4 and all(e["choices"][0]["text"] == "" for e in events)
