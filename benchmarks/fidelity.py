@@ -200,7 +200,7 @@ def load_runs(paths: Sequence[str]) -> dict[str, RunData]:
     """Results directories, or a directory holding them (e.g. results/headline)."""
     runs: dict[str, RunData] = {}
     for p in map(Path, paths):
-        dirs = [p] if (p / "summary.json").is_file() else sorted(d for d in p.iterdir() if (d / "summary.json").is_file())
+        dirs = [p] if (p / "requests.jsonl").is_file() else sorted(d for d in p.iterdir() if (d / "requests.jsonl").is_file())
         for d in dirs:
             run = read_results(d)
             runs[run.label] = run

@@ -150,18 +150,21 @@ def test_calibration_recovers_known_overheads(tmp_path):
     fid = _fidelity()
     slo = SLO(ttft_s=1.5, tpot_s=0.06)
     _synthetic_run(tmp_path, fid, "disaggregated", "disaggregated", fid.Setup(), slo, rates=(0.2,))
-    truth = fid.Setup(step_overhead_s=0.004, ttft_overhead_s=0.030)
+    truth = fid.Setup(step_overhead_s=0.004, ttft_overhead_s=0.030, transfer_overhead_s=0.025)
     rows = [json.loads(x) for x in (tmp_path / "disaggregated" / "lengths.jsonl").read_text().splitlines()][1:9]
     records = [RequestRecord(i, r["prompt_len"], r["output_len"], 1000.0 * i) for i, r in enumerate(rows)]
     res = fid.simulate_records("disaggregated", records, PROFILE, truth)
+    unloaded = [{"prompt_len": r.prompt_len, "output_len": r.output_len, "server_timings": {
+        "transfer_s": 0.025 + r.prompt_len * fid.KV_BYTES_PER_TOKEN / truth.link_bytes_per_s}} for r in records]
     (tmp_path / "slo.json").write_text(json.dumps({
         "unloaded_ttft_s": statistics.median(res.ttft_s),
         "unloaded_tpot_s": statistics.median(t for t, r in zip(res.tpot_s, records) if r.output_len >= 2),
-        "measured_on": "disaggregated"}))
+        "measured_on": "disaggregated", "unloaded_requests": unloaded}))
     setup, note = fid.calibrate(tmp_path / "slo.json", fid.load_runs([str(tmp_path)]), PROFILE, fid.Setup())
+    assert setup.transfer_overhead_s == pytest.approx(0.025, abs=1e-9)
     assert setup.step_overhead_s == pytest.approx(0.004, abs=2e-4)
     assert setup.ttft_overhead_s == pytest.approx(0.030, abs=1e-3)
-    assert "step overhead 4.0 ms" in note
+    assert "step overhead 4.0 ms" in note and "KV-transfer overhead 25 ms" in note
 
 
 def test_measured_attainment_matches_bench(tmp_path):
