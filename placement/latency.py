@@ -6,7 +6,7 @@ instance the stage times, KV capacity and the way decode iterations grow, which 
 
 A measured profile may also carry two curves that replace the linear terms where it has data
 (DistServe's form assumes GPU kernels whose time is linear in the batch; a CPU's small-M GEMMs are
-not: on this machine a decode step of 2 sequences costs 1.55× one of 1, and 3 costs more than 4):
+not: on this machine a decode step of 2 sequences costs 1.6× one of 1, and 3 costs more than 4):
 
   prefill  T = P(Σl) + c'·Σl²      (P: measured time at Σl tokens without the attention term)
   decode   T = D(B) + b'·Σctx      (D: measured time at batch B without the context term)
