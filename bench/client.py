@@ -2,9 +2,10 @@
 
 Completions (`/v1/completions`) send the prompt text; chat (`/v1/chat/completions`) sends it as
 one user message. Every request asks for `max_tokens` = the workload's output length with
-`ignore_eos`, streams Server-Sent Events, and asks for a final usage chunk. Each completion chunk
-with a choice (its text may be empty) or chat delta with `content` is a token event; the output token count is the server's
-`usage.completion_tokens` when it sends one, else the number of token events. Any error (HTTP
+`ignore_eos`, streams Server-Sent Events, and asks for a final usage chunk. A completion chunk
+with a choice (its text may be empty) or a chat delta with `content` is a token event; the output
+token count is the server's `usage.completion_tokens` when it sends one, else the number of token
+events. Any error (HTTP
 status, an `error` object in the stream, a stream without `[DONE]`, a timeout, a dropped
 connection) fails the request with a one-line reason; it is never raised. A server's latency
 breakdown in a chunk's `pdserve_timings` object (seconds, e.g. queue / prefill / transfer) is kept.

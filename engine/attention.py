@@ -19,8 +19,8 @@ paid 484² each.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,23 +62,28 @@ class AttentionMetadata:
 GROUP_COST_TOKENS = 64
 
 
-def group_by_context(ctx_lens: Sequence[int], cost_tokens: int = GROUP_COST_TOKENS) -> list[list[int]]:
-    """Indices of `ctx_lens` split into groups minimising Σ (size × longest) + cost per group:
-    an exact partition of the sorted lengths into runs (O(n²) dynamic programme)."""
+def group_by_context(ctx_lens: Sequence[int], cost_tokens: int = GROUP_COST_TOKENS,
+                     max_units: int = 64) -> list[list[int]]:
+    """Indices of `ctx_lens` split into groups minimising Σ (size × longest) + cost per group: a
+    partition of the sorted lengths into runs by dynamic programme, exact up to `max_units`
+    sequences; a larger batch is cut into `max_units` equal runs first (O(max_units²) per step)."""
     order = sorted(range(len(ctx_lens)), key=ctx_lens.__getitem__)
     n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[i]: cost of the i shortest
-    cut = [0] * (n + 1)
-    for i in range(1, n + 1):
-        longest = ctx_lens[order[i - 1]]
-        for j in range(i):  # the last group is order[j:i]
-            c = best[j] + (i - j) * longest + cost_tokens
-            if c < best[i]:
-                best[i], cut[i] = c, j
-    groups, i = [], n
-    while i > 0:
-        groups.append(order[cut[i]:i])
-        i = cut[i]
+    step = -(-n // max_units) if n > max_units else 1
+    ends = list(range(step, n, step)) + [n] if n else []  # unit k covers order[ends[k-1]:ends[k]]
+    starts = [0] + ends[:-1]
+    best = [0.0] + [float("inf")] * len(ends)  # best[u]: cost of the first u units
+    cut = [0] * (len(ends) + 1)
+    for u in range(1, len(ends) + 1):
+        longest = ctx_lens[order[ends[u - 1] - 1]]
+        for v in range(u):  # the last group is units v..u-1
+            c = best[v] + (ends[u - 1] - starts[v]) * longest + cost_tokens
+            if c < best[u]:
+                best[u], cut[u] = c, v
+    groups, u = [], len(ends)
+    while u > 0:
+        groups.append(order[starts[cut[u]]:ends[u - 1]])
+        u = cut[u]
     return groups[::-1]
 
 

@@ -74,3 +74,8 @@ def test_group_by_context_is_the_cheapest_partition() -> None:
         assert cost(got) == best
     assert len(group_by_context([100, 101, 102, 103])) == 1  # similar contexts: one call
     assert len(group_by_context([10, 2000])) == 2  # padding 10 to 2000 costs more than a call
+    assert group_by_context([]) == []
+    big = [rng.randrange(1, 4000) for _ in range(500)]  # a large batch: runs of sorted units
+    groups = group_by_context(big)
+    assert sorted(i for g in groups for i in g) == list(range(500))
+    assert all(max(big[i] for i in a) <= min(big[i] for i in b) for a, b in itertools.pairwise(groups))
