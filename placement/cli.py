@@ -7,16 +7,16 @@ import os
 import sys
 from pathlib import Path
 
+from pdserve.bench.metrics import SLO
 from pdserve.config import ServingConfig
 from pdserve.placement.candidates import PhaseConfig, Unit
-from pdserve.placement.goodput import SLO
 from pdserve.placement.hardware import ClusterSpec, load_gpu
 from pdserve.placement.latency import LatencySource
 from pdserve.placement.model_spec import ModelSpec, load_model
 from pdserve.placement.plan import Plan
 from pdserve.placement.profile_file import PUBLISHED, load_profile
 from pdserve.placement.roofline import Roofline
-from pdserve.placement.search import SearchResult, SearchSpec, search, unit_deployment, phase_latencies
+from pdserve.placement.search import SearchResult, SearchSpec, phase_latencies, search, unit_deployment
 from pdserve.placement.simulator import simulate
 from pdserve.placement.workload import load_workload
 

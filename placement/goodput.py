@@ -8,9 +8,9 @@ goodput (each probe's attainment can only drop, and bisection then only moves le
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
+from pdserve.bench.metrics import SLO
 from pdserve.placement.deployment import Deployment, SimResult
 from pdserve.placement.simulator import simulate
 from pdserve.placement.workload import Trace
@@ -18,22 +18,13 @@ from pdserve.placement.workload import Trace
 Metric = Literal["joint", "ttft", "tpot"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class SLO:
-    ttft_s: float
-    tpot_s: float
-    attainment: float = 0.9
-
-    def __post_init__(self) -> None:
-        if not (self.ttft_s > 0 and self.tpot_s > 0 and 0 < self.attainment <= 1):
-            raise ValueError(f"slo: need ttft_s > 0, tpot_s > 0, attainment in (0, 1], got {self}")
-
-    def attained(self, result: SimResult, metric: Metric = "joint") -> float:
-        if metric == "ttft":
-            return result.ttft_attainment(self.ttft_s)
-        if metric == "tpot":
-            return result.tpot_attainment(self.tpot_s)
-        return result.attainment(self.ttft_s, self.tpot_s)
+def attained(slo: SLO, result: SimResult, metric: Metric = "joint") -> float:
+    """Share of simulated requests meeting `slo` (both SLOs, or only one of them for a phase alone)."""
+    if metric == "ttft":
+        return result.ttft_attainment(slo.ttft_s)
+    if metric == "tpot":
+        return result.tpot_attainment(slo.tpot_s)
+    return result.attainment(slo.ttft_s, slo.tpot_s)
 
 
 def capacity_guess(dep: Deployment, trace: Trace) -> float:
@@ -62,7 +53,7 @@ def goodput(dep: Deployment, trace: Trace, slo: SLO, metric: Metric = "joint",
     rate fails (e.g. a prompt that alone exceeds the TTFT SLO for more than 1 − target)."""
 
     def ok(rate: float) -> bool:
-        return slo.attained(simulate(dep, trace, rate), metric) >= slo.attainment
+        return attained(slo, simulate(dep, trace, rate), metric) >= slo.attainment
 
     lo, hi = 0.0, max(capacity_guess(dep, trace), 1e-6) * 0.5
     for _ in range(max_doublings):

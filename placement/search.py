@@ -15,10 +15,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pdserve.bench.metrics import SLO
 from pdserve.placement.candidates import (PhaseConfig, Unit, colocated_units, low_affinity_units,
                                           phase_configs, ratio_units)
 from pdserve.placement.deployment import Deployment
-from pdserve.placement.goodput import SLO, Metric, goodput
+from pdserve.placement.goodput import Metric, goodput
 from pdserve.placement.hardware import ClusterSpec
 from pdserve.placement.latency import InstanceLatency, LatencySource, instance_latency
 from pdserve.placement.model_spec import ModelSpec

@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 
+from pdserve.bench.metrics import SLO
 from pdserve.config import ServingConfig
 from pdserve.placement.candidates import PhaseConfig, Unit
-from pdserve.placement.goodput import SLO, goodput
+from pdserve.placement.goodput import goodput
 from pdserve.placement.hardware import ClusterSpec, load_gpu
 from pdserve.placement.model_spec import load_model
 from pdserve.placement.plan import Plan
