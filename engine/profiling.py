@@ -8,7 +8,7 @@ everything again; the first repeat warms up and is discarded.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -33,7 +33,9 @@ def _fake_requests(engine: Engine, lens: Sequence[int], computed: Sequence[int])
     return reqs
 
 
-def _timed(engine: Engine, lens: Sequence[int], computed: Sequence[int], repeats: int) -> float:
+def time_step(engine: Engine, lens: Sequence[int], computed: Sequence[int], repeats: int = 3) -> float:
+    """Seconds for one forward over sequences of total lengths `lens` of which `computed` tokens
+    are already in the cache (a prompt: 0; a decode: len - 1; a chunk: anything between)."""
     reqs = _fake_requests(engine, lens, computed)
     chunks = [Chunk(r, n - c) for r, n, c in zip(reqs, lens, computed)]
     try:
@@ -54,9 +56,9 @@ def _timed(engine: Engine, lens: Sequence[int], computed: Sequence[int], repeats
 
 def time_prefill(engine: Engine, prompt_lens: list[int], repeats: int = 3) -> float:
     """Seconds for one batched prefill of prompts with these lengths."""
-    return _timed(engine, prompt_lens, [0] * len(prompt_lens), repeats)
+    return time_step(engine, prompt_lens, [0] * len(prompt_lens), repeats)
 
 
 def time_decode(engine: Engine, context_lens: list[int], repeats: int = 3) -> float:
     """Seconds for one batched decode step of sequences with these context lengths (incl. the new token)."""
-    return _timed(engine, context_lens, [n - 1 for n in context_lens], repeats)
+    return time_step(engine, context_lens, [n - 1 for n in context_lens], repeats)
