@@ -58,9 +58,17 @@ class BenchResult:
 
 
 def run_rates(cfg: BenchConfig, workload: Sequence[WorkloadRequest], rates: Sequence[float],
-              log: Callable[[str], None] = print) -> BenchResult:
+              log: Callable[[str], None] = print, after: Callable[[float | None], None] | None = None) -> BenchResult:
+    """Warm up, then measure each rate in increasing order. `after(rate)` runs after each point
+    (and `after(None)` after the warm-up), e.g. to collect the server's own records of that point."""
     _warm_up(cfg, workload)
-    return _result(cfg, [_measure(cfg, workload, r, log) for r in sorted(rates)])
+    points = []
+    for r in [None, *sorted(rates)]:
+        if r is not None:
+            points.append(_measure(cfg, workload, r, log))
+        if after is not None:
+            after(r)
+    return _result(cfg, points)
 
 
 def search_goodput(cfg: BenchConfig, workload: Sequence[WorkloadRequest], start_rate: float = 1.0,

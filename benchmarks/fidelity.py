@@ -13,6 +13,9 @@ What is modelled, beyond the profiled forwards (see BENCHMARKS.md, simulator fid
   - the engine's per-step overhead outside the forward and the client/router path before the first
     token, calibrated from the *unloaded* latency in slo.json (a separate sequential run), never from
     the rate sweep being compared;
+  - with --calibration, everything from a calibration run of each system on another trace
+    (benchmarks/headline.py --seed 1): an in-situ profile fitted to the engine steps it ran, the
+    gaps between its steps, its client-path TTFT and its measured KV pulls (`calibrate_in_situ`);
   - KV transfer: bytes per token ÷ link bandwidth + a fixed overhead, FIFO on the decode side;
   - KV capacity (1 GB of fp32 KV per instance in blocks of 16), max_num_seqs, the token budget.
 
@@ -21,13 +24,18 @@ Usage:
       --max-batch-tokens 1024 --max-len 512 --repeats 2
   python benchmarks/fidelity.py --profile results/profile-smollm2.json results/headline \\
       -o results/headline/fidelity.md
+  python benchmarks/headline.py -o results/calibration --seed 1 --rates 0.5 1.0   # another trace
+  python benchmarks/fidelity.py --profile results/profile-smollm2.json --calibration results/calibration \\
+      results/headline
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import random
 import statistics
 import sys
 from collections.abc import Sequence
@@ -38,12 +46,15 @@ from pdserve.bench.metrics import SLO, attainment, percentile_stats
 from pdserve.bench.record import RequestRecord
 from pdserve.bench.results import RunData, read_results
 from pdserve.placement.deployment import Deployment, SimResult
+from pdserve.placement.fit import fit_steps, fit_transfer
 from pdserve.placement.latency import InstanceLatency, PhaseProfile
+from pdserve.placement.profile import read_step_log
 from pdserve.placement.profile_file import load_profile
 from pdserve.placement.trace import in_recorded_order, recorded_trace, replay, with_step_overhead
 from pdserve.placement.transfer import TransferModel
 
 KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M fp32: layers × (K, V) × kv heads × head dim × 4 B
+BUSY_GAP_S = 0.02  # a gap between two steps shorter than this is the step loop's own work, not idleness
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +117,22 @@ def sim_attainment(res: SimResult, output_lens: Sequence[int], slo: SLO) -> floa
     return ok / len(output_lens)
 
 
+def jitter_range(kind: str, records: Sequence[RequestRecord], profile: PhaseProfile, setup: Setup, slo: SLO,
+                 jitter_s: float, runs: int, seed: int = 0) -> tuple[float, float]:
+    """(lowest, highest) simulated attainment when every send time moves by up to ±jitter_s
+    (uniform, `runs` draws): how finely one trace of this size resolves attainment at all. A
+    request that lands just before or just after another one finishes is dispatched, batched and
+    timed differently, and the difference cascades through the rest of the run."""
+    rng = random.Random(seed)
+    olens = [r.output_len for r in records]
+    values = []
+    for _ in range(runs):
+        moved = [dataclasses.replace(r, arrival_s=max(0.0, r.arrival_s + rng.uniform(-jitter_s, jitter_s)))
+                 for r in records]
+        values.append(sim_attainment(simulate_records(kind, moved, profile, setup), olens, slo))
+    return min(values), max(values)
+
+
 def calibrate(slo_file: Path, runs: dict[str, RunData], profile: PhaseProfile, setup: Setup) -> tuple[Setup, str]:
     """Overheads from the unloaded run in slo.json: its requests were workload[1:9] sent one at a
     time (benchmarks/headline.py) on the system named there. The per-step overhead is the measured
@@ -135,21 +162,55 @@ def calibrate(slo_file: Path, runs: dict[str, RunData], profile: PhaseProfile, s
     return dataclasses.replace(zero, step_overhead_s=step, ttft_overhead_s=ttft), note
 
 
+def calibrate_in_situ(run_dir: Path, setup: Setup) -> tuple[PhaseProfile, Setup, str]:
+    """Everything from a calibration run of the same system on another trace: the latency model
+    fitted to the engine steps it ran (steps.jsonl), the per-step overhead as the mean gap between
+    back-to-back steps, the TTFT overhead as the median of the client's TTFT minus the server's
+    queueing before the first token and prefill time, and the KV transfer fitted to its measured pulls."""
+    logs = read_step_log(run_dir / "steps.jsonl")
+    profile, report = fit_steps([s for log in logs.values() for s in log])
+    gaps = [b.start_s - (a.start_s + a.duration_s) for log in logs.values() for a, b in itertools.pairwise(log)]
+    step = statistics.fmean(g for g in gaps if 0 <= g < BUSY_GAP_S)
+    records = [r for rs in read_results(run_dir).records.values() for r in rs if r.ok and r.ttft_s is not None]
+    ttft = statistics.median(r.ttft_s - (t["queue_s"] - t.get("decode_queue_s", 0.0)) - t["prefill_s"] for r in records
+                             if {"queue_s", "prefill_s"} <= (t := r.server_timings).keys())
+    pulls = [r for r in records if r.server_timings.get("transfer_s", 0.0) > 0]  # the router reports 0 when colocated
+    cal = dataclasses.replace(setup, step_overhead_s=step, ttft_overhead_s=ttft)
+    note = (f"{run_dir.name}: in-situ profile from {sum(map(len, logs.values()))} steps of {run_dir} "
+            f"(prefill mean rel error {report['prefill'].mean_rel_error:.1%}, decode "
+            f"{report.get('decode_curve', report['decode_small']).mean_rel_error:.1%}), step overhead "
+            f"{step * 1e3:.1f} ms, TTFT overhead {ttft * 1e3:.0f} ms")
+    if pulls:
+        link = fit_transfer([r.prompt_len for r in pulls], [r.server_timings["transfer_s"] for r in pulls],
+                            KV_BYTES_PER_TOKEN, setup.link_bytes_per_s)
+        cal = dataclasses.replace(cal, link_bytes_per_s=link.bytes_per_s, transfer_overhead_s=link.overhead_s)
+        note += (f", KV transfer {link.overhead_s * 1e3:.0f} ms + {link.bytes_per_s / 1e9:.2f} GB/s "
+                 f"(from {len(pulls)} pulls)")
+    return profile, cal, note
+
+
 def p90(xs: Sequence[float]) -> float:
     """The same percentile `pdserve bench` reports (linear interpolation), for both columns."""
     return percentile_stats(list(xs))["p90"] or float("nan") if xs else float("nan")
 
 
-def compare(runs: dict[str, RunData], profile: PhaseProfile, base: Setup, calibrated: Setup) -> list[dict]:
+Model = tuple[PhaseProfile, Setup]
+
+
+def compare(runs: dict[str, RunData], base: Model, calibrated: dict[str, Model], jitter_s: float = 0.0,
+            jitter_runs: int = 20) -> list[dict]:
+    """Per system and rate: the bare profile (`base`) and the system's calibrated model, and with
+    `jitter_s` the calibrated model's attainment range under that much send-time jitter."""
     rows = []
     for label, run in runs.items():
         kind = system_kind(label)
+        profile, cal_profile, cal_setup = base[0], *calibrated[label]
         slo = SLO(run.summary["slo"]["ttft_s"], run.summary["slo"]["tpot_s"])
         for rate in sorted(run.records):
             records = run.records[rate]
             olens = [r.output_len for r in records]
-            raw = simulate_records(kind, records, profile, base)
-            cal = simulate_records(kind, records, profile, calibrated)
+            raw = simulate_records(kind, records, profile, base[1])
+            cal = simulate_records(kind, records, cal_profile, cal_setup)
             measured = attainment(records, slo)
             simulated = sim_attainment(cal, olens, slo)
             rows.append(dict(
@@ -162,6 +223,7 @@ def compare(runs: dict[str, RunData], profile: PhaseProfile, base: Setup, calibr
                 transfer_ms=_mean([r.server_timings.get("transfer_s") for r in records]),
                 path_ms=_mean([r.ttft_s - r.server_timings["ttft_s"] for r in records
                                if r.ok and r.ttft_s is not None and "ttft_s" in r.server_timings]),
+                jitter=jitter_range(kind, records, cal_profile, cal_setup, slo, jitter_s, jitter_runs) if jitter_s else None,
             ))
     return rows
 
@@ -171,17 +233,26 @@ def _mean(xs: Sequence[float | None]) -> float | None:
     return 1e3 * statistics.fmean(xs) if xs else None
 
 
-def markdown(rows: list[dict], notes: Sequence[str]) -> str:
+def markdown(rows: list[dict], notes: Sequence[str], jitter_ms: float = 0.0) -> str:
+    jit = bool(rows) and rows[0].get("jitter") is not None
     out = ["| system | rate (req/s) | requests | failed | measured | simulated (profile only) | simulated | abs diff (points) "
-           "| TTFT p90 meas / sim (ms) | TPOT p90 meas / sim (ms) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           + (f"| simulated, ±{jitter_ms:g} ms send jitter (min–max) " if jit else "")
+           + "| TTFT p90 meas / sim (ms) | TPOT p90 meas / sim (ms) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if jit else "") + "---:|---:|"]
     for r in rows:
         out.append(f"| {r['system']} | {r['rate']:g} | {r['n']} | {r['failed']} | {100 * r['measured']:.1f}% | "
                    f"{100 * r['sim_profile']:.1f}% | {100 * r['simulated']:.1f}% | {100 * r['diff']:.1f} | "
-                   f"{_ms(r['ttft_p90'][0])} / {_ms(r['ttft_p90'][1])} | {_ms(r['tpot_p90'][0])} / {_ms(r['tpot_p90'][1])} |")
+                   + (f"{100 * r['jitter'][0]:.1f}–{100 * r['jitter'][1]:.1f}% | " if jit else "")
+                   + f"{_ms(r['ttft_p90'][0])} / {_ms(r['ttft_p90'][1])} | {_ms(r['tpot_p90'][0])} / {_ms(r['tpot_p90'][1])} |")
     worst = max((r["diff"] for r in rows), default=float("nan"))
     out.append("")
-    out.append(f"max |simulated − measured| = {100 * worst:.1f} points over {len(rows)} points (target: ≤ 5)")
+    out.append(f"max |simulated − measured| = {100 * worst:.1f} points over {len(rows)} points (target: ≤ 5); "
+               f"mean {100 * statistics.fmean(r['diff'] for r in rows) if rows else float('nan'):.1f}; "
+               f"within 5 points at {sum(r['diff'] <= 0.05 + 1e-9 for r in rows)}")
+    if jit:
+        inside = sum(r["jitter"][0] - 1e-9 <= r["measured"] <= r["jitter"][1] + 1e-9 for r in rows)
+        out.append(f"measured inside the simulated jitter range at {inside} of {len(rows)} points; "
+                   f"widest range {100 * max(r['jitter'][1] - r['jitter'][0] for r in rows):.1f} points")
     for label in dict.fromkeys(r["system"] for r in rows):
         sub = [r for r in rows if r["system"] == label]
         out.append(f"- {label}: max |diff| {100 * max(r['diff'] for r in sub):.1f} points" + "".join(
@@ -222,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("results", nargs="+", help="bench results directories, or a directory of them")
     ap.add_argument("--profile", required=True, help="profile file from `pdserve profile`")
     ap.add_argument("--profile-model", default=None, help="model key in the profile (default: the SmolLM2 one)")
+    ap.add_argument("--calibration", default=None,
+                    help="a calibration run's results (headline.py on another --seed): fit each system's "
+                         "profile, overheads and KV transfer to its own steps and requests there")
     ap.add_argument("--slo-file", default=None, help="slo.json with the unloaded latency (default: next to the runs)")
     ap.add_argument("--overheads", choices=("unloaded", "none", "manual"), default="unloaded",
                     help="unloaded: calibrate from slo.json; manual: --step-overhead-ms/--ttft-overhead-ms")
@@ -232,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--transfer-overhead-ms", type=float, default=2.0)
     ap.add_argument("--chunk-tokens", type=int, default=32)
     ap.add_argument("--colocated-instances", type=int, default=2)
+    ap.add_argument("--jitter-ms", type=float, default=0.0,
+                    help="also simulate each trace with every send time moved by up to ± this much (uniform)")
+    ap.add_argument("--jitter-runs", type=int, default=20)
     ap.add_argument("-o", "--output", default=None, help="also write the markdown table here")
     args = ap.parse_args(argv)
 
@@ -243,7 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"decode a={profile.decode_small.a * 1e3:.2f} ms b={profile.decode_small.b * 1e6:.2f} µs/ctx-token "
              f"c={profile.decode_small.c * 1e3:.3f} ms/seq"]
     calibrated = base
-    if args.overheads == "manual":
+    per_system: dict[str, Model] = {}
+    if args.calibration:
+        for label in runs:
+            prof, setup, note = calibrate_in_situ(Path(args.calibration) / label, base)
+            per_system[label] = (prof, setup)
+            notes.append(note)
+    elif args.overheads == "manual":
         calibrated = dataclasses.replace(base, step_overhead_s=args.step_overhead_ms * 1e-3,
                                          ttft_overhead_s=args.ttft_overhead_ms * 1e-3)
         notes.append(f"overheads set by hand: step {args.step_overhead_ms} ms, TTFT {args.ttft_overhead_ms} ms")
@@ -255,8 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             notes.append(note)
         else:
             print(f"no {slo_file}: no overheads calibrated", file=sys.stderr)
-    rows = compare(runs, profile, base, calibrated)
-    text = markdown(rows, notes)
+    rows = compare(runs, (profile, base), {label: per_system.get(label, (profile, calibrated)) for label in runs},
+                   args.jitter_ms * 1e-3, args.jitter_runs)
+    text = markdown(rows, notes, args.jitter_ms)
     print(text)
     if args.output:
         Path(args.output).write_text(text)

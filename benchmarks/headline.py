@@ -56,11 +56,31 @@ def deploy(name: str, chunk_tokens: int):
     return launch(cfg), cfg
 
 
+class StepCollector:
+    """After each rate, appends the steps every engine ran during it to a JSON-lines file
+    ({"worker", "rate", **StepRecord}): the input of an in-situ profile (`pdserve profile --from-steps`)."""
+
+    def __init__(self, deployment, path: Path) -> None:
+        self.deployment, self.path, self.cursor = deployment, path, {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def __call__(self, rate: float | None) -> None:
+        logs = self.deployment.step_logs(self.cursor)
+        with self.path.open("a") as f:
+            for worker, (first, records) in logs.items():
+                self.cursor[worker] = first + len(records)
+                if rate is not None:  # the warm-up's steps only move the cursor
+                    f.writelines(json.dumps({"worker": worker, "rate": rate, **r.to_json()}) + "\n" for r in records)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", default="results/headline")
     ap.add_argument("--num-requests", type=int, default=40)
     ap.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.45, 0.6, 0.8])
+    ap.add_argument("--seed", type=int, default=0,
+                    help="picks the prompts and the arrival times (a calibration trace uses another seed)")
     ap.add_argument("--max-input-len", type=int, default=512)
     ap.add_argument("--max-output-len", type=int, default=64)
     ap.add_argument("--ttft-scale", type=float, default=4.0)
@@ -72,7 +92,7 @@ def main() -> None:
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    spec = WorkloadSpec("sharegpt", args.num_requests, seed=0, max_input_len=args.max_input_len,
+    spec = WorkloadSpec("sharegpt", args.num_requests, seed=args.seed, max_input_len=args.max_input_len,
                         max_output_len=args.max_output_len)
     workload = build_workload(spec, load_tokenizer("smollm2-135m"))
     slo_file = out / "slo.json"
@@ -93,10 +113,10 @@ def main() -> None:
                                                indent=2))
             base = json.loads(slo_file.read_text())
             slo = SLO(base["unloaded_ttft_s"] * args.ttft_scale, base["unloaded_tpot_s"] * args.tpot_scale, 0.9)
-            bench = BenchConfig(endpoint, slo, gpus=2.0, load=LoadConfig(rate=1.0, progress=False),
+            bench = BenchConfig(endpoint, slo, gpus=2.0, load=LoadConfig(rate=1.0, seed=args.seed, progress=False),
                                 warmup=2, label=name)
             t0 = time.perf_counter()
-            result = run_rates(bench, workload, args.rates)
+            result = run_rates(bench, workload, args.rates, after=StepCollector(deployment, out / name / "steps.jsonl"))
             save(result, out / name, workload, {"name": spec.name, "seed": spec.seed,
                                                 "max_input_len": spec.max_input_len,
                                                 "max_output_len": spec.max_output_len})

@@ -7,6 +7,7 @@ StepOutputs as the step thread produces them. A consumer that goes away aborts t
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,7 @@ class DecodeActor(WorkerShell):
                 stream.put_nowait(out)
 
     async def generate(self, req: GenerateRequest, handle: KVHandle | None) -> AsyncIterator[StepOutput]:
+        received = time.monotonic()  # the step thread takes it only between two steps: queued from now
         await self.start()
         if req.request_id in self._streams:  # before registering: the live request keeps its stream
             raise ValueError(f"request_id: {req.request_id!r} is already running on {self.worker_id}")
@@ -61,7 +63,7 @@ class DecodeActor(WorkerShell):
         self._streams[req.request_id] = stream
         finished = False
         try:
-            await self._steps.call(self.worker.submit, req, handle)
+            await self._steps.call(self.worker.submit, req, handle, received)
             while not finished:
                 out = await stream.get()
                 finished = out.finished

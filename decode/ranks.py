@@ -39,6 +39,9 @@ class AgreedReceiver:
     def poll(self, key: int) -> Outcome:
         return self._decided.pop(key, (TransferStatus.PENDING, None))
 
+    def ended_s(self, key: int) -> float | None:
+        """Unknown (None): each rank's pull lands at its own moment; the outcome is agreed at a step."""
+
     def abort(self, key: int) -> None:
         self._decided.pop(key, None)
         xfer = self._xfers.pop(key, None)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pdserve.decode.scheduler import DecodeScheduler, Policy
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.types import GenerateRequest, RequestId, StepOutput, WorkerStats
+from pdserve.types import GenerateRequest, RequestId, StepOutput, StepRecord, WorkerStats
 
 if TYPE_CHECKING:
     from pdserve.kvtransfer.types import KVHandle
@@ -54,8 +54,9 @@ class DecodeWorker:
 
     # ---- inputs ----------------------------------------------------------------------------
 
-    def submit(self, req: GenerateRequest, handle: KVHandle | None = None) -> None:
-        """Queue a request; raises ValueError (naming the field) if it can never run here."""
+    def submit(self, req: GenerateRequest, handle: KVHandle | None = None, received_s: float | None = None) -> None:
+        """Queue a request; raises ValueError (naming the field) if it can never run here.
+        `received_s` (this worker's clock): when the instance got it, as PrefillWorker.submit."""
         if req.request_id in self._requests:
             raise ValueError(f"request_id: {req.request_id!r} is already running on {self.worker_id}")
         r = self.engine.add_request(req)
@@ -66,13 +67,14 @@ class DecodeWorker:
         if handle is not None and handle.num_tokens > r.num_tokens:
             raise ValueError(f"handle: covers {handle.num_tokens} tokens, the request has {r.num_tokens}")
         self._requests[r.request_id] = r
-        self._submitted_s[r.request_id] = self.clock()
+        received = self.clock() if received_s is None else received_s
+        self._submitted_s[r.request_id] = received
         self.idle = False
         if handle is None:
             self.scheduler.add_waiting(r)
         else:
             r.status = RequestStatus.WAITING_FOR_REMOTE_KVS
-            self._pending.append(_Pull(r, handle, self.clock()))
+            self._pending.append(_Pull(r, handle, received))
 
     def abort(self, request_id: RequestId) -> bool:
         r = self._requests.pop(request_id, None)
@@ -148,8 +150,11 @@ class DecodeWorker:
                 continue
             del self._pulling[rid]
             r, now = pull.request, self.clock()
-            self._timings[rid] = {"queue_s": pull.started_s - pull.submitted_s,
-                                  "transfer_s": now - pull.started_s, "_start": now}
+            # The transfer ends when the KV lands; waiting for this iteration boundary is decode time.
+            ended = self.receiver.ended_s(pull.transfer)
+            landed = now if ended is None else min(now, max(pull.started_s, ended))
+            self._timings[rid] = {"decode_queue_s": pull.started_s - pull.submitted_s,
+                                  "transfer_s": landed - pull.started_s, "_start": now}
             if status is TransferStatus.DONE:
                 r.num_computed_tokens = pull.handle.num_tokens
                 self.scheduler.add_running(r)
@@ -166,6 +171,10 @@ class DecodeWorker:
 
     def has_work(self) -> bool:
         return bool(self._requests)
+
+    def step_log(self, since: int = 0) -> tuple[int, list[StepRecord]]:
+        """The engine's steps numbered `since` onwards (engine/step_log.py)."""
+        return self.engine.step_log.since(since)
 
     def stats(self) -> WorkerStats:
         a = self.engine.allocator

@@ -22,8 +22,9 @@ from pdserve.engine.model import LayerHook, LlamaForCausalLM, ModelConfig
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import sample
+from pdserve.engine.step_log import StepLog
 from pdserve.engine.weights import load_checkpoint
-from pdserve.types import FinishReason, GenerateRequest, StepOutput
+from pdserve.types import FinishReason, GenerateRequest, StepOutput, StepRecord
 
 
 def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, str]:
@@ -53,6 +54,7 @@ class Engine:
         self.runner = ModelRunner(model, self.pool)
         # Cumulative step accounting, read by the workers' stats (engine time as serving sees it).
         self.busy_s, self.num_steps, self.num_step_tokens = 0.0, 0, 0
+        self.step_log = StepLog()  # each step's shape and time, for an in-situ latency profile
 
     @classmethod
     def from_config(cls, model: str, cfg: EngineConfig | None = None,
@@ -112,9 +114,12 @@ class Engine:
             assert c.request.status is RequestStatus.RUNNING, f"{c.request.request_id} is {c.request.status}"
             assert len(c.request.block_table) * self.layout.block_size >= c.request.num_computed_tokens + c.num_tokens
         sampling = [c.request for c in batch.chunks if c.samples]  # before num_computed_tokens moves
-        t0 = time.perf_counter()
+        wall, t0 = time.time(), time.perf_counter()
         tokens = self.execute(batch, layer_hook)
-        self.busy_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.busy_s += elapsed
+        self.step_log.append(StepRecord(wall, elapsed, tuple(c.num_tokens for c in batch.chunks),
+                                        tuple(c.request.num_computed_tokens for c in batch.chunks)))
         self.num_steps += 1
         self.num_step_tokens += batch.num_tokens
         for c in batch.chunks:

@@ -87,6 +87,11 @@ class KVReceiver:
             return TransferStatus.FAILED, f"unknown transfer {xfer}"
         return p.state.status(), p.state.error
 
+    def ended_s(self, xfer: TransferId) -> float | None:
+        """time.monotonic() when the transfer ended (the KV landed, or it failed); None while running."""
+        p = self._pulls.get(xfer)
+        return p.state.ended_s if p is not None else None
+
     def wait(self, xfer: TransferId, timeout_s: float | None = None) -> TransferStatus:
         p = self._pulls.get(xfer)
         return p.state.wait(timeout_s) if p is not None else TransferStatus.FAILED

@@ -7,6 +7,7 @@ terminal write wins, so a late chunk cannot turn a cancelled transfer into DONE.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 from pdserve.kvtransfer.types import TransferId, TransferStatus
@@ -21,6 +22,7 @@ class TransferState:
         self._on_end: list[Callable[[], None]] = []
         self._timer: threading.Timer | None = None
         self.nbytes = 0  # bytes moved so far (chunk prefixes included)
+        self.ended_s: float | None = None  # time.monotonic() when it became terminal
 
     def status(self) -> TransferStatus:
         return self._status
@@ -72,6 +74,7 @@ class TransferState:
             if self._status.terminal:
                 return False
             self._status, self._error = status, error
+            self.ended_s = time.monotonic()
             self._cond.notify_all()
             callbacks, self._on_end = self._on_end, []
         if self._timer is not None:

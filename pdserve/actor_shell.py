@@ -13,7 +13,7 @@ from typing import Any
 
 from pdserve.lockstep import free_init_method, make_step_loop
 from pdserve.steploop import StepLoop, deliver_threadsafe
-from pdserve.types import WorkerStats
+from pdserve.types import StepRecord, WorkerStats
 
 
 class WorkerShell(ABC):
@@ -54,6 +54,11 @@ class WorkerShell(ABC):
     async def stats(self) -> WorkerStats:
         await self.start()
         return await self._steps.call(self.worker.stats)
+
+    async def step_log(self, since: int = 0) -> tuple[int, list[StepRecord]]:
+        """This instance's engine steps numbered `since` onwards, and the number of the first."""
+        await self.start()
+        return await self._steps.call(self.worker.step_log, since)
 
     async def check_health(self) -> None:
         await self.start()

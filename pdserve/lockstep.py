@@ -99,6 +99,9 @@ class LockStep:
     def stats(self) -> Any:
         return self.worker.stats()
 
+    def step_log(self, since: int = 0) -> Any:
+        return self.worker.step_log(since)
+
     def step(self) -> list[Any]:
         self._sync(stop=False)
         if self.stopped:

@@ -90,12 +90,46 @@ class StepOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     # Worker-side latency breakdown, in seconds, on the request's first output from each role:
-    # prefill reports {"queue_s", "prefill_s"}, decode reports {"queue_s", "transfer_s"}.
+    # prefill reports {"queue_s", "prefill_s"}; decode {"decode_queue_s", "transfer_s"} after a pull
+    # (waiting for an iteration boundary and KV memory, then the transfer), else {"queue_s", "prefill_s"}.
     timings: dict[str, float] | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step as it ran in serving: the input of an in-situ latency profile.
+
+    Per chunk of the batch, `new_tokens` were computed on top of `cached_tokens` already in the
+    KV cache (a fresh prompt: cached 0; a decode: new 1). `duration_s` is the forward plus sampling,
+    what the placement latency model predicts; `start_s` is wall-clock time (time.time()), so steps
+    of different instances line up with each other and with a benchmark's request records.
+    """
+
+    start_s: float
+    duration_s: float
+    new_tokens: tuple[int, ...]
+    cached_tokens: tuple[int, ...]
+
+    @property
+    def kind(self) -> Literal["prefill", "decode", "mixed"]:
+        """prefill: only fresh prompts; decode: one new token per sequence on a cache; else mixed."""
+        if not any(self.cached_tokens):
+            return "prefill"
+        if all(n == 1 for n in self.new_tokens) and all(self.cached_tokens):
+            return "decode"
+        return "mixed"
+
+    def to_json(self) -> dict:
+        return {"start_s": self.start_s, "duration_s": self.duration_s,
+                "new": list(self.new_tokens), "cached": list(self.cached_tokens)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> StepRecord:
+        return cls(float(d["start_s"]), float(d["duration_s"]), tuple(d["new"]), tuple(d["cached"]))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 from pathlib import Path
@@ -51,6 +52,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--max-len", type=int, default=1024)
     f.add_argument("--max-decode-tokens", type=int, default=16384, help="largest decode batch measured, in context tokens")
     f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--from-steps", nargs="+", default=None, metavar="STEPS_JSONL",
+                   help="fit an in-situ profile to the steps a serving deployment ran (step logs, as "
+                        "benchmarks/headline.py saves them) instead of measuring the engine alone")
     f.set_defaults(func=run_profile)
 
 
@@ -175,17 +179,41 @@ def run_simulate(args: argparse.Namespace) -> int:
 def run_profile(args: argparse.Namespace) -> int:
     from pdserve.placement.profile import Grid, fit_and_write, measure_engine
 
+    if args.from_steps:
+        return _profile_from_steps(args)
     grid = Grid(max_batch_tokens=args.max_batch_tokens, max_len=args.max_len, max_decode_tokens=args.max_decode_tokens)
     print(f"profiling {args.model} over {len(grid.points())} prefill and {len(grid.decode_points())} decode points",
           file=sys.stderr)
     pre, dec = measure_engine(args.model, grid, args.repeats,
                               progress=lambda i, n: print(f"  [{i}/{n}]", file=sys.stderr))
+    key = _profile_key(args.model)
+    _, report = fit_and_write(args.output, key, 1, pre, dec)
+    return _report_profile(args.output, key, report)
+
+
+def _profile_from_steps(args: argparse.Namespace) -> int:
+    from pdserve.placement.fit import fit_steps
+    from pdserve.placement.profile import read_step_log, write_profile
+
+    steps = [s for path in args.from_steps for log in read_step_log(path).values() for s in log]
+    kinds = collections.Counter(s.kind for s in steps)
+    print(f"{len(steps)} steps: {kinds['prefill']} prefill, {kinds['decode']} decode, {kinds['mixed']} mixed",
+          file=sys.stderr)
+    profile, report = fit_steps(steps)
+    key = _profile_key(args.model)
+    write_profile(args.output, key, 1, profile)
+    return _report_profile(args.output, key, report)
+
+
+def _profile_key(model: str) -> str:
     try:
-        key = load_model(args.model).hf_name or args.model
+        return load_model(model).hf_name or model
     except ValueError:
-        key = args.model
-    profile, report = fit_and_write(args.output, key, 1, pre, dec)
+        return model
+
+
+def _report_profile(output: str, key: str, report: dict) -> int:
     for name, r in report.items():
         print(f"{name}: max rel error {r.max_rel_error:.1%}, mean {r.mean_rel_error:.1%}")
-    print(f"wrote {args.output} ({key}, tp=1)")
+    print(f"wrote {output} ({key}, tp=1)")
     return 0

@@ -23,6 +23,7 @@ from pdserve.config import PoolConfig, ServingConfig
 from pdserve.decode.actor import DecodeActor
 from pdserve.prefill.actor import PrefillActor
 from pdserve.router.actor import RouterActor
+from pdserve.types import StepRecord
 
 
 @dataclass
@@ -33,6 +34,15 @@ class Deployment:
     decode: dict[str, Any] = field(default_factory=dict)
     followers: dict[str, list[Any]] = field(default_factory=dict)  # ranks 1.. of each instance
     groups: list[PlacementGroup] = field(default_factory=list)
+
+    def step_logs(self, since: dict[str, int] | None = None, timeout_s: float = 60.0
+                  ) -> dict[str, tuple[int, list[StepRecord]]]:
+        """Every instance's engine steps (rank 0's) numbered from `since[worker_id]` (default 0)
+        onwards: {worker_id: (number of the first, records)}. Poll with number + len(records)."""
+        actors = {**self.prefill, **self.decode}
+        since = since or {}
+        logs = ray.get([a.step_log.remote(since.get(w, 0)) for w, a in actors.items()], timeout=timeout_s)
+        return dict(zip(actors, logs))
 
     def shutdown(self) -> None:
         try:

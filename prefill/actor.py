@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import torch
@@ -43,13 +44,14 @@ class PrefillActor(WorkerShell):
                 fut.set_result(r)
 
     async def prefill(self, req: GenerateRequest) -> PrefillResult:
+        received = time.monotonic()  # the step thread takes it only between two steps: queued from now
         await self.start()
         if req.request_id in self._waiting:  # before registering: the live request keeps its future
             raise ValueError(f"request_id: {req.request_id!r} is already queued on {self.worker_id}")
         fut = self._loop.create_future()
         self._waiting[req.request_id] = fut
         try:
-            await self._steps.call(self.worker.submit, req)
+            await self._steps.call(self.worker.submit, req, received)
             return await fut
         except BaseException:
             # Bad request, or the caller was cancelled: drop any state and blocks the request holds.

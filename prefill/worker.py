@@ -15,7 +15,7 @@ from typing import Any, Callable
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request
 from pdserve.prefill.scheduler import PrefillScheduler
-from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
+from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, StepRecord, WorkerStats
 
 
 class PrefillWorker:
@@ -29,15 +29,17 @@ class PrefillWorker:
         self._exports: dict[RequestId, str] = {}  # request → handle id while the sender pins its KV
         self.idle = False  # the last step ran no batch: the step thread may sleep until new input
 
-    def submit(self, req: GenerateRequest) -> None:
-        """Queue a request; raises ValueError (naming the field) if it can never run here."""
+    def submit(self, req: GenerateRequest, received_s: float | None = None) -> None:
+        """Queue a request; raises ValueError (naming the field) if it can never run here.
+        `received_s` (this worker's clock): when the instance got it, if earlier than now — a
+        request that waited for the step thread to finish a step has been queued since then."""
         if req.request_id in self._requests:
             raise ValueError(f"request_id: {req.request_id!r} is already queued on {self.worker_id}")
         r = self.engine.add_request(req)
         if self.engine.layout.num_blocks_for(r.num_tokens) > self.engine.allocator.num_blocks:
             raise ValueError(f"prompt: {r.num_tokens} tokens do not fit this instance's KV cache")
         self._requests[r.request_id] = r
-        self._submitted_s[r.request_id] = self.clock()
+        self._submitted_s[r.request_id] = self.clock() if received_s is None else received_s
         self.scheduler.add(r)
         self.idle = False
 
@@ -86,6 +88,10 @@ class PrefillWorker:
 
     def has_work(self) -> bool:
         return bool(self._requests)
+
+    def step_log(self, since: int = 0) -> tuple[int, list[StepRecord]]:
+        """The engine's steps numbered `since` onwards (engine/step_log.py)."""
+        return self.engine.step_log.since(since)
 
     def stats(self) -> WorkerStats:
         a = self.engine.allocator

@@ -191,10 +191,14 @@ class Router:
     def _breakdown(self, st: _State, now: float) -> dict[str, float]:
         w = st.worker_timings
         e2e = now - st.arrival_s
-        queue, prefill, transfer = w.get("queue_s", 0.0), w.get("prefill_s", 0.0), w.get("transfer_s", 0.0)
+        # queue_s: all queueing, so the parts sum to e2e; decode_queue_s: its share after the first token
+        queue = w.get("queue_s", 0.0) + w.get("decode_queue_s", 0.0)
+        prefill, transfer = w.get("prefill_s", 0.0), w.get("transfer_s", 0.0)
         ttft = (st.first_token_s or now) - st.arrival_s
         out = {"queue_s": queue, "prefill_s": prefill, "transfer_s": transfer,
                "decode_s": max(0.0, e2e - queue - prefill - transfer), "ttft_s": ttft, "e2e_s": e2e}
+        if "decode_queue_s" in w:
+            out["decode_queue_s"] = w["decode_queue_s"]
         if "transfer_bytes" in w:
             out["transfer_bytes"] = w["transfer_bytes"]
         return out

@@ -166,3 +166,18 @@ def test_a_servers_latency_breakdown_is_kept(fake_server) -> None:
     assert result.records[1].server_timings == pytest.approx({"prefill_s": 0.01, "decode_s": 0.004})
     mean = summarize(result.records, SLO(1, 1), 100.0, result.duration_s).server_timings_mean
     assert mean == pytest.approx({"prefill_s": 0.01, "decode_s": 0.003})
+
+
+def test_run_rates_calls_back_after_the_warm_up_and_each_point(fake_server, tokenizer_dir: Path) -> None:
+    from pdserve.bench.metrics import SLO
+    from pdserve.bench.runner import BenchConfig, run_rates
+    from pdserve.bench.tokenizer import load_tokenizer
+    from pdserve.bench.workload import WorkloadSpec, build_workload
+
+    workload = build_workload(WorkloadSpec("humaneval", 6, max_output_len=4), load_tokenizer(str(tokenizer_dir)))
+    cfg = BenchConfig(Endpoint(fake_server.url), SLO(1.0, 1.0), load=LoadConfig(rate=1.0, progress=False), warmup=1)
+    seen: list[tuple[float | None, int]] = []  # (rate, requests the server had seen by then)
+    result = run_rates(cfg, workload, [1000, 50], log=lambda _: None,
+                       after=lambda rate: seen.append((rate, len(fake_server.config.seen))))
+    assert seen == [(None, 1), (50, 7), (1000, 13)]  # in rate order, each after its own 6 requests
+    assert [s.rate for _, s in result.points] == [50, 1000]

@@ -94,3 +94,27 @@ def test_failed_pull_is_recomputed_locally(tiny_llama_dir: Path) -> None:
     got, _, decode = _disaggregated(tiny_llama_dir, prompts, "grpc", break_sender=True)
     assert got == _colocated(tiny_llama_dir, prompts)
     assert decode.engine.allocator.num_used == 0
+
+
+def test_transfer_time_ends_when_the_kv_lands(tiny_llama_dir: Path) -> None:
+    """A pull that lands while the decode loop is busy reports its own duration; the wait for the
+    next iteration boundary is decode time, not transfer time."""
+    cfg = KVTransferConfig(transport="grpc", codec="raw", timeout_s=5)
+    pe, de = _engine(tiny_llama_dir), _engine(tiny_llama_dir)
+    sender, receiver = make_sender(cfg, pe.pool, pe.allocator), make_receiver(cfg, de.pool)
+    prefill = PrefillWorker(pe, 64, 2048, sender)
+    decode = DecodeWorker(de, "decode", 64, 2048, receiver=receiver)
+    try:
+        prefill.submit(GenerateRequest(RequestId("r"), (5, 6, 7, 8), GREEDY))
+        (res,) = prefill.step()
+        decode.submit(GenerateRequest(RequestId("r"), (5, 6, 7, 8), GREEDY, output_token_ids=res.first.token_ids),
+                      res.handle)
+        decode.step()  # starts the pull
+        (pull,) = decode._pulling.values()
+        assert receiver.wait(pull.transfer, 10).name == "DONE"
+        time.sleep(0.3)  # the step loop is "busy" elsewhere; the KV waits for the next boundary
+        (out,) = decode.step()
+        assert out.timings is not None and 0 < out.timings["transfer_s"] < 0.3
+    finally:
+        receiver.close()
+        sender.close()

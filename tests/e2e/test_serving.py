@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -28,21 +29,20 @@ def reference() -> dict[str, list[int]]:
     return {p: o.token_ids for p, o in zip(PROMPTS, outs)}
 
 
-def _deploy(cfg: ServingConfig) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["disaggregated", "colocated"])
+def deployment(request: pytest.FixtureRequest, ray_cluster: None) -> Iterator[Any]:
     from pdserve.placement.launch import launch
 
-    deployment = launch(cfg)
+    deployment = launch(ServingConfig(mode=request.param, router=RouterConfig(port=0)))
     try:
-        yield deployment.url
+        yield deployment
     finally:
         deployment.shutdown()
 
 
-@pytest.fixture(scope="module", params=["disaggregated", "colocated"])
-def served(request: pytest.FixtureRequest, ray_cluster: None) -> Iterator[tuple[str, str]]:
-    cfg = ServingConfig(mode=request.param, router=RouterConfig(port=0))
-    for url in _deploy(cfg):
-        yield request.param, url
+@pytest.fixture(scope="module")
+def served(deployment: Any) -> tuple[str, str]:
+    return ("disaggregated" if deployment.prefill else "colocated"), deployment.url
 
 
 def _client(url: str):
@@ -86,6 +86,26 @@ def test_concurrent_requests_complete_and_metrics_count_them(served: tuple[str, 
     assert all(r in ("stop", "length") for r in reasons), reasons
     assert _counter(url, "pdserve_requests") - before >= 16
     assert _counter(url, "pdserve_instance_engine_steps") > 0  # the workers' own step counters reach /metrics
+
+
+def test_step_logs_hold_every_step_the_instances_ran(deployment: Any) -> None:
+    """What an in-situ profile is fitted to: each instance's engine steps, polled incrementally."""
+    before = deployment.step_logs()
+    cursor = {w: first + len(steps) for w, (first, steps) in before.items()}
+    client = _client(deployment.url)
+    prompt = "The capital of France is"
+    client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=5, temperature=0.0,
+                              extra_body={"ignore_eos": True})
+    after = deployment.step_logs(cursor)
+    assert set(after) == set(before) == {*deployment.prefill, *deployment.decode}
+    new = [s for first, steps in after.values() for s in steps]
+    assert all(first == cursor[w] for w, (first, _) in after.items())  # nothing dropped, nothing repeated
+    kinds = [s.kind for s in new]
+    # one prompt prefilled once (here or on the prefill instance), then 4 decode steps of one sequence
+    assert kinds.count("prefill") == 1 and kinds.count("decode") == 4 and len(new) == 5
+    (pre,) = [s for s in new if s.kind == "prefill"]
+    assert pre.cached_tokens == (0,) and pre.new_tokens[0] > 3
+    assert all(s.duration_s > 0 for s in new)
 
 
 def test_bad_inputs_get_4xx_with_openai_error_bodies(served: tuple[str, str]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pdserve.cli import main
 from pdserve.config import ServingConfig
 from pdserve.placement.plan import Plan
@@ -36,3 +38,39 @@ def test_plan_reports_impossible_slo(tmp_path, capsys):
 def test_unknown_model_is_a_clean_error(capsys):
     assert main(["plan", "--model", "gpt-9", "--ttft", "1", "--tpot", "1"]) == 2
     assert "unknown 'gpt-9'" in capsys.readouterr().err
+
+
+def test_profile_from_a_serving_step_log(tmp_path, capsys):
+    import json
+    import random
+
+    from pdserve.placement.latency import Coeffs, PhaseProfile
+    from pdserve.placement.model_spec import load_model
+    from pdserve.placement.profile_file import load_profile
+
+    truth = PhaseProfile(prefill=Coeffs(0.07, 2.6e-3, 5e-7), decode_small=Coeffs(0.05, 1.2e-5, 8e-3),
+                         decode_large=Coeffs(0.05, 1.2e-5, 8e-3))
+    rng, lines = random.Random(0), []
+    for i in range(200):
+        if i % 4 == 0:
+            new = [rng.randint(4, 500) for _ in range(rng.randint(1, 3))]
+            cached, d = [0] * len(new), truth.prefill_s(sum(new), sum(n * n for n in new))
+        elif i % 4 == 3:  # a chunk of 32 prompt tokens on 64 cached, next to one decode
+            new, cached = [1, 32], [40, 64]
+            d = truth.decode_s(41, 1) + truth.prefill.b * 32 + truth.prefill.c * 32 * (2 * 64 + 32)
+        else:
+            ctx = [rng.randint(10, 600) for _ in range(rng.randint(1, 6))]
+            new, cached, d = [1] * len(ctx), [c - 1 for c in ctx], truth.decode_s(sum(ctx), len(ctx))
+        lines.append(json.dumps({"worker": "w", "rate": 1.0, "start_s": float(i), "duration_s": d,
+                                 "new": new, "cached": cached}))
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "insitu.json"
+    assert main(["profile", "--from-steps", str(steps), "-o", str(out)]) == 0
+    assert "200 steps: 50 prefill, 100 decode, 50 mixed\n" in capsys.readouterr().err
+    prof = load_profile(str(out)).profile(load_model("smollm2-135m"), 1)
+    assert prof.prefill_s(700, 300_000) == pytest.approx(truth.prefill_s(700, 300_000), rel=1e-6)
+    assert prof.decode_s(1500, 5) == pytest.approx(truth.decode_s(1500, 5), rel=1e-6)
+    steps.write_text('{"worker": "w", "start_s": 1}\n')
+    assert main(["profile", "--from-steps", str(steps), "-o", str(out)]) == 2
+    assert "steps.jsonl:1: not a step record" in capsys.readouterr().err

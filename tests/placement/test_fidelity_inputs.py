@@ -134,7 +134,8 @@ def test_fidelity_on_synthetic_results_matches_exactly(tmp_path, capsys):
     out = tmp_path / "fidelity.md"
     assert fid.main([str(tmp_path), "--profile", str(tmp_path / "profile.json"), "--overheads", "none",
                      "-o", str(out)]) == 0
-    rows = fid.compare(fid.load_runs([str(tmp_path)]), PROFILE, setup, setup)
+    runs = fid.load_runs([str(tmp_path)])
+    rows = fid.compare(runs, (PROFILE, setup), {label: (PROFILE, setup) for label in runs})
     assert len(rows) == 6 and {r["system"] for r in rows} == {"disaggregated", "colocated-prefill-priority",
                                                               "colocated-chunked"}
     # The last request failed in the "measurement" (a miss) but is served, in time, by the
@@ -172,5 +173,57 @@ def test_measured_attainment_matches_bench(tmp_path):
     slo = SLO(ttft_s=1.5, tpot_s=0.06)
     _synthetic_run(tmp_path, fid, "chunked", "colocated-chunked", fid.Setup(), slo, rates=(0.6,))
     run = fid.load_runs([str(tmp_path / "colocated-chunked")])["colocated-chunked"]
-    (row,) = fid.compare({"colocated-chunked": run}, PROFILE, fid.Setup(), fid.Setup())
+    (row,) = fid.compare({"colocated-chunked": run}, (PROFILE, fid.Setup()), {"colocated-chunked": (PROFILE, fid.Setup())})
     assert row["measured"] == attainment(run.records[0.6], slo)
+
+
+def _calibration_run(tmp: Path, truth: PhaseProfile, gap_s: float, path_s: float, link_s: tuple[float, float]) -> Path:
+    """A calibration run of the disaggregated system as headline.py saves it: engine steps timed by
+    `truth` with `gap_s` between back-to-back steps, and requests whose client TTFT exceeds the
+    server's queue + prefill by `path_s` and whose pulls take link_s[0] + tokens · link_s[1]."""
+    rng = random.Random(3)
+    lines, t = [], 1000.0
+    for _ in range(60):  # prefill steps of 1-3 prompts
+        lens = [rng.randint(8, 500) for _ in range(rng.randint(1, 3))]
+        d = truth.prefill_s(sum(lens), sum(n * n for n in lens))
+        lines.append({"worker": "prefill-0", "rate": 0.5, "start_s": t, "duration_s": d, "new": lens, "cached": [0] * len(lens)})
+        t += d + gap_s
+    t += 5.0  # idle: not a step gap
+    for _ in range(300):  # decode steps at batch 1-8
+        ctx = [rng.randint(20, 560) for _ in range(rng.randint(1, 8))]
+        d = truth.decode_s(sum(ctx), len(ctx))
+        lines.append({"worker": "decode-0", "rate": 0.5, "start_s": t, "duration_s": d, "new": [1] * len(ctx),
+                      "cached": [c - 1 for c in ctx]})
+        t += d + gap_s
+    run = tmp / "disaggregated"
+    run.mkdir(parents=True)
+    (run / "steps.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    lengths = [RequestLengths(rng.randint(16, 500), rng.randint(2, 48)) for _ in range(20)]
+    records = []
+    for i, ln in enumerate(lengths):
+        r = RequestRecord(i, ln.prompt_len, ln.output_len, float(i), ok=True, num_output_tokens=ln.output_len)
+        queue, prefill = rng.uniform(0, 0.5), truth.prefill_s(ln.prompt_len, ln.prompt_len ** 2)
+        r.server_timings = {"queue_s": queue, "prefill_s": prefill, "transfer_s": link_s[0] + ln.prompt_len * link_s[1]}
+        r.ttft_s, r.e2e_s = queue + prefill + path_s, queue + prefill + path_s + 0.05 * (ln.output_len - 1)
+        records.append(r)
+    write_results(run, {"label": "disaggregated", "slo": dataclasses.asdict(SLO(1.0, 0.1)), "points": []},
+                  {0.5: records}, lengths)
+    return run
+
+
+def test_in_situ_calibration_recovers_the_serving_conditions(tmp_path):
+    fid = _fidelity()
+    truth = PhaseProfile(prefill=Coeffs(0.07, 2.6e-3, 5e-7), decode_small=Coeffs(0.05, 1.2e-5, 8e-3),
+                         decode_large=Coeffs(0.05, 1.2e-5, 8e-3))
+    run = _calibration_run(tmp_path, truth, gap_s=0.0012, path_s=0.009, link_s=(0.1, 2e-4))
+    profile, setup, note = fid.calibrate_in_situ(run, fid.Setup())
+    assert setup.step_overhead_s == pytest.approx(0.0012, rel=1e-6)  # the 5 s idle gap is not overhead
+    assert setup.ttft_overhead_s == pytest.approx(0.009, abs=1e-9)
+    assert setup.transfer_overhead_s == pytest.approx(0.1, rel=1e-6)
+    assert fid.KV_BYTES_PER_TOKEN / setup.link_bytes_per_s == pytest.approx(2e-4, rel=1e-6)
+    for lens in ([400], [100, 300, 20]):
+        want = truth.prefill_s(sum(lens), sum(n * n for n in lens))
+        assert profile.prefill_s(sum(lens), sum(n * n for n in lens)) == pytest.approx(want, rel=1e-6)
+    for b, ctx in ((1, 300), (4, 1200), (8, 4000)):
+        assert profile.decode_s(ctx, b) == pytest.approx(truth.decode_s(ctx, b), rel=1e-6)
+    assert "in-situ profile from 360 steps" in note and "100 ms + 0.23 GB/s" in note

@@ -54,3 +54,17 @@ def test_abort_after_export_releases_the_pinned_blocks(tiny_llama_dir: Path) -> 
         worker.engine.allocator.check_integrity()
     finally:
         worker.sender.close()
+
+
+def test_queue_time_starts_when_the_instance_received_the_request(tiny_llama_dir: Path) -> None:
+    """The actor hands a request to the step thread only between two steps; the time it waited
+    for the running step counts as queueing, not as nothing."""
+    worker = _worker(tiny_llama_dir)
+    try:
+        received = worker.clock() - 0.5  # arrived half a second ago, during a long step
+        worker.submit(GenerateRequest(RequestId("late"), (5, 6, 7, 8), SamplingParams(temperature=0, max_tokens=1)),
+                      received_s=received)
+        (result,) = _drain(worker)
+        assert result.first.timings["queue_s"] >= 0.5 > result.first.timings["prefill_s"]
+    finally:
+        worker.sender.close()

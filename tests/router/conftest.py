@@ -118,7 +118,7 @@ class FakeDecode(_Base):
             if self.fail_requests:
                 raise RequestFailedError("bad request")
             prev = (req.prompt_token_ids + req.output_token_ids)[-1]
-            timings = {"queue_s": 0.002, "transfer_s": 0.003, "transfer_bytes": 4096.0} if handle is not None \
+            timings = {"decode_queue_s": 0.002, "transfer_s": 0.003, "transfer_bytes": 4096.0} if handle is not None \
                 else {"queue_s": 0.002, "prefill_s": 0.02}
             for n in range(len(req.output_token_ids), req.sampling.max_tokens):
                 await asyncio.sleep(self.delay_s)

@@ -50,6 +50,7 @@ def test_disaggregated_lifecycle() -> None:
     t = outs[-1].timings
     assert t is not None and set(t) >= {"queue_s", "prefill_s", "transfer_s", "decode_s", "ttft_s", "e2e_s"}
     assert t["queue_s"] == pytest.approx(0.003) and t["prefill_s"] == 0.01 and t["transfer_bytes"] == 4096
+    assert t["decode_queue_s"] == pytest.approx(0.002)  # the decode pool's share of queue_s
     assert t["ttft_s"] <= t["e2e_s"]
     assert all(o.timings is None for o in outs[:-1])  # worker timings are folded into the breakdown
     assert not p.aborted and not d.aborted
