@@ -32,6 +32,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import itertools
 import json
@@ -52,6 +53,7 @@ from pdserve.placement.profile import read_step_log
 from pdserve.placement.profile_file import load_profile
 from pdserve.placement.trace import in_recorded_order, recorded_trace, replay, with_step_overhead
 from pdserve.placement.transfer import TransferModel
+from pdserve.types import StepRecord
 
 KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M fp32: layers × (K, V) × kv heads × head dim × 4 B
 BUSY_GAP_S = 0.02  # a gap between two steps shorter than this is the step loop's own work, not idleness
@@ -176,9 +178,11 @@ def calibrate_in_situ(run_dir: Path, setup: Setup) -> tuple[PhaseProfile, Setup,
                              if {"queue_s", "prefill_s"} <= (t := r.server_timings).keys())
     pulls = [r for r in records if r.server_timings.get("transfer_s", 0.0) > 0]  # the router reports 0 when colocated
     cal = dataclasses.replace(setup, step_overhead_s=step, ttft_overhead_s=ttft)
+    alone, beside = corun_slowdown(logs, profile)
     note = (f"{run_dir.name}: in-situ profile from {sum(map(len, logs.values()))} steps of {run_dir} "
             f"(prefill mean rel error {report['prefill'].mean_rel_error:.1%}, decode "
-            f"{report.get('decode_curve', report['decode_small']).mean_rel_error:.1%}), step overhead "
+            f"{report.get('decode_curve', report['decode_small']).mean_rel_error:.1%}; steps alone on the host "
+            f"{alone:.3f}×, beside another engine {beside:.3f}× the fit), step overhead "
             f"{step * 1e3:.1f} ms, TTFT overhead {ttft * 1e3:.0f} ms")
     if pulls:
         link = fit_transfer([r.prompt_len for r in pulls], [r.server_timings["transfer_s"] for r in pulls],
@@ -187,6 +191,38 @@ def calibrate_in_situ(run_dir: Path, setup: Setup) -> tuple[PhaseProfile, Setup,
         note += (f", KV transfer {link.overhead_s * 1e3:.0f} ms + {link.bytes_per_s / 1e9:.2f} GB/s "
                  f"(from {len(pulls)} pulls)")
     return profile, cal, note
+
+
+def corun_slowdown(logs: dict[str, list[StepRecord]], profile: PhaseProfile) -> tuple[float, float]:
+    """Mean measured ÷ modelled step time of the steps that ran alone on the host (< 10% of the
+    step overlapped by another engine's steps) and of those that ran beside another engine
+    (> 90%): what sharing the host costs, which a profile fitted across both averages away."""
+    spans = sorted((s.start_s, s.start_s + s.duration_s, w) for w, log in logs.items() for s in log)
+    alone, beside = [], []
+    for w, log in logs.items():
+        others = [(a, b) for a, b, w2 in spans if w2 != w]
+        starts = [a for a, _ in others]
+        for s in log:
+            end, i, overlap = s.start_s + s.duration_s, max(0, bisect.bisect_left(starts, s.start_s) - 1), 0.0
+            while i < len(others) and others[i][0] < end:
+                overlap += max(0.0, min(end, others[i][1]) - max(s.start_s, others[i][0]))
+                i += 1
+            ratio = s.duration_s / step_time(profile, s)
+            if overlap < 0.1 * s.duration_s:
+                alone.append(ratio)
+            elif overlap > 0.9 * s.duration_s:
+                beside.append(ratio)
+    return (statistics.fmean(alone) if alone else float("nan"), statistics.fmean(beside) if beside else float("nan"))
+
+
+def step_time(profile: PhaseProfile, s: StepRecord) -> float:
+    """The simulator's time for this step's shape (placement/simulator.py's three kinds of step)."""
+    ctx = [c + 1 for n, c in zip(s.new_tokens, s.cached_tokens) if n == 1 and c > 0]
+    chunks = [(n, c) for n, c in zip(s.new_tokens, s.cached_tokens) if not (n == 1 and c > 0)]
+    x1, x2 = sum(n for n, _ in chunks), sum(n * (2 * c + n) for n, c in chunks)
+    if not ctx:
+        return profile.prefill_s(x1, x2)
+    return profile.decode_s(sum(ctx), len(ctx)) + (profile.prefill_extra_s(len(ctx), x1, x2) if chunks else 0.0)
 
 
 def p90(xs: Sequence[float]) -> float:

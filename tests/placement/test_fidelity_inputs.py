@@ -227,3 +227,17 @@ def test_in_situ_calibration_recovers_the_serving_conditions(tmp_path):
     for b, ctx in ((1, 300), (4, 1200), (8, 4000)):
         assert profile.decode_s(ctx, b) == pytest.approx(truth.decode_s(ctx, b), rel=1e-6)
     assert "in-situ profile from 360 steps" in note and "100 ms + 0.23 GB/s" in note
+
+
+def test_corun_slowdown_separates_steps_alone_from_steps_beside_another_engine():
+    fid = _fidelity()
+    from pdserve.types import StepRecord
+
+    def decode(start: float, k: float) -> StepRecord:  # one sequence at context 100, k × the model's time
+        return StepRecord(start, k * PROFILE.decode_s(100, 1), (1,), (99,))
+
+    d = PROFILE.decode_s(100, 1)
+    logs = {"a": [decode(0.0, 1.0), decode(10.0, 1.1)],  # alone, then beside b's step
+            "b": [decode(10.0, 1.1), decode(20.0 + 0.5 * d, 1.0)]}  # beside a's, then alone
+    alone, beside = fid.corun_slowdown(logs, PROFILE)
+    assert alone == pytest.approx(1.0) and beside == pytest.approx(1.1)
