@@ -234,9 +234,10 @@ Model = tuple[PhaseProfile, Setup]
 
 
 def compare(runs: dict[str, RunData], base: Model, calibrated: dict[str, Model], jitter_s: float = 0.0,
-            jitter_runs: int = 20) -> list[dict]:
-    """Per system and rate: the bare profile (`base`) and the system's calibrated model, and with
-    `jitter_s` the calibrated model's attainment range under that much send-time jitter."""
+            jitter_runs: int = 20, sensitivity: float = 0.0) -> list[dict]:
+    """Per system and rate: the bare profile (`base`) and the system's calibrated model; with
+    `jitter_s` the calibrated model's attainment range under that much send-time jitter, with
+    `sensitivity` its attainment with every step (1 ∓ sensitivity)× as long."""
     rows = []
     for label, run in runs.items():
         kind = system_kind(label)
@@ -260,6 +261,8 @@ def compare(runs: dict[str, RunData], base: Model, calibrated: dict[str, Model],
                 path_ms=_mean([r.ttft_s - r.server_timings["ttft_s"] for r in records
                                if r.ok and r.ttft_s is not None and "ttft_s" in r.server_timings]),
                 jitter=jitter_range(kind, records, cal_profile, cal_setup, slo, jitter_s, jitter_runs) if jitter_s else None,
+                sensitivity=tuple(sim_attainment(simulate_records(kind, records, cal_profile.scaled(k), cal_setup), olens, slo)
+                                  for k in (1 - sensitivity, 1 + sensitivity)) if sensitivity else None,
             ))
     return rows
 
@@ -269,16 +272,19 @@ def _mean(xs: Sequence[float | None]) -> float | None:
     return 1e3 * statistics.fmean(xs) if xs else None
 
 
-def markdown(rows: list[dict], notes: Sequence[str], jitter_ms: float = 0.0) -> str:
+def markdown(rows: list[dict], notes: Sequence[str], jitter_ms: float = 0.0, sensitivity: float = 0.0) -> str:
     jit = bool(rows) and rows[0].get("jitter") is not None
+    sens = bool(rows) and rows[0].get("sensitivity") is not None
     out = ["| system | rate (req/s) | requests | failed | measured | simulated (profile only) | simulated | abs diff (points) "
            + (f"| simulated, ±{jitter_ms:g} ms send jitter (min–max) " if jit else "")
+           + (f"| simulated, steps ×{1 - sensitivity:g} / ×{1 + sensitivity:g} " if sens else "")
            + "| TTFT p90 meas / sim (ms) | TPOT p90 meas / sim (ms) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if jit else "") + "---:|---:|"]
+           "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if jit else "") + ("---:|" if sens else "") + "---:|---:|"]
     for r in rows:
         out.append(f"| {r['system']} | {r['rate']:g} | {r['n']} | {r['failed']} | {100 * r['measured']:.1f}% | "
                    f"{100 * r['sim_profile']:.1f}% | {100 * r['simulated']:.1f}% | {100 * r['diff']:.1f} | "
                    + (f"{100 * r['jitter'][0]:.1f}–{100 * r['jitter'][1]:.1f}% | " if jit else "")
+                   + (f"{100 * r['sensitivity'][0]:.1f}% / {100 * r['sensitivity'][1]:.1f}% | " if sens else "")
                    + f"{_ms(r['ttft_p90'][0])} / {_ms(r['ttft_p90'][1])} | {_ms(r['tpot_p90'][0])} / {_ms(r['tpot_p90'][1])} |")
     worst = max((r["diff"] for r in rows), default=float("nan"))
     out.append("")
@@ -345,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--jitter-ms", type=float, default=0.0,
                     help="also simulate each trace with every send time moved by up to ± this much (uniform)")
     ap.add_argument("--jitter-runs", type=int, default=20)
+    ap.add_argument("--sensitivity", type=float, default=0.0,
+                    help="also simulate with every step (1 ∓ this)× as long, e.g. 0.05")
     ap.add_argument("-o", "--output", default=None, help="also write the markdown table here")
     args = ap.parse_args(argv)
 
@@ -375,8 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"no {slo_file}: no overheads calibrated", file=sys.stderr)
     rows = compare(runs, (profile, base), {label: per_system.get(label, (profile, calibrated)) for label in runs},
-                   args.jitter_ms * 1e-3, args.jitter_runs)
-    text = markdown(rows, notes, args.jitter_ms)
+                   args.jitter_ms * 1e-3, args.jitter_runs, args.sensitivity)
+    text = markdown(rows, notes, args.jitter_ms, args.sensitivity)
     print(text)
     if args.output:
         Path(args.output).write_text(text)

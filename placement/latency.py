@@ -71,6 +71,9 @@ class Curve:
     def shifted(self, dy: float) -> Curve:
         return Curve(self.xs, tuple(y + dy for y in self.ys), self.slope)
 
+    def scaled(self, k: float) -> Curve:
+        return Curve(self.xs, tuple(y * k for y in self.ys), self.slope * k)
+
 
 @dataclass(frozen=True, kw_only=True)
 class PhaseProfile:
@@ -107,6 +110,13 @@ class PhaseProfile:
 
     def decode_s(self, sum_ctx: float, batch_size: int) -> float:
         return self.decode_coeffs(batch_size)(sum_ctx, batch_size)
+
+    def scaled(self, k: float) -> PhaseProfile:
+        """Every step k× as long (a slower or faster host)."""
+        return PhaseProfile(prefill=self.prefill.scaled(k), decode_small=self.decode_small.scaled(k),
+                            decode_large=self.decode_large.scaled(k), large_batch_threshold=self.large_batch_threshold,
+                            prefill_tokens=self.prefill_tokens and self.prefill_tokens.scaled(k),
+                            decode_batch=self.decode_batch and self.decode_batch.scaled(k))
 
 
 class LatencySource(Protocol):

@@ -98,3 +98,15 @@ def test_profile_uses_curves_where_measured():
     # a 32-token chunk riding on 4 decodes costs what the curve adds between 4 and 36 tokens
     assert p.prefill_extra_s(4, 32, 1000) == pytest.approx(p.prefill_tokens.base(36) - 0.04 + 1e-4)
     assert linear.prefill_extra_s(4, 32, 1000) == pytest.approx(32e-3)
+
+
+def test_scaled_profile_makes_every_step_k_times_as_long():
+    p = PhaseProfile(prefill=Coeffs(0.07, 2.6e-3, 5e-7), decode_small=Coeffs(0.05, 1e-5, 8e-3),
+                     decode_large=Coeffs(0.04, 1e-5, 6e-3), large_batch_threshold=8,
+                     prefill_tokens=Curve((16.0, 512.0), (0.1, 1.4), 4e-7), decode_batch=Curve((1.0, 4.0), (0.05, 0.08), 1e-5))
+    q = p.scaled(1.1)
+    for sum_len, sq in ((100, 10_000), (700, 300_000)):
+        assert q.prefill_s(sum_len, sq) == pytest.approx(1.1 * p.prefill_s(sum_len, sq))
+    for ctx, b in ((300, 1), (900, 3), (4000, 20)):  # on the curve, and past it on the large-batch form
+        assert q.decode_s(ctx, b) == pytest.approx(1.1 * p.decode_s(ctx, b))
+    assert q.prefill_extra_s(4, 28, 5000) == pytest.approx(1.1 * p.prefill_extra_s(4, 28, 5000))
