@@ -14,8 +14,9 @@ What is modelled, beyond the profiled forwards (see BENCHMARKS.md, simulator fid
     token, calibrated from the *unloaded* latency in slo.json (a separate sequential run), never from
     the rate sweep being compared;
   - with --calibration, everything from a calibration run of each system on another trace
-    (benchmarks/headline.py --seed 1): an in-situ profile fitted to the engine steps it ran, the
-    gaps between its steps, its client-path TTFT and its measured KV pulls (`calibrate_in_situ`);
+    (benchmarks/headline.py --seed 1): an in-situ profile fitted to the engine steps it ran, how
+    much slower a step runs beside the other busy engine of the host, the gaps between its steps,
+    its client-path TTFT and its measured KV pulls (`calibrate_in_situ`);
   - KV transfer: bytes per token ÷ link bandwidth + a fixed overhead, FIFO on the decode side;
   - KV capacity (1 GB of fp32 KV per instance in blocks of 16), max_num_seqs, the token budget.
 
@@ -36,6 +37,7 @@ import bisect
 import dataclasses
 import itertools
 import json
+import math
 import random
 import statistics
 import sys
@@ -75,6 +77,7 @@ class Setup:
     pull_at_step_boundary: bool = True  # the decode worker starts pulls between its iterations
     step_overhead_s: float = 0.0
     ttft_overhead_s: float = 0.0  # HTTP + router + Ray before the first token (not engine time)
+    host_slowdown: float = 0.0  # a step beside another busy engine is (1 + this)× one alone
 
 
 def system_kind(label: str) -> str:
@@ -91,7 +94,8 @@ def system_kind(label: str) -> str:
 def deployment(kind: str, profile: PhaseProfile, setup: Setup) -> Deployment:
     lat = InstanceLatency(tp=1, pp=1, profile=with_step_overhead(profile, setup.step_overhead_s),
                           kv_capacity_tokens=setup.kv_capacity_tokens)
-    common = dict(prefill_token_budget=setup.token_budget, max_num_seqs=setup.max_num_seqs)
+    common = dict(prefill_token_budget=setup.token_budget, max_num_seqs=setup.max_num_seqs,
+                  host_slowdown=setup.host_slowdown)
     if kind == "disaggregated":
         transfer = TransferModel(kv_bytes_per_token=KV_BYTES_PER_TOKEN, bytes_per_s=setup.link_bytes_per_s,
                                  overhead_s=setup.transfer_overhead_s)
@@ -164,9 +168,11 @@ def calibrate(slo_file: Path, runs: dict[str, RunData], profile: PhaseProfile, s
     return dataclasses.replace(zero, step_overhead_s=step, ttft_overhead_s=ttft), note
 
 
-def calibrate_in_situ(run_dir: Path, setup: Setup) -> tuple[PhaseProfile, Setup, str]:
+def calibrate_in_situ(run_dir: Path, setup: Setup, shared_host: bool = True) -> tuple[PhaseProfile, Setup, str]:
     """Everything from a calibration run of the same system on another trace: the latency model
-    fitted to the engine steps it ran (steps.jsonl), the per-step overhead as the mean gap between
+    fitted to the engine steps it ran (steps.jsonl) — with `shared_host`, split into the steps
+    alone on the host and the slowdown beside another busy engine (`corun_slowdown`), which the
+    simulator applies as `Deployment.host_slowdown` — the per-step overhead as the mean gap between
     back-to-back steps, the TTFT overhead as the median of the client's TTFT minus the server's
     queueing before the first token and prefill time, and the KV transfer fitted to its measured pulls."""
     logs = read_step_log(run_dir / "steps.jsonl")
@@ -177,12 +183,19 @@ def calibrate_in_situ(run_dir: Path, setup: Setup) -> tuple[PhaseProfile, Setup,
     ttft = statistics.median(r.ttft_s - (t["queue_s"] - t.get("decode_queue_s", 0.0)) - t["prefill_s"] for r in records
                              if {"queue_s", "prefill_s"} <= (t := r.server_timings).keys())
     pulls = [r for r in records if r.server_timings.get("transfer_s", 0.0) > 0]  # the router reports 0 when colocated
-    cal = dataclasses.replace(setup, step_overhead_s=step, ttft_overhead_s=ttft)
     alone, beside = corun_slowdown(logs, profile)
+    cal = dataclasses.replace(setup, step_overhead_s=step, ttft_overhead_s=ttft)
+    # The fit averages steps alone and beside the other engine; the simulator tells them apart
+    # (when the calibration run had both kinds of step).
+    shared_host = shared_host and math.isfinite(alone) and math.isfinite(beside)
+    if shared_host:
+        cal = dataclasses.replace(cal, host_slowdown=beside / alone - 1)
+        profile = profile.scaled(alone)
     note = (f"{run_dir.name}: in-situ profile from {sum(map(len, logs.values()))} steps of {run_dir} "
             f"(prefill mean rel error {report['prefill'].mean_rel_error:.1%}, decode "
             f"{report.get('decode_curve', report['decode_small']).mean_rel_error:.1%}; steps alone on the host "
-            f"{alone:.3f}×, beside another engine {beside:.3f}× the fit), step overhead "
+            f"{alone:.3f}×, beside another engine {beside:.3f}× the fit"
+            + (f": host slowdown {cal.host_slowdown:.1%}" if shared_host else "") + "), step overhead "
             f"{step * 1e3:.1f} ms, TTFT overhead {ttft * 1e3:.0f} ms")
     if pulls:
         link = fit_transfer([r.prompt_len for r in pulls], [r.server_timings["transfer_s"] for r in pulls],
@@ -338,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calibration", default=None,
                     help="a calibration run's results (headline.py on another --seed): fit each system's "
                          "profile, overheads and KV transfer to its own steps and requests there")
+    ap.add_argument("--no-shared-host", action="store_true",
+                    help="with --calibration: one profile for every step, alone on the host or not")
     ap.add_argument("--slo-file", default=None, help="slo.json with the unloaded latency (default: next to the runs)")
     ap.add_argument("--overheads", choices=("unloaded", "none", "manual"), default="unloaded",
                     help="unloaded: calibrate from slo.json; manual: --step-overhead-ms/--ttft-overhead-ms")
@@ -367,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_system: dict[str, Model] = {}
     if args.calibration:
         for label in runs:
-            prof, setup, note = calibrate_in_situ(Path(args.calibration) / label, base)
+            prof, setup, note = calibrate_in_situ(Path(args.calibration) / label, base, not args.no_shared_host)
             per_system[label] = (prof, setup)
             notes.append(note)
     elif args.overheads == "manual":

@@ -33,6 +33,9 @@ class Deployment:
     pull_at_step_boundary: bool = False
     """A decode instance starts a KV pull only between two of its iterations (pdserve's decode
     worker: the step thread owns the pool), not the moment the request arrives (DistServe's model)."""
+    host_slowdown: float = 0.0
+    """All instances share one host (CPU engines on one box): a step that starts while another
+    instance is busy takes (1 + host_slowdown)× as long. 0 for instances on their own accelerators."""
 
     def __post_init__(self) -> None:
         if not self.prefill and self.phases != "decode":
@@ -41,6 +44,8 @@ class Deployment:
             raise ValueError("deployment: disaggregated needs at least one decode instance")
         if self.mode == "colocated" and any(i.pp != 1 for i in self.prefill):
             raise ValueError("deployment: colocated instances must have pp == 1")
+        if self.host_slowdown < 0:
+            raise ValueError(f"deployment: host_slowdown must be >= 0, got {self.host_slowdown}")
 
     @property
     def num_gpus(self) -> int:

@@ -19,7 +19,8 @@ from pdserve.placement.latency import InstanceLatency
 
 
 class Lane:
-    __slots__ = ("lat", "owner", "index", "t0", "i0", "num_reqs", "sum_ctx", "finishes", "version", "_step", "_b")
+    __slots__ = ("lat", "owner", "index", "t0", "i0", "num_reqs", "sum_ctx", "finishes", "version", "speed",
+                 "_step", "_b")
 
     def __init__(self, lat: InstanceLatency, owner: int) -> None:
         self.lat = lat
@@ -31,12 +32,18 @@ class Lane:
         self.sum_ctx = 0.0
         self.finishes: list[tuple[int, int]] = []  # heap of (finish boundary, request index)
         self.version = 0  # bumped whenever the scheduled wake-up becomes stale
+        self.speed = 1.0  # every iteration takes `speed` × the model's time (a shared, busy host)
         self._recoef()
 
     def _recoef(self) -> None:
         c = self.lat.decode_coeffs(self.num_reqs)
-        self._step = c.a + c.c * self.num_reqs  # per-iteration time apart from the context term
-        self._b = c.b
+        self._step = (c.a + c.c * self.num_reqs) * self.speed  # per-iteration time apart from the context term
+        self._b = c.b * self.speed
+
+    def set_speed(self, speed: float) -> None:
+        """Iterations from the reference boundary on take `speed` × the model's time; call at a boundary."""
+        self.speed = speed
+        self._recoef()
 
     def time_at(self, i: int) -> float:
         k = i - self.i0

@@ -8,6 +8,9 @@ pulled when it can reserve prompt+output tokens and a slot, over its link (FIFO)
 least-loaded lane (one per pipeline stage) → continuous batching → finish (TPOT).
 Colocated: one engine per instance; prefill-priority stalls the decode batch for each prefill
 batch (vLLM), chunked mixes up to `chunk_size` tokens of prefill with the decodes (Sarathi).
+With `host_slowdown` (instances sharing one host), a step that starts while another instance is
+busy runs that much slower: a prefill batch from its start, a decode lane from its next boundary
+after any instance's state changes.
 Deterministic: same deployment, trace and rate → same result.
 """
 
@@ -63,6 +66,7 @@ class _Sim:
         self.now = 0.0
         self.lanes: list[Lane] = []
         self.decodes: list[_Decode] = []
+        self.prefills: list[_Prefill] = []
         if dep.mode == "colocated":
             self.colocs = [_Decode(lat, self._new_lanes(lat, i, 1)) for i, lat in enumerate(dep.prefill)]
             self.outstanding = [0] * len(self.colocs)
@@ -94,6 +98,8 @@ class _Sim:
                 t, _, kind, a, b = heapq.heappop(heap)
                 self.now = t
                 handlers[kind](a, b)
+            if self.dep.host_slowdown:
+                self.update_speeds()
         ttft = tuple(f - a for f, a in zip(self.first_tok, arrival))
         return SimResult(ttft, tuple(self.tpot))
 
@@ -130,7 +136,7 @@ class _Sim:
             pre.held += p
         if not batch:
             return  # back-pressure: retried when a transfer frees prefill memory
-        stage = pre.lat.prefill_stage_s(s, s2)
+        stage = pre.lat.prefill_stage_s(s, s2) * self.host_speed(("p", pi))
         pre.busy = True
         if pre.lat.pp > 1:
             self.push(self.now + stage, _STAGE_FREE, pi)
@@ -153,6 +159,38 @@ class _Sim:
         if pre.lat.pp == 1:
             pre.busy = False
         self.try_prefill(pi)
+
+    # ---- a shared host ---------------------------------------------------------------------
+    def busy_instances(self) -> set[tuple[str, int]]:
+        """Instances computing now: prefill instances in a batch; decode and colocated instances
+        with a running batch or in a step that carries no decodes (a prefill or a chunk)."""
+        now = self.now
+        busy = {("p", i) for i, pre in enumerate(self.prefills) if pre.busy}
+        for lane in self.lanes:
+            if lane.num_reqs or lane.t0 > now:
+                busy.add(("c" if self.dep.mode == "colocated" else "d", lane.owner))
+        return busy
+
+    def host_speed(self, me: tuple[str, int]) -> float:
+        """How much longer a step of instance `me` starting now takes (1 unless the host is shared)."""
+        if not self.dep.host_slowdown:
+            return 1.0
+        return 1.0 + self.dep.host_slowdown if self.busy_instances() - {me} else 1.0
+
+    def update_speeds(self) -> None:
+        """After an event: lanes whose neighbours' busy state changed switch speed at their next boundary."""
+        kind = "c" if self.dep.mode == "colocated" else "d"
+        for lane in self.lanes:
+            speed = self.host_speed((kind, lane.owner))
+            if speed == lane.speed:
+                continue
+            self.sync(lane)
+            lane.set_speed(speed)
+            if self.dep.mode == "colocated":
+                self.coloc_schedule(lane.owner)
+            else:
+                self.schedule_wake(lane)
+                self.admit(lane.owner)
 
     # ---- disaggregated: decode side --------------------------------------------------------
     def to_decode(self, r: int) -> None:
@@ -318,7 +356,7 @@ class _Sim:
             batch.append(r)
             s += p
             s2 += p * p
-        end = lane.t0 + inst.lat.prefill_s(s, s2)
+        end = lane.t0 + inst.lat.prefill_s(s, s2) * self.host_speed(("c", ci))
         lane.insert_gap(end)
         for r in batch:
             self.coloc_first_token(ci, inst, lane, r, end)
@@ -345,6 +383,6 @@ class _Sim:
             dt = prof.decode_s(lane.sum_ctx, lane.num_reqs) + prof.prefill_extra_s(lane.num_reqs, x1, x2)
         else:
             dt = prof.prefill_s(x1, x2)
-        lane.custom_step(dt)
+        lane.custom_step(dt * self.host_speed(("c", ci)))
         for r in done:
             self.coloc_first_token(ci, inst, lane, r, lane.t0)

@@ -218,6 +218,7 @@ def test_in_situ_calibration_recovers_the_serving_conditions(tmp_path):
     run = _calibration_run(tmp_path, truth, gap_s=0.0012, path_s=0.009, link_s=(0.1, 2e-4))
     profile, setup, note = fid.calibrate_in_situ(run, fid.Setup())
     assert setup.step_overhead_s == pytest.approx(0.0012, rel=1e-6)  # the 5 s idle gap is not overhead
+    assert setup.host_slowdown == 0.0  # no step ran beside another: nothing to tell apart
     assert setup.ttft_overhead_s == pytest.approx(0.009, abs=1e-9)
     assert setup.transfer_overhead_s == pytest.approx(0.1, rel=1e-6)
     assert fid.KV_BYTES_PER_TOKEN / setup.link_bytes_per_s == pytest.approx(2e-4, rel=1e-6)

@@ -148,3 +148,33 @@ def test_pull_at_step_boundary_waits_for_the_running_iteration():
         res = simulate(dep, trace, 1.0)
         finish[at_boundary] = t_b + res.tpot_s[1] * 10
     assert finish[True] - finish[False] == pytest.approx(d[2], abs=1e-4)  # one more iteration of A alone
+
+
+def test_shared_host_slows_the_steps_that_start_beside_a_busy_instance():
+    trace = Trace((0.0, 1.0), (10, 100), (200, 2))  # a long generation, then a prompt while it decodes
+    base = Deployment(prefill=(inst(),), decode=(inst(),))
+    a = simulate(base, trace, 1.0)
+    b = simulate(dataclasses.replace(base, host_slowdown=0.5), trace, 1.0)
+    # the first prompt prefills with the decode instance idle, the second while it decodes
+    assert b.ttft_s[0] == pytest.approx(a.ttft_s[0]) == pytest.approx(PROFILE.prefill_s(10, 100))
+    assert a.ttft_s[1] == pytest.approx(PROFILE.prefill_s(100, 10_000))
+    assert b.ttft_s[1] == pytest.approx(1.5 * PROFILE.prefill_s(100, 10_000))
+    # the generation runs slower only while the prefill runs beside it, from its next boundary on
+    slowed = 1.5 * PROFILE.prefill_s(100, 10_000)
+    assert a.tpot_s[0] < b.tpot_s[0] < a.tpot_s[0] + 0.5 * slowed / 199 + 1e-9
+    with pytest.raises(ValueError, match="host_slowdown"):
+        dataclasses.replace(base, host_slowdown=-0.1)
+
+
+def test_shared_host_slows_a_colocated_prefill_beside_the_other_instance():
+    from pdserve.placement.trace import RouterDispatch
+
+    trace = Trace((0.0, 1.0), (10, 100), (200, 2))
+    base = Deployment(mode="colocated", prefill=(inst(), inst()))
+    a = RouterDispatch(base, trace, 1.0).run()
+    b = RouterDispatch(dataclasses.replace(base, host_slowdown=0.5), trace, 1.0).run()
+    # the router sends the prompt to the idle instance (fewer in flight): its prefill runs beside
+    # the other instance's decoding
+    assert a.ttft_s[1] == pytest.approx(PROFILE.prefill_s(100, 10_000))
+    assert b.ttft_s[1] == pytest.approx(1.5 * PROFILE.prefill_s(100, 10_000))
+    assert b.ttft_s[0] == pytest.approx(a.ttft_s[0])
