@@ -9,7 +9,11 @@ from the unloaded latency of single requests: TTFT = 4x and TPOT = 2x (DistServe
 SLO scaling around the unloaded values; measured once, sequentially, on the first system run). Goodput
 is read off each attainment curve at 90%.
 
-Usage: python benchmarks/headline.py [-o results/headline] [--num-requests 40] [--rates 0.2 0.4 ...]
+Each system's results directory also gets `steps.jsonl`: every engine step its instances ran,
+per rate (the input of an in-situ profile, `pdserve profile --from-steps`, and of
+benchmarks/fidelity.py --calibration, which wants a run on another `--seed`).
+
+Usage: python benchmarks/headline.py [-o results/headline] [--num-requests 40] [--rates 0.2 0.4 ...] [--seed 0]
 Then:  pdserve bench compare results/headline/disaggregated results/headline/colocated-* -o results/headline/compare
 """
 
