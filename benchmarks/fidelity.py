@@ -230,12 +230,10 @@ def corun_slowdown(logs: dict[str, list[StepRecord]], profile: PhaseProfile) -> 
 
 def step_time(profile: PhaseProfile, s: StepRecord) -> float:
     """The simulator's time for this step's shape (placement/simulator.py's three kinds of step)."""
-    ctx = [c + 1 for n, c in zip(s.new_tokens, s.cached_tokens) if n == 1 and c > 0]
-    chunks = [(n, c) for n, c in zip(s.new_tokens, s.cached_tokens) if not (n == 1 and c > 0)]
-    x1, x2 = sum(n for n, _ in chunks), sum(n * (2 * c + n) for n, c in chunks)
+    ctx, (x1, x2) = s.decode_contexts, s.prompt_work
     if not ctx:
         return profile.prefill_s(x1, x2)
-    return profile.decode_s(sum(ctx), len(ctx)) + (profile.prefill_extra_s(len(ctx), x1, x2) if chunks else 0.0)
+    return profile.decode_s(sum(ctx), len(ctx)) + (profile.prefill_extra_s(len(ctx), x1, x2) if x1 else 0.0)
 
 
 def p90(xs: Sequence[float]) -> float:

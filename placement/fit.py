@@ -134,7 +134,7 @@ def fit_steps(steps: Iterable[StepRecord], large_batch_threshold: int = 95,
     costs what the step took beyond `D(B) + b'·Σctx` (what `PhaseProfile.prefill_extra_s` adds in
     the simulator's chunked-prefill step). Fitted on relative error of the whole step."""
     steps = [s for s in steps if s.duration_s > 0]
-    dec = [DecodeSample(tuple(c + 1 for c in s.cached_tokens), s.duration_s) for s in steps if s.kind == "decode"]
+    dec = [DecodeSample(tuple(s.decode_contexts), s.duration_s) for s in steps if s.kind == "decode"]
     prompt = [s for s in steps if s.kind != "decode"]
     if len(prompt) < 3 or len(dec) < 3:
         raise ValueError(f"fit: need >= 3 steps with prompt tokens and >= 3 decode steps, got {len(prompt)} and {len(dec)}")
@@ -143,9 +143,8 @@ def fit_steps(steps: Iterable[StepRecord], large_batch_threshold: int = 95,
     for s in steps:
         if s.kind == "decode":
             continue
-        ctx = [c + 1 for n, c in zip(s.new_tokens, s.cached_tokens) if n == 1 and c > 0]
-        chunks = [(n, c) for n, c in zip(s.new_tokens, s.cached_tokens) if not (n == 1 and c > 0)]
-        rows.append((0.0 if ctx else 1.0, sum(n for n, _ in chunks), sum(n * (2 * c + n) for n, c in chunks)))
+        ctx = s.decode_contexts
+        rows.append((0.0 if ctx else 1.0, *s.prompt_work))
         y.append(s.duration_s - (profile.decode_s(sum(ctx), len(ctx)) if ctx else 0.0))
         total.append(s.duration_s)
     design, t = np.asarray(rows), np.asarray(total)
