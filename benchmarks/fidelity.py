@@ -236,6 +236,36 @@ def step_time(profile: PhaseProfile, s: StepRecord) -> float:
     return profile.decode_s(sum(ctx), len(ctx)) + (profile.prefill_extra_s(len(ctx), x1, x2) if x1 else 0.0)
 
 
+def read_probes(run_dir: Path) -> list[list[StepRecord]]:
+    """probes.jsonl (benchmarks/headline.py) by probe number: probe i ran just before the i-th rate
+    point, probe i + 1 just after it."""
+    path = run_dir / "probes.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no probes.jsonl (run benchmarks/headline.py without --no-probe)")
+    probes: dict[int, list[StepRecord]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            d = json.loads(line)
+            probes.setdefault(int(d["probe"]), []).append(StepRecord.from_json(d))
+    return [probes.get(i, []) for i in range(max(probes, default=-1) + 1)]
+
+
+def host_speed(steps: Sequence[StepRecord], profile: PhaseProfile) -> float:
+    """Measured ÷ modelled time of these steps, in total."""
+    return sum(s.duration_s for s in steps) / sum(step_time(profile, s) for s in steps)
+
+
+def speed_factors(run: RunData, calibration_dir: Path, profile: PhaseProfile) -> dict[float, float]:
+    """Per rate point of `run`: how many times slower the host ran around it than during the
+    calibration run — the probes just before and just after the point against the calibration
+    run's probes (the same requests, one at a time), all timed by the calibration's profile."""
+    reference = host_speed([s for p in read_probes(calibration_dir) for s in p], profile)
+    probes, rates = read_probes(run.path), sorted(run.records)
+    if len(probes) != len(rates) + 1 or not all(probes):
+        raise ValueError(f"{run.path}: {len(probes)} probes for {len(rates)} rate points (want one before each and one after the last)")
+    return {rate: host_speed(probes[i] + probes[i + 1], profile) / reference for i, rate in enumerate(rates)}
+
+
 def p90(xs: Sequence[float]) -> float:
     """The same percentile `pdserve bench` reports (linear interpolation), for both columns."""
     return percentile_stats(list(xs))["p90"] or float("nan") if xs else float("nan")
@@ -245,17 +275,21 @@ Model = tuple[PhaseProfile, Setup]
 
 
 def compare(runs: dict[str, RunData], base: Model, calibrated: dict[str, Model], jitter_s: float = 0.0,
-            jitter_runs: int = 20, sensitivity: float = 0.0) -> list[dict]:
-    """Per system and rate: the bare profile (`base`) and the system's calibrated model; with
-    `jitter_s` the calibrated model's attainment range under that much send-time jitter, with
-    `sensitivity` its attainment with every step (1 ∓ sensitivity)× as long."""
+            jitter_runs: int = 20, sensitivity: float = 0.0,
+            speeds: dict[str, dict[float, float]] | None = None) -> list[dict]:
+    """Per system and rate: the bare profile (`base`) and the system's calibrated model, every step
+    of it `speeds[system][rate]`× as long when given (`speed_factors`); with `jitter_s` the
+    calibrated model's attainment range under that much send-time jitter, with `sensitivity` its
+    attainment with every step (1 ∓ sensitivity)× as long."""
     rows = []
     for label, run in runs.items():
         kind = system_kind(label)
-        profile, cal_profile, cal_setup = base[0], *calibrated[label]
+        profile, (cal_base, cal_setup) = base[0], calibrated[label]
         slo = SLO(run.summary["slo"]["ttft_s"], run.summary["slo"]["tpot_s"])
         for rate in sorted(run.records):
             records = run.records[rate]
+            speed = speeds[label][rate] if speeds else None
+            cal_profile = cal_base.scaled(speed) if speed else cal_base
             olens = [r.output_len for r in records]
             raw = simulate_records(kind, records, profile, base[1])
             cal = simulate_records(kind, records, cal_profile, cal_setup)
@@ -263,7 +297,7 @@ def compare(runs: dict[str, RunData], base: Model, calibrated: dict[str, Model],
             simulated = sim_attainment(cal, olens, slo)
             rows.append(dict(
                 system=label, rate=rate, n=len(records), failed=sum(not r.ok for r in records), measured=measured,
-                sim_profile=sim_attainment(raw, olens, slo), simulated=simulated,
+                sim_profile=sim_attainment(raw, olens, slo), simulated=simulated, speed=speed,
                 diff=abs(simulated - measured),
                 ttft_p90=(p90([r.ttft_s for r in records if r.ok and r.ttft_s is not None]), p90(cal.ttft_s)),
                 tpot_p90=(p90([t for r in records if (t := r.tpot_s) is not None]),
@@ -286,14 +320,17 @@ def _mean(xs: Sequence[float | None]) -> float | None:
 def markdown(rows: list[dict], notes: Sequence[str], jitter_ms: float = 0.0, sensitivity: float = 0.0) -> str:
     jit = bool(rows) and rows[0].get("jitter") is not None
     sens = bool(rows) and rows[0].get("sensitivity") is not None
-    out = ["| system | rate (req/s) | requests | failed | measured | simulated (profile only) | simulated | abs diff (points) "
+    spd = bool(rows) and rows[0].get("speed") is not None
+    out = ["| system | rate (req/s) | requests | failed | measured | simulated (profile only) | "
+           + ("host speed (probes) | " if spd else "") + "simulated | abs diff (points) "
            + (f"| simulated, ±{jitter_ms:g} ms send jitter (min–max) " if jit else "")
            + (f"| simulated, steps ×{1 - sensitivity:g} / ×{1 + sensitivity:g} " if sens else "")
            + "| TTFT p90 meas / sim (ms) | TPOT p90 meas / sim (ms) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if jit else "") + ("---:|" if sens else "") + "---:|---:|"]
+           "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if spd else "") + ("---:|" if jit else "") + ("---:|" if sens else "") + "---:|---:|"]
     for r in rows:
         out.append(f"| {r['system']} | {r['rate']:g} | {r['n']} | {r['failed']} | {100 * r['measured']:.1f}% | "
-                   f"{100 * r['sim_profile']:.1f}% | {100 * r['simulated']:.1f}% | {100 * r['diff']:.1f} | "
+                   f"{100 * r['sim_profile']:.1f}% | " + (f"{r['speed']:.3f}× | " if spd else "")
+                   + f"{100 * r['simulated']:.1f}% | {100 * r['diff']:.1f} | "
                    + (f"{100 * r['jitter'][0]:.1f}–{100 * r['jitter'][1]:.1f}% | " if jit else "")
                    + (f"{100 * r['sensitivity'][0]:.1f}% / {100 * r['sensitivity'][1]:.1f}% | " if sens else "")
                    + f"{_ms(r['ttft_p90'][0])} / {_ms(r['ttft_p90'][1])} | {_ms(r['tpot_p90'][0])} / {_ms(r['tpot_p90'][1])} |")
@@ -349,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calibration", default=None,
                     help="a calibration run's results (headline.py on another --seed): fit each system's "
                          "profile, overheads and KV transfer to its own steps and requests there")
+    ap.add_argument("--host-speed", choices=("probes", "fixed"), default="fixed",
+                    help="with --calibration, probes: scale each point's steps by how much slower the host ran "
+                         "around it than during the calibration run (both runs' probes.jsonl)")
     ap.add_argument("--no-shared-host", action="store_true",
                     help="with --calibration: one profile for every step, alone on the host or not")
     ap.add_argument("--slo-file", default=None, help="slo.json with the unloaded latency (default: next to the runs)")
@@ -395,8 +435,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             notes.append(note)
         else:
             print(f"no {slo_file}: no overheads calibrated", file=sys.stderr)
+    speeds = None
+    if args.host_speed == "probes":
+        if not args.calibration:
+            ap.error("--host-speed probes needs --calibration")
+        speeds = {label: speed_factors(run, Path(args.calibration) / label, per_system[label][0])
+                  for label, run in runs.items()}
+        notes.append("host speed from the probes before and after each point ÷ the calibration run's probes")
     rows = compare(runs, (profile, base), {label: per_system.get(label, (profile, calibrated)) for label in runs},
-                   args.jitter_ms * 1e-3, args.jitter_runs, args.sensitivity)
+                   args.jitter_ms * 1e-3, args.jitter_runs, args.sensitivity, speeds)
     text = markdown(rows, notes, args.jitter_ms, args.sensitivity)
     print(text)
     if args.output:
@@ -405,4 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as e:
+        sys.exit(f"fidelity: {e}")

@@ -11,7 +11,10 @@ is read off each attainment curve at 90%.
 
 Each system's results directory also gets `steps.jsonl`: every engine step its instances ran,
 per rate (the input of an in-situ profile, `pdserve profile --from-steps`, and of
-benchmarks/fidelity.py --calibration, which wants a run on another `--seed`).
+benchmarks/fidelity.py --calibration, which wants a run on another `--seed`), and `probes.jsonl`:
+the steps of a short speed probe (the same few requests, one at a time) before the first rate point
+and after every point — how fast the host ran right then, which drifts by ~10% within an hour here
+(benchmarks/fidelity.py --host-speed probes).
 
 Usage: python benchmarks/headline.py [-o results/headline] [--num-requests 40] [--rates 0.2 0.4 ...] [--seed 0]
 Then:  pdserve bench compare results/headline/disaggregated results/headline/colocated-* -o results/headline/compare
@@ -20,19 +23,21 @@ Then:  pdserve bench compare results/headline/disaggregated results/headline/col
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
 
 from pdserve.bench.client import Endpoint
-from pdserve.bench.loadgen import LoadConfig
+from pdserve.bench.loadgen import LoadConfig, run_load
 from pdserve.bench.metrics import SLO
 from pdserve.bench.quick import median_latency, unloaded_records
 from pdserve.bench.runner import BenchConfig, run_rates, save
 from pdserve.bench.tokenizer import load_tokenizer
-from pdserve.bench.workload import WorkloadSpec, build_workload
+from pdserve.bench.workload import WorkloadRequest, WorkloadSpec, build_workload
 from pdserve.config import EngineConfig, PoolConfig, RouterConfig, ServingConfig
 
 SYSTEMS = {
@@ -44,6 +49,8 @@ SYSTEMS = {
 # Sarathi sizes the chunk so a mixed step stays near the TPOT budget: on this CPU a prefill token
 # costs ~3 ms and a decode step ~50 ms, so 32-token chunks keep mixed steps around 2x a decode step.
 CHUNK_TOKENS = 32
+# The host-speed probe between rate points: a few requests sent one at a time (~10 s on SmolLM2).
+PROBE_REQUESTS, PROBE_OUTPUT_LEN, PROBE_SEED = 4, 24, 1000
 
 
 def deploy(name: str, chunk_tokens: int):
@@ -60,22 +67,46 @@ def deploy(name: str, chunk_tokens: int):
     return launch(cfg), cfg
 
 
-class StepCollector:
-    """After each rate, appends the steps every engine ran during it to a JSON-lines file
-    ({"worker", "rate", **StepRecord}): the input of an in-situ profile (`pdserve profile --from-steps`)."""
+class PointRecorder:
+    """run_rates' `after` hook. After each rate point, appends the steps every engine ran during it
+    to steps.jsonl ({"worker", "rate", **StepRecord}: the input of an in-situ profile, `pdserve
+    profile --from-steps`); then, with probe requests, sends them one at a time and appends their
+    steps to probes.jsonl ({"worker", "probe": i, ...}): probe i runs just before the i-th rate
+    point (after the warm-up for i = 0), on an otherwise idle server."""
 
-    def __init__(self, deployment, path: Path) -> None:
-        self.deployment, self.path, self.cursor = deployment, path, {}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+    def __init__(self, deployment, endpoint: Endpoint, out_dir: Path, probe_requests: list[WorkloadRequest]) -> None:
+        self.deployment, self.endpoint, self.probe_requests = deployment, endpoint, probe_requests
+        self.steps_file, self.probes_file = out_dir / "steps.jsonl", out_dir / "probes.jsonl"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in (self.steps_file, self.probes_file):
+            f.unlink(missing_ok=True)
+        self.cursor: dict[str, int] = {}
+        self.probes = 0
 
     def __call__(self, rate: float | None) -> None:
-        logs = self.deployment.step_logs(self.cursor)
-        with self.path.open("a") as f:
-            for worker, (first, records) in logs.items():
-                self.cursor[worker] = first + len(records)
-                if rate is not None:  # the warm-up's steps only move the cursor
-                    f.writelines(json.dumps({"worker": worker, "rate": rate, **r.to_json()}) + "\n" for r in records)
+        self._collect(self.steps_file if rate is not None else None, rate=rate)  # the warm-up's: cursor only
+        if self.probe_requests:
+            load = LoadConfig(rate=math.inf, max_concurrency=1, progress=False)
+            records = asyncio.run(run_load(self.endpoint, self.probe_requests, load)).records
+            if not all(r.ok for r in records):
+                raise RuntimeError(f"speed probe failed: {next(r.error for r in records if not r.ok)}")
+            self._collect(self.probes_file, probe=self.probes)
+            self.probes += 1
+
+    def _collect(self, path: Path | None, **tags) -> None:
+        lines = []
+        for worker, (first, records) in self.deployment.step_logs(self.cursor).items():
+            self.cursor[worker] = first + len(records)
+            lines += [json.dumps({"worker": worker, **tags, **r.to_json()}) + "\n" for r in records]
+        if path is not None:
+            with path.open("a") as f:
+                f.writelines(lines)
+
+
+def probe_workload(tokenizer, max_input_len: int) -> list[WorkloadRequest]:
+    """The speed probe's requests: the same for every run and --seed, so probes compare across runs."""
+    spec = WorkloadSpec("sharegpt", PROBE_REQUESTS, seed=PROBE_SEED, max_input_len=max_input_len)
+    return [dataclasses.replace(w, output_len=PROBE_OUTPUT_LEN) for w in build_workload(spec, tokenizer)]
 
 
 def main() -> None:
@@ -91,6 +122,8 @@ def main() -> None:
     ap.add_argument("--tpot-scale", type=float, default=2.0)
     ap.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="chunked prefill's token budget per step")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    ap.add_argument("--no-probe", dest="probe", action="store_false",
+                    help="skip the host-speed probe before and after every rate point (probes.jsonl)")
     args = ap.parse_args()
     import ray
 
@@ -98,7 +131,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     spec = WorkloadSpec("sharegpt", args.num_requests, seed=args.seed, max_input_len=args.max_input_len,
                         max_output_len=args.max_output_len)
-    workload = build_workload(spec, load_tokenizer("smollm2-135m"))
+    tokenizer = load_tokenizer("smollm2-135m")
+    workload = build_workload(spec, tokenizer)
+    probe_requests = probe_workload(tokenizer, args.max_input_len)
     slo_file = out / "slo.json"
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     for name in args.systems:
@@ -120,7 +155,8 @@ def main() -> None:
             bench = BenchConfig(endpoint, slo, gpus=2.0, load=LoadConfig(rate=1.0, seed=args.seed, progress=False),
                                 warmup=2, label=name)
             t0 = time.perf_counter()
-            result = run_rates(bench, workload, args.rates, after=StepCollector(deployment, out / name / "steps.jsonl"))
+            after = PointRecorder(deployment, endpoint, out / name, probe_requests if args.probe else [])
+            result = run_rates(bench, workload, args.rates, after=after)
             save(result, out / name, workload, {"name": spec.name, "seed": spec.seed,
                                                 "max_input_len": spec.max_input_len,
                                                 "max_output_len": spec.max_output_len})

@@ -103,8 +103,10 @@ def test_replay_is_deterministic_and_serves_everything(policy):
     assert all(x < float("inf") for x in a.ttft_s) and all(x > 0 for x in a.tpot_s)
 
 
-def _synthetic_run(tmp: Path, fid, kind: str, label: str, setup, slo: SLO, rates=(0.2, 0.6)) -> None:
-    """A results directory whose 'measurements' are the simulator's own, plus one failed request."""
+def _synthetic_run(tmp: Path, fid, kind: str, label: str, setup, slo: SLO, rates=(0.2, 0.6),
+                   speeds: dict[float, float] | None = None) -> None:
+    """A results directory whose 'measurements' are the simulator's own (each rate's steps
+    speeds[rate]× as long, when given), plus one failed request."""
     rng = random.Random(0)
     lengths = [RequestLengths(rng.randint(16, 400), rng.randint(1, 48)) for _ in range(24)]
     by_rate = {}
@@ -113,7 +115,7 @@ def _synthetic_run(tmp: Path, fid, kind: str, label: str, setup, slo: SLO, rates
         for i, ln in enumerate(lengths):
             t += rng.expovariate(rate)
             records.append(RequestRecord(i, ln.prompt_len, ln.output_len, t))
-        res = fid.simulate_records(kind, records, PROFILE, setup)
+        res = fid.simulate_records(kind, records, PROFILE.scaled(speeds[rate]) if speeds else PROFILE, setup)
         for r, ttft, tpot in zip(records, res.ttft_s, res.tpot_s):
             r.ok, r.ttft_s, r.num_output_tokens = True, ttft, r.output_len
             r.e2e_s = ttft + tpot * max(0, r.output_len - 1)
@@ -242,3 +244,46 @@ def test_corun_slowdown_separates_steps_alone_from_steps_beside_another_engine()
             "b": [decode(10.0, 1.1), decode(20.0 + 0.5 * d, 1.0)]}  # beside a's, then alone
     alone, beside = fid.corun_slowdown(logs, PROFILE)
     assert alone == pytest.approx(1.0) and beside == pytest.approx(1.1)
+
+
+def _probes(path: Path, speeds: list[float]) -> None:
+    """probes.jsonl of len(speeds) probes, each a 300-token prefill and 20 decode steps taking
+    speeds[i]× the model's time."""
+    lines = []
+    for i, k in enumerate(speeds):
+        lines.append({"worker": "prefill-0", "probe": i, "start_s": 100.0 * i, "new": [300], "cached": [0],
+                      "duration_s": k * PROFILE.prefill_s(300, 300 ** 2)})
+        lines += [{"worker": "decode-0", "probe": i, "start_s": 100.0 * i + 2 + j, "new": [1], "cached": [300 + j],
+                   "duration_s": k * PROFILE.decode_s(301 + j, 1)} for j in range(20)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_probes_rescale_each_point_by_the_host_speed_around_it(tmp_path):
+    fid = _fidelity()
+    slo = SLO(ttft_s=1.5, tpot_s=0.06)
+    _synthetic_run(tmp_path / "sweep", fid, "disaggregated", "disaggregated", fid.Setup(), slo,
+                   speeds={0.2: 1.0, 0.6: 1.15})
+    _probes(tmp_path / "cal" / "disaggregated" / "probes.jsonl", [1.02, 0.98])  # the calibration ran at 1.0×
+    _probes(tmp_path / "sweep" / "disaggregated" / "probes.jsonl", [1.0, 1.0, 1.3])  # slower after the 0.2 point
+    runs = fid.load_runs([str(tmp_path / "sweep")])
+    speeds = {"disaggregated": fid.speed_factors(runs["disaggregated"], tmp_path / "cal" / "disaggregated", PROFILE)}
+    assert speeds["disaggregated"] == pytest.approx({0.2: 1.0, 0.6: 1.15})
+    model = {"disaggregated": (PROFILE, fid.Setup())}
+    fixed = fid.compare(runs, (PROFILE, fid.Setup()), model)
+    probed = fid.compare(runs, (PROFILE, fid.Setup()), model, speeds=speeds)
+    assert [r["diff"] for r in probed] == pytest.approx([1 / 24, 1 / 24])  # only the failed request differs
+    assert fixed[1]["diff"] > 1 / 24 + 1e-9  # the slower host did cost attainment at 0.6
+    assert "| 1.150× |" in fid.markdown(probed, [])
+
+
+def test_speed_factors_want_a_probe_around_every_point(tmp_path):
+    fid = _fidelity()
+    _synthetic_run(tmp_path / "sweep", fid, "chunked", "colocated-chunked", fid.Setup(), SLO(1.5, 0.06))
+    run = fid.load_runs([str(tmp_path / "sweep")])["colocated-chunked"]
+    _probes(tmp_path / "cal" / "probes.jsonl", [1.0])
+    with pytest.raises(ValueError, match="no probes.jsonl"):
+        fid.speed_factors(run, tmp_path / "cal", PROFILE)
+    _probes(run.path / "probes.jsonl", [1.0, 1.1])  # the run has two rate points: three probes wanted
+    with pytest.raises(ValueError, match="2 probes for 2 rate points"):
+        fid.speed_factors(run, tmp_path / "cal", PROFILE)
