@@ -41,7 +41,7 @@ import math
 import random
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,8 +210,29 @@ def corun_slowdown(logs: dict[str, list[StepRecord]], profile: PhaseProfile) -> 
     """Mean measured ÷ modelled step time of the steps that ran alone on the host (< 10% of the
     step overlapped by another engine's steps) and of those that ran beside another engine
     (> 90%): what sharing the host costs, which a profile fitted across both averages away."""
-    spans = sorted((s.start_s, s.start_s + s.duration_s, w) for w, log in logs.items() for s in log)
     alone, beside = [], []
+    for s, overlap in overlapped(logs):
+        ratio = s.duration_s / step_time(profile, s)
+        if overlap < 0.1:
+            alone.append(ratio)
+        elif overlap > 0.9:
+            beside.append(ratio)
+    return (statistics.fmean(alone) if alone else float("nan"), statistics.fmean(beside) if beside else float("nan"))
+
+
+def own_speed(logs: dict[str, list[StepRecord]], profile: PhaseProfile, host_slowdown: float) -> float:
+    """Measured ÷ modelled time of these steps in total, a step modelled (1 + host_slowdown)× as
+    long when other engines' steps overlapped more than half of it."""
+    measured = modelled = 0.0
+    for s, overlap in overlapped(logs):
+        measured += s.duration_s
+        modelled += step_time(profile, s) * (1 + host_slowdown if overlap > 0.5 else 1.0)
+    return measured / modelled
+
+
+def overlapped(logs: dict[str, list[StepRecord]]) -> Iterator[tuple[StepRecord, float]]:
+    """Every step, with the fraction of it that other engines' steps overlapped."""
+    spans = sorted((s.start_s, s.start_s + s.duration_s, w) for w, log in logs.items() for s in log)
     for w, log in logs.items():
         others = [(a, b) for a, b, w2 in spans if w2 != w]
         starts = [a for a, _ in others]
@@ -220,12 +241,7 @@ def corun_slowdown(logs: dict[str, list[StepRecord]], profile: PhaseProfile) -> 
             while i < len(others) and others[i][0] < end:
                 overlap += max(0.0, min(end, others[i][1]) - max(s.start_s, others[i][0]))
                 i += 1
-            ratio = s.duration_s / step_time(profile, s)
-            if overlap < 0.1 * s.duration_s:
-                alone.append(ratio)
-            elif overlap > 0.9 * s.duration_s:
-                beside.append(ratio)
-    return (statistics.fmean(alone) if alone else float("nan"), statistics.fmean(beside) if beside else float("nan"))
+            yield s, overlap / s.duration_s if s.duration_s > 0 else 0.0
 
 
 def step_time(profile: PhaseProfile, s: StepRecord) -> float:
@@ -264,6 +280,18 @@ def speed_factors(run: RunData, calibration_dir: Path, profile: PhaseProfile) ->
     if len(probes) != len(rates) + 1 or not all(probes):
         raise ValueError(f"{run.path}: {len(probes)} probes for {len(rates)} rate points (want one before each and one after the last)")
     return {rate: host_speed(probes[i] + probes[i + 1], profile) / reference for i, rate in enumerate(rates)}
+
+
+def own_speed_factors(run: RunData, profile: PhaseProfile, host_slowdown: float) -> dict[float, float]:
+    """Per rate point of `run`: its own engine steps (steps.jsonl) measured ÷ modelled
+    (`own_speed`). A diagnostic, not a prediction: it reads the compared run's step times, so
+    what is left between simulation and measurement is the scheduling, batching and queueing."""
+    points: dict[float, dict[str, list[StepRecord]]] = {}
+    for line in (run.path / "steps.jsonl").read_text().splitlines():
+        if line.strip():
+            d = json.loads(line)
+            points.setdefault(float(d["rate"]), {}).setdefault(d["worker"], []).append(StepRecord.from_json(d))
+    return {rate: own_speed(points[rate], profile, host_slowdown) for rate in sorted(run.records)}
 
 
 def p90(xs: Sequence[float]) -> float:
@@ -386,9 +414,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calibration", default=None,
                     help="a calibration run's results (headline.py on another --seed): fit each system's "
                          "profile, overheads and KV transfer to its own steps and requests there")
-    ap.add_argument("--host-speed", choices=("probes", "fixed"), default="fixed",
+    ap.add_argument("--host-speed", choices=("fixed", "probes", "own-steps"), default="fixed",
                     help="with --calibration, probes: scale each point's steps by how much slower the host ran "
-                         "around it than during the calibration run (both runs' probes.jsonl)")
+                         "around it than during the calibration run (both runs' probes.jsonl); own-steps (a "
+                         "diagnostic): by how much slower the point's own engine steps ran than modelled")
     ap.add_argument("--no-shared-host", action="store_true",
                     help="with --calibration: one profile for every step, alone on the host or not")
     ap.add_argument("--slo-file", default=None, help="slo.json with the unloaded latency (default: next to the runs)")
@@ -436,12 +465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"no {slo_file}: no overheads calibrated", file=sys.stderr)
     speeds = None
+    if args.host_speed != "fixed" and not args.calibration:
+        ap.error(f"--host-speed {args.host_speed} needs --calibration")
     if args.host_speed == "probes":
-        if not args.calibration:
-            ap.error("--host-speed probes needs --calibration")
         speeds = {label: speed_factors(run, Path(args.calibration) / label, per_system[label][0])
                   for label, run in runs.items()}
         notes.append("host speed from the probes before and after each point ÷ the calibration run's probes")
+    elif args.host_speed == "own-steps":
+        speeds = {label: own_speed_factors(run, per_system[label][0], per_system[label][1].host_slowdown)
+                  for label, run in runs.items()}
+        notes.append("host speed from each point's own engine steps (a diagnostic: it reads the compared run)")
     rows = compare(runs, (profile, base), {label: per_system.get(label, (profile, calibrated)) for label in runs},
                    args.jitter_ms * 1e-3, args.jitter_runs, args.sensitivity, speeds)
     text = markdown(rows, notes, args.jitter_ms, args.sensitivity)

@@ -287,3 +287,15 @@ def test_speed_factors_want_a_probe_around_every_point(tmp_path):
     _probes(run.path / "probes.jsonl", [1.0, 1.1])  # the run has two rate points: three probes wanted
     with pytest.raises(ValueError, match="2 probes for 2 rate points"):
         fid.speed_factors(run, tmp_path / "cal", PROFILE)
+
+
+def test_own_speed_models_the_overlapped_steps_as_slowed_by_the_shared_host():
+    fid = _fidelity()
+    from pdserve.types import StepRecord
+
+    d = PROFILE.decode_s(100, 1)
+    step = lambda start, k: StepRecord(start, k * d, (1,), (99,))  # noqa: E731
+    # a: one step alone, one beside b's; every step 1.1× what the model says for its situation
+    logs = {"a": [step(0.0, 1.1), step(10.0, 1.1 * 1.2)], "b": [step(10.0, 1.1 * 1.2)]}
+    assert fid.own_speed(logs, PROFILE, host_slowdown=0.2) == pytest.approx(1.1)
+    assert fid.own_speed(logs, PROFILE, host_slowdown=0.0) == pytest.approx(1.1 * 3.4 / 3)
