@@ -17,6 +17,9 @@ What is modelled, beyond the profiled forwards (see BENCHMARKS.md, simulator fid
     (benchmarks/headline.py --seed 1): an in-situ profile fitted to the engine steps it ran, how
     much slower a step runs beside the other busy engine of the host, the gaps between its steps,
     its client-path TTFT and its measured KV pulls (`calibrate_in_situ`);
+  - with --host-speed probes, how fast the host ran around each rate point: the steps of the
+    speed probes headline.py runs before and after every point against the calibration run's
+    probes (the same requests, one at a time), as one factor on every step of that point;
   - KV transfer: bytes per token ÷ link bandwidth + a fixed overhead, FIFO on the decode side;
   - KV capacity (1 GB of fp32 KV per instance in blocks of 16), max_num_seqs, the token budget.
 
@@ -27,7 +30,7 @@ Usage:
       -o results/headline/fidelity.md
   python benchmarks/headline.py -o results/calibration --seed 1 --rates 0.5 1.0   # another trace
   python benchmarks/fidelity.py --profile results/profile-smollm2.json --calibration results/calibration \\
-      results/headline
+      --host-speed probes results/headline
 """
 
 from __future__ import annotations
@@ -350,7 +353,7 @@ def markdown(rows: list[dict], notes: Sequence[str], jitter_ms: float = 0.0, sen
     sens = bool(rows) and rows[0].get("sensitivity") is not None
     spd = bool(rows) and rows[0].get("speed") is not None
     out = ["| system | rate (req/s) | requests | failed | measured | simulated (profile only) | "
-           + ("host speed (probes) | " if spd else "") + "simulated | abs diff (points) "
+           + ("host speed | " if spd else "") + "simulated | abs diff (points) "
            + (f"| simulated, ±{jitter_ms:g} ms send jitter (min–max) " if jit else "")
            + (f"| simulated, steps ×{1 - sensitivity:g} / ×{1 + sensitivity:g} " if sens else "")
            + "| TTFT p90 meas / sim (ms) | TPOT p90 meas / sim (ms) |",
