@@ -52,7 +52,7 @@ from pdserve.bench.metrics import SLO, attainment, percentile_stats
 from pdserve.bench.record import RequestRecord
 from pdserve.bench.results import RunData, read_results
 from pdserve.placement.deployment import Deployment, SimResult
-from pdserve.placement.fit import fit_steps, fit_transfer
+from pdserve.placement.fit import extend_decode, fit_steps, fit_transfer
 from pdserve.placement.latency import InstanceLatency, PhaseProfile
 from pdserve.placement.profile import read_step_log
 from pdserve.placement.profile_file import load_profile
@@ -171,7 +171,8 @@ def calibrate(slo_file: Path, runs: dict[str, RunData], profile: PhaseProfile, s
     return dataclasses.replace(zero, step_overhead_s=step, ttft_overhead_s=ttft), note
 
 
-def calibrate_in_situ(run_dir: Path, setup: Setup, shared_host: bool = True) -> tuple[PhaseProfile, Setup, str]:
+def calibrate_in_situ(run_dir: Path, setup: Setup, shared_host: bool = True,
+                      decode_shape: PhaseProfile | None = None) -> tuple[PhaseProfile, Setup, str]:
     """Everything from a calibration run of the same system on another trace: the latency model
     fitted to the engine steps it ran (steps.jsonl) — with `shared_host`, split into the steps
     alone on the host and the slowdown beside another busy engine (`corun_slowdown`), which the
@@ -180,6 +181,8 @@ def calibrate_in_situ(run_dir: Path, setup: Setup, shared_host: bool = True) -> 
     queueing before the first token and prefill time, and the KV transfer fitted to its measured pulls."""
     logs = read_step_log(run_dir / "steps.jsonl")
     profile, report = fit_steps([s for log in logs.values() for s in log])
+    if decode_shape is not None:
+        profile = extend_decode(profile, decode_shape)
     gaps = [b.start_s - (a.start_s + a.duration_s) for log in logs.values() for a, b in itertools.pairwise(log)]
     step = statistics.fmean(g for g in gaps if 0 <= g < BUSY_GAP_S)
     records = [r for rs in read_results(run_dir).records.values() for r in rs if r.ok and r.ttft_s is not None]
@@ -421,6 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="with --calibration, probes: scale each point's steps by how much slower the host ran "
                          "around it than during the calibration run (both runs' probes.jsonl); own-steps (a "
                          "diagnostic): by how much slower the point's own engine steps ran than modelled")
+    ap.add_argument("--no-decode-shape", action="store_true",
+                    help="with --calibration: past the largest decode batch the calibration ran, the linear "
+                         "decode fit rather than the --profile's curve scaled to the calibration")
     ap.add_argument("--no-shared-host", action="store_true",
                     help="with --calibration: one profile for every step, alone on the host or not")
     ap.add_argument("--slo-file", default=None, help="slo.json with the unloaded latency (default: next to the runs)")
@@ -452,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_system: dict[str, Model] = {}
     if args.calibration:
         for label in runs:
-            prof, setup, note = calibrate_in_situ(Path(args.calibration) / label, base, not args.no_shared_host)
+            prof, setup, note = calibrate_in_situ(Path(args.calibration) / label, base, not args.no_shared_host,
+                                                  None if args.no_decode_shape else profile)
             per_system[label] = (prof, setup)
             notes.append(note)
     elif args.overheads == "manual":

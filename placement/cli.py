@@ -55,6 +55,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--from-steps", nargs="+", default=None, metavar="STEPS_JSONL",
                    help="fit an in-situ profile to the steps a serving deployment ran (step logs, as "
                         "benchmarks/headline.py saves them) instead of measuring the engine alone")
+    f.add_argument("--decode-shape", default=None, metavar="PROFILE",
+                   help="with --from-steps: a profile measured over a grid (pdserve profile) whose decode curve, "
+                        "scaled, continues the in-situ one past the largest batch the steps ran")
     f.set_defaults(func=run_profile)
 
 
@@ -192,7 +195,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def _profile_from_steps(args: argparse.Namespace) -> int:
-    from pdserve.placement.fit import fit_steps
+    from pdserve.placement.fit import extend_decode, fit_steps
     from pdserve.placement.profile import read_step_log, write_profile
 
     steps = [s for path in args.from_steps for log in read_step_log(path).values() for s in log]
@@ -201,8 +204,19 @@ def _profile_from_steps(args: argparse.Namespace) -> int:
           file=sys.stderr)
     profile, report = fit_steps(steps)
     key = _profile_key(args.model)
+    if args.decode_shape:
+        profile = extend_decode(profile, _tp1_profile(args.decode_shape, key))
     write_profile(args.output, key, 1, profile)
     return _report_profile(args.output, key, report)
+
+
+def _tp1_profile(path: str, key: str):  # -> PhaseProfile
+    from pdserve.placement.profile_file import load_profile
+
+    table = load_profile(path).table
+    if 1 not in table.get(key, {}):
+        raise ValueError(f"--decode-shape {path}: no tp=1 entry for {key!r} (models: {', '.join(table)})")
+    return table[key][1]
 
 
 def _profile_key(model: str) -> str:

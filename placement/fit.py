@@ -154,6 +154,22 @@ def fit_steps(steps: Iterable[StepRecord], large_batch_threshold: int = 95,
     return replace(profile, prefill=Coeffs(*(float(v) for v in coef))), reports
 
 
+def extend_decode(profile: PhaseProfile, shape: PhaseProfile, top: int = 3) -> PhaseProfile:
+    """`profile`'s decode curve continued past its largest batch size with `shape`'s (a profile
+    measured over a wider grid of batch sizes, e.g. `pdserve profile`), scaled by how much slower
+    `profile` ran at its `top` largest batch sizes than `shape` there. An in-situ curve only knows
+    the batch sizes its workload formed; past them the linear fit takes over, and from a handful
+    of small batches it can be far off (SmolLM2 on this CPU: +30–50% at batch 9–13)."""
+    mine, theirs = profile.decode_batch, shape.decode_batch
+    if mine is None or theirs is None or theirs.xs[-1] <= mine.xs[-1]:
+        return profile
+    keys = mine.xs[-top:]
+    scale = sum(mine.base(k) for k in keys) / sum(theirs.base(k) for k in keys)
+    beyond = [k for k in theirs.xs if k > mine.xs[-1]]
+    curve = Curve(mine.xs + tuple(beyond), mine.ys + tuple(scale * theirs.base(k) for k in beyond), mine.slope)
+    return replace(profile, decode_batch=curve)
+
+
 def fit_transfer(num_tokens: Sequence[int], seconds: Sequence[float], kv_bytes_per_token: float,
                  fallback_bytes_per_s: float, codec: str = "raw") -> TransferModel:
     """KV transfer time ≈ overhead + tokens × bytes per token ÷ bandwidth, by least squares on

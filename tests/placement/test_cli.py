@@ -71,6 +71,20 @@ def test_profile_from_a_serving_step_log(tmp_path, capsys):
     prof = load_profile(str(out)).profile(load_model("smollm2-135m"), 1)
     assert prof.prefill_s(700, 300_000) == pytest.approx(truth.prefill_s(700, 300_000), rel=1e-6)
     assert prof.decode_s(1500, 5) == pytest.approx(truth.decode_s(1500, 5), rel=1e-6)
+    # Past batch 6 (the largest served), a grid profile's curve, flatter than the linear fit, at
+    # twice the served time where both were measured: halved
+    from pdserve.placement.latency import Curve
+    from pdserve.placement.profile_file import profile_to_json
+
+    batches = (1, 2, 4, 6, 8, 16, 32)
+    base = [truth.decode_s(0, b) for b in batches[:4]] + [0.11, 0.15, 0.2]
+    shape = PhaseProfile(prefill=truth.prefill, decode_small=truth.decode_small, decode_large=truth.decode_large,
+                         decode_batch=Curve(batches, tuple(2 * y for y in base), 3e-5))
+    (tmp_path / "grid.json").write_text(json.dumps(profile_to_json({"HuggingFaceTB/SmolLM2-135M-Instruct": {1: shape}})))
+    assert main(["profile", "--from-steps", str(steps), "-o", str(out), "--decode-shape", str(tmp_path / "grid.json")]) == 0
+    prof = load_profile(str(out)).profile(load_model("smollm2-135m"), 1)
+    assert prof.decode_s(1500, 16) == pytest.approx(0.15 + 1500 * truth.decode_small.b, rel=1e-6)
+    assert truth.decode_s(1500, 16) > 0.15 + 1500 * truth.decode_small.b + 0.02  # what the linear fit says
     steps.write_text('{"worker": "w", "start_s": 1}\n')
     assert main(["profile", "--from-steps", str(steps), "-o", str(out)]) == 2
     assert "steps.jsonl:1: not a step record" in capsys.readouterr().err

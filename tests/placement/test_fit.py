@@ -96,3 +96,22 @@ def test_measured_curves_capture_what_the_linear_form_cannot(tmp_path):
     for b in (1, 2, 3, 4, 8):
         assert loaded.decode_s(b * 128, b) == pytest.approx(prof.decode_s(b * 128, b), rel=1e-12)
     assert loaded.prefill_s(700, 700**2) == pytest.approx(prof.prefill_s(700, 700**2), rel=1e-12)
+
+
+def test_extend_decode_continues_a_short_curve_with_the_wider_grid_scaled():
+    from pdserve.placement.fit import extend_decode
+    from pdserve.placement.latency import Curve
+
+    zero = Coeffs(0.0, 0.0, 0.0)
+    grid = PhaseProfile(prefill=zero, decode_small=zero, decode_large=zero,
+                        decode_batch=Curve((1, 2, 3, 4, 8, 16), (0.05, 0.08, 0.09, 0.1, 0.12, 0.16), 1e-5))
+    # served 1.2× slower than the grid at batches 2-4, 1.0× at 1; a linear fit with a steep c beyond
+    situ = PhaseProfile(prefill=zero, decode_small=Coeffs(0.02, 1e-5, 0.03), decode_large=zero,
+                        decode_batch=Curve((1, 2, 3, 4), (0.05, 0.096, 0.108, 0.12), 2e-5))
+    out = extend_decode(situ, grid)
+    assert out.decode_batch.xs == (1, 2, 3, 4, 8, 16) and out.decode_batch.slope == 2e-5
+    assert out.decode_s(0, 3) == pytest.approx(0.108)  # the measured part is kept
+    assert out.decode_s(0, 8) == pytest.approx(1.2 * 0.12)  # not 0.02 + 0.03·8 = 0.26
+    assert out.decode_s(1000, 16) == pytest.approx(1.2 * 0.16 + 2e-5 * 1000)
+    assert situ.decode_s(0, 8) == pytest.approx(0.26)
+    assert extend_decode(out, grid) == out  # nothing left to extend
