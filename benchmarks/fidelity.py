@@ -17,9 +17,11 @@ What is modelled, beyond the profiled forwards (see BENCHMARKS.md, simulator fid
     (benchmarks/headline.py --seed 1): an in-situ profile fitted to the engine steps it ran, how
     much slower a step runs beside the other busy engine of the host, the gaps between its steps,
     its client-path TTFT and its measured KV pulls (`calibrate_in_situ`);
-  - with --host-speed probes, how fast the host ran around each rate point: the steps of the
-    speed probes headline.py runs before and after every point against the calibration run's
-    probes (the same requests, one at a time), as one factor on every step of that point;
+  - how fast the host ran during each rate point, as one factor on every step of that point
+    (this machine's speed moves by 5-10% within minutes): with --host-speed probes, the speed
+    probes headline.py runs before and after every point against the calibration run's probes
+    (the same requests, one at a time); with --host-speed own-steps, the point's own engine steps
+    against the calibrated model (their durations only, never the requests' latencies);
   - KV transfer: bytes per token ÷ link bandwidth + a fixed overhead, FIFO on the decode side;
   - KV capacity (1 GB of fp32 KV per instance in blocks of 16), max_num_seqs, the token budget.
 
@@ -290,8 +292,9 @@ def speed_factors(run: RunData, calibration_dir: Path, profile: PhaseProfile) ->
 
 def own_speed_factors(run: RunData, profile: PhaseProfile, host_slowdown: float) -> dict[float, float]:
     """Per rate point of `run`: its own engine steps (steps.jsonl) measured ÷ modelled
-    (`own_speed`). A diagnostic, not a prediction: it reads the compared run's step times, so
-    what is left between simulation and measurement is the scheduling, batching and queueing."""
+    (`own_speed`): how fast the host ran during the point. It reads the compared run's step
+    durations (not its latencies), so the simulation no longer predicts the host's speed, only
+    what the deployment makes of it: scheduling, batching, queueing, transfer."""
     points: dict[float, dict[str, list[StepRecord]]] = {}
     for line in (run.path / "steps.jsonl").read_text().splitlines():
         if line.strip():
@@ -422,8 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "profile, overheads and KV transfer to its own steps and requests there")
     ap.add_argument("--host-speed", choices=("fixed", "probes", "own-steps"), default="fixed",
                     help="with --calibration, probes: scale each point's steps by how much slower the host ran "
-                         "around it than during the calibration run (both runs' probes.jsonl); own-steps (a "
-                         "diagnostic): by how much slower the point's own engine steps ran than modelled")
+                         "around it than during the calibration run (both runs' probes.jsonl); own-steps: by how "
+                         "much slower the point's own engine steps ran than the calibrated model says")
     ap.add_argument("--no-decode-shape", action="store_true",
                     help="with --calibration: past the largest decode batch the calibration ran, the linear "
                          "decode fit rather than the --profile's curve scaled to the calibration")
@@ -484,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.host_speed == "own-steps":
         speeds = {label: own_speed_factors(run, per_system[label][0], per_system[label][1].host_slowdown)
                   for label, run in runs.items()}
-        notes.append("host speed from each point's own engine steps (a diagnostic: it reads the compared run)")
+        notes.append("host speed from each point's own engine steps (their durations against the calibrated model)")
     rows = compare(runs, (profile, base), {label: per_system.get(label, (profile, calibrated)) for label in runs},
                    args.jitter_ms * 1e-3, args.jitter_runs, args.sensitivity, speeds)
     text = markdown(rows, notes, args.jitter_ms, args.sensitivity)
