@@ -71,12 +71,16 @@ def replay(dep: Deployment, trace: Trace, router_dispatch: bool = True) -> SimRe
 
 class RouterDispatch(_Sim):
     """The simulator with router/policies.py's `least_kv_pressure` for colocated arrivals.
-    KV usage is the KV reserved by admitted requests over the instance's capacity (the router
-    reads block usage polled every 0.5 s; the lag is not modelled)."""
+    KV usage is the KV reserved by admitted requests over the instance's capacity, as the router
+    last saw it: an instance answers the router's stats poll only between engine steps, so while
+    a prefill-priority prefill step runs (up to seconds) the router still sees the usage from
+    before it. The 0.5 s poll interval itself is not modelled (decode and chunked steps are
+    shorter)."""
 
     def __init__(self, dep: Deployment, trace: Trace, rate: float) -> None:
         super().__init__(dep, trace, rate)
         self.num_dispatched = 0
+        self.unseen = [(0.0, 0)] * len(self.colocs)  # (until, KV tokens) the router cannot see yet
 
     def in_flight(self, ci: int) -> int:
         """Dispatched and not finished: admitted (running) + waiting, counting a partly
@@ -85,14 +89,23 @@ class RouterDispatch(_Sim):
         partial = 1 if inst.waiting and 0 < self.prefilled[inst.waiting[0]] < self.plen[inst.waiting[0]] else 0
         return inst.running + len(inst.waiting) - partial
 
+    def seen_usage(self, ci: int) -> float:
+        inst, (until, tokens) = self.colocs[ci], self.unseen[ci]
+        return (inst.reserved - (tokens if self.now < until else 0)) / self.dep.decode_capacity(inst.lat)
+
     def pick(self) -> int:
         n = len(self.colocs)
-        usage = [inst.reserved / self.dep.decode_capacity(inst.lat) for inst in self.colocs]
+        usage = [self.seen_usage(i) for i in range(n)]
         floor = min(usage)
         near = [i for i in range(n) if usage[i] <= floor + KV_USAGE_TOLERANCE]
         tick = self.num_dispatched
         self.num_dispatched += 1
         return min(near, key=lambda i: (self.in_flight(i), usage[i], (i - tick) % n))
+
+    def coloc_prefill(self, ci: int, inst, lane) -> None:  # (int, _Decode, Lane)
+        before = inst.reserved
+        super().coloc_prefill(ci, inst, lane)
+        self.unseen[ci] = (lane.t0, max(0, inst.reserved - before))  # lane.t0: the prefill step's end
 
     def on_coloc_arrival(self, r: int) -> None:
         ci = self.pick()

@@ -299,3 +299,18 @@ def test_own_speed_models_the_overlapped_steps_as_slowed_by_the_shared_host():
     logs = {"a": [step(0.0, 1.1), step(10.0, 1.1 * 1.2)], "b": [step(10.0, 1.1 * 1.2)]}
     assert fid.own_speed(logs, PROFILE, host_slowdown=0.2) == pytest.approx(1.1)
     assert fid.own_speed(logs, PROFILE, host_slowdown=0.0) == pytest.approx(1.1 * 3.4 / 3)
+
+
+@pytest.mark.parametrize("policy, third", [("prefill_priority", 1), ("chunked", 0)])
+def test_router_dispatch_sees_kv_usage_from_before_a_running_prefill_step(policy, third):
+    # 0 decodes a long output on instance 0; 1 (1,000 prompt tokens) goes to instance 1; 2 arrives
+    # while 1 prefills. Prefill-priority runs that prefill as one ~3 s step, and an instance
+    # answers the router's stats poll only between steps: the router still sees instance 1 empty
+    # and sends 2 there. Chunked steps are short, so the router sees 1's KV and picks instance 0.
+    trace = Trace((0.0, 0.01, 1.0), (20, 1000, 20), (200, 10, 10))
+    sim = RouterDispatch(_coloc(policy), trace, 1.0)
+    picks = []
+    original = sim.pick
+    sim.pick = lambda: picks.append(original()) or picks[-1]
+    sim.run()
+    assert picks == [0, 1, third]
