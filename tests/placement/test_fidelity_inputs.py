@@ -294,7 +294,7 @@ def test_own_speed_models_the_overlapped_steps_as_slowed_by_the_shared_host():
     from pdserve.types import StepRecord
 
     d = PROFILE.decode_s(100, 1)
-    step = lambda start, k: StepRecord(start, k * d, (1,), (99,))  # noqa: E731
+    step = lambda start, k: StepRecord(start, k * d, (1,), (99,))
     # a: one step alone, one beside b's; every step 1.1× what the model says for its situation
     logs = {"a": [step(0.0, 1.1), step(10.0, 1.1 * 1.2)], "b": [step(10.0, 1.1 * 1.2)]}
     assert fid.own_speed(logs, PROFILE, host_slowdown=0.2) == pytest.approx(1.1)
