@@ -13,8 +13,8 @@ Each system's results directory also gets `steps.jsonl`: every engine step its i
 per rate (the input of an in-situ profile, `pdserve profile --from-steps`, and of
 benchmarks/fidelity.py --calibration, which wants a run on another `--seed`), and `probes.jsonl`:
 the steps of a short speed probe (the same few requests, one at a time) before the first rate point
-and after every point — how fast the host ran right then, which drifts by ~10% within an hour here
-(benchmarks/fidelity.py --host-speed probes).
+and after every point — how fast the host ran right then (benchmarks/fidelity.py --host-speed
+probes; the host's speed moves by 5-10% within minutes here, more than 20 s of probing tracks).
 
 Usage: python benchmarks/headline.py [-o results/headline] [--num-requests 40] [--rates 0.2 0.4 ...] [--seed 0]
 Then:  pdserve bench compare results/headline/disaggregated results/headline/colocated-* -o results/headline/compare

@@ -12,7 +12,7 @@ from pdserve.bench.metrics import SLO
 from pdserve.config import ServingConfig
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.hardware import ClusterSpec, load_gpu
-from pdserve.placement.latency import LatencySource
+from pdserve.placement.latency import LatencySource, PhaseProfile
 from pdserve.placement.model_spec import ModelSpec, load_model
 from pdserve.placement.plan import Plan
 from pdserve.placement.profile_file import PUBLISHED, load_profile
@@ -210,9 +210,7 @@ def _profile_from_steps(args: argparse.Namespace) -> int:
     return _report_profile(args.output, key, report)
 
 
-def _tp1_profile(path: str, key: str):  # -> PhaseProfile
-    from pdserve.placement.profile_file import load_profile
-
+def _tp1_profile(path: str, key: str) -> PhaseProfile:
     table = load_profile(path).table
     if 1 not in table.get(key, {}):
         raise ValueError(f"--decode-shape {path}: no tp=1 entry for {key!r} (models: {', '.join(table)})")

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from pdserve.placement.deployment import Deployment, SimResult
+from pdserve.placement.lane import Lane
 from pdserve.placement.latency import Coeffs, PhaseProfile
-from pdserve.placement.simulator import _Sim, simulate
+from pdserve.placement.simulator import _Decode, _Sim, simulate
 from pdserve.placement.workload import Trace
 
 KV_USAGE_TOLERANCE = 0.05  # router/policies.py: usages this close count as equal
@@ -102,7 +103,7 @@ class RouterDispatch(_Sim):
         self.num_dispatched += 1
         return min(near, key=lambda i: (self.in_flight(i), usage[i], (i - tick) % n))
 
-    def coloc_prefill(self, ci: int, inst, lane) -> None:  # (int, _Decode, Lane)
+    def coloc_prefill(self, ci: int, inst: _Decode, lane: Lane) -> None:
         before = inst.reserved
         super().coloc_prefill(ci, inst, lane)
         self.unseen[ci] = (lane.t0, max(0, inst.reserved - before))  # lane.t0: the prefill step's end
