@@ -50,7 +50,7 @@ SYSTEMS = {
 # costs ~3 ms and a decode step ~50 ms, so 32-token chunks keep mixed steps around 2x a decode step.
 CHUNK_TOKENS = 32
 # The host-speed probe between rate points: a few requests sent one at a time (~10 s on SmolLM2).
-PROBE_REQUESTS, PROBE_OUTPUT_LEN, PROBE_SEED = 4, 24, 1000
+NUM_PROBE_REQUESTS, PROBE_OUTPUT_LEN, PROBE_SEED = 4, 24, 1000
 
 
 def deploy(name: str, chunk_tokens: int):
@@ -81,7 +81,7 @@ class PointRecorder:
         for f in (self.steps_file, self.probes_file):
             f.unlink(missing_ok=True)
         self.cursor: dict[str, int] = {}
-        self.probes = 0
+        self.num_probes = 0
 
     def __call__(self, rate: float | None) -> None:
         self._collect(self.steps_file if rate is not None else None, rate=rate)  # the warm-up's: cursor only
@@ -90,8 +90,8 @@ class PointRecorder:
             records = asyncio.run(run_load(self.endpoint, self.probe_requests, load)).records
             if not all(r.ok for r in records):
                 raise RuntimeError(f"speed probe failed: {next(r.error for r in records if not r.ok)}")
-            self._collect(self.probes_file, probe=self.probes)
-            self.probes += 1
+            self._collect(self.probes_file, probe=self.num_probes)
+            self.num_probes += 1
 
     def _collect(self, path: Path | None, **tags) -> None:
         lines = []
@@ -105,7 +105,7 @@ class PointRecorder:
 
 def probe_workload(tokenizer, max_input_len: int) -> list[WorkloadRequest]:
     """The speed probe's requests: the same for every run and --seed, so probes compare across runs."""
-    spec = WorkloadSpec("sharegpt", PROBE_REQUESTS, seed=PROBE_SEED, max_input_len=max_input_len)
+    spec = WorkloadSpec("sharegpt", NUM_PROBE_REQUESTS, seed=PROBE_SEED, max_input_len=max_input_len)
     return [dataclasses.replace(w, output_len=PROBE_OUTPUT_LEN) for w in build_workload(spec, tokenizer)]
 
 
