@@ -266,12 +266,19 @@ def read_probes(run_dir: Path) -> list[list[StepRecord]]:
     path = run_dir / "probes.jsonl"
     if not path.is_file():
         raise ValueError(f"{run_dir}: no probes.jsonl (run benchmarks/headline.py without --no-probe)")
-    probes: dict[int, list[StepRecord]] = {}
+    probes = steps_by(path, "probe")
+    return [[s for log in probes.get(i, {}).values() for s in log] for i in range(int(max(probes, default=-1)) + 1)]
+
+
+def steps_by(path: Path, key: str) -> dict[float, dict[str, list[StepRecord]]]:
+    """A step log's records ({"worker", key, **StepRecord}, as headline.py writes them) by `key`,
+    then by worker."""
+    out: dict[float, dict[str, list[StepRecord]]] = {}
     for line in path.read_text().splitlines():
         if line.strip():
             d = json.loads(line)
-            probes.setdefault(int(d["probe"]), []).append(StepRecord.from_json(d))
-    return [probes.get(i, []) for i in range(max(probes, default=-1) + 1)]
+            out.setdefault(float(d[key]), {}).setdefault(d["worker"], []).append(StepRecord.from_json(d))
+    return out
 
 
 def host_speed(steps: Sequence[StepRecord], profile: PhaseProfile) -> float:
@@ -295,11 +302,7 @@ def own_speed_factors(run: RunData, profile: PhaseProfile, host_slowdown: float)
     (`own_speed`): how fast the host ran during the point. It reads the compared run's step
     durations (not its latencies), so the simulation no longer predicts the host's speed, only
     what the deployment makes of it: scheduling, batching, queueing, transfer."""
-    points: dict[float, dict[str, list[StepRecord]]] = {}
-    for line in (run.path / "steps.jsonl").read_text().splitlines():
-        if line.strip():
-            d = json.loads(line)
-            points.setdefault(float(d["rate"]), {}).setdefault(d["worker"], []).append(StepRecord.from_json(d))
+    points = steps_by(run.path / "steps.jsonl", "rate")
     return {rate: own_speed(points[rate], profile, host_slowdown) for rate in sorted(run.records)}
 
 
