@@ -59,7 +59,7 @@ def deploy(name: str, chunk_tokens: int):
     from pdserve.placement.launch import launch
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg = ServingConfig(engine=EngineConfig(num_threads=1), router=RouterConfig(port=0, max_pending_requests=4096),
                         **SYSTEMS[name])
     if cfg.colocated_policy == "chunked":

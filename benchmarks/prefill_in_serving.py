@@ -42,7 +42,7 @@ async def _serving() -> None:
     from pdserve.placement.launch import launch
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     deployment = launch(ServingConfig(engine=EngineConfig(num_threads=1), router=RouterConfig(port=0)))
     try:
         async with aiohttp.ClientSession() as session:

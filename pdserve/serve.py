@@ -54,7 +54,7 @@ def ray_session(address: str, cfg: ServingConfig) -> Iterator[None]:
 
         resolve_model(cfg.model)  # convert once here, not racing in every worker
         cpus = max(os.cpu_count() or 1, actors_needed_cpus(cfg))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
     try:
