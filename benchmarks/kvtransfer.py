@@ -27,9 +27,13 @@ from pdserve.engine.request import RequestStatus
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.codecs import CODEC_NAMES, get_codec
 from pdserve.kvtransfer.connector import make_receiver, make_sender, make_transport
+from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.reshard import gather_slab, scatter_slab, token_slots
 from pdserve.kvtransfer.types import TransferId, TransferStatus
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
+
+
+LOCAL = Listen.on("127.0.0.1")  # both ends on this machine
 
 
 def sharegpt_texts(n: int, min_tokens: int, tok: object, seed: int = 0) -> list[list[int]]:
@@ -98,7 +102,7 @@ def codec_quality(eng: Engine, docs: list[list[int]], ctx: int) -> None:
 
 
 def _plain_gbps(name: str, nbytes: int) -> float:
-    tx, rx = make_transport(name), make_transport(name, serve=False)
+    tx, rx = make_transport(name, LOCAL), make_transport(name, LOCAL, serve=False)
     payload = [bytes(4 << 20) for _ in range(nbytes // (4 << 20))]
     best = float("inf")
     for i in range(3):
@@ -125,7 +129,7 @@ def transports(nbytes: int = 64 << 20) -> None:
         sp, dp = KVPool(lay, lay.num_blocks_for(n) + 1), KVPool(lay, lay.num_blocks_for(n) + 1)
         sp.kv.normal_()
         sa = BlockAllocator(sp.num_blocks)
-        tx, rx = make_sender(cfg, sp, sa), make_receiver(cfg, dp)
+        tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
         blocks = sa.allocate(lay.num_blocks_for(n))
         best = float("inf")
         for i in range(3):
@@ -145,7 +149,7 @@ def ttft(eng: Engine, prompt: list[int], transport: str, codec: str) -> None:
     dpool = KVPool(eng.layout, eng.layout.num_blocks_for(len(prompt)) + 1)
     rows = []
     for streaming in (False, True, False, True):
-        tx, rx = make_sender(cfg, eng.pool, eng.allocator), make_receiver(cfg, dpool)
+        tx, rx = make_sender(cfg, eng.pool, eng.allocator, listen=LOCAL), make_receiver(cfg, dpool, listen=LOCAL)
         req = eng.add_request(GenerateRequest(RequestId("t"), tuple(prompt), SamplingParams(temperature=0)))
         assert eng.ensure_blocks(req, len(prompt))
         req.status = RequestStatus.RUNNING

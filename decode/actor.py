@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import ray
 import torch
 
 from pdserve.actor_shell import WorkerShell
@@ -18,6 +19,7 @@ from pdserve.config import ServingConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
+from pdserve.kvtransfer.reach import Endpoint, unreachable
 from pdserve.types import GenerateRequest, RequestId, StepOutput
 
 if TYPE_CHECKING:
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 class DecodeActor(WorkerShell):
     def __init__(self, cfg: ServingConfig, worker_id: str, rank: int = 0) -> None:
-        super().__init__()
+        super().__init__(ray.util.get_node_ip_address())
         self.cfg, self.worker_id = cfg, worker_id  # cheap: weights load in start()
         self.ranks = RankLayout(cfg.decode.tp, cfg.decode.pp, rank)
         self._streams: dict[RequestId, asyncio.Queue[StepOutput]] = {}
@@ -35,7 +37,7 @@ class DecodeActor(WorkerShell):
         if self.ranks.world_size > 1:
             from pdserve.decode.ranks import build_decode_rank
 
-            return build_decode_rank(self.cfg, self.worker_id, self.ranks, init_method)
+            return build_decode_rank(self.cfg, self.worker_id, self.ranks, init_method, self.listen)
         cfg = self.cfg
         torch.set_num_threads(cfg.engine.num_threads)
         engine = Engine.from_config(cfg.model, cfg.engine)
@@ -44,9 +46,9 @@ class DecodeActor(WorkerShell):
         if cfg.mode == "disaggregated":
             from pdserve.kvtransfer.connector import make_receiver
 
-            receiver = make_receiver(cfg.kvtransfer, engine.pool)
+            receiver = make_receiver(cfg.kvtransfer, engine.pool, listen=self.listen)
         return DecodeWorker(engine, policy, cfg.decode.max_num_seqs, cfg.decode.max_num_batched_tokens,
-                            receiver=receiver, worker_id=self.worker_id)
+                            receiver=receiver, worker_id=self.worker_id, on_failure=cfg.kvtransfer.on_failure)
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -77,3 +79,11 @@ class DecodeActor(WorkerShell):
         await self.start()
         if await self._steps.call(self.worker.abort, request_id):
             self._on_outputs([StepOutput(request_id, (), "", "abort")])  # ends the request's stream
+
+    async def check_kv_peers(self, targets: list[Endpoint]) -> None:
+        """Raise ConnectionError, naming address, port and node, unless this node reaches every
+        prefill KV endpoint in `targets`."""
+        await self.start()
+        errors = await asyncio.to_thread(unreachable, targets, self.cfg.kvtransfer.connect_timeout_s)
+        if errors:
+            raise ConnectionError(f"{self.worker_id} on node {self.node_ip}: " + "; ".join(errors))

@@ -15,7 +15,7 @@ from typing import Any
 from pdserve.config import ServingConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.pipeline import RankLayout
-from pdserve.kvtransfer.connector import KVReceiver, make_receiver
+from pdserve.kvtransfer.connector import KVReceiver, Listen, make_receiver
 from pdserve.kvtransfer.types import KVHandle, TransferId, TransferStatus
 from pdserve.lockstep import LockStep, load_rank_engine, rank_spans
 
@@ -29,6 +29,7 @@ class AgreedReceiver:
         self.receiver = receiver
         self._xfers: dict[int, TransferId] = {}  # undecided pulls: key -> this rank's transfer
         self._decided: dict[int, Outcome] = {}
+        self._nbytes: dict[int, int] = {}  # of decided DONE pulls: this rank's share only
         self._seq = 0
 
     def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> int:
@@ -38,6 +39,9 @@ class AgreedReceiver:
 
     def poll(self, key: int) -> Outcome:
         return self._decided.pop(key, (TransferStatus.PENDING, None))
+
+    def nbytes(self, key: int) -> int:
+        return self._nbytes.pop(key, 0)
 
     def ended_s(self, key: int) -> float | None:
         """Unknown (None): each rank's pull lands at its own moment; the outcome is agreed at a step."""
@@ -63,22 +67,22 @@ class AgreedReceiver:
                 self.receiver.abort(self._xfers.pop(key))  # no-op where it already ended
                 self._decided[key] = (TransferStatus.FAILED, failed[0][1])
             elif all(o is not None for o in seen):
-                del self._xfers[key]
+                self._nbytes[key] = self.receiver.nbytes(self._xfers.pop(key))
                 self._decided[key] = (TransferStatus.DONE, None)
 
 
 def build_decode_rank(cfg: ServingConfig, worker_id: str, ranks: RankLayout, init_method: str,
-                      host: str = "127.0.0.1") -> LockStep:
+                      listen: Listen) -> LockStep:
     """Join the instance and load this rank's shard. Collective: every rank calls it."""
     engine = load_rank_engine(cfg.model, cfg.engine, ranks, init_method)
     agreements: list[Any] = []
     receiver = None
     if cfg.mode == "disaggregated":
         layers, heads = rank_spans(engine, ranks)
-        receiver = AgreedReceiver(make_receiver(cfg.kvtransfer, engine.pool, host=host, layers=layers,
+        receiver = AgreedReceiver(make_receiver(cfg.kvtransfer, engine.pool, listen=listen, layers=layers,
                                                 heads=heads))
         agreements.append(receiver)
     policy = cfg.colocated_policy if cfg.mode == "colocated" else "decode"
     worker = DecodeWorker(engine, policy, cfg.decode.max_num_seqs, cfg.decode.max_num_batched_tokens,
-                          receiver=receiver, worker_id=worker_id)
+                          receiver=receiver, worker_id=worker_id, on_failure=cfg.kvtransfer.on_failure)
     return LockStep(worker, agreements, ranks)

@@ -6,7 +6,9 @@ request to recompute). Block ownership through a pulled request's life:
   pending     no blocks here; KV is pinned on prefill until we pull (back-pressure under bursts)
   pulling     blocks allocated here and owned by the request; the receiver writes into them
   running     owned by the request; freed by the engine when it finishes
-  failed pull blocks kept, num_computed_tokens reset: the request is recomputed here
+  failed pull on_failure=recompute: blocks kept, num_computed_tokens reset, recomputed here
+              (counted, and flagged `kv_recomputed` in the request's timings); on_failure=fail:
+              freed here, the request ends with an error output
   aborted     freed here; the receiver tells prefill to release the source blocks
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from pdserve.decode.scheduler import DecodeScheduler, Policy
@@ -41,8 +43,11 @@ class _Pull:
 class DecodeWorker:
     def __init__(self, engine: Engine, policy: Policy, max_num_seqs: int, max_num_batched_tokens: int,
                  receiver: Any = None, worker_id: str = "decode-0",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, on_failure: str = "recompute") -> None:
         self.engine, self.receiver, self.worker_id, self.clock = engine, receiver, worker_id, clock
+        self.on_failure = on_failure  # kvtransfer.on_failure: "recompute" | "fail"
+        self.kv_pulls: Counter[str] = Counter()  # by outcome: ok, failed, timed_out, recomputed
+        self.kv_pull_nbytes = 0  # bytes received by pulls that completed
         self.scheduler = DecodeScheduler(engine, policy, max_num_seqs, max_num_batched_tokens)
         self._requests: dict[RequestId, Request] = {}
         self._pending: deque[_Pull] = deque()
@@ -97,18 +102,18 @@ class DecodeWorker:
     def step(self) -> list[StepOutput]:
         """Admit pulls, poll transfers, run one batch. Deterministic given inputs and transfer states."""
         self._admit_pulls()
-        self._poll_pulls()
+        failures = self._poll_pulls()
         batch = self.scheduler.schedule()
-        self.idle = not batch.chunks
-        if self.idle:
-            return []
+        self.idle = not batch.chunks and not failures
+        if not batch.chunks:
+            return failures
         now = self.clock()
         for c in batch.chunks:
             rid = c.request.request_id
             if rid not in self._timings and rid in self._submitted_s:
                 self._timings[rid] = {"queue_s": now - self._submitted_s[rid], "_start": now}
         outputs = self.engine.step(batch)
-        return [self._finish_output(o) for o in outputs]
+        return failures + [self._finish_output(o) for o in outputs]
 
     def _finish_output(self, out: StepOutput) -> StepOutput:
         rid = out.request_id
@@ -141,9 +146,12 @@ class DecodeWorker:
             pull.started_s = self.clock()
             self._pulling[r.request_id] = pull
 
-    def _poll_pulls(self) -> None:
+    def _poll_pulls(self) -> list[StepOutput]:
+        """Move landed pulls to running; a failed one is recomputed, or (on_failure=fail) ended with
+        the error output returned here."""
         from pdserve.kvtransfer.types import TransferStatus
 
+        failures: list[StepOutput] = []
         for rid, pull in list(self._pulling.items()):
             status, error = self.receiver.poll(pull.transfer)
             if status not in (TransferStatus.DONE, TransferStatus.FAILED):
@@ -156,12 +164,25 @@ class DecodeWorker:
             self._timings[rid] = {"decode_queue_s": pull.started_s - pull.submitted_s,
                                   "transfer_s": landed - pull.started_s, "_start": now}
             if status is TransferStatus.DONE:
+                nbytes = self.receiver.nbytes(pull.transfer)
+                self.kv_pulls["ok"] += 1
+                self.kv_pull_nbytes += nbytes
+                self._timings[rid]["transfer_bytes"] = float(nbytes)
                 r.num_computed_tokens = pull.handle.num_tokens
                 self.scheduler.add_running(r)
+                continue
+            self.kv_pulls["timed_out" if (error or "").startswith("timed out") else "failed"] += 1
+            if self.on_failure == "fail":
+                log.warning("KV pull for %s failed (%s); failing the request (kvtransfer.on_failure=fail)", rid, error)
+                self.abort(rid)
+                failures.append(StepOutput(rid, (), "", "error", error=f"KV transfer failed: {error}"))
             else:  # the KV is lost; this engine can prefill, so recompute instead of failing the request
                 log.warning("KV pull for %s failed (%s); recomputing locally", rid, error)
+                self.kv_pulls["recomputed"] += 1
+                self._timings[rid]["kv_recomputed"] = 1.0
                 r.num_computed_tokens = 0
                 self.scheduler.add_waiting(r)
+        return failures
 
     def _forget(self, rid: RequestId) -> None:
         self._timings.pop(rid, None)
@@ -185,4 +206,5 @@ class DecodeWorker:
             num_free_blocks=a.num_free, num_total_blocks=a.num_blocks,
             busy_s=self.engine.busy_s, num_steps=self.engine.num_steps, num_step_tokens=self.engine.num_step_tokens,
             outstanding_tokens=sum(r.num_uncomputed_tokens for r in self.scheduler.waiting),
+            kv_pulls=dict(self.kv_pulls), kv_pull_nbytes=self.kv_pull_nbytes,
         )

@@ -23,16 +23,17 @@ from __future__ import annotations
 from pdserve.config import KVTransferConfig
 from pdserve.engine.kv_cache import BlockAllocator, KVPool
 from pdserve.kvtransfer.controller import CodecController
+from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.protocols import Transport
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.rpc import TLSFiles
 from pdserve.kvtransfer.sender import KVSender
 from pdserve.kvtransfer.types import Span
 
-__all__ = ["KVReceiver", "KVSender", "make_receiver", "make_sender", "make_transport"]
+__all__ = ["KVReceiver", "KVSender", "Listen", "make_receiver", "make_sender", "make_transport"]
 
 
-def make_transport(name: str, host: str = "127.0.0.1", tls: TLSFiles | None = None, serve: bool = True,
+def make_transport(name: str, listen: Listen, tls: TLSFiles | None = None, serve: bool = True,
                    pair_timeout_s: float = 300.0) -> Transport:
     """A transport by config name. `serve=False` builds a receive-only gRPC end (no server)."""
     if name == "loopback":
@@ -42,28 +43,30 @@ def make_transport(name: str, host: str = "127.0.0.1", tls: TLSFiles | None = No
     if name == "grpc":
         from pdserve.kvtransfer.transport_grpc import GrpcTransport
 
-        return GrpcTransport(host, tls, serve)
+        return GrpcTransport(listen, tls, serve)
     if name == "torch":
         from pdserve.kvtransfer.transport_torch import TorchTransport
 
-        return TorchTransport(host, pair_timeout_s)
+        return TorchTransport(listen, pair_timeout_s)
     raise ValueError(f"kvtransfer.transport: unknown transport {name!r}")
 
 
 def make_sender(cfg: KVTransferConfig, pool: KVPool, allocator: BlockAllocator, *,
-                transport: Transport | None = None, host: str = "127.0.0.1", layers: Span | None = None,
+                listen: Listen, transport: Transport | None = None, layers: Span | None = None,
                 heads: Span | None = None, tls: TLSFiles | None = None) -> KVSender:
-    """The prefill end, serving at once. `layers`/`heads`: this rank's global spans under TP/PP."""
-    transport = transport or make_transport(cfg.transport, host, tls, pair_timeout_s=cfg.timeout_s * 4)
-    return KVSender(pool, allocator, transport, lease_s=cfg.lease_s, timeout_s=cfg.timeout_s, host=host,
+    """The prefill end, serving at once on `listen` (`Listen.resolve(cfg, node_ip)` in serving).
+    `layers`/`heads`: this rank's global spans under TP/PP."""
+    transport = transport or make_transport(cfg.transport, listen, tls, pair_timeout_s=cfg.timeout_s * 4)
+    return KVSender(pool, allocator, transport, lease_s=cfg.lease_s, timeout_s=cfg.timeout_s, listen=listen,
                     layers=layers, heads=heads, tls=tls)
 
 
-def make_receiver(cfg: KVTransferConfig, pool: KVPool, *, transport: Transport | None = None,
-                  host: str = "127.0.0.1", layers: Span | None = None, heads: Span | None = None,
+def make_receiver(cfg: KVTransferConfig, pool: KVPool, *, listen: Listen, transport: Transport | None = None,
+                  layers: Span | None = None, heads: Span | None = None,
                   tls: TLSFiles | None = None) -> KVReceiver:
-    """The decode end. It needs no server: it dials each sender's control and data endpoints."""
-    transport = transport or make_transport(cfg.transport, host, tls, serve=False,
+    """The decode end. It dials each sender's control and data endpoints; only the torch transport
+    listens here (each pair's TCPStore and gloo socket, on `listen`)."""
+    transport = transport or make_transport(cfg.transport, listen, tls, serve=False,
                                             pair_timeout_s=cfg.timeout_s * 4)
     controller = CodecController(cfg.link_gbps, fixed=None if cfg.codec == "auto" else cfg.codec)
     return KVReceiver(pool, transport, timeout_s=cfg.timeout_s, codec=cfg.codec, layers=layers, heads=heads,

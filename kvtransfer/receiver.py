@@ -92,6 +92,11 @@ class KVReceiver:
         p = self._pulls.get(xfer)
         return p.state.ended_s if p is not None else None
 
+    def nbytes(self, xfer: TransferId) -> int:
+        """Bytes received so far (wire bytes: the codec's output plus framing)."""
+        p = self._pulls.get(xfer)
+        return sum(s.nbytes for s in p.subs) if p is not None else 0
+
     def wait(self, xfer: TransferId, timeout_s: float | None = None) -> TransferStatus:
         p = self._pulls.get(xfer)
         return p.state.wait(timeout_s) if p is not None else TransferStatus.FAILED

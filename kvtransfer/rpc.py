@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from pdserve.kvtransfer.listen import Listen
+
 OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
 
 
@@ -28,17 +30,25 @@ class TLSFiles:
         return grpc.ssl_channel_credentials(root_certificates=Path(self.ca).read_bytes())
 
 
-def start_server(host: str, tls: TLSFiles | None, register: list, max_workers: int = 16
+def start_server(listen: Listen, tls: TLSFiles | None, register: list, max_workers: int = 16
                  ) -> tuple[grpc.Server, str]:
-    """A started server with the given `(add_XServicer_to_server, servicer)` pairs, on a free port."""
+    """A started server with the given `(add_XServicer_to_server, servicer)` pairs on a free port of
+    `listen`; returns it and the address peers dial."""
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-grpc"),
                          options=OPTIONS)
     for add, servicer in register:
         add(servicer, server)
-    bind = f"{host}:0"
-    port = server.add_secure_port(bind, tls.server_credentials()) if tls else server.add_insecure_port(bind)
+
+    def open_on(port: int) -> int:
+        bind = f"[{listen.bind_host}]:{port}" if ":" in listen.bind_host else f"{listen.bind_host}:{port}"
+        bound = server.add_secure_port(bind, tls.server_credentials()) if tls else server.add_insecure_port(bind)
+        if not bound:  # older grpc returns 0 instead of raising
+            raise OSError(f"cannot bind {bind}")
+        return bound
+
+    port = listen.bind(open_on)
     server.start()
-    return server, f"{host}:{port}"
+    return server, listen.addr(port)
 
 
 class Channels:

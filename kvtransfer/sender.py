@@ -20,6 +20,7 @@ from pdserve.kvtransfer import kvtransfer_pb2 as pb
 from pdserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.codecs import get_codec
+from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.protocols import KVCodec, Transport
 from pdserve.kvtransfer.reshard import gather_slab, token_slots
 from pdserve.kvtransfer.rpc import TLSFiles, start_server
@@ -39,7 +40,7 @@ class _Export:
 
 class KVSender:
     def __init__(self, pool: KVPool, allocator: BlockAllocator, transport: Transport, *, lease_s: float,
-                 timeout_s: float, host: str = "127.0.0.1", layers: Span | None = None,
+                 timeout_s: float, listen: Listen, layers: Span | None = None,
                  heads: Span | None = None, tls: TLSFiles | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """`layers`/`heads`: the global spans this rank's pool holds (default: the whole pool)."""
@@ -52,9 +53,13 @@ class KVSender:
         self.total_layers, self.total_heads = self.layers.stop, self.heads.stop  # grown by with_model_shape
         self._exports: dict[HandleId, _Export] = {}
         self._cond = threading.Condition()
-        self._server, control = start_server(host, tls, [(pb_grpc.add_KVControlServicer_to_server,
+        self._server, control = start_server(listen, tls, [(pb_grpc.add_KVControlServicer_to_server,
                                                           _ControlService(self))])
         self.address = PeerAddr(control=control, data=transport.endpoint())
+
+    @property
+    def addresses(self) -> list[PeerAddr]:
+        return [self.address]
 
     def with_model_shape(self, num_layers: int, num_kv_heads: int) -> KVSender:
         """Declare the whole model's size when this rank holds only a shard of it (TP/PP)."""

@@ -15,6 +15,7 @@ import grpc
 
 from pdserve.kvtransfer import kvtransfer_pb2 as pb
 from pdserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
+from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.outbox import Outbox, stream
 from pdserve.kvtransfer.protocols import ChunkSink
 from pdserve.kvtransfer.rpc import Channels, TLSFiles, start_server
@@ -47,11 +48,11 @@ class _DataService(pb_grpc.KVDataServicer):
 class GrpcTransport:
     name = "grpc"
 
-    def __init__(self, host: str = "127.0.0.1", tls: TLSFiles | None = None, serve: bool = True) -> None:
+    def __init__(self, listen: Listen, tls: TLSFiles | None = None, serve: bool = True) -> None:
         """`serve=False` for a receive-only end (decode workers need no server)."""
         self._outbox = Outbox()
         self._channels = Channels(tls)
-        self._server, self._endpoint = (start_server(host, tls, [(pb_grpc.add_KVDataServicer_to_server,
+        self._server, self._endpoint = (start_server(listen, tls, [(pb_grpc.add_KVDataServicer_to_server,
                                                                   _DataService(self._outbox))])
                                         if serve else (None, ""))
         self._closed = False

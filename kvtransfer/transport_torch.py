@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.protocols import ChunkSink
 from pdserve.kvtransfer.transfer import TransferState, failed
 from pdserve.kvtransfer.types import TransferId
@@ -99,15 +100,20 @@ class _Feeder:
         self._stop.set()
 
 
-def _new_group(store: dist.Store, nonce: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
-    return dist.ProcessGroupGloo(dist.PrefixStore(nonce, store), rank, 2, datetime.timedelta(seconds=timeout_s))
+def _new_group(store: dist.Store, nonce: str, rank: int, timeout_s: float, host: str) -> dist.ProcessGroup:
+    """gloo's default device binds whatever the machine's hostname resolves to (often loopback, or
+    an address another network namespace does not have): bind this node's KV address instead."""
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = datetime.timedelta(seconds=timeout_s)
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return dist.ProcessGroupGloo(dist.PrefixStore(nonce, store), rank, 2, opts)
 
 
 class _SendPair:
     """Sender end of one pair: a FIFO of transfers drained by one thread (rank 0)."""
 
-    def __init__(self, info: str, timeout_s: float) -> None:
-        self.info, self.timeout_s = info, timeout_s
+    def __init__(self, info: str, timeout_s: float, host: str) -> None:
+        self.info, self.timeout_s, self.host = info, timeout_s, host
         self.queue: queue.Queue[tuple[TransferState, Iterable[bytes | memoryview]] | None] = queue.Queue()
         self.dead: str | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"torch-send-{info}")
@@ -118,7 +124,7 @@ class _SendPair:
             addr, nonce = self.info.split("/")
             host, port = addr.rsplit(":", 1)
             store = dist.TCPStore(host, int(port), 2, False, timeout=datetime.timedelta(seconds=self.timeout_s))
-            pg = _new_group(store, nonce, 0, self.timeout_s)
+            pg = _new_group(store, nonce, 0, self.timeout_s, self.host)
         except Exception as e:  # receiver gone before the pair formed
             return self._die(f"cannot join pair {self.info}: {e}")
         while (item := self.queue.get()) is not None:
@@ -192,11 +198,11 @@ class _Posted:
 class _RecvPair:
     """Receiver end of one pair (rank 1, store host): dispatches incoming transfers to their sinks."""
 
-    def __init__(self, host: str, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.store = dist.TCPStore(host, 0, 2, True, timeout=datetime.timedelta(seconds=timeout_s),
-                                   wait_for_workers=False)
-        self.info = f"{host}:{self.store.port}/{uuid.uuid4().hex[:12]}"
+    def __init__(self, listen: Listen, timeout_s: float) -> None:
+        self.timeout_s, self.host = timeout_s, listen.local_host
+        self.store = listen.bind(lambda port: dist.TCPStore(
+            listen.bind_host, port, 2, True, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False))
+        self.info = f"{listen.addr(self.store.port)}/{uuid.uuid4().hex[:12]}"
         self.expected: dict[TransferId, tuple[ChunkSink, TransferState]] = {}
         self.cond = threading.Condition()
         self.closed = False
@@ -225,7 +231,7 @@ class _RecvPair:
         threading.Thread(target=self._dispatch, args=(inbox,), daemon=True,
                          name=f"torch-deliver-{self.info}").start()
         try:
-            pg = _new_group(self.store, self.info.split("/")[1], 1, self.timeout_s)
+            pg = _new_group(self.store, self.info.split("/")[1], 1, self.timeout_s, self.host)
             in_transfer = False
             while True:
                 kind, payload = self._next(pg, idle=not in_transfer)
@@ -298,9 +304,9 @@ class _RecvPair:
 class TorchTransport:
     name = "torch"
 
-    def __init__(self, host: str = "127.0.0.1", pair_timeout_s: float = 300.0) -> None:
+    def __init__(self, listen: Listen, pair_timeout_s: float = 300.0) -> None:
         """`pair_timeout_s` bounds one gloo operation; keep it above every transfer's timeout."""
-        self.host, self.pair_timeout_s = host, pair_timeout_s
+        self.listen, self.pair_timeout_s = listen, pair_timeout_s
         self._endpoint = f"torch:{uuid.uuid4().hex[:12]}"
         self._send_pairs: dict[str, _SendPair] = {}
         self._recv_pairs: dict[str, _RecvPair] = {}
@@ -316,7 +322,7 @@ class TorchTransport:
             if pair is None or pair.dead is not None:
                 if pair is not None:
                     pair.close()
-                pair = self._recv_pairs[peer] = _RecvPair(self.host, self.pair_timeout_s)
+                pair = self._recv_pairs[peer] = _RecvPair(self.listen, self.pair_timeout_s)
             return pair.info
 
     def send(self, xfer: TransferId, chunks: Iterable[bytes | memoryview], peer: str,
@@ -326,7 +332,7 @@ class TorchTransport:
                 return failed(xfer, "transport closed")
             pair = self._send_pairs.get(peer)
             if pair is None or pair.dead is not None:
-                pair = self._send_pairs[peer] = _SendPair(peer, self.pair_timeout_s)
+                pair = self._send_pairs[peer] = _SendPair(peer, self.pair_timeout_s, self.listen.local_host)
         state = TransferState(xfer)
         state.arm(timeout_s)
         pair.queue.put((state, chunks))

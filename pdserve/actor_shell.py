@@ -11,16 +11,20 @@ import asyncio
 from abc import ABC, abstractmethod
 from typing import Any
 
+from pdserve.config import ServingConfig
+from pdserve.kvtransfer.listen import Listen
 from pdserve.lockstep import free_init_method, make_step_loop
 from pdserve.steploop import StepLoop, deliver_threadsafe
 from pdserve.types import StepRecord, WorkerStats
 
 
 class WorkerShell(ABC):
+    cfg: ServingConfig
     worker: Any
     _steps: StepLoop
 
-    def __init__(self) -> None:
+    def __init__(self, node_ip: str) -> None:
+        self.node_ip = node_ip  # this node's address as Ray knows it: what KV endpoints bind and advertise
         self._starting: asyncio.Future[None] | None = None
 
     async def start(self, init_method: str = "") -> None:
@@ -31,8 +35,13 @@ class WorkerShell(ABC):
             self._starting = asyncio.ensure_future(self._start(init_method))
         await asyncio.shield(self._starting)
 
+    @property
+    def listen(self) -> Listen:
+        """Where this instance's KV endpoints bind, and the address they advertise."""
+        return Listen.resolve(self.cfg.kvtransfer, self.node_ip)
+
     def rendezvous(self) -> str:
-        return free_init_method("127.0.0.1")  # STRICT_PACK: an instance's ranks share a node
+        return free_init_method(self.node_ip)  # STRICT_PACK: an instance's ranks share a node
 
     async def _start(self, init_method: str) -> None:
         self._loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ import yaml
 Mode = Literal["disaggregated", "colocated"]
 ColocatedPolicy = Literal["prefill_priority", "chunked"]
 TransportName = Literal["loopback", "grpc", "torch"]
+OnFailure = Literal["recompute", "fail"]
 CodecName = Literal["auto", "raw", "int8", "fp8", "int4", "int4_zstd"]
 PrefillPolicyName = Literal["least_tokens", "round_robin"]
 DecodePolicyName = Literal["least_kv", "round_robin"]
@@ -69,15 +70,40 @@ class KVTransferConfig:
     link_gbps: float | None = None  # link bandwidth in GB/s (bytes) for codec=auto; measured when None
     lease_s: float = 60.0  # prefill frees exported blocks nobody pulled within this time
     timeout_s: float = 30.0
+    on_failure: OnFailure = "recompute"  # a failed pull: decode recomputes the prompt, or the request fails
+    bind_host: str | None = None  # KV endpoints listen here; None: the Ray node IP of the worker's node
+    advertise_host: str | None = None  # what peers dial; None: bind_host (the node IP if bind_host is 0.0.0.0)
+    port_range: str | None = None  # "20000-20999": KV listening ports (firewalled clusters); None: any free port
+    connect_timeout_s: float = 5.0  # launch's reachability check of every prefill KV endpoint from each decode
 
     def __post_init__(self) -> None:
-        _positive(self, "lease_s", "timeout_s")
+        _positive(self, "lease_s", "timeout_s", "connect_timeout_s")
+        for name in ("bind_host", "advertise_host"):
+            v = getattr(self, name)
+            if v is not None and (not v.strip() or " " in v):
+                raise ConfigError(f"{name}: must be a host name or IP address, got {v!r}")
+        if self.advertise_host in ("0.0.0.0", "::"):
+            raise ConfigError(f"advertise_host: peers cannot dial the wildcard address {self.advertise_host!r}")
+        if self.port_range is not None:
+            self.ports  # validates
+
+    @property
+    def ports(self) -> tuple[int, int] | None:
+        """`port_range` as (lowest, highest), both included."""
+        if self.port_range is None:
+            return None
+        lo, sep, hi = self.port_range.partition("-")
+        if not (sep and lo.strip().isdigit() and hi.strip().isdigit()
+                and 0 < int(lo) <= int(hi) < 65536):
+            raise ConfigError(f"port_range: expected 'LOW-HIGH' with 0 < LOW <= HIGH < 65536, got {self.port_range!r}")
+        return int(lo), int(hi)
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # on the router's node; 0.0.0.0 exposes the API to the network
     port: int = 8000
+    node_ip: str | None = None  # the Ray node (by IP) the router runs on; None: where `pdserve serve` runs
     api_key: str | None = None
     prefill_policy: PrefillPolicyName = "least_tokens"
     decode_policy: DecodePolicyName = "least_kv"

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -64,12 +65,17 @@ def ray_session(address: str, cfg: ServingConfig) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pdserve.placement.feasibility import LaunchError
     from pdserve.placement.launch import launch
 
     cfg = load_config(args)
     with ray_session(args.address, cfg):
         print(f"pdserve: starting {cfg.mode} serving of {cfg.model} ...", flush=True)
-        deployment = launch(cfg)
+        try:
+            deployment = launch(cfg)
+        except LaunchError as e:
+            print(f"pdserve: error: {e}", file=sys.stderr, flush=True)
+            return 1
         print(f"pdserve: ready at {deployment.url}  (OpenAI API: {deployment.url}/v1; Ctrl-C stops)", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -175,6 +175,10 @@ class WorkerStats:
     busy_s: float = 0.0
     num_steps: int = 0
     num_step_tokens: int = 0
+    # Decode only, cumulative: KV pulls by outcome ("ok", "failed", "timed_out", "recomputed") and
+    # the bytes the completed ones received.
+    kv_pulls: dict[str, int] = field(default_factory=dict)
+    kv_pull_nbytes: int = 0
 
     @property
     def kv_usage(self) -> float:

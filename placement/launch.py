@@ -17,10 +17,11 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from pdserve.config import PoolConfig, ServingConfig
 from pdserve.decode.actor import DecodeActor
+from pdserve.placement.feasibility import LaunchError, bundle, check_placeable, describe
 from pdserve.prefill.actor import PrefillActor
 from pdserve.router.actor import RouterActor
 from pdserve.types import StepRecord
@@ -51,7 +52,8 @@ class Deployment:
             pass
         ranks = [a for fs in self.followers.values() for a in fs]
         for actor in [self.router, *self.prefill.values(), *self.decode.values(), *ranks]:
-            ray.kill(actor, no_restart=True)
+            if actor is not None:  # None: a launch that failed before the router existed
+                ray.kill(actor, no_restart=True)
         for pg in self.groups:
             remove_placement_group(pg)
 
@@ -60,11 +62,11 @@ def _pool_actors(cls: type, cfg: ServingConfig, pool: PoolConfig, role: str, gro
                  followers: dict[str, list[Any]]) -> dict[str, Any]:
     """Rank 0 of each instance by worker id; ranks 1.. go into `followers`."""
     remote_cls = ray.remote(cls)  # once per class per launch, never per actor
-    bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {}), **pool.resources}
+    one = bundle(pool)
     world = pool.gpus_per_instance
     actors = {}
     for i in range(pool.instances):
-        pg = placement_group([bundle] * world, strategy="STRICT_PACK", name=f"pdserve-{role}-{i}")
+        pg = placement_group([one] * world, strategy="STRICT_PACK", name=f"pdserve-{role}-{i}")
         groups.append(pg)
         worker_id = f"{role}-{i}"
         ranks = [remote_cls.options(
@@ -87,15 +89,64 @@ def _start_all(entry: dict[str, Any], followers: dict[str, list[Any]], timeout_s
     ray.get(starts, timeout=timeout_s)
 
 
-def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0) -> Deployment:
-    """Start every pool and the router; returns once all instances loaded and HTTP is up."""
+def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0, place_timeout_s: float = 30.0) -> Deployment:
+    """Start every pool and the router; returns once all instances loaded, every decode instance
+    reached every prefill instance's KV endpoints, and HTTP is up. Raises LaunchError when the
+    pools cannot be placed within `place_timeout_s` or a KV endpoint is unreachable."""
+    pools = [("prefill", cfg.prefill)] if cfg.mode == "disaggregated" else []
+    check_placeable([*pools, ("decode", cfg.decode)], ray.nodes())
     groups: list[PlacementGroup] = []
     followers: dict[str, list[Any]] = {}
     prefill = (_pool_actors(PrefillActor, cfg, cfg.prefill, "prefill", groups, followers)
                if cfg.mode == "disaggregated" else {})
     decode = _pool_actors(DecodeActor, cfg, cfg.decode, "decode", groups, followers)
-    ray.get([pg.ready() for pg in groups], timeout=ready_timeout_s)
-    _start_all({**prefill, **decode}, followers, ready_timeout_s)
-    router = ray.remote(RouterActor).options(name="pdserve-router", num_cpus=0, max_concurrency=1000).remote(cfg)
-    url = ray.get(router.start.remote(prefill, decode), timeout=ready_timeout_s)
+    router = None
+    try:
+        _wait_placed(groups, [*pools, ("decode", cfg.decode)], place_timeout_s)
+        _start_all({**prefill, **decode}, followers, ready_timeout_s)
+        _check_kv_reach(prefill, decode, ready_timeout_s)
+        router = ray.remote(RouterActor).options(
+            name="pdserve-router", num_cpus=0, max_concurrency=1000,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(_router_node(cfg), soft=False)).remote(cfg)
+        url = ray.get(router.start.remote(prefill, decode), timeout=ready_timeout_s)
+    except BaseException:
+        Deployment("", router, prefill, decode, followers, groups).shutdown()
+        raise
     return Deployment(url, router, prefill, decode, followers, groups)
+
+
+def _wait_placed(groups: list[PlacementGroup], pools: list[tuple[str, PoolConfig]], timeout_s: float) -> None:
+    ready, _ = ray.wait([pg.ready() for pg in groups], num_returns=len(groups), timeout=timeout_s)
+    if len(ready) < len(groups):
+        raise LaunchError(f"the pools are not placed after {timeout_s:g} s (resources in use or not yet up?). "
+                          + describe(pools, ray.nodes(), ray.available_resources()))
+
+
+def _check_kv_reach(prefill: dict[str, Any], decode: dict[str, Any], timeout_s: float) -> None:
+    """Every decode instance dials every prefill instance's KV endpoints; unreachable ones fail launch."""
+    if not prefill:
+        return
+    targets = [e for eps in ray.get([a.kv_endpoints.remote() for a in prefill.values()], timeout=timeout_s)
+               for e in eps]
+    checks = {w: a.check_kv_peers.remote(targets) for w, a in decode.items()}
+    errors = []
+    for w, ref in checks.items():
+        try:
+            ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.RayTaskError as e:
+            errors.append(str(e.cause) if e.cause is not None else str(e).strip().splitlines()[-1])
+    if errors:
+        raise LaunchError("KV endpoints unreachable: " + " | ".join(errors)
+                          + ". Check kvtransfer.advertise_host / bind_host and that these ports are open "
+                          "from decode nodes to prefill nodes.")
+
+
+def _router_node(cfg: ServingConfig) -> str:
+    """The Ray node id the router runs on: the one with `router.node_ip`, else this driver's node."""
+    if cfg.router.node_ip is None:
+        return ray.get_runtime_context().get_node_id()
+    alive = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    if cfg.router.node_ip not in alive:
+        raise LaunchError(f"router.node_ip: no live Ray node has IP {cfg.router.node_ip} "
+                          f"(nodes: {', '.join(sorted(alive))})")
+    return alive[cfg.router.node_ip]

@@ -6,19 +6,21 @@ import asyncio
 import time
 from typing import Any
 
+import ray
 import torch
 
 from pdserve.actor_shell import WorkerShell
 from pdserve.config import ServingConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
+from pdserve.kvtransfer.reach import Endpoint, endpoints
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput
 
 
 class PrefillActor(WorkerShell):
     def __init__(self, cfg: ServingConfig, worker_id: str, rank: int = 0) -> None:
-        super().__init__()
+        super().__init__(ray.util.get_node_ip_address())
         self.cfg, self.worker_id = cfg, worker_id  # cheap: weights load in start()
         self.ranks = RankLayout(cfg.prefill.tp, cfg.prefill.pp, rank)
         self._waiting: dict[RequestId, asyncio.Future[PrefillResult]] = {}
@@ -27,13 +29,13 @@ class PrefillActor(WorkerShell):
         if self.ranks.world_size > 1:
             from pdserve.prefill.ranks import build_prefill_rank
 
-            return build_prefill_rank(self.cfg, self.worker_id, self.ranks, init_method)
+            return build_prefill_rank(self.cfg, self.worker_id, self.ranks, init_method, self.listen)
         from pdserve.kvtransfer.connector import make_sender
 
         cfg = self.cfg
         torch.set_num_threads(cfg.engine.num_threads)
         engine = Engine.from_config(cfg.model, cfg.engine)
-        sender = make_sender(cfg.kvtransfer, engine.pool, engine.allocator)
+        sender = make_sender(cfg.kvtransfer, engine.pool, engine.allocator, listen=self.listen)
         return PrefillWorker(engine, cfg.prefill.max_num_seqs, cfg.prefill.max_num_batched_tokens,
                              sender, worker_id=self.worker_id)
 
@@ -64,3 +66,9 @@ class PrefillActor(WorkerShell):
         await self.start()
         if await self._steps.call(self.worker.abort, request_id):
             self._on_outputs([PrefillResult(StepOutput(request_id, (), "", "abort"), None)])
+
+    async def kv_endpoints(self) -> list[Endpoint]:
+        """The socket endpoints decode instances dial to pull this instance's KV (every rank's)."""
+        await self.start()
+        sender = getattr(self.worker, "worker", self.worker).sender  # through LockStep on tp × pp
+        return endpoints(self.worker_id, self.node_ip, sender.addresses)

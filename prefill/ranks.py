@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pdserve.config import ServingConfig
 from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.pipeline import RankLayout
-from pdserve.kvtransfer.connector import KVSender, make_sender
+from pdserve.kvtransfer.connector import KVSender, Listen, make_sender
 from pdserve.kvtransfer.types import HandleId, KVHandle, KVShard, PeerAddr, Span
 from pdserve.lockstep import LockStep, load_rank_engine, rank_spans
 from pdserve.prefill.worker import PrefillWorker
@@ -59,6 +59,11 @@ class AgreedSender:
         shards = tuple(KVShard(peer, layers, heads, tuple(block_ids)) for peer, layers, heads in self.peers)
         return dataclasses.replace(h, shards=shards)
 
+    @property
+    def addresses(self) -> list[PeerAddr]:
+        """Every rank's endpoints (the instance's whole KV), as rank 0 gathered them."""
+        return [peer for peer, _, _ in self.peers]
+
     def poll(self) -> list[HandleId]:
         return []  # frees happen in agree(), at the same point of the step on every rank
 
@@ -82,13 +87,13 @@ class AgreedSender:
 
 
 def build_prefill_rank(cfg: ServingConfig, worker_id: str, ranks: RankLayout, init_method: str,
-                       host: str = "127.0.0.1") -> LockStep:
+                       listen: Listen) -> LockStep:
     """Join the instance, load this rank's shard and start its sender. Collective: every rank calls it."""
     engine = load_rank_engine(cfg.model, cfg.engine, ranks, init_method)
     layers, heads = rank_spans(engine, ranks)
     recorder = _RecordingAllocator(engine.allocator)
     mcfg = engine.model_config
-    sender = make_sender(cfg.kvtransfer, engine.pool, recorder, host=host, layers=layers,  # type: ignore[arg-type]
+    sender = make_sender(cfg.kvtransfer, engine.pool, recorder, listen=listen, layers=layers,  # type: ignore[arg-type]
                          heads=heads).with_model_shape(mcfg.num_layers, mcfg.num_kv_heads)
     peers: list[Any] = [None] * ranks.world_size
     dist.all_gather_object(peers, (sender.address, layers, heads))

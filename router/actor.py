@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import ray
 import uvicorn
 from ray.exceptions import ObjectLostError, RayActorError, RaySystemError, RayTaskError, TaskCancelledError
 
@@ -132,7 +133,9 @@ class RouterActor:
     def _url(self) -> str:
         assert self._server is not None and self._server.started, "router: not started"
         host, port = self._server.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}"
+        if host in ("0.0.0.0", "::"):  # every interface: name the one other machines know this node by
+            host = ray.util.get_node_ip_address()
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def check_health(self) -> None:
         if self._task is None or self._task.done() or self._server is None or not self._server.started:

@@ -199,8 +199,9 @@ class Router:
                "decode_s": max(0.0, e2e - queue - prefill - transfer), "ttft_s": ttft, "e2e_s": e2e}
         if "decode_queue_s" in w:
             out["decode_queue_s"] = w["decode_queue_s"]
-        if "transfer_bytes" in w:
-            out["transfer_bytes"] = w["transfer_bytes"]
+        for k in ("transfer_bytes", "kv_recomputed"):  # kv_recomputed: 1.0 when a failed pull was recomputed
+            if k in w:
+                out[k] = w[k]
         return out
 
     def _error(self, st: _State, message: str) -> StepOutput:

@@ -101,7 +101,19 @@ class _PoolCollector(Collector):
                 step_tokens.add_metric(key, inst.stats.num_step_tokens)
             failures.add_metric([pool.role], pool.num_failures)
         yield from (running, waiting, usage, healthy, tokens, busy, steps, step_tokens, failures)
+        yield _kv_pulls(self.router)
         yield CounterMetricFamily("pdserve_redispatched_requests", "Requests moved to another instance after a failure",
                                   value=self.router.num_redispatched)
         yield GaugeMetricFamily("pdserve_pending_requests", "Requests admitted and not finished",
                                 value=len(self.router.requests))
+
+
+def _kv_pulls(router: Router) -> Metric:
+    """Decode instances' KV pulls by outcome (worker view): a recompute is never silent."""
+    pulls = CounterMetricFamily("pdserve_kv_pulls", "KV pulls by decode instance and outcome "
+                                "(ok, failed, timed_out; recomputed: failed pulls decode recomputed)",
+                                labels=["instance", "outcome"])
+    for inst in router.decode.instances.values():
+        for outcome in ("ok", "failed", "timed_out", "recomputed"):
+            pulls.add_metric([inst.worker_id, outcome], inst.stats.kv_pulls.get(outcome, 0))
+    return pulls

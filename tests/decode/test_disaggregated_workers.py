@@ -15,6 +15,7 @@ from pdserve.engine.engine import Engine
 from pdserve.kvtransfer.connector import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
+from tests.net import LOCAL
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
@@ -43,7 +44,7 @@ def _disaggregated(path: Path, prompts: list[list[int]], transport: str,
                    break_sender: bool = False) -> tuple[list[list[int]], PrefillWorker, DecodeWorker]:
     cfg = KVTransferConfig(transport=transport, codec="raw", timeout_s=5)
     pe, de = _engine(path), _engine(path)
-    sender, receiver = make_sender(cfg, pe.pool, pe.allocator), make_receiver(cfg, de.pool)
+    sender, receiver = make_sender(cfg, pe.pool, pe.allocator, listen=LOCAL), make_receiver(cfg, de.pool, listen=LOCAL)
     prefill = PrefillWorker(pe, 64, 64, sender)  # a small budget: prompts spread over several steps
     decode = DecodeWorker(de, "decode", 64, 2048, receiver=receiver)
     out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
@@ -101,7 +102,7 @@ def test_transfer_time_ends_when_the_kv_lands(tiny_llama_dir: Path) -> None:
     next iteration boundary is decode time, not transfer time."""
     cfg = KVTransferConfig(transport="grpc", codec="raw", timeout_s=5)
     pe, de = _engine(tiny_llama_dir), _engine(tiny_llama_dir)
-    sender, receiver = make_sender(cfg, pe.pool, pe.allocator), make_receiver(cfg, de.pool)
+    sender, receiver = make_sender(cfg, pe.pool, pe.allocator, listen=LOCAL), make_receiver(cfg, de.pool, listen=LOCAL)
     prefill = PrefillWorker(pe, 64, 2048, sender)
     decode = DecodeWorker(de, "decode", 64, 2048, receiver=receiver)
     try:

@@ -32,8 +32,9 @@ def serve(conn: Connection) -> None:
 
     torch.set_num_threads(1)
     from pdserve.kvtransfer.transport_torch import TorchTransport
+    from tests.net import LOCAL
 
-    t = TorchTransport(pair_timeout_s=30)
+    t = TorchTransport(LOCAL, pair_timeout_s=30)
     lock = threading.Lock()
     conn.send(t.endpoint())
 

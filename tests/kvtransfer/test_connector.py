@@ -16,6 +16,7 @@ from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.reshard import gather_slab, token_slots
 from pdserve.kvtransfer.sender import KVSender
 from pdserve.kvtransfer.types import KVHandle, Span, TransferStatus, merge_handles
+from tests.net import LOCAL
 
 DONE, FAILED = TransferStatus.DONE, TransferStatus.FAILED
 L, H, D = 4, 4, 16
@@ -63,7 +64,7 @@ def _drain(tx: KVSender, n: int = 1, timeout_s: float = 5.0) -> None:
 
 def test_pull_into_other_block_size_then_release(cfg: KVTransferConfig, closing: list) -> None:
     (sp, sa), (dp, da) = _pool(block_size=8), _pool(block_size=4, seed=1)
-    tx, rx = make_sender(cfg, sp, sa), make_receiver(cfg, dp)
+    tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
     closing += [rx, tx]
     blocks = sa.allocate(5)
     handle = tx.export("r1", blocks, 37)
@@ -80,7 +81,7 @@ def test_pull_into_other_block_size_then_release(cfg: KVTransferConfig, closing:
 
 def test_abort_mid_transfer_frees_blocks_on_both_sides(cfg: KVTransferConfig, closing: list) -> None:
     (sp, sa), (dp, da) = _pool(), _pool(seed=1)
-    tx, rx = make_sender(cfg, sp, sa), make_receiver(cfg, dp)
+    tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
     closing += [rx, tx]
     blocks = sa.allocate(4)
     handle = tx.export("r1", blocks, 30, streaming=True)  # layers not written yet: the pull stalls
@@ -105,7 +106,7 @@ def test_lease_frees_blocks_nobody_pulled(closing: list) -> None:
     sp, sa = _pool()
     from pdserve.kvtransfer.transport_loopback import LoopbackTransport
 
-    tx = KVSender(sp, sa, LoopbackTransport(), lease_s=5, timeout_s=5, clock=lambda: now[0])
+    tx = KVSender(sp, sa, LoopbackTransport(), lease_s=5, timeout_s=5, listen=LOCAL, clock=lambda: now[0])
     closing.append(tx)
     blocks = sa.allocate(2)
     tx.export("r1", blocks, 10)
@@ -117,7 +118,7 @@ def test_lease_frees_blocks_nobody_pulled(closing: list) -> None:
 
 def test_bad_handles_fail_as_values(cfg: KVTransferConfig, closing: list) -> None:
     (sp, sa), (dp, _) = _pool(), _pool()
-    tx, rx = make_sender(cfg, sp, sa), make_receiver(cfg, dp)
+    tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
     closing += [rx, tx]
     handle = tx.export("r1", sa.allocate(2), 10)
     assert rx.poll(rx.pull(handle, [0]))[0] is FAILED  # too few destination blocks
@@ -129,7 +130,7 @@ def test_bad_handles_fail_as_values(cfg: KVTransferConfig, closing: list) -> Non
 
 def test_sender_gone_fails_the_pull(cfg: KVTransferConfig, closing: list) -> None:
     (sp, sa), (dp, _) = _pool(), _pool()
-    tx, rx = make_sender(cfg, sp, sa), make_receiver(cfg.__class__(**{**cfg.__dict__, "timeout_s": 3}), dp)
+    tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg.__class__(**{**cfg.__dict__, "timeout_s": 3}), dp, listen=LOCAL)
     closing.append(rx)
     handle = tx.export("r1", sa.allocate(2), 10)
     tx.close()
@@ -139,7 +140,7 @@ def test_sender_gone_fails_the_pull(cfg: KVTransferConfig, closing: list) -> Non
 
 def test_layerwise_streaming_ships_layers_as_they_are_written(cfg: KVTransferConfig, closing: list) -> None:
     (sp, sa), (dp, da) = _pool(), _pool(seed=1)
-    tx, rx = make_sender(cfg, sp, sa), make_receiver(cfg, dp)
+    tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
     closing += [rx, tx]
     blocks = sa.allocate(3)
     handle = tx.export("r1", blocks, 20, streaming=True)
@@ -157,7 +158,7 @@ def test_layerwise_streaming_ships_layers_as_they_are_written(cfg: KVTransferCon
 def test_lossy_codec_over_the_connector(codec: str, closing: list) -> None:
     cfg = KVTransferConfig(transport="grpc", codec=codec, timeout_s=10)
     (sp, sa), (dp, da) = _pool(), _pool(seed=1)
-    tx, rx = make_sender(cfg, sp, sa), make_receiver(cfg, dp)
+    tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
     closing += [rx, tx]
     blocks, dst = sa.allocate(8), da.allocate(8)
     assert _wait(rx, rx.pull(tx.export("r1", blocks, 64), dst)) == (DONE, None)
@@ -180,7 +181,7 @@ def _shard_senders(cfg: KVTransferConfig, tp: int, pp: int, full: torch.Tensor, 
             slots = token_slots(blocks, pool.layout.block_size, n, pool.device)
             for i, layer in enumerate(range(layers.start, layers.stop)):
                 pool.kv[i].flatten(1, 2)[:, slots] = full[layer][:, :, heads.start:heads.stop]
-            tx = make_sender(cfg, pool, alloc, layers=layers, heads=heads).with_model_shape(L, H)
+            tx = make_sender(cfg, pool, alloc, layers=layers, heads=heads, listen=LOCAL).with_model_shape(L, H)
             closing.append(tx)
             handles.append(tx.export("r1", blocks, n, handle_id="h-r1"))
     return merge_handles(handles)
@@ -199,7 +200,7 @@ def test_resharding_between_layouts(src: tuple[int, int], dst: tuple[int, int], 
         for rank in range(tp):
             heads = Span(rank * H // tp, (rank + 1) * H // tp)
             pool, alloc = _pool(len(layers), len(heads), block_size=4, seed=7)
-            rx = make_receiver(cfg, pool, layers=layers, heads=heads)
+            rx = make_receiver(cfg, pool, layers=layers, heads=heads, listen=LOCAL)
             closing.append(rx)
             blocks = alloc.allocate(pool.layout.num_blocks_for(n))
             assert _wait(rx, rx.pull(handle, blocks)) == (DONE, None)

@@ -16,6 +16,7 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.kvtransfer.connector import make_receiver, make_sender
 from pdserve.kvtransfer.types import TransferStatus
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
+from tests.net import LOCAL
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -37,7 +38,7 @@ def _run(engine: Engine, req: Request) -> list[int]:
 
 def _disaggregated(prefill: Engine, decode: Engine, prompt: list[int], transport: str) -> list[int]:
     cfg = KVTransferConfig(transport=transport, codec="raw", timeout_s=20)
-    tx, rx = make_sender(cfg, prefill.pool, prefill.allocator), make_receiver(cfg, decode.pool)
+    tx, rx = make_sender(cfg, prefill.pool, prefill.allocator, listen=LOCAL), make_receiver(cfg, decode.pool, listen=LOCAL)
     try:
         req = prefill.add_request(GenerateRequest(RequestId("p"), tuple(prompt), GREEDY))
         first = _run_prefill(prefill, req)

@@ -22,6 +22,7 @@ from pdserve.kvtransfer.connector import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId
 from tests.decode.test_disaggregated_workers import GREEDY, _colocated, _prompts
+from tests.net import LOCAL
 
 ENGINE = EngineConfig(block_size=8, kv_cache_memory_gb=0.01, max_model_len=256)
 KV = KVTransferConfig(transport="grpc", codec="raw", timeout_s=10)
@@ -42,7 +43,7 @@ def _rank_main(rank: int, role: str, tp: int, pp: int, store: str, model_dir: st
 
     torch.set_num_threads(1)
     build = build_prefill_rank if role == "prefill" else build_decode_rank
-    ls = build(_serving(model_dir, role, tp, pp), f"{role}-0", RankLayout(tp, pp, rank), f"file://{store}")
+    ls = build(_serving(model_dir, role, tp, pp), f"{role}-0", RankLayout(tp, pp, rank), f"file://{store}", LOCAL)
     try:
         if rank == 0:
             submits, aborts = inbox.get(timeout=TIMEOUT_S)
@@ -98,7 +99,7 @@ def test_multirank_prefill_feeds_single_rank_decode(tiny_llama_dir: Path, tmp_pa
     results = outbox.get(timeout=TIMEOUT_S)
     assert "x" not in {res.first.request_id for res in results}
     engine = Engine.from_config(str(tiny_llama_dir), ENGINE)
-    receiver = make_receiver(KV, engine.pool)
+    receiver = make_receiver(KV, engine.pool, listen=LOCAL)
     decode = DecodeWorker(engine, "decode", 64, 2048, receiver=receiver)
     out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     try:
@@ -125,7 +126,7 @@ def test_single_rank_prefill_feeds_tp2_decode(tiny_llama_dir: Path, tmp_path: Pa
     prompts = _prompts()
     procs, inbox, outbox = _spawn("decode", 2, 1, tiny_llama_dir, tmp_path)
     engine = Engine.from_config(str(tiny_llama_dir), ENGINE)
-    sender = make_sender(KV, engine.pool, engine.allocator)
+    sender = make_sender(KV, engine.pool, engine.allocator, listen=LOCAL)
     prefill = PrefillWorker(engine, 64, 64, sender)
     try:
         for r in _requests(prompts):

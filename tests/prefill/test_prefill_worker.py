@@ -10,11 +10,12 @@ from pdserve.engine.engine import Engine
 from pdserve.kvtransfer.connector import make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
+from tests.net import LOCAL
 
 
 def _worker(path: Path) -> PrefillWorker:
     engine = Engine.from_config(str(path), EngineConfig(block_size=8, kv_cache_memory_gb=0.01, max_model_len=256))
-    sender = make_sender(KVTransferConfig(transport="loopback", lease_s=3600), engine.pool, engine.allocator)
+    sender = make_sender(KVTransferConfig(transport="loopback", lease_s=3600), engine.pool, engine.allocator, listen=LOCAL)
     return PrefillWorker(engine, 64, 2048, sender)
 
 
