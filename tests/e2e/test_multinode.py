@@ -1,0 +1,161 @@
+"""pdserve across a machine boundary: a two-node Ray cluster built from network namespaces
+(tests/e2e/netns.py), prefill pinned to node A and decode to node B by custom resources, as
+cluster.yaml's node types do. `pdserve serve --address HEAD:PORT` runs in node A's namespace and
+the official OpenAI client talks to it from there. Each node has only its own loopback, so an
+endpoint that advertises 127.0.0.1, or a router that lands on node B, fails here."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.netns import BIN, NetnsCluster, available, wait_for_line
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+MAX_TOKENS = 16
+PORT = 18080  # inside node A's namespace: no other process on the machine shares its ports
+READY_S = 600.0  # model loads on a shared 2-core box
+
+
+def _config(transport: str, **kvtransfer: Any) -> dict[str, Any]:
+    return {"model": "smollm2-135m", "engine": {"kv_cache_memory_gb": 0.1, "max_model_len": 512},
+            "prefill": {"resources": {"node_a": 0.01}}, "decode": {"resources": {"node_b": 0.01}},
+            "kvtransfer": {"transport": transport, "timeout_s": 30, **kvtransfer}, "router": {"port": PORT}}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[NetnsCluster]:
+    why = available()
+    if why is not None:
+        pytest.skip(why)
+    with NetnsCluster(["node_a", "node_b"]) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def _serve(cluster: NetnsCluster, cfg: dict[str, Any], tmp: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`pdserve serve` in node A's namespace; stopped (SIGTERM, then SIGKILL) on the way out."""
+    path, log = tmp / "serve.yaml", tmp / "serve.log"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = cluster.popen(cluster.head, [str(BIN / "pdserve"), "serve", "--address", cluster.address,
+                                        "--config", str(path), *args], log)
+    try:
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, str]:
+    from pdserve import LLM, SamplingParams
+
+    llm = LLM("smollm2-135m", num_threads=1)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    return {p: o.text for p, o in zip(PROMPTS, outs)}
+
+
+def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _pulls(m: dict[Any, float], outcome: str) -> float:
+    return sum(v for (name, labels), v in m.items() if name == "pdserve_kv_pulls_total" and ("outcome", outcome) in labels)
+
+
+def _generate_and_check(url: str, reference: dict[str, str]) -> list[dict[str, float]]:
+    """Every prompt, streamed and not: the offline engine's greedy text. Returns the streamed timings."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    timings = []
+    for prompt in PROMPTS:
+        resp = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=MAX_TOKENS,
+                                         temperature=0.0, extra_body={"ignore_eos": True})
+        assert resp.choices[0].text == reference[prompt]
+        assert resp.usage.completion_tokens == MAX_TOKENS
+        text = ""
+        for chunk in client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=MAX_TOKENS,
+                                               temperature=0.0, stream=True, extra_body={"ignore_eos": True}):
+            text += "".join(c.text for c in chunk.choices)
+            extra = chunk.model_extra or {}
+            if "pdserve_timings" in extra:
+                timings.append(extra["pdserve_timings"])
+        assert text == reference[prompt]
+    return timings
+
+
+@pytest.mark.parametrize("transport", ["grpc", "torch"])
+def test_kv_crosses_nodes_and_the_client_gets_the_offline_tokens(
+        cluster: NetnsCluster, reference: dict[str, str], transport: str, tmp_path: Path) -> None:
+    """Prefill on node A, decode on node B: exact greedy text, and the counters prove the KV crossed
+    (pulls ok, bytes moved, nothing recomputed). The torch run also exposes the API with --host 0.0.0.0."""
+    host_args = ["--host", "0.0.0.0"] if transport == "torch" else []
+    with _serve(cluster, _config(transport), tmp_path, *host_args) as (proc, log):
+        url = wait_for_line(log, r"ready at (http://\S+)", proc, READY_S).group(1)
+        node_a, node_b = (cluster.executor(n) for n in cluster.nodes)
+        if transport == "torch":
+            assert url == f"http://{cluster.head.ip}:{PORT}"  # the node's address, not 0.0.0.0
+            assert node_b.submit(lambda: httpx.get(f"{url}/health", timeout=10).status_code).result() == 200
+        else:
+            assert url == f"http://127.0.0.1:{PORT}"  # router.host on the node where serve runs
+            with pytest.raises(httpx.ConnectError):  # ... and not on node B
+                node_b.submit(lambda: httpx.get(f"{url}/health", timeout=5)).result()
+        timings = node_a.submit(_generate_and_check, url, reference).result()
+        assert len(timings) == len(PROMPTS)
+        assert all(t["transfer_bytes"] > 0 and "kv_recomputed" not in t for t in timings), timings
+        deadline = time.monotonic() + 10  # the pull counters come with the router's stats poll
+        while True:
+            m = node_a.submit(_metrics, url).result()
+            if _pulls(m, "ok") >= 2 * len(PROMPTS) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert _pulls(m, "ok") >= 2 * len(PROMPTS)
+        assert _pulls(m, "failed") == _pulls(m, "timed_out") == _pulls(m, "recomputed") == 0
+        assert m[("pdserve_kv_transfer_bytes_total", ())] >= sum(t["transfer_bytes"] for t in timings) > 0
+
+
+def test_unreachable_prefill_endpoint_fails_launch_naming_address_and_port(
+        cluster: NetnsCluster, tmp_path: Path) -> None:
+    """Prefill advertises an address nothing answers on (as behind a NAT or a wrong interface):
+    decode's launch check fails `pdserve serve` with the address and the port, not a silent recompute."""
+    cfg = _config("grpc", advertise_host="10.213.0.99", port_range="31000-31099", connect_timeout_s=3)
+    with _serve(cluster, cfg, tmp_path) as (proc, log):
+        code = proc.wait(READY_S)
+    out = log.read_text()
+    assert code == 1, out[-3000:]
+    m = re.search(r"KV control endpoint 10\.213\.0\.99 port (\d+) \(on node 10\.213\.0\.1\) is unreachable", out)
+    assert m is not None, out[-3000:]
+    assert 31000 <= int(m.group(1)) <= 31099  # kvtransfer.port_range is honoured
+    assert "ready at" not in out
+
+
+def test_unplaceable_pool_is_reported_within_seconds(cluster: NetnsCluster, tmp_path: Path) -> None:
+    cfg = {**_config("grpc"), "decode": {"resources": {"node_c": 1}}}
+    started = time.monotonic()
+    with _serve(cluster, cfg, tmp_path) as (proc, log):
+        code = proc.wait(60)
+    out = log.read_text()
+    assert code == 1 and time.monotonic() - started < 45, out[-3000:]
+    assert "no node can hold one decode instance ({CPU: 1, node_c: 1} on one node)" in out, out[-3000:]
+    assert "node 10.213.0.2 has {CPU: 2, node_b: 1}" in out
