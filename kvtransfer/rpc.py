@@ -34,8 +34,9 @@ def start_server(listen: Listen, tls: TLSFiles | None, register: list, max_worke
                  ) -> tuple[grpc.Server, str]:
     """A started server with the given `(add_XServicer_to_server, servicer)` pairs on a free port of
     `listen`; returns it and the address peers dial."""
+    # No SO_REUSEPORT (grpc's default): two servers on one port of a port range would split its calls.
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-grpc"),
-                         options=OPTIONS)
+                         options=[*OPTIONS, ("grpc.so_reuseport", 0)])
     for add, servicer in register:
         add(servicer, server)
 

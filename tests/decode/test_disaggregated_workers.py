@@ -3,6 +3,7 @@ sides, and recomputes locally when a pull fails."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.kvtransfer.connector import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
-from pdserve.types import GenerateRequest, RequestId, SamplingParams
+from pdserve.types import GenerateRequest, RequestId, SamplingParams, StepOutput
 from tests.net import LOCAL
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -40,14 +41,18 @@ def _colocated(path: Path, prompts: list[list[int]]) -> list[list[int]]:
     return [out[f"r{i}"] for i in range(len(prompts))]
 
 
-def _disaggregated(path: Path, prompts: list[list[int]], transport: str,
-                   break_sender: bool = False) -> tuple[list[list[int]], PrefillWorker, DecodeWorker]:
+def _disaggregated(path: Path, prompts: list[list[int]], transport: str, break_sender: bool = False,
+                   on_failure: str = "recompute", finals: dict[str, StepOutput] | None = None
+                   ) -> tuple[list[list[int]], PrefillWorker, DecodeWorker]:
+    """`finals` collects each request's last decode output (its finish reason and timings)."""
+    finals = {} if finals is None else finals
     cfg = KVTransferConfig(transport=transport, codec="raw", timeout_s=5)
     pe, de = _engine(path), _engine(path)
     sender, receiver = make_sender(cfg, pe.pool, pe.allocator, listen=LOCAL), make_receiver(cfg, de.pool, listen=LOCAL)
     prefill = PrefillWorker(pe, 64, 64, sender)  # a small budget: prompts spread over several steps
-    decode = DecodeWorker(de, "decode", 64, 2048, receiver=receiver)
+    decode = DecodeWorker(de, "decode", 64, 2048, receiver=receiver, on_failure=on_failure)
     out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    timings: dict[str, dict[str, float]] = {}
     try:
         for i, p in enumerate(prompts):
             prefill.submit(GenerateRequest(RequestId(f"r{i}"), tuple(p), GREEDY))
@@ -67,6 +72,9 @@ def _disaggregated(path: Path, prompts: list[list[int]], transport: str,
             assert time.monotonic() < deadline, "decode never finished"
             for o in decode.step():
                 out[o.request_id].extend(o.token_ids)
+                timings.setdefault(o.request_id, {}).update(o.timings or {})
+                if o.finished:
+                    finals[o.request_id] = dataclasses.replace(o, timings=timings[o.request_id])
             time.sleep(0.001)
         if not break_sender:
             while prefill.engine.allocator.num_used and time.monotonic() < deadline:
@@ -92,9 +100,34 @@ def test_prefill_worker_to_decode_worker_matches_colocated(tiny_llama_dir: Path,
 
 def test_failed_pull_is_recomputed_locally(tiny_llama_dir: Path) -> None:
     prompts = _prompts()
-    got, _, decode = _disaggregated(tiny_llama_dir, prompts, "grpc", break_sender=True)
+    finals: dict[str, StepOutput] = {}
+    got, _, decode = _disaggregated(tiny_llama_dir, prompts, "grpc", break_sender=True, finals=finals)
     assert got == _colocated(tiny_llama_dir, prompts)
     assert decode.engine.allocator.num_used == 0
+    # never silent: counted by outcome and flagged on each request that was recomputed
+    assert dict(decode.kv_pulls) == {"failed": len(finals), "recomputed": len(finals)} and finals
+    assert all(f.timings["kv_recomputed"] == 1.0 and "transfer_bytes" not in f.timings for f in finals.values())
+    assert decode.stats().kv_pulls == dict(decode.kv_pulls)
+
+
+def test_failed_pull_fails_the_request_with_on_failure_fail(tiny_llama_dir: Path) -> None:
+    prompts = _prompts()
+    finals: dict[str, StepOutput] = {}
+    got, _, decode = _disaggregated(tiny_llama_dir, prompts, "grpc", break_sender=True, on_failure="fail",
+                                    finals=finals)
+    assert finals and all(f.finish_reason == "error" and "KV transfer failed" in (f.error or "")
+                          for f in finals.values())
+    assert all(len(got[int(rid[1:])]) == 1 for rid in finals)  # the first token only, from prefill
+    assert dict(decode.kv_pulls) == {"failed": len(finals)}
+    assert decode.engine.allocator.num_used == 0 and not decode.has_work()
+
+
+def test_pulled_bytes_are_counted(tiny_llama_dir: Path) -> None:
+    finals: dict[str, StepOutput] = {}
+    _, _, decode = _disaggregated(tiny_llama_dir, _prompts(), "grpc", finals=finals)
+    pulled = [f.timings["transfer_bytes"] for f in finals.values() if "transfer_bytes" in f.timings]
+    assert pulled and all(b > 0 for b in pulled)
+    assert decode.kv_pulls == {"ok": len(pulled)} and decode.kv_pull_nbytes == sum(pulled)
 
 
 def test_transfer_time_ends_when_the_kv_lands(tiny_llama_dir: Path) -> None:
