@@ -105,6 +105,15 @@ def _generate_and_check(url: str, reference: dict[str, str]) -> list[dict[str, f
     return timings
 
 
+def _wait_for_pulls(node_a: Any, url: str, n: int) -> dict[Any, float]:
+    deadline = time.monotonic() + 10  # the pull counters come with the router's stats poll
+    while True:
+        m = node_a.submit(_metrics, url).result()
+        if _pulls(m, "ok") >= n or time.monotonic() > deadline:
+            return m
+        time.sleep(0.5)
+
+
 @pytest.mark.parametrize("transport", ["grpc", "torch"])
 def test_kv_crosses_nodes_and_the_client_gets_the_offline_tokens(
         cluster: NetnsCluster, reference: dict[str, str], transport: str, tmp_path: Path) -> None:
@@ -124,15 +133,25 @@ def test_kv_crosses_nodes_and_the_client_gets_the_offline_tokens(
         timings = node_a.submit(_generate_and_check, url, reference).result()
         assert len(timings) == len(PROMPTS)
         assert all(t["transfer_bytes"] > 0 and "kv_recomputed" not in t for t in timings), timings
-        deadline = time.monotonic() + 10  # the pull counters come with the router's stats poll
-        while True:
-            m = node_a.submit(_metrics, url).result()
-            if _pulls(m, "ok") >= 2 * len(PROMPTS) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        m = _wait_for_pulls(node_a, url, 2 * len(PROMPTS))
         assert _pulls(m, "ok") >= 2 * len(PROMPTS)
         assert _pulls(m, "failed") == _pulls(m, "timed_out") == _pulls(m, "recomputed") == 0
         assert m[("pdserve_kv_transfer_bytes_total", ())] >= sum(t["transfer_bytes"] for t in timings) > 0
+
+
+def test_tp3_prefill_on_node_a_feeds_tp1_decode_on_node_b(
+        cluster: NetnsCluster, reference: dict[str, str], tmp_path: Path) -> None:
+    """Resharding across the network: decode pulls each prefill rank's kv heads from that rank's own
+    endpoint. (SmolLM2-135M has 9 heads and 3 kv heads: tp 3 is its smallest multi-rank split.)"""
+    cfg = _config("grpc")
+    cfg["prefill"] = {**cfg["prefill"], "tp": 3, "num_cpus": 0.5}
+    with _serve(cluster, cfg, tmp_path) as (proc, log):
+        url = wait_for_line(log, r"ready at (http://\S+)", proc, READY_S).group(1)
+        node_a = cluster.executor(cluster.head)
+        timings = node_a.submit(_generate_and_check, url, reference).result()
+        assert all(t["transfer_bytes"] > 0 and "kv_recomputed" not in t for t in timings), timings
+        m = _wait_for_pulls(node_a, url, 2 * len(PROMPTS))
+        assert _pulls(m, "ok") >= 2 * len(PROMPTS) and _pulls(m, "recomputed") == 0
 
 
 def test_unreachable_prefill_endpoint_fails_launch_naming_address_and_port(
