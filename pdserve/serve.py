@@ -26,6 +26,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default="local", help="'local' (embedded Ray) or 'auto' / host:port of a cluster")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--placement-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for nodes that can hold the pools before failing with what is "
+                        "missing (default 30; give an autoscaling cluster minutes)")
     p.set_defaults(func=run)
 
 
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     with ray_session(args.address, cfg):
         print(f"pdserve: starting {cfg.mode} serving of {cfg.model} ...", flush=True)
         try:
-            deployment = launch(cfg)
+            deployment = launch(cfg, place_timeout_s=args.placement_timeout)
         except LaunchError as e:
             print(f"pdserve: error: {e}", file=sys.stderr, flush=True)
             return 1

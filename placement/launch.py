@@ -12,6 +12,7 @@ those do not restart. The router runs as an actor too and serves HTTP from its o
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,9 +93,10 @@ def _start_all(entry: dict[str, Any], followers: dict[str, list[Any]], timeout_s
 def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0, place_timeout_s: float = 30.0) -> Deployment:
     """Start every pool and the router; returns once all instances loaded, every decode instance
     reached every prefill instance's KV endpoints, and HTTP is up. Raises LaunchError when the
-    pools cannot be placed within `place_timeout_s` or a KV endpoint is unreachable."""
+    pools cannot be placed within `place_timeout_s` (for nodes to join, then again for the
+    placement groups) or a KV endpoint is unreachable."""
     pools = [("prefill", cfg.prefill)] if cfg.mode == "disaggregated" else []
-    check_placeable([*pools, ("decode", cfg.decode)], ray.nodes())
+    _wait_placeable([*pools, ("decode", cfg.decode)], place_timeout_s)
     groups: list[PlacementGroup] = []
     followers: dict[str, list[Any]] = {}
     prefill = (_pool_actors(PrefillActor, cfg, cfg.prefill, "prefill", groups, followers)
@@ -113,6 +115,18 @@ def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0, place_timeout_s: 
         Deployment("", router, prefill, decode, followers, groups).shutdown()
         raise
     return Deployment(url, router, prefill, decode, followers, groups)
+
+
+def _wait_placeable(pools: list[tuple[str, PoolConfig]], timeout_s: float) -> None:
+    """Until the live nodes could hold the pools (an autoscaler may still be adding nodes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return check_placeable(pools, ray.nodes())
+        except LaunchError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(1.0)
 
 
 def _wait_placed(groups: list[PlacementGroup], pools: list[tuple[str, PoolConfig]], timeout_s: float) -> None:
