@@ -68,6 +68,7 @@ class Node:
 class NetnsCluster:
     names: list[str]
     cpus: int = 2
+    shared: dict[str, float] = field(default_factory=dict)  # custom resources every node also gets
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:4])
     nodes: list[Node] = field(default_factory=list)
 
@@ -114,6 +115,14 @@ class NetnsCluster:
         """Connect or cut `node` from the others (its bridge port), as a partition does."""
         _ip("link", "set", node.veth, "up" if up else "down", ns=self.bridge_ns)
 
+    def throttle(self, node: Node, rate: str | None) -> None:
+        """Limit traffic towards `node` to `rate` (tc syntax, e.g. "4mbit"); None removes the limit."""
+        cmd = (["qdisc", "replace", "dev", node.veth, "root", "tbf", "rate", rate, "burst", "32kbit",
+                "latency", "400ms"] if rate else ["qdisc", "del", "dev", node.veth, "root"])
+        r = subprocess.run(["ip", "netns", "exec", self.bridge_ns, "tc", *cmd], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"tc {' '.join(cmd)}: {r.stderr.strip()}")
+
     # ---- processes ----------------------------------------------------------------------------
 
     def run(self, node: Node, argv: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
@@ -129,7 +138,7 @@ class NetnsCluster:
         """`ray start` on `node`: the head first, then the others join it. Each gets its name as a
         custom resource, so pools pin to node types exactly as cluster.yaml's do."""
         common = ["--node-ip-address", node.ip, "--num-cpus", str(self.cpus),
-                  "--resources", json.dumps({node.name: 1}), "--object-store-memory", str(200 << 20),
+                  "--resources", json.dumps({node.name: 1, **self.shared}), "--object-store-memory", str(200 << 20),
                   "--disable-usage-stats"]
         where = (["--head", "--port", str(RAY_PORT), "--include-dashboard=false", "--temp-dir", self.temp_dir]
                  if node is self.head else ["--address", self.address])

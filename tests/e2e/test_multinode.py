@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.netns import BIN, NetnsCluster, available, wait_for_line
+from tests.e2e.netns import BIN, NetnsCluster, _enter_netns, available, wait_for_line
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -41,7 +42,7 @@ def cluster() -> Iterator[NetnsCluster]:
     why = available()
     if why is not None:
         pytest.skip(why)
-    with NetnsCluster(["node_a", "node_b"]) as c:
+    with NetnsCluster(["node_a", "node_b"], shared={"decode_slot": 1}) as c:  # decode_slot: one per node
         yield c
 
 
@@ -83,6 +84,22 @@ def _pulls(m: dict[Any, float], outcome: str) -> float:
     return sum(v for (name, labels), v in m.items() if name == "pdserve_kv_pulls_total" and ("outcome", outcome) in labels)
 
 
+def _gauge(m: dict[Any, float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in m.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def _stream(url: str, prompt: str, max_tokens: int) -> tuple[str, dict[str, float]]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=240)
+    text, timings = "", {}
+    for chunk in client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=max_tokens,
+                                           temperature=0.0, stream=True, extra_body={"ignore_eos": True}):
+        text += "".join(c.text for c in chunk.choices)
+        timings = (chunk.model_extra or {}).get("pdserve_timings", timings)
+    return text, timings
+
+
 def _generate_and_check(url: str, reference: dict[str, str]) -> list[dict[str, float]]:
     """Every prompt, streamed and not: the offline engine's greedy text. Returns the streamed timings."""
     from openai import OpenAI
@@ -105,13 +122,18 @@ def _generate_and_check(url: str, reference: dict[str, str]) -> list[dict[str, f
     return timings
 
 
-def _wait_for_pulls(node_a: Any, url: str, n: int) -> dict[Any, float]:
-    deadline = time.monotonic() + 10  # the pull counters come with the router's stats poll
+def _wait_metrics(node_a: Any, url: str, until: Any, timeout_s: float = 15) -> dict[Any, float]:
+    """/metrics once `until(metrics)` holds (instance counters come with the router's stats poll)."""
+    deadline = time.monotonic() + timeout_s
     while True:
         m = node_a.submit(_metrics, url).result()
-        if _pulls(m, "ok") >= n or time.monotonic() > deadline:
+        if until(m) or time.monotonic() > deadline:
             return m
         time.sleep(0.5)
+
+
+def _wait_for_pulls(node_a: Any, url: str, n: int) -> dict[Any, float]:
+    return _wait_metrics(node_a, url, lambda m: _pulls(m, "ok") >= n)
 
 
 @pytest.mark.parametrize("transport", ["grpc", "torch"])
@@ -177,4 +199,107 @@ def test_unplaceable_pool_is_reported_within_seconds(cluster: NetnsCluster, tmp_
     out = log.read_text()
     assert code == 1 and time.monotonic() - started < 60, out[-3000:]  # default --placement-timeout 30
     assert "no node can hold one decode instance ({CPU: 1, node_c: 1} on one node)" in out, out[-3000:]
-    assert "node 10.213.0.2 has {CPU: 2, node_b: 1}" in out
+    assert "node 10.213.0.2 has {CPU: 2, decode_slot: 1, node_b: 1}" in out
+
+
+LONG = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 30)  # ~400 tokens
+
+
+def test_a_partition_longer_than_the_transfer_timeout_mid_pull_hangs_nothing(
+        cluster: NetnsCluster, tmp_path: Path) -> None:
+    """The link to node B is throttled so a pull takes far longer than the 4 s transfer timeout,
+    then cut for 8 s mid-pull: the pull ends as a value (timed out / failed, counted), decode
+    recomputes, the client gets the exact greedy text, and once the lease ran out the prefill
+    instance's blocks are all free again."""
+    from pdserve import LLM, SamplingParams
+
+    want = LLM("smollm2-135m", num_threads=1).generate([LONG], SamplingParams(temperature=0.0, max_tokens=4,
+                                                                              ignore_eos=True))[0].text
+    cfg = _config("grpc", timeout_s=4, lease_s=6)
+    node_b = cluster.nodes[1]
+    with _serve(cluster, cfg, tmp_path) as (proc, log):
+        url = wait_for_line(log, r"ready at (http://\S+)", proc, READY_S).group(1)
+        node_a = cluster.executor(cluster.head)
+        assert node_a.submit(_stream, url, "Hello", 2).result()[1]["transfer_bytes"] > 0  # warm, healthy
+        try:
+            cluster.throttle(node_b, "2mbit")  # ~20 MB of KV: minutes at this rate
+            started = time.monotonic()
+            future = node_a.submit(_stream, url, LONG, 4)
+            time.sleep(2.5)  # prefill (~1 s here) is done and decode is pulling
+            cluster.link(node_b, up=False)
+            time.sleep(8)
+        finally:
+            cluster.link(node_b, up=True)
+            cluster.throttle(node_b, None)
+        text, timings = future.result(timeout=180)  # no hang
+        assert text == want and timings.get("kv_recomputed") == 1.0, timings
+        assert time.monotonic() - started < 180
+        m = _wait_metrics(node_a, url, lambda m: _pulls(m, "recomputed") >= 1)
+        assert _pulls(m, "timed_out") + _pulls(m, "failed") >= 1 and _pulls(m, "recomputed") >= 1
+        m = _wait_metrics(node_a, url, lambda m: _gauge(m, "pdserve_instance_kv_usage_ratio", role="prefill") == 0,
+                          timeout_s=60)  # the lease (6 s), then the router's stats poll
+        assert _gauge(m, "pdserve_instance_kv_usage_ratio", role="prefill") == 0
+
+
+def test_decode_node_death_under_live_streams_then_the_node_rejoins(
+        cluster: NetnsCluster, tmp_path: Path) -> None:
+    """Two decode instances, one per node. Every process of node B is killed under 6 live streams:
+    each stream ends with its exact greedy text (re-dispatched to node A's instance, which
+    recomputes prompt + streamed tokens) or an explicit error, none hangs. Node B comes back
+    (`ray start` again) and its instance, restarted there by Ray, serves again without
+    restarting `pdserve serve`."""
+    from pdserve import LLM, SamplingParams
+
+    prompts = [f"Write a long story about a {w}." for w in ("cat", "dog", "ship", "tree", "river", "robot")]
+    outs = LLM("smollm2-135m", num_threads=1).generate(prompts, SamplingParams(temperature=0.0, max_tokens=160,
+                                                                                  ignore_eos=True))
+    want = {p: o.text for p, o in zip(prompts, outs)}
+    cfg = _config("grpc")
+    cfg["decode"] = {"instances": 2, "resources": {"decode_slot": 1}}
+    node_b = cluster.nodes[1]
+    with _serve(cluster, cfg, tmp_path) as (proc, log):
+        url = wait_for_line(log, r"ready at (http://\S+)", proc, READY_S).group(1)
+        clients = ThreadPoolExecutor(len(prompts), initializer=_enter_netns, initargs=(cluster.head.ns,))
+        futures = {p: clients.submit(_stream_or_error, url, p, 160) for p in prompts}
+        time.sleep(6)  # every stream is decoding
+        assert not any(f.done() for f in futures.values())
+        assert cluster.stop_node(node_b)
+        results = {p: f.result(timeout=300) for p, f in futures.items()}  # none hangs
+        for p, (text, error) in results.items():
+            assert (error is None and text == want[p]) or (error is not None and want[p].startswith(text)), (p, text, error)
+        assert sum(e is None for _, e in results.values()) >= len(prompts) // 2, results
+        node_a = cluster.executor(cluster.head)
+        m = node_a.submit(_metrics, url).result()
+        dead = [ls for (n, ls), v in m.items() if n == "pdserve_instance_healthy" and ("role", "decode") in ls
+                and v == 0]
+        assert len(dead) == 1, m
+        instance = dict(dead[0])["instance"]
+        cluster.start_ray(node_b)  # the node rejoins; Ray restarts the dead instance there
+        deadline = time.monotonic() + READY_S
+        while _gauge(m, "pdserve_instance_healthy", instance=instance) != 1 and time.monotonic() < deadline:
+            time.sleep(2)
+            m = node_a.submit(_metrics, url).result()
+        assert _gauge(m, "pdserve_instance_healthy", instance=instance) == 1
+        again = list(clients.map(lambda p: _stream_or_error(url, p, 8), prompts))
+        assert all(e is None and want[p].startswith(t) for p, (t, e) in zip(prompts, again)), again
+        time.sleep(2)
+        m = node_a.submit(_metrics, url).result()
+        assert _gauge(m, "pdserve_instance_engine_steps_total", instance=instance) > 0  # it served again
+
+
+def _stream_or_error(url: str, prompt: str, max_tokens: int) -> tuple[str, str | None]:
+    """The streamed text, and the error that ended the stream (None when it finished)."""
+    import openai
+
+    text = ""
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=240)
+        for chunk in client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=max_tokens,
+                                               temperature=0.0, stream=True, extra_body={"ignore_eos": True}):
+            text += "".join(c.text for c in chunk.choices)
+            for c in chunk.choices:
+                if c.finish_reason == "error":
+                    return text, "finish_reason=error"
+    except openai.APIError as e:
+        return text, f"{type(e).__name__}: {e}"
+    return text, None
