@@ -7,6 +7,7 @@ StepOutputs as the step thread produces them. A consumer that goes away aborts t
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from pdserve.config import ServingConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
-from pdserve.kvtransfer.reach import Endpoint, unreachable
+from pdserve.kvtransfer.reach import Endpoint, probe_socket
 from pdserve.types import GenerateRequest, RequestId, StepOutput
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class DecodeActor(WorkerShell):
         self.cfg, self.worker_id = cfg, worker_id  # cheap: weights load in start()
         self.ranks = RankLayout(cfg.decode.tp, cfg.decode.pp, rank)
         self._streams: dict[RequestId, asyncio.Queue[StepOutput]] = {}
+        self._probe: socket.socket | None = None
 
     def _build_worker(self, init_method: str) -> Any:
         if self.ranks.world_size > 1:
@@ -80,10 +82,14 @@ class DecodeActor(WorkerShell):
         if await self._steps.call(self.worker.abort, request_id):
             self._on_outputs([StepOutput(request_id, (), "", "abort")])  # ends the request's stream
 
-    async def check_kv_peers(self, targets: list[Endpoint]) -> None:
-        """Raise ConnectionError, naming address, port and node, unless this node reaches every
-        prefill KV endpoint in `targets`."""
-        await self.start()
-        errors = await asyncio.to_thread(unreachable, targets, self.cfg.kvtransfer.connect_timeout_s)
-        if errors:
-            raise ConnectionError(f"{self.worker_id} on node {self.node_ip}: " + "; ".join(errors))
+    async def open_kv_probe(self) -> Endpoint:
+        """Listen where this instance's torch-transport pairs will (address and port range) until
+        `close_kv_probe`, so launch can check that prefill nodes reach it."""
+        if self._probe is None:
+            self._probe = probe_socket(self.listen)
+        return Endpoint(self.worker_id, self.node_ip, "rendezvous", self.listen.addr(self._probe.getsockname()[1]))
+
+    async def close_kv_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None

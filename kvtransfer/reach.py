@@ -1,8 +1,9 @@
 """Launch-time reachability of KV endpoints: can this node open a TCP connection to each one?
 
 A wrong advertised address, a firewall or NAT between node types otherwise shows up only as
-failed pulls at run time. Decode instances call `unreachable` on every prefill instance's endpoints
-before the deployment reports ready, and launch fails with the messages it returns.
+failed pulls at run time. Before the deployment reports ready, decode instances dial every prefill
+instance's endpoints, and (torch transport, whose pairs prefill dials) prefill instances dial a
+probe socket on each decode instance; launch fails with the messages `unreachable` returns.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.types import PeerAddr
 
 
@@ -33,6 +35,21 @@ def endpoints(worker_id: str, node_ip: str, peers: list[PeerAddr]) -> list[Endpo
         if _split(p.data) is not None:
             out.append(Endpoint(worker_id, node_ip, "data", p.data))
     return out
+
+
+def probe_socket(listen: Listen) -> socket.socket:
+    """A socket listening where an endpoint of `listen` would (its address, its port range)."""
+    def open_on(port: int) -> socket.socket:
+        s = socket.socket(socket.AF_INET6 if ":" in listen.bind_host else socket.AF_INET)
+        try:
+            s.bind((listen.bind_host, port))
+            s.listen(16)
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    return listen.bind(open_on)
 
 
 def unreachable(targets: list[Endpoint], timeout_s: float) -> list[str]:

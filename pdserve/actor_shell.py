@@ -13,6 +13,7 @@ from typing import Any
 
 from pdserve.config import ServingConfig
 from pdserve.kvtransfer.listen import Listen
+from pdserve.kvtransfer.reach import Endpoint, unreachable
 from pdserve.lockstep import free_init_method, make_step_loop
 from pdserve.steploop import StepLoop, deliver_threadsafe
 from pdserve.types import StepRecord, WorkerStats
@@ -20,6 +21,7 @@ from pdserve.types import StepRecord, WorkerStats
 
 class WorkerShell(ABC):
     cfg: ServingConfig
+    worker_id: str
     worker: Any
     _steps: StepLoop
 
@@ -68,6 +70,13 @@ class WorkerShell(ABC):
         """This instance's engine steps numbered `since` onwards, and the number of the first."""
         await self.start()
         return await self._steps.call(self.worker.step_log, since)
+
+    async def check_kv_peers(self, targets: list[Endpoint]) -> None:
+        """Raise ConnectionError, naming address, port and node, unless this node reaches every
+        KV endpoint in `targets` (launch's connectivity check between the pools)."""
+        errors = await asyncio.to_thread(unreachable, targets, self.cfg.kvtransfer.connect_timeout_s)
+        if errors:
+            raise ConnectionError(f"{self.worker_id} on node {self.node_ip}: " + "; ".join(errors))
 
     async def check_health(self) -> None:
         await self.start()

@@ -106,7 +106,7 @@ def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0, place_timeout_s: 
     try:
         _wait_placed(groups, [*pools, ("decode", cfg.decode)], place_timeout_s)
         _start_all({**prefill, **decode}, followers, ready_timeout_s)
-        _check_kv_reach(prefill, decode, ready_timeout_s)
+        _check_kv_reach(cfg, prefill, decode, ready_timeout_s)
         router = ray.remote(RouterActor).options(
             name="pdserve-router", num_cpus=0, max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(_router_node(cfg), soft=False)).remote(cfg)
@@ -136,23 +136,35 @@ def _wait_placed(groups: list[PlacementGroup], pools: list[tuple[str, PoolConfig
                           + describe(pools, ray.nodes(), ray.available_resources()))
 
 
-def _check_kv_reach(prefill: dict[str, Any], decode: dict[str, Any], timeout_s: float) -> None:
-    """Every decode instance dials every prefill instance's KV endpoints; unreachable ones fail launch."""
+def _check_kv_reach(cfg: ServingConfig, prefill: dict[str, Any], decode: dict[str, Any], timeout_s: float) -> None:
+    """Every decode instance dials every prefill instance's KV endpoints and, with the torch
+    transport (its pairs are dialled from prefill), every prefill instance dials a probe on every
+    decode instance. Any unreachable endpoint fails launch, named."""
     if not prefill:
         return
     targets = [e for eps in ray.get([a.kv_endpoints.remote() for a in prefill.values()], timeout=timeout_s)
                for e in eps]
-    checks = {w: a.check_kv_peers.remote(targets) for w, a in decode.items()}
+    errors = _dial(decode, targets, timeout_s)
+    if cfg.kvtransfer.transport == "torch":
+        probes = ray.get([a.open_kv_probe.remote() for a in decode.values()], timeout=timeout_s)
+        try:
+            errors += _dial(prefill, probes, timeout_s)
+        finally:
+            ray.get([a.close_kv_probe.remote() for a in decode.values()], timeout=timeout_s)
+    if errors:
+        raise LaunchError("KV endpoints unreachable: " + " | ".join(errors)
+                          + ". Check kvtransfer.advertise_host / bind_host and that these ports are open "
+                          "between the prefill and decode nodes.")
+
+
+def _dial(callers: dict[str, Any], targets: list[Any], timeout_s: float) -> list[str]:
     errors = []
-    for w, ref in checks.items():
+    for ref in [a.check_kv_peers.remote(targets) for a in callers.values()]:
         try:
             ray.get(ref, timeout=timeout_s)
         except ray.exceptions.RayTaskError as e:
             errors.append(str(e.cause) if e.cause is not None else str(e).strip().splitlines()[-1])
-    if errors:
-        raise LaunchError("KV endpoints unreachable: " + " | ".join(errors)
-                          + ". Check kvtransfer.advertise_host / bind_host and that these ports are open "
-                          "from decode nodes to prefill nodes.")
+    return errors
 
 
 def _router_node(cfg: ServingConfig) -> str:

@@ -176,19 +176,25 @@ def test_tp3_prefill_on_node_a_feeds_tp1_decode_on_node_b(
         assert _pulls(m, "ok") >= 2 * len(PROMPTS) and _pulls(m, "recomputed") == 0
 
 
-def test_unreachable_prefill_endpoint_fails_launch_naming_address_and_port(
-        cluster: NetnsCluster, tmp_path: Path) -> None:
-    """Prefill advertises an address nothing answers on (as behind a NAT or a wrong interface):
-    decode's launch check fails `pdserve serve` with the address and the port, not a silent recompute."""
-    cfg = _config("grpc", advertise_host="10.213.0.99", port_range="31000-31099", connect_timeout_s=3)
+@pytest.mark.parametrize("transport", ["grpc", "torch"])
+def test_unreachable_kv_endpoint_fails_launch_naming_address_and_port(
+        cluster: NetnsCluster, tmp_path: Path, transport: str) -> None:
+    """KV endpoints advertise an address nothing answers on (as behind a NAT or a wrong interface):
+    the launch check fails `pdserve serve` with the address and the port, not a silent recompute.
+    Decode dials prefill's endpoints; with torch, prefill also dials decode's rendezvous port."""
+    cfg = _config(transport, advertise_host="10.213.0.99", port_range="31000-31099", connect_timeout_s=3)
     with _serve(cluster, cfg, tmp_path) as (proc, log):
         code = proc.wait(READY_S)
     out = log.read_text()
     assert code == 1, out[-3000:]
-    m = re.search(r"KV control endpoint 10\.213\.0\.99 port (\d+) \(on node 10\.213\.0\.1\) is unreachable", out)
-    assert m is not None, out[-3000:]
-    assert 31000 <= int(m.group(1)) <= 31099  # kvtransfer.port_range is honoured
     assert "ready at" not in out
+    expected = [r"prefill-0's KV control endpoint 10\.213\.0\.99 port (\d+) \(on node 10\.213\.0\.1\) is unreachable"]
+    if transport == "torch":
+        expected.append(r"decode-0's KV rendezvous endpoint 10\.213\.0\.99 port (\d+) \(on node 10\.213\.0\.2\)")
+    for pattern in expected:
+        m = re.search(pattern, out)
+        assert m is not None, (pattern, out[-3000:])
+        assert 31000 <= int(m.group(1)) <= 31099  # kvtransfer.port_range is honoured
 
 
 def test_unplaceable_pool_is_reported_within_seconds(cluster: NetnsCluster, tmp_path: Path) -> None:

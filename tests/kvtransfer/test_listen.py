@@ -9,7 +9,7 @@ import pytest
 
 from pdserve.config import ConfigError, KVTransferConfig, ServingConfig
 from pdserve.kvtransfer.listen import Listen
-from pdserve.kvtransfer.reach import Endpoint, endpoints, unreachable
+from pdserve.kvtransfer.reach import Endpoint, endpoints, probe_socket, unreachable
 from pdserve.kvtransfer.rpc import start_server
 from pdserve.kvtransfer.types import PeerAddr
 
@@ -73,3 +73,14 @@ def test_reachability_names_the_endpoint_that_does_not_answer() -> None:
         assert unreachable([Endpoint("p", "n", "control", addr)], 2) == []
     finally:
         server.stop(None)
+
+
+def test_a_probe_listens_inside_the_port_range_and_answers() -> None:
+    lo, hi = _free_port_range(1)
+    listen = Listen("127.0.0.1", "127.0.0.1", (lo, hi))
+    probe = probe_socket(listen)
+    try:
+        assert probe.getsockname() == ("127.0.0.1", lo)
+        assert unreachable([Endpoint("decode-0", "n", "rendezvous", listen.addr(lo))], 2) == []
+    finally:
+        probe.close()
