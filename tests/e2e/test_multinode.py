@@ -164,11 +164,14 @@ def test_kv_crosses_nodes_and_the_client_gets_the_offline_tokens(
 def test_tp3_prefill_on_node_a_feeds_tp1_decode_on_node_b(
         cluster: NetnsCluster, reference: dict[str, str], tmp_path: Path) -> None:
     """Resharding across the network: decode pulls each prefill rank's kv heads from that rank's own
-    endpoint. (SmolLM2-135M has 9 heads and 3 kv heads: tp 3 is its smallest multi-rank split.)"""
+    endpoint. (SmolLM2-135M has 9 heads and 3 kv heads: tp 3 is its smallest multi-rank split.)
+    The config also names node B for the router (`router.node_ip`): the API is served from there."""
     cfg = _config("grpc")
     cfg["prefill"] = {**cfg["prefill"], "tp": 3, "num_cpus": 0.5}
+    cfg["router"] = {**cfg["router"], "host": "0.0.0.0", "node_ip": cluster.nodes[1].ip}
     with _serve(cluster, cfg, tmp_path) as (proc, log):
         url = wait_for_line(log, r"ready at (http://\S+)", proc, READY_S).group(1)
+        assert url == f"http://{cluster.nodes[1].ip}:{PORT}"
         node_a = cluster.executor(cluster.head)
         timings = node_a.submit(_generate_and_check, url, reference).result()
         assert all(t["transfer_bytes"] > 0 and "kv_recomputed" not in t for t in timings), timings
