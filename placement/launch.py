@@ -7,7 +7,10 @@ custom resources let a CPU box stand in for GPU node types. Rank 0 is the instan
 whose rendezvous rank 0 picks. Single-rank actors restart on failure (Ray re-runs `__init__`; the
 actor loads itself again on its first call) and the router keeps their handles, so a restarted
 worker rejoins its pool; a rank of a multi-rank instance cannot rejoin its process group, so
-those do not restart. The router runs as an actor too and serves HTTP from its own process.
+those do not restart. The router runs as an actor too and serves HTTP from its own process, on the
+node where `pdserve serve` runs (or `router.node_ip`). Before it starts, launch fails loudly on
+pools the cluster cannot hold (feasibility.py) and on KV endpoints one pool cannot reach on the
+other (kvtransfer/reach.py).
 """
 
 from __future__ import annotations
