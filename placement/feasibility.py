@@ -66,5 +66,6 @@ def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
 
 
 def _fmt(res: dict[str, float]) -> str:
-    shown = {k: v for k, v in res.items() if not k.startswith("node:") and "memory" not in k}
+    shown = {k: v for k, v in res.items()
+             if not k.startswith("node:") and "memory" not in k and "_group_" not in k}  # Ray's own keys
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"

@@ -9,7 +9,8 @@ from pdserve.placement.feasibility import LaunchError, check_placeable, describe
 
 
 def _node(ip: str, alive: bool = True, **res: float) -> dict:
-    return {"NodeManagerAddress": ip, "Alive": alive, "Resources": {f"node:{ip}": 1.0, "memory": 1e9, **res}}
+    own = {f"node:{ip}": 1.0, "memory": 1e9, "object_store_memory": 1e8, "CPU_group_0_abc": 1.0}  # not shown
+    return {"NodeManagerAddress": ip, "Alive": alive, "Resources": {**own, **res}}
 
 
 NODES = [_node("10.0.0.1", CPU=4, node_a=1), _node("10.0.0.2", CPU=4, GPU=2, node_b=1)]
