@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pdserve.bench.metrics import SLO
+from pdserve.placement.bound import hardware_bound
 from pdserve.placement.candidates import (PhaseConfig, Unit, colocated_units, low_affinity_units,
                                           phase_configs, ratio_units)
 from pdserve.placement.deployment import Deployment
-from pdserve.placement.goodput import Metric, goodput
+from pdserve.placement.goodput import MAX_REQUESTS, Metric, goodput, steady_len
 from pdserve.placement.hardware import ClusterSpec
 from pdserve.placement.latency import InstanceLatency, LatencySource, instance_latency
 from pdserve.placement.model_spec import ModelSpec
@@ -85,13 +86,13 @@ class SearchResult:
 
 def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
     started = time.perf_counter()
-    trace = spec.workload.trace(spec.num_requests, spec.seed)
+    trace = spec.workload.trace(max(spec.num_requests, MAX_REQUESTS), spec.seed)
     lat = phase_latencies(spec, spec.source)
     configs = set(lat)
     # 1. per-phase goodput of every config (Algorithm 1's inner loop; feeds Algorithm 2's estimate)
     phase_jobs = [(role, c) for c in sorted(configs) for role in ("prefill", "decode")] \
         if spec.affinity in ("high", "low", "both") else []
-    values = _run([(_phase_deployment(spec, role, lat[c]), trace, spec.slo, "ttft" if role == "prefill" else "tpot")
+    values = _run([_job(spec, _phase_deployment(spec, role, lat[c]), trace, "ttft" if role == "prefill" else "tpot")
                    for role, c in phase_jobs], spec.jobs, progress, "phase", [f"{r} {c}" for r, c in phase_jobs])
     g = dict(zip(phase_jobs, values))
     # 2. units, estimated from the phase goodputs; the best few per algorithm are verified jointly
@@ -107,7 +108,7 @@ def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
     if spec.include_colocated:
         units += [u for u in colocated_units(set(colo_lat)) if max_replicas(u, spec.cluster) > 0]
     deps = [unit_deployment(spec, u, colo_lat if u.decode is None else lat) for u in units]
-    joint = _run([(d, trace, spec.slo, "joint") for d in deps], spec.jobs, progress, "joint",
+    joint = _run([_job(spec, d, trace, "joint") for d in deps], spec.jobs, progress, "joint",
                  [u.describe() for u in units])
     scored = [_score(spec, u, gp) for u, gp in zip(units, joint)]
     ranked = tuple(sorted((s for s in scored if s is not None), key=lambda s: _rank_key(spec, s)))
@@ -121,7 +122,8 @@ def phase_latencies(spec: SearchSpec, source: LatencySource) -> dict[PhaseConfig
     """Memory pruning: configs whose weights (plus one max-length request) do not fit are dropped."""
     out = {}
     for c in phase_configs(spec.model, spec.cluster):
-        il = instance_latency(source, spec.model, spec.cluster.gpu, c.tp, c.pp)
+        il = instance_latency(source, spec.model, spec.cluster.gpu, c.tp, c.pp,
+                              max_batch_tokens=spec.prefill_token_budget, max_num_seqs=spec.max_num_seqs)
         if il is not None:
             out[c] = il
     return out
@@ -195,11 +197,21 @@ def _rank_key(spec: SearchSpec, s: Scored) -> tuple:
     return (-round(s.planned_goodput, 9), -s.per_gpu_goodput, s.num_gpus, s.unit.describe())
 
 
-def _goodput_job(job: tuple[Deployment, Trace, SLO, Metric]) -> float:
-    return goodput(*job)
+Job = tuple[Deployment, Trace, SLO, Metric, float]
 
 
-def _run(jobs: list[tuple[Deployment, Trace, SLO, Metric]], n_jobs: int, progress: Progress | None,
+def _job(spec: SearchSpec, dep: Deployment, trace: Trace, metric: Metric) -> Job:
+    """`trace` is the search's longest; each job simulates as much of it as steady state needs."""
+    trace = trace.head(steady_len(dep, trace, spec.num_requests))
+    return dep, trace, spec.slo, metric, hardware_bound(dep, trace, spec.model, spec.cluster.gpu)
+
+
+def _goodput_job(job: Job) -> float:
+    dep, trace, slo, metric, bound = job
+    return goodput(dep, trace, slo, metric, max_rate=bound)
+
+
+def _run(jobs: list[Job], n_jobs: int, progress: Progress | None,
          stage: str, labels: list[str]) -> list[float]:
     """Goodput of each job, in order; in `n_jobs` processes when there is more than one job."""
     if n_jobs > 1 and len(jobs) > 1:

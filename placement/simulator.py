@@ -107,7 +107,10 @@ class _Sim:
     def on_arrival(self, r: int) -> None:
         if self.dep.phases == "decode":
             self.first_tok[r] = self.now
-            self.to_decode(r)
+            if self.olen[r] == 1:  # the prefill produced its only token: nothing to decode
+                self.tpot[r] = 0.0
+            else:
+                self.to_decode(r)
             return
         prefills = self.prefills
         pi = 0 if len(prefills) == 1 else min(range(len(prefills)), key=lambda k: prefills[k].outstanding)

@@ -58,6 +58,12 @@ class Trace:
     def __len__(self) -> int:
         return len(self.unit_arrivals)
 
+    def head(self, n: int) -> Trace:
+        """The first `n` requests (the whole trace if it is shorter)."""
+        if n >= len(self):
+            return self
+        return Trace(self.unit_arrivals[:n], self.prompt_lens[:n], self.output_lens[:n])
+
     def arrivals(self, rate: float) -> list[float]:
         inv = 1.0 / rate
         return [t * inv for t in self.unit_arrivals]
