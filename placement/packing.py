@@ -4,6 +4,7 @@ one node. First-fit decreasing over groups of GPUs; None when they do not fit.""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -66,8 +67,42 @@ def pack(unit: Unit, replicas: int, cluster: ClusterSpec) -> list[Segment] | Non
     return sorted(placed, key=lambda s: (s.role, s.instance, s.stage))
 
 
+def fits(unit: Unit, replicas: int, cluster: ClusterSpec) -> bool:
+    """Whether `pack` succeeds, without building the segments: first-fit decreasing places a run
+    of equal-size groups node after node, each node taking as many as its free GPUs hold (once a
+    node cannot take one more, no later group of that size or larger fits it either)."""
+    sizes = _group_sizes(unit)
+    free = [cluster.gpus_per_node] * cluster.num_nodes
+    for size in sorted(sizes, reverse=True):
+        left = replicas * sizes[size]
+        for n in range(cluster.num_nodes):
+            if left == 0:
+                break
+            take = min(left, free[n] // size)
+            free[n] -= take * size
+            left -= take
+        if left:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=65536)
+def _group_sizes(unit: Unit) -> dict[int, int]:
+    """GPUs per node-group → groups of that size in one replica (as `_groups` builds them)."""
+    out: dict[int, int] = {}
+    for group in _groups(unit, 1):
+        size = sum(tp for *_, tp in group)
+        out[size] = out.get(size, 0) + 1
+    return out
+
+
 def max_replicas(unit: Unit, cluster: ClusterSpec) -> int:
-    r = 0
-    while (r + 1) * unit.num_gpus <= cluster.num_gpus and pack(unit, r + 1, cluster) is not None:
-        r += 1
-    return r
+    """Most replicas of `unit` that `pack` places (bisection: feasibility only drops as replicas grow)."""
+    lo, hi = 0, cluster.num_gpus // unit.num_gpus
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(unit, mid, cluster):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

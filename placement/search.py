@@ -165,18 +165,34 @@ def _high_units(spec: SearchSpec, g: dict[tuple[str, PhaseConfig], float]) -> li
             for u in ratio_units(p, d, spec.cluster)]
 
 
-def _estimate(spec: SearchSpec, u: Unit, g: dict[tuple[str, PhaseConfig], float]) -> Scored | None:
+def _estimate(spec: SearchSpec, u: Unit, g: dict[tuple[str, PhaseConfig], float]) -> float:
+    """A unit's goodput from its phases' (req/s): the slower phase, or the KV links."""
     assert u.decode is not None
     link = 1.0 / transfer_model(spec.model, spec.cluster, u, spec.codec).transfer_s(int(spec.workload.mean_prompt_len))
-    est = min(u.num_prefill * g.get(("prefill", u.prefill), 0.0), u.num_decode * g.get(("decode", u.decode), 0.0),
-              0.9 * u.num_decode * link)  # each decode instance pulls over its own link, FIFO
-    return _score(spec, u, est)
+    return min(u.num_prefill * g.get(("prefill", u.prefill), 0.0), u.num_decode * g.get(("decode", u.decode), 0.0),
+               0.9 * u.num_decode * link)  # each decode instance pulls over its own link, FIFO
 
 
 def _top(spec: SearchSpec, units: Sequence[Unit], g: dict[tuple[str, PhaseConfig], float]) -> list[Unit]:
-    est = [s for s in (_estimate(spec, u, g) for u in units) if s is not None and s.unit_goodput > 0]
-    est.sort(key=lambda s: _rank_key(spec, s))
-    return [s.unit for s in est[: spec.verify_top_k]]
+    """The `verify_top_k` best units by estimate. Without a target rate, units are scored in the
+    order of an optimistic key (as many replicas as the GPU count allows) and packing is checked
+    only until no later unit can reach the top k (a 1,024-GPU cluster has ~20k units)."""
+    k = spec.verify_top_k
+    est = [(u, v) for u, v in ((u, _estimate(spec, u, g)) for u in units) if v > 0]
+    if spec.target_rate is not None:
+        scored = [s for s in (_score(spec, u, v) for u, v in est) if s is not None]
+        return [s.unit for s in sorted(scored, key=lambda s: _rank_key(spec, s))[:k]]
+    optimistic = sorted((Scored(u, v, spec.cluster.num_gpus // u.num_gpus) for u, v in est),
+                        key=lambda s: _rank_key(spec, s))
+    exact: list[Scored] = []
+    for s in optimistic:
+        if len(exact) >= k and _rank_key(spec, s)[0] > _rank_key(spec, exact[k - 1])[0]:
+            break
+        real = _score(spec, s.unit, s.unit_goodput)
+        if real is not None:
+            exact.append(real)
+            exact.sort(key=lambda x: _rank_key(spec, x))
+    return [s.unit for s in exact[:k]]
 
 
 def _score(spec: SearchSpec, unit: Unit, unit_goodput: float) -> Scored | None:
