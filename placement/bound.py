@@ -7,8 +7,9 @@ arrives faster than it can be done. Two bounds, in requests/s for a trace's leng
 
   service_bound   from the latency model itself: each phase at its most efficient batch (prefill:
                   the largest batch the token budget admits; decode: `max_num_seqs`, or what the KV
-                  memory holds, split evenly over the pipeline's micro-batch lanes), each request's
-                  context at its shortest. Above it, queues grow without limit (load > 1).
+                  memory holds, split evenly over the pipeline's micro-batch lanes), its attention
+                  and context terms at the trace's means (Σl²/Σl; the mean context of all decode
+                  iterations). Above it, queues grow without limit (load > 1).
   hardware_bound  from the GPUs: no instance does more FLOPs than tp·pp × peak (2·params per
                   token, `ModelSpec.flops_per_token`) nor reads more bytes than tp·pp × HBM
                   bandwidth (every decode iteration reads all weights once for at most
@@ -33,15 +34,20 @@ class LengthStats:
 
     mean_prompt: float
     mean_decode_iters: float  # mean(output_len − 1): decode iterations per request
+    mean_decode_ctx: float  # a decode iteration's context averaged over all iterations of all requests
+    prefill_sq_per_token: float  # Σl² / Σl: the attention term a batch of S tokens carries per token
     min_prompt: int
     max_prompt: int
     min_need: int  # smallest prompt + output (KV tokens one request reserves)
 
     @classmethod
     def of(cls, trace: Trace) -> LengthStats:
-        n = len(trace)
-        return cls(sum(trace.prompt_lens) / n, sum(trace.output_lens) / n - 1, min(trace.prompt_lens),
-                   max(trace.prompt_lens), min(p + o for p, o in zip(trace.prompt_lens, trace.output_lens)))
+        n, ps, os_ = len(trace), trace.prompt_lens, trace.output_lens
+        iters = sum(os_) - n
+        # request r decodes at contexts p+1 .. p+o−1: (o−1)·p + o(o−1)/2 in all
+        ctx = sum((o - 1) * p + o * (o - 1) / 2 for p, o in zip(ps, os_))
+        return cls(sum(ps) / n, iters / n, ctx / iters if iters else 0.0, sum(p * p for p in ps) / sum(ps),
+                   min(ps), max(ps), min(p + o for p, o in zip(ps, os_)))
 
 
 def _per_request(tokens_per_s: float, tokens_per_request: float) -> float:
@@ -50,9 +56,8 @@ def _per_request(tokens_per_s: float, tokens_per_request: float) -> float:
 
 def prefill_tokens_per_s(inst: InstanceLatency, budget: int, st: LengthStats) -> float:
     """Most prompt tokens/s one prefill instance can process (a new batch enters each stage time)."""
-    top = max(budget, st.max_prompt)
-    sizes = {top, budget} | {2**k for k in range(int(math.log2(top)) + 1)}
-    return max(s / inst.prefill_stage_s(s, s * st.min_prompt) for s in sizes if s >= st.min_prompt)
+    sizes = {budget} | {2**k for k in range(int(math.log2(budget)) + 1)}
+    return max(s / inst.prefill_stage_s(s, s * st.prefill_sq_per_token) for s in sizes if s >= st.min_prompt)
 
 
 def max_batch(dep: Deployment, inst: InstanceLatency, st: LengthStats) -> int:
@@ -62,9 +67,10 @@ def max_batch(dep: Deployment, inst: InstanceLatency, st: LengthStats) -> int:
 
 def decode_tokens_per_s(dep: Deployment, inst: InstanceLatency, lanes: int, st: LengthStats) -> float:
     """Most output tokens/s of one instance: `lanes` micro-batches sharing `max_batch` evenly,
-    each iteration's context at its shortest. Exact for the linear form (concave in B)."""
+    at the trace's mean decode context (Σctx of a full batch averages B × that in steady state, and
+    iteration time is linear in Σctx). Exact for the linear form (throughput concave in B)."""
     per_lane = -(-max_batch(dep, inst, st) // lanes)
-    ctx = st.min_prompt + 1
+    ctx = st.mean_decode_ctx
     best = max(b / inst.decode_coeffs(b)(b * ctx, b) for b in range(1, per_lane + 1))
     return lanes * best
 

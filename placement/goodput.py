@@ -2,9 +2,9 @@
 steady state.
 
 Bisection on rate over one fixed trace (common random numbers: every rate and every candidate
-sees the same requests, scaled in time). The bracket's top is `bound.service_bound` (capped by
-the caller's hardware bound): above it queues grow without limit, so a finite trace that still
-meets the SLOs there is a burst, not a sustainable rate. The first `WARMUP` of the requests
+sees the same requests, scaled in time). The bracket's top is `MAX_LOAD` × `bound.service_bound`
+(capped by the caller's hardware bound): above the bound queues grow without limit, so a finite
+trace that still meets the SLOs there is a burst, not a sustainable rate. The first `WARMUP` of the requests
 (arriving into an empty system) are not counted. For a fixed trace a tighter SLO never yields a
 higher goodput (the bracket does not depend on the SLO, each probe's attainment can only drop,
 and bisection then only moves left).
@@ -25,6 +25,10 @@ Metric = Literal["joint", "ttft", "tpot"]
 WARMUP = 0.1  # share of a trace's first requests not counted (the system starts empty)
 STEADY_FACTOR = 4  # requests per decode slot a steady-state simulation needs (`steady_len`)
 MAX_REQUESTS = 20_000
+MAX_LOAD = 0.9
+"""Highest share of `service_bound` a goodput may reach: at load ρ queueing delay grows as
+1/(1 − ρ) and near 1 a queue drifts without a steady state, so a finite trace there overstates
+what a long run sustains (BENCHMARKS.md: the 10×-trace check)."""
 
 
 def attained(slo: SLO, result: SimResult, metric: Metric = "joint") -> float:
@@ -39,12 +43,12 @@ def attained(slo: SLO, result: SimResult, metric: Metric = "joint") -> float:
 def steady_len(dep: Deployment, trace: Trace, base: int) -> int:
     """Requests a simulation of `dep` needs to reach steady state: at least `base`, and
     `STEADY_FACTOR` times the requests its decode batches hold at once (a trace shorter than
-    that never fills them, and a burst looks sustainable), at most `MAX_REQUESTS`."""
-    if dep.phases == "prefill":
-        return base
+    that never fills them, and a burst looks sustainable), at most `MAX_REQUESTS`. A prefill
+    phase alone gets what one decode instance of `max_num_seqs` would, so both phases of a
+    search (and a 1P+1D unit) see the same requests."""
     st = LengthStats.of(trace)
     decoders = dep.prefill if dep.mode == "colocated" else dep.decode
-    in_flight = sum(max_batch(dep, i, st) for i in decoders)
+    in_flight = sum(max_batch(dep, i, st) for i in decoders) if dep.phases != "prefill" else dep.max_num_seqs
     return min(MAX_REQUESTS, max(base, STEADY_FACTOR * in_flight))
 
 
@@ -57,13 +61,13 @@ def counted(result: SimResult) -> SimResult:
 def goodput(dep: Deployment, trace: Trace, slo: SLO, metric: Metric = "joint",
             rel_tol: float = 0.02, max_rate: float | None = None) -> float:
     """Max rate (req/s) with attainment >= slo.attainment, within `rel_tol`, and at most
-    `service_bound` (and `max_rate`, e.g. `bound.hardware_bound`); 0 if even a tiny rate fails
+    `MAX_LOAD` × `service_bound` (and `max_rate`, e.g. `bound.hardware_bound`); 0 if even a tiny rate fails
     (e.g. a prompt that alone exceeds the TTFT SLO for more than 1 − target)."""
 
     def ok(rate: float) -> bool:
         return attained(slo, counted(simulate(dep, trace, rate)), metric) >= slo.attainment
 
-    hi = min(service_bound(dep, trace), max_rate if max_rate is not None else math.inf)
+    hi = min(MAX_LOAD * service_bound(dep, trace), max_rate if max_rate is not None else math.inf)
     if not math.isfinite(hi):  # nothing to do per request (e.g. decode alone, all one-token outputs)
         hi = 1e6
     if ok(hi):

@@ -50,13 +50,22 @@ def _common_stages(unit: Unit) -> int:
     return math.gcd(unit.prefill.pp, unit.decode.pp) if unit.decode else 1
 
 
+def _node_range(cluster: ClusterSpec, role: str) -> range:
+    """Nodes a segment of `role` may use (a phase-split cluster keeps prefill on its own nodes)."""
+    if cluster.prefill_nodes is None:
+        return range(cluster.num_nodes)
+    if role == "prefill":
+        return range(cluster.prefill_nodes)
+    return range(cluster.prefill_nodes, cluster.num_nodes)
+
+
 def pack(unit: Unit, replicas: int, cluster: ClusterSpec) -> list[Segment] | None:
     free = [cluster.gpus_per_node] * cluster.num_nodes
     placed: list[Segment] = []
     groups = sorted(_groups(unit, replicas), key=lambda g: -sum(tp for *_, tp in g))
     for group in groups:
         size = sum(tp for *_, tp in group)
-        node = next((n for n in range(cluster.num_nodes) if free[n] >= size), None)
+        node = next((n for n in _node_range(cluster, group[0][0]) if free[n] >= size), None)
         if node is None:
             return None
         base = cluster.gpus_per_node - free[node]
@@ -71,11 +80,10 @@ def fits(unit: Unit, replicas: int, cluster: ClusterSpec) -> bool:
     """Whether `pack` succeeds, without building the segments: first-fit decreasing places a run
     of equal-size groups node after node, each node taking as many as its free GPUs hold (once a
     node cannot take one more, no later group of that size or larger fits it either)."""
-    sizes = _group_sizes(unit)
     free = [cluster.gpus_per_node] * cluster.num_nodes
-    for size in sorted(sizes, reverse=True):
-        left = replicas * sizes[size]
-        for n in range(cluster.num_nodes):
+    for (size, role), count in sorted(_group_sizes(unit).items(), key=lambda kv: -kv[0][0]):
+        left = replicas * count
+        for n in _node_range(cluster, role):
             if left == 0:
                 break
             take = min(left, free[n] // size)
@@ -87,12 +95,12 @@ def fits(unit: Unit, replicas: int, cluster: ClusterSpec) -> bool:
 
 
 @functools.lru_cache(maxsize=65536)
-def _group_sizes(unit: Unit) -> dict[int, int]:
-    """GPUs per node-group → groups of that size in one replica (as `_groups` builds them)."""
-    out: dict[int, int] = {}
+def _group_sizes(unit: Unit) -> dict[tuple[int, str], int]:
+    """(GPUs per node-group, its first role) → groups of that kind in one replica (as `_groups` builds them)."""
+    out: dict[tuple[int, str], int] = {}
     for group in _groups(unit, 1):
-        size = sum(tp for *_, tp in group)
-        out[size] = out.get(size, 0) + 1
+        key = (sum(tp for *_, tp in group), group[0][0])
+        out[key] = out.get(key, 0) + 1
     return out
 
 

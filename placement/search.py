@@ -51,6 +51,18 @@ class SearchSpec:
     verify_top_k: int = 4  # units per algorithm checked by joint simulation
     jobs: int = 1  # worker processes for the simulations
 
+    def __post_init__(self) -> None:
+        for name in ("num_requests", "prefill_token_budget", "max_num_seqs", "verify_top_k", "jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def max_model_len(self) -> int:
+        """The engine's max_model_len: the workload's longest request (prompt + output, rounded up
+        to a multiple of 16 tokens), at most the model's context."""
+        longest = max(p + o for p, o in zip(self.workload.prompt_lens, self.workload.output_lens))
+        return min(self.model.max_model_len, -(-(longest + 1) // 16) * 16)
+
 
 @dataclass(frozen=True)
 class Scored:
@@ -123,7 +135,8 @@ def phase_latencies(spec: SearchSpec, source: LatencySource) -> dict[PhaseConfig
     out = {}
     for c in phase_configs(spec.model, spec.cluster):
         il = instance_latency(source, spec.model, spec.cluster.gpu, c.tp, c.pp,
-                              max_batch_tokens=spec.prefill_token_budget, max_num_seqs=spec.max_num_seqs)
+                              max_batch_tokens=spec.prefill_token_budget, max_num_seqs=spec.max_num_seqs,
+                              max_model_len=spec.max_model_len)
         if il is not None:
             out[c] = il
     return out

@@ -119,7 +119,7 @@ def load_workload(name_or_path: str, tokenizer: str = "smollm2-135m", max_model_
     workloads (`sharegpt`, `humaneval`, `longbench`: real data tokenized with `tokenizer` and
     filtered as `pdserve bench` does), or a lengths file."""
     if name_or_path == "sharegpt-like":
-        return sharegpt_like(max_total_len=max_model_len)
+        return sharegpt_like()  # DistServe's filter (prompt + output < 2048), which its fit assumes
     if name_or_path in DATASET_SAMPLES:
         from pdserve.bench.tokenizer import load_tokenizer
         from pdserve.bench.workload import WorkloadSpec, build_workload

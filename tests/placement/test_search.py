@@ -69,8 +69,7 @@ def test_plans_never_exceed_the_cluster(toy_results):
     for nodes, result in toy_results.items():
         spec = toy_spec(nodes)
         for s in result.ranked:
-            plan = Plan.from_scored(s, model="llama-3-8b", cluster=spec.cluster, codec="raw",
-                                    ttft_s=1.0, tpot_s=0.06, attainment=0.9)
+            plan = Plan.from_scored(s, spec)
             assert plan.num_gpus <= spec.cluster.num_gpus
             used = [(seg.node, g) for seg in plan.placement for g in seg.gpus]
             assert len(used) == len(set(used)) == plan.num_gpus
@@ -99,9 +98,8 @@ def test_target_rate_and_infeasible_slo():
 
 
 def test_plan_round_trips_and_is_servable(toy_results, tmp_path):
-    spec = toy_spec(2)
-    plan = Plan.from_scored(toy_results[2].best, model="llama-3-8b", cluster=spec.cluster, codec="int8",
-                            ttft_s=1.0, tpot_s=0.06, attainment=0.9)
+    spec = dataclasses.replace(toy_spec(2), codec="int8")
+    plan = Plan.from_scored(toy_results[2].best, spec)
     assert Plan.from_yaml(plan.to_yaml()) == plan
     path = tmp_path / "serving.yaml"
     path.write_text(plan.serving_config().to_yaml())
