@@ -43,13 +43,13 @@ def attained(slo: SLO, result: SimResult, metric: Metric = "joint") -> float:
 def steady_len(dep: Deployment, trace: Trace, base: int) -> int:
     """Requests a simulation of `dep` needs to reach steady state: at least `base`, and
     `STEADY_FACTOR` times the requests its decode batches hold at once (a trace shorter than
-    that never fills them, and a burst looks sustainable), at most `MAX_REQUESTS`. A prefill
+    that never fills them, and a burst looks sustainable) up to `MAX_REQUESTS`. A prefill
     phase alone gets what one decode instance of `max_num_seqs` would, so both phases of a
     search (and a 1P+1D unit) see the same requests."""
     st = LengthStats.of(trace)
     decoders = dep.prefill if dep.mode == "colocated" else dep.decode
     in_flight = sum(max_batch(dep, i, st) for i in decoders) if dep.phases != "prefill" else dep.max_num_seqs
-    return min(MAX_REQUESTS, max(base, STEADY_FACTOR * in_flight))
+    return max(base, min(MAX_REQUESTS, STEADY_FACTOR * in_flight))
 
 
 def counted(result: SimResult) -> SimResult:

@@ -98,7 +98,7 @@ class SearchResult:
 
 def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
     started = time.perf_counter()
-    trace = spec.workload.trace(max(spec.num_requests, MAX_REQUESTS), spec.seed)
+    trace = spec.workload.trace(max(spec.num_requests, MAX_REQUESTS), spec.seed)  # jobs simulate prefixes
     lat = phase_latencies(spec, spec.source)
     configs = set(lat)
     # 1. per-phase goodput of every config (Algorithm 1's inner loop; feeds Algorithm 2's estimate)

@@ -10,6 +10,7 @@ import dataclasses
 from pdserve.bench.metrics import SLO
 from pdserve.config import ServingConfig
 from pdserve.placement.candidates import PhaseConfig, Unit
+from pdserve.placement.goodput import MAX_REQUESTS, steady_len
 from pdserve.placement.hardware import ClusterSpec, GPUSpec
 from pdserve.placement.plan import Plan
 from pdserve.placement.profile_file import load_profile
@@ -92,7 +93,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     dep = unit_deployment(spec, unit, lat)
     if cfg.mode == "colocated" and cfg.decode.instances > 1:
         dep = dataclasses.replace(dep, prefill=dep.prefill * cfg.decode.instances)
-    trace = spec.workload.trace(spec.num_requests, spec.seed)
+    base = spec.workload.trace(max(MAX_REQUESTS, spec.num_requests), spec.seed)
+    trace = base.head(steady_len(dep, base, spec.num_requests))  # enough to fill every decode batch
     c = spec.cluster
     print(f"{unit.describe()} on {dep.num_gpus} {c.gpu.name} ({spec.source.name}), workload {spec.workload.name}, "
           f"{len(trace)} requests; SLO TTFT {cfg.slo.ttft_s}s TPOT {cfg.slo.tpot_s}s")
