@@ -9,7 +9,8 @@ arrives faster than it can be done. Two bounds, in requests/s for a trace's leng
                   the largest batch the token budget admits; decode: `max_num_seqs`, or what the KV
                   memory holds, split evenly over the pipeline's micro-batch lanes), its attention
                   and context terms at the trace's means (Σl²/Σl; the mean context of all decode
-                  iterations). Above it, queues grow without limit (load > 1).
+                  iterations). A colocated instance shares its time between the phases, so its
+                  bound is the harmonic combination. Above it, queues grow without limit (load > 1).
   hardware_bound  from the GPUs: no instance does more FLOPs than tp·pp × peak (2·params per
                   token, `ModelSpec.flops_per_token`) nor reads more bytes than tp·pp × HBM
                   bandwidth (every decode iteration reads all weights once for at most
@@ -91,6 +92,8 @@ def service_bound(dep: Deployment, trace: Trace) -> float:
         return prefill
     if dep.phases == "decode":
         return decode
+    if colocated:  # one engine does both: its time is shared between them
+        return 1.0 / (1.0 / prefill + 1.0 / decode)
     return min(prefill, decode, link)
 
 

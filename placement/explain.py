@@ -12,17 +12,17 @@ import dataclasses
 from typing import Any
 
 from pdserve.placement.bound import LengthStats, max_batch
-from pdserve.placement.goodput import counted, steady_len
+from pdserve.placement.goodput import counted
 from pdserve.placement.packing import max_replicas
-from pdserve.placement.search import (Scored, SearchResult, SearchSpec, phase_latencies, transfer_model,
-                                      unit_deployment)
+from pdserve.placement.search import (Scored, SearchResult, SearchSpec, job_trace, phase_latencies, search_trace,
+                                      transfer_model, unit_deployment)
 from pdserve.placement.simulator import simulate
 
 
 def explain(spec: SearchSpec, result: SearchResult, top: int = 2) -> dict[str, Any]:
     lat = phase_latencies(spec, spec.source)
     colo = phase_latencies(spec, spec.colocated_source) if spec.colocated_source else lat
-    trace = spec.workload.trace(spec.num_requests, spec.seed)
+    trace = search_trace(spec)
     out = {}
     for label, s in zip(("winner", "runner_up"), result.ranked[:top]):
         out[label] = _one(spec, result, s, colo if s.unit.decode is None else lat, trace)
@@ -32,7 +32,7 @@ def explain(spec: SearchSpec, result: SearchResult, top: int = 2) -> dict[str, A
 def _one(spec: SearchSpec, result: SearchResult, s: Scored, lat: dict, trace: Any) -> dict[str, Any]:
     u = s.unit
     dep = unit_deployment(spec, u, lat)
-    long = spec.workload.trace(steady_len(dep, trace, spec.num_requests), spec.seed)
+    long = job_trace(spec, dep, trace)
     info: dict[str, Any] = {"unit": u.describe(), "unit_goodput_rps": round(s.unit_goodput, 3),
                             "planned_goodput_rps": round(s.planned_goodput, 3), "replicas": s.replicas}
     if u.decode is not None:

@@ -20,7 +20,8 @@ from pdserve.placement.bound import hardware_bound
 from pdserve.placement.candidates import (PhaseConfig, Unit, colocated_units, low_affinity_units,
                                           phase_configs, ratio_units)
 from pdserve.placement.deployment import Deployment
-from pdserve.placement.goodput import MAX_REQUESTS, Metric, goodput, steady_len
+from pdserve.placement.goodput import MAX_REQUESTS, Metric, attained, counted, goodput, steady_len
+from pdserve.placement.simulator import simulate
 from pdserve.placement.hardware import ClusterSpec
 from pdserve.placement.latency import InstanceLatency, LatencySource, instance_latency
 from pdserve.placement.model_spec import ModelSpec
@@ -29,6 +30,8 @@ from pdserve.placement.transfer import TransferModel
 from pdserve.placement.workload import Trace, Workload
 
 Progress = Callable[[int, int, str], None]
+CONFIRM_TOP = 2  # leading units re-checked on a longer trace (`_confirm`)
+CONFIRM_FACTOR = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,7 +101,7 @@ class SearchResult:
 
 def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
     started = time.perf_counter()
-    trace = spec.workload.trace(max(spec.num_requests, MAX_REQUESTS), spec.seed)  # jobs simulate prefixes
+    trace = search_trace(spec)
     lat = phase_latencies(spec, spec.source)
     configs = set(lat)
     # 1. per-phase goodput of every config (Algorithm 1's inner loop; feeds Algorithm 2's estimate)
@@ -122,12 +125,37 @@ def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
     deps = [unit_deployment(spec, u, colo_lat if u.decode is None else lat) for u in units]
     joint = _run([_job(spec, d, trace, "joint") for d in deps], spec.jobs, progress, "joint",
                  [u.describe() for u in units])
-    scored = [_score(spec, u, gp) for u, gp in zip(units, joint)]
-    ranked = tuple(sorted((s for s in scored if s is not None), key=lambda s: _rank_key(spec, s)))
+    scored = [s for s in (_score(spec, u, gp) for u, gp in zip(units, joint)) if s is not None]
+    ranked = _confirm(spec, scored, dict(zip(units, deps)), trace, progress)
     best = ranked[0] if ranked else None
     feasible = best is not None and best.unit_goodput > 0 and (
         spec.target_rate is None or best.planned_goodput >= spec.target_rate)
     return SearchResult(ranked, feasible, g, len(phase_jobs) + len(units), time.perf_counter() - started)
+
+
+def _confirm(spec: SearchSpec, scored: list[Scored], deps: dict[Unit, Deployment], trace: Trace,
+             progress: Progress | None) -> tuple[Scored, ...]:
+    """Re-check the leading `CONFIRM_TOP` units with `CONFIRM_FACTOR` times their trace (up to the
+    search's whole trace): one that misses the target there gets the goodput of the long trace
+    and the ranking is redone, until the leaders hold. A queue that builds slowly (a colocated
+    engine's prefill backlog) passes a short trace and fails a long one."""
+    confirmed: set[Unit] = set()
+    ranked = sorted(scored, key=lambda s: _rank_key(spec, s))
+    while True:
+        todo = [s for s in ranked[:CONFIRM_TOP] if s.unit not in confirmed and s.unit_goodput > 0]
+        if not todo:
+            return tuple(ranked)
+        s = todo[0]
+        dep = deps[s.unit]
+        long = trace.head(CONFIRM_FACTOR * len(job_trace(spec, dep, trace)))
+        confirmed.add(s.unit)
+        if attained(spec.slo, counted(simulate(dep, long, s.unit_goodput))) >= spec.slo.attainment:
+            continue
+        g = goodput(dep, long, spec.slo, max_rate=s.unit_goodput)
+        if progress:
+            progress(len(confirmed), len(confirmed), f"confirm: {s.unit.describe()} → {g:.3f} req/s on {len(long)} requests")
+        ranked = sorted([x for x in ranked if x is not s] + [x for x in [_score(spec, s.unit, g)] if x is not None],
+                        key=lambda x: _rank_key(spec, x))
 
 
 def phase_latencies(spec: SearchSpec, source: LatencySource) -> dict[PhaseConfig, InstanceLatency]:
@@ -229,9 +257,18 @@ def _rank_key(spec: SearchSpec, s: Scored) -> tuple:
 Job = tuple[Deployment, Trace, SLO, Metric, float]
 
 
+def search_trace(spec: SearchSpec) -> Trace:
+    """The search's one seeded trace; every simulation runs a prefix of it (`job_trace`)."""
+    return spec.workload.trace(max(spec.num_requests, MAX_REQUESTS), spec.seed)
+
+
+def job_trace(spec: SearchSpec, dep: Deployment, trace: Trace) -> Trace:
+    """As much of the search's trace as `dep` needs for steady state."""
+    return trace.head(steady_len(dep, trace, spec.num_requests))
+
+
 def _job(spec: SearchSpec, dep: Deployment, trace: Trace, metric: Metric) -> Job:
-    """`trace` is the search's longest; each job simulates as much of it as steady state needs."""
-    trace = trace.head(steady_len(dep, trace, spec.num_requests))
+    trace = job_trace(spec, dep, trace)
     return dep, trace, spec.slo, metric, hardware_bound(dep, trace, spec.model, spec.cluster.gpu)
 
 

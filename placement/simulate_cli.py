@@ -10,12 +10,12 @@ import dataclasses
 from pdserve.bench.metrics import SLO
 from pdserve.config import ServingConfig
 from pdserve.placement.candidates import PhaseConfig, Unit
-from pdserve.placement.goodput import MAX_REQUESTS, steady_len
+from pdserve.placement.goodput import counted
 from pdserve.placement.hardware import ClusterSpec, GPUSpec
 from pdserve.placement.plan import Plan
 from pdserve.placement.profile_file import load_profile
 from pdserve.placement.roofline import Roofline
-from pdserve.placement.search import SearchSpec, phase_latencies, unit_deployment
+from pdserve.placement.search import SearchSpec, job_trace, phase_latencies, search_trace, unit_deployment
 from pdserve.placement.simulator import simulate
 
 
@@ -93,15 +93,14 @@ def run_simulate(args: argparse.Namespace) -> int:
     dep = unit_deployment(spec, unit, lat)
     if cfg.mode == "colocated" and cfg.decode.instances > 1:
         dep = dataclasses.replace(dep, prefill=dep.prefill * cfg.decode.instances)
-    base = spec.workload.trace(max(MAX_REQUESTS, spec.num_requests), spec.seed)
-    trace = base.head(steady_len(dep, base, spec.num_requests))  # enough to fill every decode batch
+    trace = job_trace(spec, dep, search_trace(spec))  # the plan's requests, enough to fill every decode batch
     c = spec.cluster
     print(f"{unit.describe()} on {dep.num_gpus} {c.gpu.name} ({spec.source.name}), workload {spec.workload.name}, "
           f"{len(trace)} requests; SLO TTFT {cfg.slo.ttft_s}s TPOT {cfg.slo.tpot_s}s")
     print(f"{'rate':>7} {'joint':>7} {'ttft ok':>7} {'tpot ok':>7} {'ttft p50':>9} {'p90':>8} {'p99':>8} "
           f"{'tpot p50':>9} {'p90':>8} {'p99':>8}")
     for rate in (float(r) for arg in args.rates for r in arg.split(",") if r):
-        res = simulate(dep, trace, rate)
+        res = counted(simulate(dep, trace, rate))  # as goodput counts: without the warm-up
         q = res.percentiles()
         print(f"{rate:>7.3f} {res.attainment(cfg.slo.ttft_s, cfg.slo.tpot_s):>7.1%} {res.ttft_attainment(cfg.slo.ttft_s):>7.1%} "
               f"{res.tpot_attainment(cfg.slo.tpot_s):>7.1%} {q['ttft_p50']:>9.3f} {q['ttft_p90']:>8.3f} {q['ttft_p99']:>8.3f} "
