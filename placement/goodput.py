@@ -59,10 +59,11 @@ def counted(result: SimResult) -> SimResult:
 
 
 def goodput(dep: Deployment, trace: Trace, slo: SLO, metric: Metric = "joint",
-            rel_tol: float = 0.02, max_rate: float | None = None) -> float:
+            rel_tol: float = 0.02, max_rate: float | None = None, near: float | None = None) -> float:
     """Max rate (req/s) with attainment >= slo.attainment, within `rel_tol`, and at most
     `MAX_LOAD` × `service_bound` (and `max_rate`, e.g. `bound.hardware_bound`); 0 if even a tiny rate fails
-    (e.g. a prompt that alone exceeds the TTFT SLO for more than 1 − target)."""
+    (e.g. a prompt that alone exceeds the TTFT SLO for more than 1 − target). `near` (a share of
+    the top, e.g. 0.85): the answer is expected just below the top, so that point is tried first."""
 
     def ok(rate: float) -> bool:
         return attained(slo, counted(simulate(dep, trace, rate)), metric) >= slo.attainment
@@ -72,9 +73,13 @@ def goodput(dep: Deployment, trace: Trace, slo: SLO, metric: Metric = "joint",
         hi = 1e6
     if ok(hi):
         return hi
-    lo = hi / 64
+    lo = hi * near if near else hi / 64
     if not ok(lo):
-        return 0.0
+        if not near:
+            return 0.0
+        hi, lo = lo, lo / 64
+        if not ok(lo):
+            return 0.0
     while hi - lo > rel_tol * hi:
         mid = 0.5 * (lo + hi)
         if ok(mid):

@@ -151,7 +151,7 @@ def _confirm(spec: SearchSpec, scored: list[Scored], deps: dict[Unit, Deployment
         confirmed.add(s.unit)
         if attained(spec.slo, counted(simulate(dep, long, s.unit_goodput))) >= spec.slo.attainment:
             continue
-        g = goodput(dep, long, spec.slo, max_rate=s.unit_goodput)
+        g = goodput(dep, long, spec.slo, max_rate=s.unit_goodput, near=0.85)
         if progress:
             progress(len(confirmed), len(confirmed), f"confirm: {s.unit.describe()} → {g:.3f} req/s on {len(long)} requests")
         ranked = sorted([x for x in ranked if x is not s] + [x for x in [_score(spec, s.unit, g)] if x is not None],

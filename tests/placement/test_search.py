@@ -57,7 +57,7 @@ def toy_spec(nodes: int, ttft: float = 1.0, tpot: float = 0.06, **kw) -> SearchS
     cluster = ClusterSpec(num_nodes=nodes, gpus_per_node=2, gpu=load_gpu("l4"), inter_node_gbps=100)
     return SearchSpec(model=load_model("llama-3-8b"), cluster=cluster, source=Roofline(gpu=cluster.gpu),
                       workload=sharegpt_like(2000), slo=SLO(ttft_s=ttft, tpot_s=tpot), num_requests=200,
-                      verify_top_k=10_000, **kw)
+                      max_num_seqs=64, verify_top_k=10_000, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,9 @@ def test_plan_round_trips_and_is_servable(toy_results, tmp_path):
     path = tmp_path / "serving.yaml"
     path.write_text(plan.serving_config().to_yaml())
     cfg = ServingConfig.load(path)
-    assert cfg.mode == plan.mode and cfg.kvtransfer.codec == "int8" and cfg.slo.tpot_s == 0.06
+    crosses_nodes = plan.mode == "disaggregated" and plan.placement and len({seg.node for seg in plan.placement}) > 1
+    assert cfg.mode == plan.mode and cfg.slo.tpot_s == 0.06
+    assert plan.codec == "int8" and cfg.kvtransfer.codec == ("int8" if crosses_nodes else "raw")
     assert cfg.decode.instances == plan.decode.instances and cfg.decode.tp == plan.decode.tp
     if plan.prefill:
         assert (cfg.prefill.instances, cfg.prefill.tp, cfg.prefill.pp) == dataclasses.astuple(plan.prefill)
