@@ -97,13 +97,16 @@ def service_bound(dep: Deployment, trace: Trace) -> float:
     return min(prefill, decode, link)
 
 
-def hardware_bound(dep: Deployment, trace: Trace, model: ModelSpec, gpu: GPUSpec) -> float:
-    """Highest rate (req/s) the GPUs could serve at full FLOP and HBM utilisation; see the module doc."""
+def hardware_bound(dep: Deployment, trace: Trace, model: ModelSpec, gpu: GPUSpec,
+                   decode_gpu: GPUSpec | None = None) -> float:
+    """Highest rate (req/s) the GPUs could serve at full FLOP and HBM utilisation; see the module
+    doc. `decode_gpu`: the decode (and colocated) instances' GPU, when it differs."""
     st = LengthStats.of(trace)
-    flops, hbm = gpu.peak_tflops * 1e12, gpu.mem_gbps * 1e9
     fpt = model.flops_per_token()
-    prefill = sum(i.num_gpus * flops / fpt for i in dep.prefill) / st.mean_prompt
+    prefill = sum(i.num_gpus * gpu.peak_tflops * 1e12 / fpt for i in dep.prefill) / st.mean_prompt
     decoders = dep.prefill if dep.mode == "colocated" else dep.decode
+    gpu = decode_gpu or gpu
+    flops, hbm = gpu.peak_tflops * 1e12, gpu.mem_gbps * 1e9
     decode_tps = 0.0
     for i in decoders:
         bytes_per_token = model.weight_bytes / max_batch(dep, i, st) + model.kv_bytes_per_token * (st.min_prompt + 1)

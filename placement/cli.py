@@ -14,7 +14,8 @@ from pdserve.config import ServingConfig
 from pdserve.placement import profile_cli
 from pdserve.placement.cluster_file import ClusterFile, load_cluster_file
 from pdserve.placement.explain import explain, format_explanation
-from pdserve.placement.hardware import ClusterSpec, GPUSpec, load_gpu
+from pdserve.placement.candidates import Unit
+from pdserve.placement.hardware import ClusterSpec, load_gpu
 from pdserve.placement.latency import LatencySource
 from pdserve.placement.model_spec import load_model
 from pdserve.placement.plan import Plan
@@ -66,6 +67,10 @@ def add_inputs(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--cluster", default=None, metavar="CLUSTER_YAML",
                    help="Ray cluster-launcher YAML: node types, GPUs per node, custom resources (replaces --nodes/--gpus-per-node)")
     p.add_argument("--nodes", type=int, default=d.get("nodes"), help=f"nodes ({default('nodes')})")
+    p.add_argument("--prefill-nodes", type=int, default=None,
+                   help="the first N nodes hold only prefill, the rest only decode (default: any node holds any)")
+    p.add_argument("--decode-gpu", default=None,
+                   help="GPU of the decode nodes when it differs from --gpu (needs --prefill-nodes; default: --gpu)")
     p.add_argument("--gpus-per-node", type=int, default=d.get("gpus_per_node"), help=f"GPUs per node ({default('gpus_per_node')})")
     p.add_argument("--inter-node-gbps", type=float, default=d.get("inter_node_gbps"),
                    help=f"network between nodes, Gbit/s ({default('inter_node_gbps')})")
@@ -95,10 +100,21 @@ def inputs(args: argparse.Namespace) -> tuple[ClusterSpec, LatencySource, Latenc
         cluster = cluster_file.cluster(gpu, args.inter_node_gbps, intra)
     else:
         cluster = ClusterSpec(num_nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=load_gpu(gpu or "a100-80g"),
-                              inter_node_gbps=args.inter_node_gbps, intra_node_gbps=intra)
+                              inter_node_gbps=args.inter_node_gbps, intra_node_gbps=intra, prefill_nodes=args.prefill_nodes,
+                              decode_gpu=load_gpu(args.decode_gpu) if args.decode_gpu else None)
     source = load_profile(args.profile) if args.profile else Roofline(gpu=cluster.gpu)
     colocated = load_profile(args.colocated_profile) if args.colocated_profile else None
     return cluster, source, colocated, cluster_file
+
+
+def decode_source(cluster: ClusterSpec, source: LatencySource) -> LatencySource | None:
+    """The decode nodes' latency source when their GPU differs: its roofline (a profile file holds
+    one machine's measurements, so a second GPU type plans from rooflines)."""
+    if cluster.decode_gpu is None:
+        return None
+    if not isinstance(source, Roofline):
+        raise ValueError("--decode-gpu: plan two GPU types from their rooflines (drop --profile)")
+    return Roofline(gpu=cluster.decode_gpu)
 
 
 def _profile_gpu(profile: str) -> str | None:
@@ -110,7 +126,8 @@ def search_spec(args: argparse.Namespace, model_name: str, slo: SLO, **kw: objec
     model = load_model(model_name)
     cluster, source, colocated, cluster_file = inputs(args)
     workload = load_workload(args.workload, args.tokenizer, model.max_model_len)
-    spec = SearchSpec(model=model, cluster=cluster, source=source, colocated_source=colocated, workload=workload,
+    spec = SearchSpec(model=model, cluster=cluster, source=source, colocated_source=colocated,
+                      decode_source=decode_source(cluster, source), workload=workload,
                       slo=slo, num_requests=args.num_requests, seed=args.seed,
                       prefill_token_budget=args.prefill_token_budget, max_num_seqs=args.max_num_seqs,
                       decode_token_limit=args.decode_token_limit, **kw)
@@ -125,11 +142,12 @@ def run_plan(args: argparse.Namespace) -> int:
         target_rate=args.rate, codec=args.codec, affinity=args.affinity,
         include_colocated=not args.no_colocated, jobs=args.jobs)
     c = spec.cluster
-    print(f"planning {spec.model.name} on {c.num_nodes}×{c.gpus_per_node} {c.gpu.name} ({spec.source.name}), "
+    gpus = c.gpu.name if c.decode_gpu is None else f"{c.gpu.name} (prefill, {c.prefill_nodes} nodes) / {c.decode_gpu.name}"
+    print(f"planning {spec.model.name} on {c.num_nodes}×{c.gpus_per_node} {gpus} ({spec.source.name}), "
           f"workload {spec.workload.name}, SLO TTFT {args.ttft:g}s TPOT {args.tpot:g}s @ {args.attainment:.0%}",
           file=sys.stderr)
     result = search(spec, progress=lambda i, n, msg: print(f"  [{i}/{n}] {msg}", file=sys.stderr))
-    print(format_table(result, args.top, c.gpu))
+    print(format_table(result, args.top, c))
     best = result.best
     if best is None:
         print("no configuration fits this cluster (the weights do not fit, or the source has no data)")
@@ -150,17 +168,25 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0 if result.feasible else 1
 
 
-def format_table(result: SearchResult, top: int, gpu: GPUSpec) -> str:
-    cost = gpu.price_per_hour > 0
+def format_table(result: SearchResult, top: int, cluster: ClusterSpec) -> str:
+    cost = cluster.price_per_hour(1, 1) > 0
     rows = [f"{'#':>2}  {'algorithm':<14} {'unit':<34} {'GPUs':>4} {'×':>3} {'goodput':>9} {'/GPU':>7}"
-            + (f" {'req/$':>8}" if cost else "")]
+            + (f" {'$/h':>8} {'req/$':>7}" if cost else "")]
     for i, s in enumerate(result.ranked[:top], 1):
-        per_dollar = s.planned_goodput * 3600 / (s.num_gpus * gpu.price_per_hour) if cost and s.num_gpus else 0.0
+        dollars = unit_price(s.unit, cluster) * s.replicas
         rows.append(f"{i:>2}  {s.unit.algorithm:<14} {s.unit.describe():<34} {s.unit.num_gpus:>4} {s.replicas:>3} "
-                    f"{s.planned_goodput:>9.3f} {s.per_gpu_goodput:>7.3f}" + (f" {per_dollar:>8.0f}" if cost else ""))
+                    f"{s.planned_goodput:>9.3f} {s.per_gpu_goodput:>7.3f}"
+                    + (f" {dollars:>8.1f} {s.planned_goodput * 3600 / dollars:>7.0f}" if cost and dollars else ""))
     if cost:
-        rows.append(f"(goodput in req/s; req/$: requests per dollar at {gpu.price_per_hour}/GPU-hour)")
+        rows.append("(goodput in req/s; $/h: the planned GPUs at the catalog's on-demand prices; req/$: requests per dollar)")
     return "\n".join(rows)
+
+
+def unit_price(unit: Unit, cluster: ClusterSpec) -> float:
+    """USD per hour of one unit (colocated instances run on the decode nodes)."""
+    if unit.decode is None:
+        return cluster.price_per_hour(0, unit.num_gpus)
+    return cluster.price_per_hour(unit.prefill.num_gpus * unit.num_prefill, unit.decode.num_gpus * unit.num_decode)
 
 
 def _print_mode_gap(result: SearchResult) -> None:

@@ -62,18 +62,22 @@ class ClusterFile:
         types = self.node_types
         if len({t.gpus for t in types}) != 1:
             raise ValueError(f"{self.path}: node types differ in GPUs per node ({', '.join(f'{t.name}: {t.gpus}' for t in types)})")
-        names = {gpu} if gpu else {t.gpu for t in types}
-        if None in names or len(names) != 1:
+        if gpu is None and any(t.gpu is None for t in types):
             raise ValueError(f"{self.path}: cannot tell the GPU model of every node type "
                              f"({', '.join(f'{t.name}: {t.gpu}' for t in types)}); pass --gpu")
-        spec: GPUSpec = load_gpu(names.pop())
-        prefill_nodes = None
+        names = {gpu} if gpu else {t.gpu for t in types}
+        prefill_nodes, decode_gpu = None, None
         if self.phase_split:
             prefill_nodes = sum(t.max_workers for t in types if t.role == "prefill")
-            types = tuple(sorted(types, key=lambda t: t.role != "prefill"))
+            if not gpu and self.for_role("prefill").gpu != self.for_role("decode").gpu:
+                names, decode_gpu = {self.for_role("prefill").gpu}, load_gpu(str(self.for_role("decode").gpu))
+        if len(names) != 1:
+            raise ValueError(f"{self.path}: node types with different GPUs ({', '.join(f'{t.name}: {t.gpu}' for t in types)}) "
+                             "need one node type per phase")
+        spec: GPUSpec = load_gpu(str(names.pop()))
         return ClusterSpec(num_nodes=sum(t.max_workers for t in types), gpus_per_node=types[0].gpus, gpu=spec,
                            inter_node_gbps=inter_node_gbps, intra_node_gbps=intra_node_gbps,
-                           prefill_nodes=prefill_nodes)
+                           prefill_nodes=prefill_nodes, decode_gpu=decode_gpu)
 
 
 def load_cluster_file(path: str | Path) -> ClusterFile:

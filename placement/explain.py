@@ -14,24 +14,22 @@ from typing import Any
 from pdserve.placement.bound import LengthStats, max_batch
 from pdserve.placement.goodput import counted
 from pdserve.placement.packing import max_replicas
-from pdserve.placement.search import (Scored, SearchResult, SearchSpec, job_trace, phase_latencies, search_trace,
-                                      transfer_model, unit_deployment)
+from pdserve.placement.search import (Scored, SearchResult, SearchSpec, deployment_of, job_trace, search_trace,
+                                      transfer_model)
 from pdserve.placement.simulator import simulate
 
 
 def explain(spec: SearchSpec, result: SearchResult, top: int = 2) -> dict[str, Any]:
-    lat = phase_latencies(spec, spec.source)
-    colo = phase_latencies(spec, spec.colocated_source) if spec.colocated_source else lat
     trace = search_trace(spec)
     out = {}
     for label, s in zip(("winner", "runner_up"), result.ranked[:top]):
-        out[label] = _one(spec, result, s, colo if s.unit.decode is None else lat, trace)
+        out[label] = _one(spec, result, s, trace)
     return out
 
 
-def _one(spec: SearchSpec, result: SearchResult, s: Scored, lat: dict, trace: Any) -> dict[str, Any]:
+def _one(spec: SearchSpec, result: SearchResult, s: Scored, trace: Any) -> dict[str, Any]:
     u = s.unit
-    dep = unit_deployment(spec, u, lat)
+    dep = deployment_of(spec, u)
     long = job_trace(spec, dep, trace)
     info: dict[str, Any] = {"unit": u.describe(), "unit_goodput_rps": round(s.unit_goodput, 3),
                             "planned_goodput_rps": round(s.planned_goodput, 3), "replicas": s.replicas}

@@ -47,18 +47,31 @@ class ClusterSpec:
     prefill_nodes: int | None = None
     """Nodes 0..prefill_nodes−1 host only prefill instances and the rest only decode (and
     colocated) instances: a cluster.yaml with a node type per phase. None: any node hosts any."""
+    decode_gpu: GPUSpec | None = None
+    """The decode nodes' GPU when it differs from `gpu` (Splitwise: prefill on compute-rich GPUs,
+    decode on cheaper memory-rich ones); needs `prefill_nodes`."""
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1 or self.gpus_per_node < 1:
             raise ValueError(f"cluster: need >= 1 node and >= 1 GPU per node, got {self.num_nodes}×{self.gpus_per_node}")
         if self.prefill_nodes is not None and not 0 < self.prefill_nodes < self.num_nodes:
             raise ValueError(f"cluster.prefill_nodes: must be in 1..{self.num_nodes - 1}, got {self.prefill_nodes}")
+        if self.decode_gpu is not None and self.prefill_nodes is None:
+            raise ValueError("cluster.decode_gpu: a second GPU type needs prefill_nodes (which nodes hold prefill)")
         if not self.inter_node_gbps > 0:
             raise ValueError(f"cluster.inter_node_gbps: must be > 0, got {self.inter_node_gbps}")
 
     @property
     def num_gpus(self) -> int:
         return self.num_nodes * self.gpus_per_node
+
+    def gpu_for(self, role: str) -> GPUSpec:
+        """The GPU a 'prefill', 'decode' or 'colocated' instance runs on (colocated: decode nodes)."""
+        return self.gpu if role == "prefill" or self.decode_gpu is None else self.decode_gpu
+
+    def price_per_hour(self, prefill_gpus: int, decode_gpus: int) -> float:
+        """USD per hour of that many GPUs of each pool (0 when a price is unknown)."""
+        return prefill_gpus * self.gpu.price_per_hour + decode_gpus * self.gpu_for("decode").price_per_hour
 
     @property
     def intra_node_bytes_per_s(self) -> float:

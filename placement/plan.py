@@ -137,6 +137,7 @@ def planned_for(spec: SearchSpec, cluster_file: ClusterFile | None) -> dict[str,
     return {
         "model": spec.model.name,
         "hardware": dataclasses.asdict(c.gpu),
+        "decode_hardware": dataclasses.asdict(c.decode_gpu) if c.decode_gpu else None,
         "source": spec.source.name,
         "cluster": {"num_nodes": c.num_nodes, "gpus_per_node": c.gpus_per_node, "inter_node_gbps": c.inter_node_gbps,
                     "intra_node_gbps": c.intra_node_gbps, "prefill_nodes": c.prefill_nodes,
@@ -150,9 +151,11 @@ def planned_for(spec: SearchSpec, cluster_file: ClusterFile | None) -> dict[str,
 
 
 def deployment_settings(spec: SearchSpec, unit: Unit, cluster_file: ClusterFile | None) -> dict[str, Any]:
-    gpu = spec.cluster.gpu
-    configs = [unit.prefill] + ([unit.decode] if unit.decode else [])
-    kv_gb = min(kv_cache_memory_gb(spec.model, gpu, c, spec.prefill_token_budget, spec.max_num_seqs) for c in configs)
+    c = spec.cluster
+    gpu = c.gpu_for("decode")  # decode and colocated instances: the engine's device and dtype
+    pools = [(c.gpu_for("decode" if unit.decode is None else "prefill"), unit.prefill)]
+    pools += [(gpu, unit.decode)] if unit.decode else []
+    kv_gb = min(kv_cache_memory_gb(spec.model, g, cfg, spec.prefill_token_budget, spec.max_num_seqs) for g, cfg in pools)
     transport, codec = transport_for(unit, spec.cluster, gpu, spec.codec)
     pins = pool_pins(cluster_file, gpu)
     chunked = unit.decode is None and unit.colocated_policy == "chunked"

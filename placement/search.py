@@ -42,6 +42,7 @@ class SearchSpec:
     workload: Workload
     slo: SLO
     colocated_source: LatencySource | None = None  # default: `source` (pdserve runs one engine)
+    decode_source: LatencySource | None = None  # decode nodes' source when their GPU differs; default `source`
     target_rate: float | None = None
     codec: str = "raw"
     affinity: Literal["high", "low", "both"] = "both"
@@ -103,11 +104,12 @@ def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
     started = time.perf_counter()
     trace = search_trace(spec)
     lat = phase_latencies(spec, spec.source)
-    configs = set(lat)
+    dlat = phase_latencies(spec, spec.decode_source or spec.source, "decode")
+    configs = set(lat) & set(dlat)
+    by_role = {"prefill": lat, "decode": dlat}
     # 1. per-phase goodput of every config (Algorithm 1's inner loop; feeds Algorithm 2's estimate)
-    phase_jobs = [(role, c) for c in sorted(configs) for role in ("prefill", "decode")] \
-        if spec.affinity in ("high", "low", "both") else []
-    values = _run([_job(spec, _phase_deployment(spec, role, lat[c]), trace, "ttft" if role == "prefill" else "tpot")
+    phase_jobs = [(role, c) for c in sorted(set(lat) | set(dlat)) for role in ("prefill", "decode") if c in by_role[role]]
+    values = _run([_job(spec, _phase_deployment(spec, role, by_role[role][c]), trace, "ttft" if role == "prefill" else "tpot")
                    for role, c in phase_jobs], spec.jobs, progress, "phase", [f"{r} {c}" for r, c in phase_jobs])
     g = dict(zip(phase_jobs, values))
     # 2. units, estimated from the phase goodputs; the best few per algorithm are verified jointly
@@ -119,10 +121,10 @@ def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
                              if u.prefill in configs and u.decode in configs], g)
     units = list({(u.prefill, u.num_prefill, u.decode, u.num_decode, u.intra_node_transfer): u
                   for u in reversed(units)}.values())[::-1]  # one simulation per distinct unit
-    colo_lat = phase_latencies(spec, spec.colocated_source) if spec.colocated_source else lat
+    colo_lat = colocated_latencies(spec, dlat)
     if spec.include_colocated:
         units += [u for u in colocated_units(set(colo_lat)) if max_replicas(u, spec.cluster) > 0]
-    deps = [unit_deployment(spec, u, colo_lat if u.decode is None else lat) for u in units]
+    deps = [unit_deployment(spec, u, colo_lat if u.decode is None else lat, dlat) for u in units]
     joint = _run([_job(spec, d, trace, "joint") for d in deps], spec.jobs, progress, "joint",
                  [u.describe() for u in units])
     scored = [s for s in (_score(spec, u, gp) for u, gp in zip(units, joint)) if s is not None]
@@ -158,11 +160,12 @@ def _confirm(spec: SearchSpec, scored: list[Scored], deps: dict[Unit, Deployment
                         key=lambda x: _rank_key(spec, x))
 
 
-def phase_latencies(spec: SearchSpec, source: LatencySource) -> dict[PhaseConfig, InstanceLatency]:
-    """Memory pruning: configs whose weights (plus one max-length request) do not fit are dropped."""
+def phase_latencies(spec: SearchSpec, source: LatencySource, role: str = "prefill") -> dict[PhaseConfig, InstanceLatency]:
+    """Instances of `role` on its nodes' GPU. Memory pruning: configs whose weights, activation
+    reserve and one max-length request do not fit are dropped."""
     out = {}
     for c in phase_configs(spec.model, spec.cluster):
-        il = instance_latency(source, spec.model, spec.cluster.gpu, c.tp, c.pp,
+        il = instance_latency(source, spec.model, spec.cluster.gpu_for(role), c.tp, c.pp,
                               max_batch_tokens=spec.prefill_token_budget, max_num_seqs=spec.max_num_seqs,
                               max_model_len=spec.max_model_len)
         if il is not None:
@@ -177,13 +180,30 @@ def _phase_deployment(spec: SearchSpec, role: str, il: InstanceLatency) -> Deplo
                       decode_token_limit=spec.decode_token_limit)
 
 
-def unit_deployment(spec: SearchSpec, unit: Unit, lat: dict[PhaseConfig, InstanceLatency]) -> Deployment:
+def deployment_of(spec: SearchSpec, unit: Unit) -> Deployment:
+    """`unit` with its latencies on the GPUs its instances run on; ValueError when one does not fit."""
+    dlat = phase_latencies(spec, spec.decode_source or spec.source, "decode")
+    lat = colocated_latencies(spec, dlat) if unit.decode is None else phase_latencies(spec, spec.source)
+    missing = [f"{c}" for c, have in ((unit.prefill, lat), (unit.decode, dlat)) if c is not None and c not in have]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} does not fit {spec.cluster.gpu.name} or has no latency data")
+    return unit_deployment(spec, unit, lat, dlat)
+
+
+def colocated_latencies(spec: SearchSpec, dlat: dict[PhaseConfig, InstanceLatency]) -> dict[PhaseConfig, InstanceLatency]:
+    """Colocated instances run on the decode nodes, from `colocated_source` if given."""
+    return phase_latencies(spec, spec.colocated_source, "decode") if spec.colocated_source else dlat
+
+
+def unit_deployment(spec: SearchSpec, unit: Unit, lat: dict[PhaseConfig, InstanceLatency],
+                    dlat: dict[PhaseConfig, InstanceLatency] | None = None) -> Deployment:
+    """`lat`: prefill (or colocated) instances; `dlat`: decode instances (default `lat`)."""
     common = dict(prefill_token_budget=spec.prefill_token_budget, max_num_seqs=spec.max_num_seqs,
                   decode_token_limit=spec.decode_token_limit)
     if unit.decode is None:
         return Deployment(mode="colocated", prefill=(lat[unit.prefill],), colocated_policy=unit.colocated_policy,
                           **common)
-    return Deployment(prefill=(lat[unit.prefill],) * unit.num_prefill, decode=(lat[unit.decode],) * unit.num_decode,
+    return Deployment(prefill=(lat[unit.prefill],) * unit.num_prefill, decode=((dlat or lat)[unit.decode],) * unit.num_decode,
                       transfer=transfer_model(spec.model, spec.cluster, unit, spec.codec), **common)
 
 
@@ -269,7 +289,8 @@ def job_trace(spec: SearchSpec, dep: Deployment, trace: Trace) -> Trace:
 
 def _job(spec: SearchSpec, dep: Deployment, trace: Trace, metric: Metric) -> Job:
     trace = job_trace(spec, dep, trace)
-    return dep, trace, spec.slo, metric, hardware_bound(dep, trace, spec.model, spec.cluster.gpu)
+    c = spec.cluster
+    return dep, trace, spec.slo, metric, hardware_bound(dep, trace, spec.model, c.gpu, c.gpu_for("decode"))
 
 
 def _goodput_job(job: Job) -> float:

@@ -15,7 +15,7 @@ from pdserve.placement.hardware import ClusterSpec, GPUSpec
 from pdserve.placement.plan import Plan
 from pdserve.placement.profile_file import load_profile
 from pdserve.placement.roofline import Roofline
-from pdserve.placement.search import SearchSpec, job_trace, phase_latencies, search_trace, unit_deployment
+from pdserve.placement.search import SearchSpec, deployment_of, job_trace, search_trace
 from pdserve.placement.simulator import simulate
 
 
@@ -38,7 +38,7 @@ def _fill_from_plan(args: argparse.Namespace, plan: Plan | None) -> None:
     recorded = {**pf.get("cluster", {}), **pf.get("workload", {}), **pf.get("engine", {})}
     recorded["workload"] = pf.get("workload", {}).get("name")
     recorded["nodes"], recorded["gpus_per_node"] = recorded.get("num_nodes"), recorded.get("gpus_per_node")
-    for name in ("nodes", "gpus_per_node", "inter_node_gbps", "workload", "num_requests", "seed",
+    for name in ("nodes", "prefill_nodes", "gpus_per_node", "inter_node_gbps", "workload", "num_requests", "seed",
                  "prefill_token_budget", "max_num_seqs", "decode_token_limit", "tokenizer"):
         if getattr(args, name, None) is None:
             setattr(args, name, recorded.get(name) if recorded.get(name) is not None else DEFAULTS.get(name))
@@ -54,12 +54,14 @@ def _planned_spec(args: argparse.Namespace, plan: Plan, slo: SLO) -> SearchSpec 
     spec, _ = search_spec(argparse.Namespace(**{**vars(args), "gpu": "a100-80g"}), args.model or pf["model"], slo,
                           codec=plan.codec)
     gpu = GPUSpec(**pf["hardware"])
+    decode_gpu = GPUSpec(**pf["decode_hardware"]) if pf.get("decode_hardware") else None
     c = pf["cluster"]
     intra = args.intra_node_gbps / 8 if args.intra_node_gbps else c.get("intra_node_gbps")
-    cluster = ClusterSpec(num_nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=gpu,
+    cluster = ClusterSpec(num_nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=gpu, decode_gpu=decode_gpu,
                           inter_node_gbps=args.inter_node_gbps, intra_node_gbps=intra, prefill_nodes=c.get("prefill_nodes"))
     source = Roofline(gpu=gpu) if pf["source"].startswith("roofline-") else load_profile(pf["source"])
-    return dataclasses.replace(spec, cluster=cluster, source=source)
+    return dataclasses.replace(spec, cluster=cluster, source=source,
+                               decode_source=Roofline(gpu=decode_gpu) if decode_gpu else None)
 
 
 def serving_unit(cfg: ServingConfig, cluster: ClusterSpec) -> Unit:
@@ -84,13 +86,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     spec = (_planned_spec(args, plan, slo) if plan else None) or search_spec(
         args, args.model or (plan.planned_for.get("model") if plan else None) or cfg.model, slo, codec=codec)[0]
     unit = serving_unit(cfg, spec.cluster)
-    colocated = spec.colocated_source and unit.decode is None
-    lat = phase_latencies(spec, spec.colocated_source if colocated else spec.source)
-    missing = [c for c in (unit.prefill, unit.decode) if c is not None and c not in lat]
-    if missing:
-        raise ValueError(f"simulate: {', '.join(map(str, missing))} does not fit {spec.cluster.gpu.name} "
-                         "or has no latency data")
-    dep = unit_deployment(spec, unit, lat)
+    dep = deployment_of(spec, unit)
     if cfg.mode == "colocated" and cfg.decode.instances > 1:
         dep = dataclasses.replace(dep, prefill=dep.prefill * cfg.decode.instances)
     trace = job_trace(spec, dep, search_trace(spec))  # the plan's requests, enough to fill every decode batch
