@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pdserve.bench.metrics import SLO
 from pdserve.cli import main
 from pdserve.config import ServingConfig
 from pdserve.placement.cluster_file import load_cluster_file
 from pdserve.placement.deploy import kv_cache_memory_gb
 from pdserve.placement.candidates import PhaseConfig
-from pdserve.placement.hardware import load_gpu
+from pdserve.placement.hardware import ClusterSpec, load_gpu
 from pdserve.placement.model_spec import load_model
 from pdserve.placement.plan import Plan
-from pdserve.placement.workload import load_workload
+from pdserve.placement.roofline import Roofline
+from pdserve.placement.search import SearchSpec, phase_latencies
+from pdserve.placement.workload import load_workload, sharegpt_like
 
 REPO_CLUSTER = Path(__file__).resolve().parents[2] / "cluster.yaml"
 
@@ -97,3 +100,23 @@ def test_duration_units_and_link_units(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--model", "llama-3-8b", "--ttft", "soon", "--tpot", "1"])
     assert "not a duration: 'soon'" in capsys.readouterr().err
+
+
+def test_heterogeneous_pools_run_on_their_own_gpus(tmp_path, capsys):
+    """H100 prefill nodes, A100 decode nodes: each pool's instances, bounds and KV memory use their GPU."""
+    rc, cfg, plan = _plan(tmp_path, "--gpu", "h100", "--decode-gpu", "a100-80g", "--nodes", "2", "--prefill-nodes", "1",
+                          "--gpus-per-node", "4", "--no-colocated")
+    out = capsys.readouterr().out
+    assert rc == 0 and plan.planned_for["decode_hardware"]["name"] == "a100-80g"
+    assert all((seg.node == 0) == (seg.role == "prefill") for seg in plan.placement)
+    assert "$/h" in out and "req/$" in out
+    cluster = ClusterSpec(num_nodes=2, gpus_per_node=4, gpu=load_gpu("h100"), decode_gpu=load_gpu("a100-80g"),
+                          prefill_nodes=1)
+    spec = SearchSpec(model=load_model("llama-3-8b"), cluster=cluster, source=Roofline(gpu=cluster.gpu),
+                      decode_source=Roofline(gpu=cluster.decode_gpu), workload=sharegpt_like(1000), slo=SLO(1.0, 0.1))
+    p, d = phase_latencies(spec, spec.source)[PhaseConfig(1, 1)], phase_latencies(spec, spec.decode_source, "decode")[PhaseConfig(1, 1)]
+    # an A100 decode step reads the weights at 2.0 TB/s, an H100's at 3.35 TB/s
+    assert d.profile.decode_s(64 * 800, 64) > 1.4 * p.profile.decode_s(64 * 800, 64)
+    assert cluster.price_per_hour(4, 4) == pytest.approx(4 * 12.29 + 4 * 5.12)
+    with pytest.raises(ValueError, match="decode_gpu"):
+        ClusterSpec(num_nodes=2, gpus_per_node=4, gpu=load_gpu("h100"), decode_gpu=load_gpu("a100-80g"))
