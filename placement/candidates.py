@@ -76,7 +76,7 @@ def ratio_units(p: PhaseConfig, d: PhaseConfig, cluster: ClusterSpec, max_instan
             gpus = n_p * p.num_gpus + n_d * d.num_gpus
             if gpus <= cluster.num_gpus:
                 out.append(Unit(algorithm="high-affinity", prefill=p, num_prefill=n_p, decode=d, num_decode=n_d,
-                                intra_node_transfer=gpus <= cluster.gpus_per_node))
+                                intra_node_transfer=gpus <= cluster.gpus_per_node and cluster.prefill_nodes is None))
     return out
 
 
@@ -84,8 +84,10 @@ def low_affinity_units(configs: set[PhaseConfig], model: ModelSpec, cluster: Clu
     """Algorithm 2 units: `pp_cross` stages over as many nodes; per node, k_p prefill segments of
     (tp_p, pp_p) and k_d decode segments of (tp_d, pp_d) share the node (so each instance has
     pp = pp_cross·pp_seg and is in `configs`)."""
-    out = []
+    out: list[Unit] = []
     m = cluster.gpus_per_node
+    if cluster.prefill_nodes is not None:
+        return out  # phase-split node types: a node never holds both phases
     for pp_cross in divisors(model.num_layers):
         if pp_cross > cluster.num_nodes:
             break

@@ -11,6 +11,7 @@ from pdserve.placement.latency import InstanceLatency
 from pdserve.placement.transfer import NO_TRANSFER, TransferModel
 
 Phases = Literal["both", "prefill", "decode"]
+CHUNK_SIZE = 512  # tokens per chunked-prefill iteration (the serving config's max_num_batched_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +29,7 @@ class Deployment:
     """Cap on the KV tokens (prompt + output) a decode instance admits, below its memory: the
     scheduler's batch-token limit (DistServe's decode scheduler uses 65,536)."""
     colocated_policy: Literal["prefill_priority", "chunked"] = "prefill_priority"
-    chunk_size: int = 512  # tokens per iteration under chunked prefill
+    chunk_size: int = CHUNK_SIZE  # tokens per iteration under chunked prefill
     phases: Phases = "both"  # "prefill"/"decode": simulate one phase alone (DistServe Alg. 1)
     pull_at_step_boundary: bool = False
     """A decode instance starts a KV pull only between two of its iterations (pdserve's decode

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -19,11 +20,17 @@ class GPUSpec:
     mem_gbps: float  # HBM bandwidth, GB/s
     mem_gb: float  # HBM capacity, GB
     link_gbps: float  # intra-node (NVLink/PCIe) bandwidth per GPU, GB/s
+    device: Literal["cuda", "cpu"] = "cuda"  # "cpu": a CPU worker stands in for a GPU (num_gpus 0)
+    price_per_hour: float = 0.0  # USD per device-hour (0: unknown), for goodput per dollar
 
     def __post_init__(self) -> None:
         for name in ("peak_tflops", "mem_gbps", "mem_gb", "link_gbps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"gpu.{name}: must be > 0, got {getattr(self, name)!r}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"gpu.device: must be cuda or cpu, got {self.device!r}")
+        if self.price_per_hour < 0:
+            raise ValueError(f"gpu.price_per_hour: must be >= 0, got {self.price_per_hour!r}")
 
     @property
     def mem_bytes(self) -> float:
@@ -37,16 +44,34 @@ class ClusterSpec:
     gpu: GPUSpec
     inter_node_gbps: float = 100.0  # network between nodes, Gbit/s
     intra_node_gbps: float | None = None  # GB/s between GPUs of a node; None: the GPU's link
+    prefill_nodes: int | None = None
+    """Nodes 0..prefill_nodes−1 host only prefill instances and the rest only decode (and
+    colocated) instances: a cluster.yaml with a node type per phase. None: any node hosts any."""
+    decode_gpu: GPUSpec | None = None
+    """The decode nodes' GPU when it differs from `gpu` (Splitwise: prefill on compute-rich GPUs,
+    decode on cheaper memory-rich ones); needs `prefill_nodes`."""
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1 or self.gpus_per_node < 1:
             raise ValueError(f"cluster: need >= 1 node and >= 1 GPU per node, got {self.num_nodes}×{self.gpus_per_node}")
+        if self.prefill_nodes is not None and not 0 < self.prefill_nodes < self.num_nodes:
+            raise ValueError(f"cluster.prefill_nodes: must be in 1..{self.num_nodes - 1}, got {self.prefill_nodes}")
+        if self.decode_gpu is not None and self.prefill_nodes is None:
+            raise ValueError("cluster.decode_gpu: a second GPU type needs prefill_nodes (which nodes hold prefill)")
         if not self.inter_node_gbps > 0:
             raise ValueError(f"cluster.inter_node_gbps: must be > 0, got {self.inter_node_gbps}")
 
     @property
     def num_gpus(self) -> int:
         return self.num_nodes * self.gpus_per_node
+
+    def gpu_for(self, role: str) -> GPUSpec:
+        """The GPU a 'prefill', 'decode' or 'colocated' instance runs on (colocated: decode nodes)."""
+        return self.gpu if role == "prefill" or self.decode_gpu is None else self.decode_gpu
+
+    def price_per_hour(self, prefill_gpus: int, decode_gpus: int) -> float:
+        """USD per hour of that many GPUs of each pool (0 when a price is unknown)."""
+        return prefill_gpus * self.gpu.price_per_hour + decode_gpus * self.gpu_for("decode").price_per_hour
 
     @property
     def intra_node_bytes_per_s(self) -> float:

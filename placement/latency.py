@@ -159,22 +159,33 @@ class InstanceLatency:
         return self.profile.decode_coeffs(batch_size)
 
 
-def kv_capacity_tokens(model: ModelSpec, gpu: GPUSpec, tp: int, pp: int, mem_util: float = 0.95) -> int:
-    """KV tokens a TP×PP instance holds after weights, 1% of memory kept for activations
-    (DistServe's rule); <= 0 means the weights do not fit."""
+def activation_reserve_bytes(model: ModelSpec, gpu: GPUSpec, tp: int, max_batch_tokens: int = 4096,
+                             max_num_seqs: int = 512) -> float:
+    """Memory per GPU kept for activations: the larger of DistServe's rule (1% of memory) and one
+    forward of `max_batch_tokens` tokens (`ModelSpec.activation_bytes`)."""
+    return max(0.01 * gpu.mem_bytes, float(model.activation_bytes(tp, max_batch_tokens, max_num_seqs)))
+
+
+def kv_capacity_tokens(model: ModelSpec, gpu: GPUSpec, tp: int, pp: int, mem_util: float = 0.95,
+                       max_batch_tokens: int = 4096, max_num_seqs: int = 512) -> int:
+    """KV tokens a TP×PP instance holds: `mem_util` of each GPU's memory minus its share of the
+    weights and the activation reserve (DistServe: 0.95 and 1%); <= 0 means the weights do not fit."""
     n = tp * pp
-    free_per_gpu = gpu.mem_bytes * (mem_util - 0.01) - model.weight_bytes / n
+    reserve = activation_reserve_bytes(model, gpu, tp, max_batch_tokens, max_num_seqs)
+    free_per_gpu = gpu.mem_bytes * mem_util - reserve - model.weight_bytes / n
     if free_per_gpu <= 0:
         return 0
     return int(free_per_gpu * n // model.kv_bytes_per_token)
 
 
 def instance_latency(source: LatencySource, model: ModelSpec, gpu: GPUSpec, tp: int, pp: int,
-                     pp_stage_overhead_s: float = 1e-3) -> InstanceLatency | None:
-    """None when the source has no data for `tp` or the weights do not fit on tp·pp GPUs."""
+                     pp_stage_overhead_s: float = 1e-3, *, max_batch_tokens: int = 4096,
+                     max_num_seqs: int = 512, max_model_len: int | None = None) -> InstanceLatency | None:
+    """None when the source has no data for `tp`, or the GPUs cannot hold the weights, the
+    activation reserve and the KV of one `max_model_len`-token request (default: the model's)."""
     profile = source.profile(model, tp)
-    capacity = kv_capacity_tokens(model, gpu, tp, pp)
-    if profile is None or capacity < model.max_model_len:
+    capacity = kv_capacity_tokens(model, gpu, tp, pp, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs)
+    if profile is None or capacity < (max_model_len or model.max_model_len):
         return None
     return InstanceLatency(tp=tp, pp=pp, profile=profile, kv_capacity_tokens=capacity,
                            pp_stage_overhead_s=pp_stage_overhead_s * pp)

@@ -56,7 +56,20 @@ class ModelSpec:
         return 2.0 * self.num_layers * self.params_per_layer
 
     def valid_tp(self, tp: int) -> bool:
-        return self.num_heads % tp == 0 and (self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0)
+        """The engine's rule (engine/tp.py `check_tp`): TP divides the attention heads, the KV
+        heads and the MLP width (no KV-head replication)."""
+        return all(n % tp == 0 for n in (self.num_heads, self.num_kv_heads, self.intermediate_size))
+
+    def activation_bytes(self, tp: int, num_tokens: int, num_seqs: int) -> int:
+        """Peak activation memory of one GPU of a TP group running one forward of `num_tokens`
+        tokens from `num_seqs` sequences: the residual stream and its normed copy (2h), this
+        rank's q/k/v and attention output ((2h + 2·kv)/tp), the MLP's up/gate/act ((2 or 3)·ffn/tp)
+        in the model dtype, plus fp32 logits of the last token of each sequence. Counts one
+        layer's live tensors (the engine frees them layer by layer)."""
+        kv = self.num_kv_heads * self.head_dim
+        mlp = (3 if self.ffn == "gated" else 2) * self.intermediate_size
+        per_token = 2 * self.hidden_size + (2 * self.hidden_size + 2 * kv + mlp) // tp
+        return num_tokens * per_token * self.dtype_bytes + num_seqs * self.vocab_size * 4
 
     def valid_pp(self, pp: int) -> bool:
         return self.num_layers % pp == 0

@@ -4,6 +4,7 @@ one node. First-fit decreasing over groups of GPUs; None when they do not fit.""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -49,13 +50,22 @@ def _common_stages(unit: Unit) -> int:
     return math.gcd(unit.prefill.pp, unit.decode.pp) if unit.decode else 1
 
 
+def _node_range(cluster: ClusterSpec, role: str) -> range:
+    """Nodes a segment of `role` may use (a phase-split cluster keeps prefill on its own nodes)."""
+    if cluster.prefill_nodes is None:
+        return range(cluster.num_nodes)
+    if role == "prefill":
+        return range(cluster.prefill_nodes)
+    return range(cluster.prefill_nodes, cluster.num_nodes)
+
+
 def pack(unit: Unit, replicas: int, cluster: ClusterSpec) -> list[Segment] | None:
     free = [cluster.gpus_per_node] * cluster.num_nodes
     placed: list[Segment] = []
     groups = sorted(_groups(unit, replicas), key=lambda g: -sum(tp for *_, tp in g))
     for group in groups:
         size = sum(tp for *_, tp in group)
-        node = next((n for n in range(cluster.num_nodes) if free[n] >= size), None)
+        node = next((n for n in _node_range(cluster, group[0][0]) if free[n] >= size), None)
         if node is None:
             return None
         base = cluster.gpus_per_node - free[node]
@@ -66,8 +76,41 @@ def pack(unit: Unit, replicas: int, cluster: ClusterSpec) -> list[Segment] | Non
     return sorted(placed, key=lambda s: (s.role, s.instance, s.stage))
 
 
+def fits(unit: Unit, replicas: int, cluster: ClusterSpec) -> bool:
+    """Whether `pack` succeeds, without building the segments: first-fit decreasing places a run
+    of equal-size groups node after node, each node taking as many as its free GPUs hold (once a
+    node cannot take one more, no later group of that size or larger fits it either)."""
+    free = [cluster.gpus_per_node] * cluster.num_nodes
+    for (size, role), count in sorted(_group_sizes(unit).items(), key=lambda kv: -kv[0][0]):
+        left = replicas * count
+        for n in _node_range(cluster, role):
+            if left == 0:
+                break
+            take = min(left, free[n] // size)
+            free[n] -= take * size
+            left -= take
+        if left:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=65536)
+def _group_sizes(unit: Unit) -> dict[tuple[int, str], int]:
+    """(GPUs per node-group, its first role) → groups of that kind in one replica (as `_groups` builds them)."""
+    out: dict[tuple[int, str], int] = {}
+    for group in _groups(unit, 1):
+        key = (sum(tp for *_, tp in group), group[0][0])
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
 def max_replicas(unit: Unit, cluster: ClusterSpec) -> int:
-    r = 0
-    while (r + 1) * unit.num_gpus <= cluster.num_gpus and pack(unit, r + 1, cluster) is not None:
-        r += 1
-    return r
+    """Most replicas of `unit` that `pack` places (bisection: feasibility only drops as replicas grow)."""
+    lo, hi = 0, cluster.num_gpus // unit.num_gpus
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(unit, mid, cluster):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

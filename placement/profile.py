@@ -38,6 +38,18 @@ class Grid:
     decode_contexts: tuple[int, ...] = DECODE_CONTEXTS
     max_decode_tokens: int = 16384
 
+    @classmethod
+    def quick(cls, **kw: int) -> Grid:
+        """A coarse grid (about a quarter of the points) for a first profile in minutes."""
+        return cls(batch_sizes=(1, 2, 4, 8, 16, 32, 64), lengths=(16, 64, 128, 256, 512, 1024, 2020),
+                   decode_batch_sizes=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128), decode_contexts=(128, 1024), **kw)
+
+    def costs(self) -> list[float]:
+        """Relative cost of each point, prefill then decode (tokens computed plus a fixed step
+        cost of 32 tokens; a decode token over its context ≈ 1/64 of a prefill token per context token)."""
+        return ([b * n + 32.0 for b, n in self.points()]
+                + [b * (1 + n / 64) + 32.0 for b, n in self.decode_points()])
+
     def points(self) -> list[tuple[int, int]]:
         """Prefill (batch size, length) pairs in the budget, cheapest first."""
         return _pairs(self.batch_sizes, self.lengths, self.max_len, self.max_batch_tokens)
@@ -87,24 +99,30 @@ def read_step_log(path: str | Path) -> dict[str, list[StepRecord]]:
 
 
 def fit_and_write(path: str | Path, model_key: str, tp: int, prefill: Sequence[PrefillSample],
-                  decode: Sequence[DecodeSample], large_batch_threshold: int = 95) -> tuple[PhaseProfile, dict[str, FitReport]]:
+                  decode: Sequence[DecodeSample], large_batch_threshold: int = 95,
+                  device: str | None = None) -> tuple[PhaseProfile, dict[str, FitReport]]:
     """Fit and merge into the profile file at `path` (other models/TPs in it are kept)."""
     profile, report = fit_profile(prefill, decode, large_batch_threshold)
-    write_profile(path, model_key, tp, profile)
+    write_profile(path, model_key, tp, profile, device)
     return profile, report
 
 
-def write_profile(path: str | Path, model_key: str, tp: int, profile: PhaseProfile) -> None:
-    """Merge one (model, TP) entry into the profile file at `path`."""
+def write_profile(path: str | Path, model_key: str, tp: int, profile: PhaseProfile, device: str | None = None) -> None:
+    """Merge one (model, TP) entry into the profile file at `path`; `device` ("cpu"/"cuda", where
+    it was measured) lets `pdserve plan` plan a CPU deployment from a CPU profile."""
     path = Path(path)
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data.setdefault(model_key, {}).update(profile_to_json({model_key: {tp: profile}})[model_key])
+    entry = profile_to_json({model_key: {tp: profile}})[model_key]
+    if device:
+        entry[str(tp)]["device"] = device
+    data.setdefault(model_key, {}).update(entry)
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def measure_engine(model: str, grid: Grid, repeats: int = 3,
-                   progress: Callable[[int, int], None] | None = None) -> tuple[list[PrefillSample], list[DecodeSample]]:
-    """Run the real engine (one process, TP 1) over `grid`. Imports the engine here only."""
+def measure_engine(model: str, grid: Grid, repeats: int = 3, progress: Callable[[int, int], None] | None = None
+                   ) -> tuple[list[PrefillSample], list[DecodeSample], str]:
+    """Run the real engine (one process, TP 1) over `grid`; also returns its device type ("cpu",
+    "cuda"). Imports the engine here only."""
     import torch
 
     from pdserve.config import EngineConfig
@@ -113,5 +131,6 @@ def measure_engine(model: str, grid: Grid, repeats: int = 3,
 
     torch.set_num_threads(1)
     engine = Engine.from_config(model, EngineConfig(max_model_len=grid.max_len + 1))
-    return measure(grid, lambda lens: time_prefill(engine, lens, repeats),
-                   lambda lens: time_decode(engine, lens, repeats), progress)
+    pre, dec = measure(grid, lambda lens: time_prefill(engine, lens, repeats),
+                       lambda lens: time_decode(engine, lens, repeats), progress)
+    return pre, dec, engine.device.type

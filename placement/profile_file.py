@@ -33,12 +33,18 @@ class ProfileFile:
 
     name: str
     table: dict[str, dict[int, PhaseProfile]] = field(repr=False)
+    devices: frozenset[str] = frozenset()  # the entries' "device" keys (absent in DistServe's files)
 
     def profile(self, model: ModelSpec, tp: int) -> PhaseProfile | None:
         for key in (model.hf_name, model.name):
             if key and key in self.table:
                 return self.table[key].get(tp)
         return None
+
+    @property
+    def device(self) -> str:
+        """'cpu' when every entry was measured on a CPU (`pdserve profile` records it), else 'cuda'."""
+        return "cpu" if self.devices and self.devices == {"cpu"} else "cuda"
 
     def models(self) -> list[str]:
         return sorted(self.table)
@@ -53,7 +59,10 @@ def load_profile(name_or_path: str) -> ProfileFile:
         if not path.is_file():
             raise ValueError(f"profile: no file {name_or_path!r} (published: {', '.join(PUBLISHED)})")
         text = path.read_text()
-    return ProfileFile(name=name_or_path, table=parse_profile(json.loads(text), name_or_path))
+    data = json.loads(text)
+    devices = frozenset(e["device"] for per_tp in data.values() if isinstance(per_tp, dict)
+                        for e in per_tp.values() if isinstance(e, dict) and "device" in e)
+    return ProfileFile(name=name_or_path, table=parse_profile(data, name_or_path), devices=devices)
 
 
 def parse_profile(data: Any, where: str = "profile") -> dict[str, dict[int, PhaseProfile]]:

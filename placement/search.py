@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pdserve.bench.metrics import SLO
+from pdserve.placement.bound import hardware_bound
 from pdserve.placement.candidates import (PhaseConfig, Unit, colocated_units, low_affinity_units,
                                           phase_configs, ratio_units)
 from pdserve.placement.deployment import Deployment
-from pdserve.placement.goodput import Metric, goodput
+from pdserve.placement.goodput import MAX_REQUESTS, Metric, attained, counted, goodput, steady_len
+from pdserve.placement.simulator import simulate
 from pdserve.placement.hardware import ClusterSpec
 from pdserve.placement.latency import InstanceLatency, LatencySource, instance_latency
 from pdserve.placement.model_spec import ModelSpec
@@ -28,6 +30,8 @@ from pdserve.placement.transfer import TransferModel
 from pdserve.placement.workload import Trace, Workload
 
 Progress = Callable[[int, int, str], None]
+CONFIRM_TOP = 2  # leading units re-checked on a longer trace (`_confirm`)
+CONFIRM_FACTOR = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +42,7 @@ class SearchSpec:
     workload: Workload
     slo: SLO
     colocated_source: LatencySource | None = None  # default: `source` (pdserve runs one engine)
+    decode_source: LatencySource | None = None  # decode nodes' source when their GPU differs; default `source`
     target_rate: float | None = None
     codec: str = "raw"
     affinity: Literal["high", "low", "both"] = "both"
@@ -49,6 +54,18 @@ class SearchSpec:
     decode_token_limit: int | None = None
     verify_top_k: int = 4  # units per algorithm checked by joint simulation
     jobs: int = 1  # worker processes for the simulations
+
+    def __post_init__(self) -> None:
+        for name in ("num_requests", "prefill_token_budget", "max_num_seqs", "verify_top_k", "jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def max_model_len(self) -> int:
+        """The engine's max_model_len: the workload's longest request (prompt + output, rounded up
+        to a multiple of 16 tokens), at most the model's context."""
+        longest = max(p + o for p, o in zip(self.workload.prompt_lens, self.workload.output_lens))
+        return min(self.model.max_model_len, -(-(longest + 1) // 16) * 16)
 
 
 @dataclass(frozen=True)
@@ -85,13 +102,14 @@ class SearchResult:
 
 def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
     started = time.perf_counter()
-    trace = spec.workload.trace(spec.num_requests, spec.seed)
+    trace = search_trace(spec)
     lat = phase_latencies(spec, spec.source)
-    configs = set(lat)
+    dlat = phase_latencies(spec, spec.decode_source or spec.source, "decode")
+    configs = set(lat) & set(dlat)
+    by_role = {"prefill": lat, "decode": dlat}
     # 1. per-phase goodput of every config (Algorithm 1's inner loop; feeds Algorithm 2's estimate)
-    phase_jobs = [(role, c) for c in sorted(configs) for role in ("prefill", "decode")] \
-        if spec.affinity in ("high", "low", "both") else []
-    values = _run([(_phase_deployment(spec, role, lat[c]), trace, spec.slo, "ttft" if role == "prefill" else "tpot")
+    phase_jobs = [(role, c) for c in sorted(set(lat) | set(dlat)) for role in ("prefill", "decode") if c in by_role[role]]
+    values = _run([_job(spec, _phase_deployment(spec, role, by_role[role][c]), trace, "ttft" if role == "prefill" else "tpot")
                    for role, c in phase_jobs], spec.jobs, progress, "phase", [f"{r} {c}" for r, c in phase_jobs])
     g = dict(zip(phase_jobs, values))
     # 2. units, estimated from the phase goodputs; the best few per algorithm are verified jointly
@@ -103,25 +121,53 @@ def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
                              if u.prefill in configs and u.decode in configs], g)
     units = list({(u.prefill, u.num_prefill, u.decode, u.num_decode, u.intra_node_transfer): u
                   for u in reversed(units)}.values())[::-1]  # one simulation per distinct unit
-    colo_lat = phase_latencies(spec, spec.colocated_source) if spec.colocated_source else lat
+    colo_lat = colocated_latencies(spec, dlat)
     if spec.include_colocated:
         units += [u for u in colocated_units(set(colo_lat)) if max_replicas(u, spec.cluster) > 0]
-    deps = [unit_deployment(spec, u, colo_lat if u.decode is None else lat) for u in units]
-    joint = _run([(d, trace, spec.slo, "joint") for d in deps], spec.jobs, progress, "joint",
+    deps = [unit_deployment(spec, u, colo_lat if u.decode is None else lat, dlat) for u in units]
+    joint = _run([_job(spec, d, trace, "joint") for d in deps], spec.jobs, progress, "joint",
                  [u.describe() for u in units])
-    scored = [_score(spec, u, gp) for u, gp in zip(units, joint)]
-    ranked = tuple(sorted((s for s in scored if s is not None), key=lambda s: _rank_key(spec, s)))
+    scored = [s for s in (_score(spec, u, gp) for u, gp in zip(units, joint)) if s is not None]
+    ranked = _confirm(spec, scored, dict(zip(units, deps)), trace, progress)
     best = ranked[0] if ranked else None
     feasible = best is not None and best.unit_goodput > 0 and (
         spec.target_rate is None or best.planned_goodput >= spec.target_rate)
     return SearchResult(ranked, feasible, g, len(phase_jobs) + len(units), time.perf_counter() - started)
 
 
-def phase_latencies(spec: SearchSpec, source: LatencySource) -> dict[PhaseConfig, InstanceLatency]:
-    """Memory pruning: configs whose weights (plus one max-length request) do not fit are dropped."""
+def _confirm(spec: SearchSpec, scored: list[Scored], deps: dict[Unit, Deployment], trace: Trace,
+             progress: Progress | None) -> tuple[Scored, ...]:
+    """Re-check the leading `CONFIRM_TOP` units with `CONFIRM_FACTOR` times their trace (up to the
+    search's whole trace): one that misses the target there gets the goodput of the long trace
+    and the ranking is redone, until the leaders hold. A queue that builds slowly (a colocated
+    engine's prefill backlog) passes a short trace and fails a long one."""
+    confirmed: set[Unit] = set()
+    ranked = sorted(scored, key=lambda s: _rank_key(spec, s))
+    while True:
+        todo = [s for s in ranked[:CONFIRM_TOP] if s.unit not in confirmed and s.unit_goodput > 0]
+        if not todo:
+            return tuple(ranked)
+        s = todo[0]
+        dep = deps[s.unit]
+        long = trace.head(CONFIRM_FACTOR * len(job_trace(spec, dep, trace)))
+        confirmed.add(s.unit)
+        if attained(spec.slo, counted(simulate(dep, long, s.unit_goodput))) >= spec.slo.attainment:
+            continue
+        g = goodput(dep, long, spec.slo, max_rate=s.unit_goodput, near=0.85)
+        if progress:
+            progress(len(confirmed), len(confirmed), f"confirm: {s.unit.describe()} → {g:.3f} req/s on {len(long)} requests")
+        ranked = sorted([x for x in ranked if x is not s] + [x for x in [_score(spec, s.unit, g)] if x is not None],
+                        key=lambda x: _rank_key(spec, x))
+
+
+def phase_latencies(spec: SearchSpec, source: LatencySource, role: str = "prefill") -> dict[PhaseConfig, InstanceLatency]:
+    """Instances of `role` on its nodes' GPU. Memory pruning: configs whose weights, activation
+    reserve and one max-length request do not fit are dropped."""
     out = {}
     for c in phase_configs(spec.model, spec.cluster):
-        il = instance_latency(source, spec.model, spec.cluster.gpu, c.tp, c.pp)
+        il = instance_latency(source, spec.model, spec.cluster.gpu_for(role), c.tp, c.pp,
+                              max_batch_tokens=spec.prefill_token_budget, max_num_seqs=spec.max_num_seqs,
+                              max_model_len=spec.max_model_len)
         if il is not None:
             out[c] = il
     return out
@@ -134,13 +180,30 @@ def _phase_deployment(spec: SearchSpec, role: str, il: InstanceLatency) -> Deplo
                       decode_token_limit=spec.decode_token_limit)
 
 
-def unit_deployment(spec: SearchSpec, unit: Unit, lat: dict[PhaseConfig, InstanceLatency]) -> Deployment:
+def deployment_of(spec: SearchSpec, unit: Unit) -> Deployment:
+    """`unit` with its latencies on the GPUs its instances run on; ValueError when one does not fit."""
+    dlat = phase_latencies(spec, spec.decode_source or spec.source, "decode")
+    lat = colocated_latencies(spec, dlat) if unit.decode is None else phase_latencies(spec, spec.source)
+    missing = [f"{c}" for c, have in ((unit.prefill, lat), (unit.decode, dlat)) if c is not None and c not in have]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} does not fit {spec.cluster.gpu.name} or has no latency data")
+    return unit_deployment(spec, unit, lat, dlat)
+
+
+def colocated_latencies(spec: SearchSpec, dlat: dict[PhaseConfig, InstanceLatency]) -> dict[PhaseConfig, InstanceLatency]:
+    """Colocated instances run on the decode nodes, from `colocated_source` if given."""
+    return phase_latencies(spec, spec.colocated_source, "decode") if spec.colocated_source else dlat
+
+
+def unit_deployment(spec: SearchSpec, unit: Unit, lat: dict[PhaseConfig, InstanceLatency],
+                    dlat: dict[PhaseConfig, InstanceLatency] | None = None) -> Deployment:
+    """`lat`: prefill (or colocated) instances; `dlat`: decode instances (default `lat`)."""
     common = dict(prefill_token_budget=spec.prefill_token_budget, max_num_seqs=spec.max_num_seqs,
                   decode_token_limit=spec.decode_token_limit)
     if unit.decode is None:
         return Deployment(mode="colocated", prefill=(lat[unit.prefill],), colocated_policy=unit.colocated_policy,
                           **common)
-    return Deployment(prefill=(lat[unit.prefill],) * unit.num_prefill, decode=(lat[unit.decode],) * unit.num_decode,
+    return Deployment(prefill=(lat[unit.prefill],) * unit.num_prefill, decode=((dlat or lat)[unit.decode],) * unit.num_decode,
                       transfer=transfer_model(spec.model, spec.cluster, unit, spec.codec), **common)
 
 
@@ -163,18 +226,34 @@ def _high_units(spec: SearchSpec, g: dict[tuple[str, PhaseConfig], float]) -> li
             for u in ratio_units(p, d, spec.cluster)]
 
 
-def _estimate(spec: SearchSpec, u: Unit, g: dict[tuple[str, PhaseConfig], float]) -> Scored | None:
+def _estimate(spec: SearchSpec, u: Unit, g: dict[tuple[str, PhaseConfig], float]) -> float:
+    """A unit's goodput from its phases' (req/s): the slower phase, or the KV links."""
     assert u.decode is not None
     link = 1.0 / transfer_model(spec.model, spec.cluster, u, spec.codec).transfer_s(int(spec.workload.mean_prompt_len))
-    est = min(u.num_prefill * g.get(("prefill", u.prefill), 0.0), u.num_decode * g.get(("decode", u.decode), 0.0),
-              0.9 * u.num_decode * link)  # each decode instance pulls over its own link, FIFO
-    return _score(spec, u, est)
+    return min(u.num_prefill * g.get(("prefill", u.prefill), 0.0), u.num_decode * g.get(("decode", u.decode), 0.0),
+               0.9 * u.num_decode * link)  # each decode instance pulls over its own link, FIFO
 
 
 def _top(spec: SearchSpec, units: Sequence[Unit], g: dict[tuple[str, PhaseConfig], float]) -> list[Unit]:
-    est = [s for s in (_estimate(spec, u, g) for u in units) if s is not None and s.unit_goodput > 0]
-    est.sort(key=lambda s: _rank_key(spec, s))
-    return [s.unit for s in est[: spec.verify_top_k]]
+    """The `verify_top_k` best units by estimate. Without a target rate, units are scored in the
+    order of an optimistic key (as many replicas as the GPU count allows) and packing is checked
+    only until no later unit can reach the top k (a 1,024-GPU cluster has ~20k units)."""
+    k = spec.verify_top_k
+    est = [(u, v) for u, v in ((u, _estimate(spec, u, g)) for u in units) if v > 0]
+    if spec.target_rate is not None:
+        scored = [s for s in (_score(spec, u, v) for u, v in est) if s is not None]
+        return [s.unit for s in sorted(scored, key=lambda s: _rank_key(spec, s))[:k]]
+    optimistic = sorted((Scored(u, v, spec.cluster.num_gpus // u.num_gpus) for u, v in est),
+                        key=lambda s: _rank_key(spec, s))
+    exact: list[Scored] = []
+    for s in optimistic:
+        if len(exact) >= k and _rank_key(spec, s)[0] > _rank_key(spec, exact[k - 1])[0]:
+            break
+        real = _score(spec, s.unit, s.unit_goodput)
+        if real is not None:
+            exact.append(real)
+            exact.sort(key=lambda x: _rank_key(spec, x))
+    return [s.unit for s in exact[:k]]
 
 
 def _score(spec: SearchSpec, unit: Unit, unit_goodput: float) -> Scored | None:
@@ -195,11 +274,31 @@ def _rank_key(spec: SearchSpec, s: Scored) -> tuple:
     return (-round(s.planned_goodput, 9), -s.per_gpu_goodput, s.num_gpus, s.unit.describe())
 
 
-def _goodput_job(job: tuple[Deployment, Trace, SLO, Metric]) -> float:
-    return goodput(*job)
+Job = tuple[Deployment, Trace, SLO, Metric, float]
 
 
-def _run(jobs: list[tuple[Deployment, Trace, SLO, Metric]], n_jobs: int, progress: Progress | None,
+def search_trace(spec: SearchSpec) -> Trace:
+    """The search's one seeded trace; every simulation runs a prefix of it (`job_trace`)."""
+    return spec.workload.trace(max(spec.num_requests, MAX_REQUESTS), spec.seed)
+
+
+def job_trace(spec: SearchSpec, dep: Deployment, trace: Trace) -> Trace:
+    """As much of the search's trace as `dep` needs for steady state."""
+    return trace.head(steady_len(dep, trace, spec.num_requests))
+
+
+def _job(spec: SearchSpec, dep: Deployment, trace: Trace, metric: Metric) -> Job:
+    trace = job_trace(spec, dep, trace)
+    c = spec.cluster
+    return dep, trace, spec.slo, metric, hardware_bound(dep, trace, spec.model, c.gpu, c.gpu_for("decode"))
+
+
+def _goodput_job(job: Job) -> float:
+    dep, trace, slo, metric, bound = job
+    return goodput(dep, trace, slo, metric, max_rate=bound)
+
+
+def _run(jobs: list[Job], n_jobs: int, progress: Progress | None,
          stage: str, labels: list[str]) -> list[float]:
     """Goodput of each job, in order; in `n_jobs` processes when there is more than one job."""
     if n_jobs > 1 and len(jobs) > 1:

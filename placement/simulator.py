@@ -6,7 +6,7 @@ batches under a token budget, admitted only while the KV they produce fits next 
 pulled (back-pressure) → first token (TTFT) → the decode instance with the least reserved KV →
 pulled when it can reserve prompt+output tokens and a slot, over its link (FIFO) → joins the
 least-loaded lane (one per pipeline stage) → continuous batching → finish (TPOT).
-Colocated: one engine per instance; prefill-priority stalls the decode batch for each prefill
+Colocated: one engine per instance (a request goes to the least loaded); prefill-priority stalls the decode batch for each prefill
 batch (vLLM), chunked mixes up to `chunk_size` tokens of prefill with the decodes (Sarathi).
 With `host_slowdown` (instances sharing one host), a step that starts while another instance is
 busy runs that much slower: a prefill batch from its start, a decode lane from its next boundary
@@ -107,7 +107,10 @@ class _Sim:
     def on_arrival(self, r: int) -> None:
         if self.dep.phases == "decode":
             self.first_tok[r] = self.now
-            self.to_decode(r)
+            if self.olen[r] == 1:  # the prefill produced its only token: nothing to decode
+                self.tpot[r] = 0.0
+            else:
+                self.to_decode(r)
             return
         prefills = self.prefills
         pi = 0 if len(prefills) == 1 else min(range(len(prefills)), key=lambda k: prefills[k].outstanding)
@@ -289,8 +292,11 @@ class _Sim:
 
     # ---- colocated -------------------------------------------------------------------------
     def on_coloc_arrival(self, r: int) -> None:
-        ci = min(range(len(self.colocs)), key=self.outstanding.__getitem__)
-        if self.plen[r] + self.olen[r] > self.dep.decode_capacity(self.colocs[ci].lat):
+        colocs, outstanding = self.colocs, self.outstanding
+        # least work: prompt tokens not yet prefilled plus KV reserved by running requests (prompt
+        # tokens alone send every request to instance 0 at light load, skewing the decode batches)
+        ci = 0 if len(colocs) == 1 else min(range(len(colocs)), key=lambda k: outstanding[k] + colocs[k].reserved)
+        if self.plen[r] + self.olen[r] > self.dep.decode_capacity(colocs[ci].lat):
             return
         self.colocs[ci].waiting.append(r)
         self.outstanding[ci] += self.plen[r]

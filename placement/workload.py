@@ -10,10 +10,14 @@ prompt + output < 2048; mean 755.5 / 200.3 tokens).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from pdserve.bench.lengths import read_lengths
+from pdserve.bench.workload import WORKLOADS
 
 
 @dataclass(frozen=True)
@@ -28,11 +32,11 @@ class Workload:
         if min(self.prompt_lens) < 1 or min(self.output_lens) < 1:
             raise ValueError(f"workload {self.name}: lengths must be >= 1")
 
-    @property
+    @functools.cached_property
     def mean_prompt_len(self) -> float:
         return sum(self.prompt_lens) / len(self.prompt_lens)
 
-    @property
+    @functools.cached_property
     def mean_output_len(self) -> float:
         return sum(self.output_lens) / len(self.output_lens)
 
@@ -58,6 +62,12 @@ class Trace:
     def __len__(self) -> int:
         return len(self.unit_arrivals)
 
+    def head(self, n: int) -> Trace:
+        """The first `n` requests (the whole trace if it is shorter)."""
+        if n >= len(self):
+            return self
+        return Trace(self.unit_arrivals[:n], self.prompt_lens[:n], self.output_lens[:n])
+
     def arrivals(self, rate: float) -> list[float]:
         inv = 1.0 / rate
         return [t * inv for t in self.unit_arrivals]
@@ -77,31 +87,47 @@ def sharegpt_like(num: int = 20_000, seed: int = 0, max_total_len: int = 2048) -
 
 
 def load_lengths(path: str | Path) -> Workload:
-    """JSON lines of {"prompt_len", "output_len"} (bench's lengths file), a JSON list of such
-    objects or of [prompt_len, output_len] pairs, or CSV with those two columns."""
+    """bench's lengths file (JSON lines of {"prompt_len", "output_len"}, read by bench's reader),
+    a JSON list of such objects or of [prompt_len, output_len] pairs, or CSV with those two columns."""
     path = Path(path)
     text = path.read_text()
     pairs: list[tuple[int, int]] = []
     if path.suffix == ".csv":
         for row in csv.DictReader(text.splitlines()):
             pairs.append((int(row["prompt_len"]), int(row["output_len"])))
-    else:
-        stripped = text.lstrip()
-        rows = json.loads(text) if stripped.startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-        for i, row in enumerate(rows):
+    elif text.lstrip().startswith("["):
+        for i, row in enumerate(json.loads(text)):
             try:
                 pairs.append((int(row["prompt_len"]), int(row["output_len"])) if isinstance(row, dict)
                              else (int(row[0]), int(row[1])))
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}: entry {i + 1} is not a (prompt_len, output_len) pair ({e!r})") from None
+    else:
+        pairs = [(r.prompt_len, r.output_len) for r in read_lengths(path)]
     if not pairs:
         raise ValueError(f"{path}: no requests")
     return Workload(path.stem, tuple(p for p, _ in pairs), tuple(o for _, o in pairs))
 
 
-def load_workload(name_or_path: str) -> Workload:
-    if name_or_path in ("sharegpt", "sharegpt-like"):
-        return sharegpt_like()
+# distinct requests drawn from each of bench's datasets (traces resample them); the long-prompt
+# set tokenizes whole documents, so it is kept small (`pdserve bench lengths` caches any size)
+DATASET_SAMPLES = {"sharegpt": 1000, "humaneval": 164, "longbench": 100}
+
+
+def load_workload(name_or_path: str, tokenizer: str = "smollm2-135m", max_model_len: int = 2048) -> Workload:
+    """`sharegpt-like` (offline, fitted to DistServe's ShareGPT statistics), one of bench's
+    workloads (`sharegpt`, `humaneval`, `longbench`: real data tokenized with `tokenizer` and
+    filtered as `pdserve bench` does), or a lengths file."""
+    if name_or_path == "sharegpt-like":
+        return sharegpt_like()  # DistServe's filter (prompt + output < 2048), which its fit assumes
+    if name_or_path in DATASET_SAMPLES:
+        from pdserve.bench.tokenizer import load_tokenizer
+        from pdserve.bench.workload import WorkloadSpec, build_workload
+
+        spec = WorkloadSpec(name_or_path, DATASET_SAMPLES[name_or_path], max_model_len=max_model_len)
+        reqs = build_workload(spec, load_tokenizer(tokenizer))
+        return Workload(name_or_path, tuple(r.prompt_len for r in reqs), tuple(r.output_len for r in reqs))
     if Path(name_or_path).is_file():
         return load_lengths(name_or_path)
-    raise ValueError(f"workload: {name_or_path!r} is neither 'sharegpt-like' nor a lengths file")
+    raise ValueError(f"--workload: {name_or_path!r} is none of sharegpt-like, {', '.join(WORKLOADS)} "
+                     "nor a lengths file")

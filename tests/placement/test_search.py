@@ -57,7 +57,7 @@ def toy_spec(nodes: int, ttft: float = 1.0, tpot: float = 0.06, **kw) -> SearchS
     cluster = ClusterSpec(num_nodes=nodes, gpus_per_node=2, gpu=load_gpu("l4"), inter_node_gbps=100)
     return SearchSpec(model=load_model("llama-3-8b"), cluster=cluster, source=Roofline(gpu=cluster.gpu),
                       workload=sharegpt_like(2000), slo=SLO(ttft_s=ttft, tpot_s=tpot), num_requests=200,
-                      verify_top_k=10_000, **kw)
+                      max_num_seqs=64, verify_top_k=10_000, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,7 @@ def test_plans_never_exceed_the_cluster(toy_results):
     for nodes, result in toy_results.items():
         spec = toy_spec(nodes)
         for s in result.ranked:
-            plan = Plan.from_scored(s, model="llama-3-8b", cluster=spec.cluster, codec="raw",
-                                    ttft_s=1.0, tpot_s=0.06, attainment=0.9)
+            plan = Plan.from_scored(s, spec)
             assert plan.num_gpus <= spec.cluster.num_gpus
             used = [(seg.node, g) for seg in plan.placement for g in seg.gpus]
             assert len(used) == len(set(used)) == plan.num_gpus
@@ -99,14 +98,15 @@ def test_target_rate_and_infeasible_slo():
 
 
 def test_plan_round_trips_and_is_servable(toy_results, tmp_path):
-    spec = toy_spec(2)
-    plan = Plan.from_scored(toy_results[2].best, model="llama-3-8b", cluster=spec.cluster, codec="int8",
-                            ttft_s=1.0, tpot_s=0.06, attainment=0.9)
+    spec = dataclasses.replace(toy_spec(2), codec="int8")
+    plan = Plan.from_scored(toy_results[2].best, spec)
     assert Plan.from_yaml(plan.to_yaml()) == plan
     path = tmp_path / "serving.yaml"
     path.write_text(plan.serving_config().to_yaml())
     cfg = ServingConfig.load(path)
-    assert cfg.mode == plan.mode and cfg.kvtransfer.codec == "int8" and cfg.slo.tpot_s == 0.06
+    crosses_nodes = plan.mode == "disaggregated" and plan.placement and len({seg.node for seg in plan.placement}) > 1
+    assert cfg.mode == plan.mode and cfg.slo.tpot_s == 0.06
+    assert plan.codec == "int8" and cfg.kvtransfer.codec == ("int8" if crosses_nodes else "raw")
     assert cfg.decode.instances == plan.decode.instances and cfg.decode.tp == plan.decode.tp
     if plan.prefill:
         assert (cfg.prefill.instances, cfg.prefill.tp, cfg.prefill.pp) == dataclasses.astuple(plan.prefill)
