@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pdserve.router.core import Router
+from pdserve.router.vllm_metrics import VllmGauges, VllmMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds; wide because CPU instances are slow and GPU ones fast.
@@ -23,9 +24,11 @@ _BREAKDOWN = {"queue": "queue", "prefill": "prefill", "transfer": "kv_transfer",
 
 
 class RouterMetrics:
-    def __init__(self, router: Router | None = None) -> None:
+    def __init__(self, router: Router | None = None, model_name: str | None = None) -> None:
+        """With `model_name`, the vLLM-named series (router/vllm_metrics.py) are exported too."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.vllm = VllmMetrics(r, model_name) if model_name else None
         def hist(name: str, doc: str) -> Histogram:
             return Histogram(f"pdserve_{name}_seconds", doc, buckets=_LATENCY, registry=r)
 
@@ -41,9 +44,13 @@ class RouterMetrics:
         self.generation_tokens = Counter("pdserve_generation_tokens", "Tokens sent to clients", registry=r)
         if router is not None:
             r.register(_PoolCollector(router))
+            if model_name:
+                r.register(VllmGauges(model_name, lambda: _instance_rows(router)))
 
     def observe_finish(self, finish_reason: str, num_prompt: int, num_output: int,
                        timings: dict[str, float] | None) -> None:
+        if self.vllm is not None:
+            self.vllm.observe_finish(finish_reason, num_prompt, num_output, timings)
         self.requests.labels(finish_reason).inc()
         self.prompt_tokens.inc(num_prompt)
         self.generation_tokens.inc(num_output)
@@ -60,9 +67,18 @@ class RouterMetrics:
     def observe_gap(self, gap_s: float, num_tokens: int) -> None:
         for _ in range(max(1, num_tokens)):
             self.itl.observe(gap_s / max(1, num_tokens))
+            if self.vllm is not None:
+                self.vllm.observe_token_gap(gap_s / max(1, num_tokens))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _instance_rows(router: Router) -> Iterator[tuple[str, float, float, float]]:
+    """(instance id, running, waiting, KV usage) of every instance, as the vLLM gauges want them."""
+    for pool in (router.prefill, router.decode):
+        for inst in pool.instances.values():
+            yield inst.worker_id, inst.snapshot().num_running, inst.stats.num_waiting, inst.stats.kv_usage
 
 
 class _PoolCollector(Collector):

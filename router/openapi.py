@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pdserve.config import ServingConfig
-from pdserve.router.openai_api import MAX_TEMPERATURE
+from pdserve.router.openai_api import _NO_OP, MAX_TEMPERATURE
 
 TIMINGS_KEYS = ("queue_s", "prefill_s", "transfer_s", "decode_s", "ttft_s", "e2e_s", "decode_queue_s")
 
@@ -51,15 +51,19 @@ _SAMPLING: dict[str, Any] = {
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "user": {"type": "string"},
 }
+_NO_OP_FIELDS = {name: {"enum": [*values, None], "description": "accepted only with its no-op value"}
+                 for name, values in _NO_OP.items()}
 _COMPLETION_REQUEST = {
     "type": "object", "required": ["model", "prompt"], "additionalProperties": False,
-    "properties": {**_SAMPLING, "prompt": {"oneOf": [
+    "properties": {**_SAMPLING, **{k: v for k, v in _NO_OP_FIELDS.items() if k != "top_logprobs"},
+                   "prompt": {"oneOf": [
         {"type": "string"}, {"type": "array", "items": {"type": "integer"}},
         {"type": "array", "items": {"type": "string"}, "maxItems": 1}]}},
 }
 _CHAT_REQUEST = {
     "type": "object", "required": ["model", "messages"], "additionalProperties": False,
-    "properties": {**_SAMPLING, "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": True},
+    "properties": {**_SAMPLING, **{k: v for k, v in _NO_OP_FIELDS.items() if k not in ("echo", "best_of", "suffix")},
+                   "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": True},
                    "messages": {"type": "array", "minItems": 1, "items": {
                        "type": "object", "required": ["role", "content"], "properties": {
                            "role": {"type": "string",

@@ -67,7 +67,7 @@ class _Tally:
 def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, card: ModelCard | None = None,
               metrics: RouterMetrics | None = None, stats_interval_s: float = 0.5) -> FastAPI:
     card = card or ModelCard(cfg.model, cfg.engine.max_model_len)
-    metrics = metrics or RouterMetrics(router)
+    metrics = metrics or RouterMetrics(router, model_name=card.name)
     api_key = cfg.router.api_key
 
     @contextlib.asynccontextmanager
