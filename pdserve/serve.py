@@ -38,10 +38,6 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def load_config(args: argparse.Namespace) -> ServingConfig:
     cfg = ServingConfig.load(args.config) if args.config else ServingConfig()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -73,9 +69,19 @@ def ray_session(address: str, cfg: ServingConfig) -> Iterator[None]:
         ray.init(address=address, log_to_driver=False)
     # ray.init installs its own SIGTERM handler (sys.exit mid-call); ours unwinds like Ctrl-C, so
     # the deployment and Ray shut down in order and nothing dumps a stack on the terminal.
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    fired: list[int] = []
+
+    def terminate(signum: int, frame: object) -> None:
+        fired.append(signum)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
+    except KeyboardInterrupt:
+        if fired:  # Ray's calls may turn our exception into a plain KeyboardInterrupt
+            raise Terminated() from None
+        raise
     finally:
         ray.shutdown()
         signal.signal(signal.SIGTERM, previous)
