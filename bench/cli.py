@@ -196,5 +196,5 @@ def _compare(args: argparse.Namespace) -> int:
     if args.ttft is not None or args.tpot is not None or args.slo_scale != 1.0:
         base = SLO(**read_results(args.dirs[0]).summary["slo"])
         slo = SLO(args.ttft or base.ttft_s, args.tpot or base.tpot_s, base.attainment).scaled(args.slo_scale)
-    print(compare(args.dirs, args.output_dir, args.at_rate, slo))
+    print(compare(args.dirs, args.output_dir, args.at_rate, slo, args.slo_scale))
     return 0

@@ -20,23 +20,27 @@ from pdserve.bench.units import fmt_duration
 
 
 def compare(dirs: Sequence[str | Path], out_dir: str | Path, at_rate: float | None = None,
-            slo: SLO | None = None) -> str:
+            slo: SLO | None = None, slo_scale: float = 1.0) -> str:
     """Write compare.json and three overlay plots into `out_dir`; return the comparison table.
-    `slo` replaces every run's own SLO when given."""
+    `slo` replaces every run's own SLO when given; `slo_scale` is what it was scaled by (for titles)."""
     runs = [read_results(d) for d in dirs]
     slos = [slo or SLO(**r.summary["slo"]) for r in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     curves = [_curve(r, s) for r, s in zip(runs, slos)]
     target = slos[0].attainment
-    plots.plot_attainment([(r.label, c) for r, c in zip(runs, curves)], target, out / "attainment.png")
+    sub = slos[0].describe(slo_scale) if len(set(slos)) == 1 else f"each run's own SLOs (scale {slo_scale:g}x)"
+    plots.plot_attainment([(r.label, c) for r, c in zip(runs, curves)], target, out / "attainment.png", subtitle=sub)
     if at_rate is None:
         at_rate = min(max((x for x, _ in c), default=0.0) for c in curves)
     chosen = [_nearest_rate(r, at_rate) for r in runs]
     series = [(r.label, r.records.get(rate, []) if rate is not None else []) for r, rate in zip(runs, chosen)]
-    plots.plot_latency_cdfs(cdf_series(series), slos[0].ttft_s, slos[0].tpot_s, out / "latency_cdf.png")
-    plots.plot_slo_scale([(label, slo_curve(records, s)) for (label, records), s in zip(series, slos)],
-                         target, out / "slo_scale.png")
+    legends = [f"{r.label} @ {rate / r.summary['gpus']:.3g} req/s/GPU" if rate is not None else f"{r.label} (no data)"
+               for r, rate in zip(runs, chosen)]
+    plots.plot_latency_cdfs(cdf_series([(lg, rec) for lg, (_, rec) in zip(legends, series)]), slos[0].ttft_s,
+                            slos[0].tpot_s, out / "latency_cdf.png", subtitle=sub)
+    plots.plot_slo_scale([(lg, slo_curve(records, s)) for lg, (_, records), s in zip(legends, series, slos)],
+                         target, out / "slo_scale.png", subtitle=sub)
     rows = []
     for r, s, c, rate, (_, records) in zip(runs, slos, curves, chosen, series):
         gpus = r.summary["gpus"]

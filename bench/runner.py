@@ -155,12 +155,14 @@ def save(result: BenchResult, out_dir: str | Path, workload: Sequence[WorkloadRe
     }
     out = write_results(out_dir, summary, {r.rate: r.records for r, _ in result.points},
                         [w.lengths() for w in workload])
-    series = [(f"{r.rate:g} req/s", r.records) for r, _ in result.points]
+    series = [(f"{r.rate / cfg.gpus:.3g} req/s/GPU", r.records) for r, _ in result.points]
+    sub = f"{summary['label']}, {cfg.gpus:g} GPUs; {cfg.slo.describe()}"
     plots.plot_attainment([(summary["label"], [(s.rate / cfg.gpus, s.attainment) for _, s in result.points])],
-                          cfg.slo.attainment, out / "attainment.png")
-    plots.plot_latency_cdfs(cdf_series(series), cfg.slo.ttft_s, cfg.slo.tpot_s, out / "latency_cdf.png")
+                          cfg.slo.attainment, out / "attainment.png", subtitle=sub)
+    plots.plot_latency_cdfs(cdf_series(series), cfg.slo.ttft_s, cfg.slo.tpot_s, out / "latency_cdf.png",
+                            subtitle=sub)
     plots.plot_slo_scale([(label, slo_curve(records, cfg.slo)) for label, records in series],
-                         cfg.slo.attainment, out / "slo_scale.png")
+                         cfg.slo.attainment, out / "slo_scale.png", subtitle=sub)
     return out
 
 
