@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     from pdserve.bench.runner import BenchConfig, run_rates, save, search_goodput
 
     from pdserve.bench.deployment import served_model
+    from pdserve.bench.units import fmt_duration
 
     if args.url is None:
         raise ValueError("--url is required (or use `pdserve bench compare DIR...`)")
@@ -137,6 +139,9 @@ def _run(args: argparse.Namespace) -> int:
                       timeout_s=args.timeout, progress=not args.no_progress)
     cfg = BenchConfig(endpoint, slo, gpus, load, args.warmup, args.label)
     if args.rate:
+        finite = [r for r in args.rate if math.isfinite(r) and r > 0]
+        print(f"{len(workload)} requests at {len(args.rate)} rates: arrivals alone take "
+              f"{fmt_duration(sum(len(workload) / r for r in finite))}, plus each point's tail")
         result = run_rates(cfg, workload, args.rate)
     else:
         result = search_goodput(cfg, workload, args.search_start_rate, args.search_steps)
