@@ -67,7 +67,7 @@ QUICK_RATE_FACTORS = (0.5, 1.0, 2.0)
 
 
 def quick_benchmark(url: str, model: str | None = None, tokenizer: str | None = None,
-                    rates: Sequence[float] | None = None, num_requests: int = 16,
+                    rates: Sequence[float] | None = None, num_requests: int = 20,
                     slo: SLO | None = None, gpus: float | None = None, out_dir: str | Path | None = None,
                     log: Callable[[str], None] = print) -> BenchResult:
     """A small ShareGPT run (prompts <= 256 tokens, outputs <= 32) at a few rates. Unless given,
