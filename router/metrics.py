@@ -37,6 +37,9 @@ class RouterMetrics:
         self.tpot = hist("time_per_output_token", "(e2e - TTFT) / (output tokens - 1), per request")
         self.e2e = hist("e2e_request_latency", "Arrival to last token")
         self.phase = {p: hist(f"{name}_time", f"Per-request {name} time") for p, name in _BREAKDOWN.items()}
+        self.phase_queue = Histogram("pdserve_phase_queue_time_seconds", "Per-request wait in each phase's queue: "
+                                     "prefill (colocated: the one queue), decode (admission and KV memory)",
+                                     ["phase"], buckets=_LATENCY, registry=r)
         self.transfer_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
         self.requests = Counter("pdserve_requests", "Finished requests", ["finish_reason"], registry=r)
         self.rejected = Counter("pdserve_rejected_requests", "Requests refused before dispatch", ["status"], registry=r)
@@ -58,6 +61,10 @@ class RouterMetrics:
             return
         for p in _BREAKDOWN:
             self.phase[p].observe(timings.get(f"{p}_s", 0.0))
+        decode_queue = timings.get("decode_queue_s")  # queue_s is both queues when the KV was pulled
+        self.phase_queue.labels("prefill").observe(max(0.0, timings.get("queue_s", 0.0) - (decode_queue or 0.0)))
+        if decode_queue is not None:
+            self.phase_queue.labels("decode").observe(decode_queue)
         self.ttft.observe(timings["ttft_s"])
         self.e2e.observe(timings["e2e_s"])
         if num_output > 1:

@@ -48,6 +48,8 @@ def test_vllm_named_series_count_what_pdserve_series_count() -> None:
     assert s[("vllm:generation_tokens_total", m)] == s[("pdserve_generation_tokens_total", ())] == 12
     assert s[("vllm:prompt_tokens_total", m)] == s[("pdserve_prompt_tokens_total", ())] == 15
     assert s[("vllm:request_success_total", (("finished_reason", "length"), ("model_name", MODEL)))] == 3
+    assert s[("pdserve_phase_queue_time_seconds_count", (("phase", "prefill"),))] == 3
+    assert s[("pdserve_phase_queue_time_seconds_count", (("phase", "decode"),))] == 3  # every request was pulled
     for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         engines = {dict(labels)["engine"] for name, labels in s if name == gauge}
         assert engines == {"p0", "d0"}, gauge
