@@ -91,7 +91,10 @@ def quick_benchmark(url: str, model: str | None = None, tokenizer: str | None = 
             log(f"SLOs: TTFT <= {fmt_duration(slo.ttft_s)}, TPOT <= {fmt_duration(slo.tpot_s)} "
                 f"({QUICK_SLO_FACTORS[0]:g}x, {QUICK_SLO_FACTORS[1]:g}x the unloaded p{100 * attain:g})")
         if rates is None:
-            sequential = 1 / statistics.fmean(r.e2e_s for r in unloaded if r.ok and r.e2e_s)
+            e2e = [r.e2e_s for r in unloaded if r.ok and r.e2e_s]
+            if not e2e:
+                raise ValueError(f"unloaded latency: no request completed ({unloaded[0].error if unloaded else 'none sent'})")
+            sequential = 1 / statistics.fmean(e2e)
             rates = [round(f * sequential, 3) for f in QUICK_RATE_FACTORS]
             log(f"rates: {', '.join(f'{r:g}' for r in rates)} req/s "
                 f"({', '.join(f'{f:g}' for f in QUICK_RATE_FACTORS)}x the {sequential:.3f} req/s of one-at-a-time "

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 from pdserve.bench.quick import quick_benchmark
 
                 print("\npdserve demo: short goodput benchmark (ShareGPT; SLOs and rates from the same "
-                      "requests sent one at a time first; about 2 minutes)")
+                      "requests sent one at a time first; about 3 minutes)")
                 quick_benchmark(deployment.url, model=cfg.model, num_requests=args.bench_requests,
                                 out_dir=args.output)
                 print(f"results written to {args.output}/")
