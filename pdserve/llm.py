@@ -48,22 +48,24 @@ class LLM:
                                     worker_id="llm")
         self._counter = 0
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None) -> list[RequestOutput]:
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for each prompt (text, token ids, or a vLLM prompt dict); outputs keep the input
-        order. `sampling_params` is one for all prompts or a list with one per prompt."""
+        order. `sampling_params` is one for all prompts or a list with one per prompt; `use_tqdm`
+        shows finished prompts on a progress bar (stderr), as vLLM's does."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         ids = [self._encode(p) for p in prompts]  # type: ignore[union-attr]
-        return self._run(ids, sampling_params)
+        return self._run(ids, sampling_params, use_tqdm)
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
-             sampling_params: Params = None) -> list[RequestOutput]:
+             sampling_params: Params = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and generate."""
         if self.tokenizer is None:
             raise ValueError("model: this model has no tokenizer, so no chat template")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         ids = [self.tokenizer.encode_chat(c) for c in convs]  # type: ignore[arg-type]
-        return self._run(ids, sampling_params)
+        return self._run(ids, sampling_params, use_tqdm)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, dict):
@@ -89,7 +91,9 @@ class LLM:
         return [sp if sp.max_tokens is not None else sp.replace(max_tokens=max(1, self.max_model_len - len(p)))
                 for sp, p in zip(each, prompts)]
 
-    def _run(self, prompts: list[list[int]], params: Params) -> list[RequestOutput]:
+    def _run(self, prompts: list[list[int]], params: Params, use_tqdm: bool = False) -> list[RequestOutput]:
+        from tqdm import tqdm
+
         rids: list[RequestId] = []
         try:
             for p, sp in zip(prompts, self._params(params, prompts)):
@@ -104,10 +108,12 @@ class LLM:
         tokens: dict[RequestId, list[int]] = {r: [] for r in rids}
         texts: dict[RequestId, list[str]] = {r: [] for r in rids}
         reasons: dict[RequestId, str | None] = {}
-        while self._worker.has_work():
-            for out in self._worker.step():
-                tokens[out.request_id].extend(out.token_ids)
-                texts[out.request_id].append(out.text)
-                if out.finished:
-                    reasons[out.request_id] = out.finish_reason
+        with tqdm(total=len(rids), desc="Processed prompts", unit="prompt", disable=not use_tqdm) as bar:
+            while self._worker.has_work():
+                for out in self._worker.step():
+                    tokens[out.request_id].extend(out.token_ids)
+                    texts[out.request_id].append(out.text)
+                    if out.finished:
+                        reasons[out.request_id] = out.finish_reason
+                        bar.update(1)
         return [RequestOutput(p, tokens[r], "".join(texts[r]), reasons.get(r)) for p, r in zip(prompts, rids)]

@@ -70,7 +70,7 @@ def test_vllm_style_arguments(llm: LLM) -> None:
     short, long = llm.generate([PROMPTS[0], PROMPTS[0]], [SamplingParams(temperature=0, max_tokens=2),
                                                           SamplingParams(temperature=0, max_tokens=6)])
     assert (len(short.token_ids), long.token_ids[:2]) == (2, short.token_ids)
-    unbounded = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=None))[0]
+    unbounded = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=None), use_tqdm=False)[0]
     assert unbounded.finish_reason in ("stop", "length") and len(unbounded.token_ids) >= 1
     with pytest.raises(ValueError, match="sampling_params: 1 given for 2 prompts"):
         llm.generate(PROMPTS[:2], [SamplingParams()])
