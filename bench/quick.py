@@ -72,8 +72,8 @@ def quick_benchmark(url: str, model: str | None = None, tokenizer: str | None = 
                     log: Callable[[str], None] = print) -> BenchResult:
     """A small ShareGPT run (prompts <= 256 tokens, outputs <= 32) at a few rates. Unless given,
     SLOs and rates come from the same requests sent one at a time first (QUICK_SLO_FACTORS,
-    QUICK_RATE_FACTORS), and `gpus` from the server's /v1/models; the tokenizer defaults to the
-    model's. Prints (through `log`) and returns the goodput table. Call it from synchronous code."""
+    QUICK_RATE_FACTORS; when even the lowest derived rate misses, one point at half of it is
+    added), and `gpus` from the server's /v1/models; the tokenizer defaults to the model's. Prints (through `log`) and returns the goodput table. Call it from synchronous code."""
     from pdserve.bench.deployment import served_model
 
     served = served_model(url)
@@ -81,6 +81,7 @@ def quick_benchmark(url: str, model: str | None = None, tokenizer: str | None = 
     endpoint = Endpoint(url, model=model or served.id)
     spec = WorkloadSpec("sharegpt", num_requests, seed=0, max_input_len=256, max_output_len=32)
     workload = build_workload(spec, load_tokenizer(tokenizer or model or served.id or "smollm2-135m"))
+    derived_rates = rates is None
     if slo is None or rates is None:
         log(f"unloaded: {len(workload) - 1} requests one at a time ...")
         unloaded = unloaded_records(endpoint, workload, len(workload) - 1)
@@ -100,7 +101,9 @@ def quick_benchmark(url: str, model: str | None = None, tokenizer: str | None = 
                 f"({', '.join(f'{f:g}' for f in QUICK_RATE_FACTORS)}x the {sequential:.3f} req/s of one-at-a-time "
                 f"service); GPUs: {gpus:g}" + (f" ({served.shape})" if served.shape else ""))
     cfg = BenchConfig(endpoint, slo, gpus, LoadConfig(rate=1.0, progress=False), warmup=1, label="quick")
-    result = extend_below(cfg, workload, run_rates(cfg, workload, rates, log=log), log=log)
+    result = run_rates(cfg, workload, rates, log=log)
+    if derived_rates:  # rates of our own choosing must bracket the goodput; given ones are kept as given
+        result = extend_below(cfg, workload, result, log=log)
     if out_dir is not None:
         save(result, out_dir, workload, {"name": spec.name, "seed": spec.seed})
     log(result.table())

@@ -50,7 +50,8 @@ class BenchResult:
                          f"{_ms(s.tpot_s['p90'])} {s.num_failed:6d}")
         for _, s in self.points:
             if s.server_timings_mean:
-                parts = ", ".join(f"{k} {v * 1e3:.0f}ms" for k, v in s.server_timings_mean.items())
+                parts = ", ".join(f"{k.removesuffix('_s')} {fmt_duration(v) if k.endswith('_s') else f'{v:.0f}'}"
+                                  for k, v in s.server_timings_mean.items())
                 lines.append(f"server breakdown at {s.rate:g} req/s (mean): {parts}")
         slo = self.config.slo
         lines.append(f"goodput at {100 * slo.attainment:g}% attainment of TTFT <= {fmt_duration(slo.ttft_s)} and "

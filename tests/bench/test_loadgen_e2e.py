@@ -158,11 +158,12 @@ def test_quick_benchmark_derives_its_rates_and_extends_below_a_miss(fake_server,
     assert len(rates) == 3 and rates[1] == pytest.approx(2 * rates[0], rel=0.01) == rates[2] / 2
     assert any(line.startswith("rates:") for line in lines)
     assert result.goodput.bracket == "above_range" and result.config.gpus == 1.0  # echo server: no deployment
-    impossible = quick_benchmark(fake_server.url, tokenizer=str(tokenizer_dir), num_requests=4, rates=(200, 400),
+    impossible = quick_benchmark(fake_server.url, tokenizer=str(tokenizer_dir), num_requests=4,
                                  slo=SLO(1e-4, 1e-4), log=lines.append)
-    assert [s.rate for _, s in impossible.points] == [100, 200, 400]  # one more point, below the lowest
-    assert impossible.goodput.bracket == "below_range" and impossible.goodput.lowest_rate == 100
-    assert "< 100.000 req/s, the lowest rate measured" in lines[-1]
+    low, *derived = [s.rate for _, s in impossible.points]  # one more point, at half the lowest derived
+    assert len(derived) == 3 and low == pytest.approx(derived[0] / 2)
+    assert impossible.goodput.bracket == "below_range" and impossible.goodput.lowest_rate == low
+    assert f"< {low:.3f} req/s, the lowest rate measured" in lines[-1]
 
 
 @pytest.mark.parametrize("fake_server", [EchoConfig(prefill_s=0.05)], indirect=True)
