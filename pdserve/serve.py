@@ -75,7 +75,8 @@ def ray_session(address: str, cfg: ServingConfig) -> Iterator[None]:
         fired.append(signum)
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         yield
     except KeyboardInterrupt:
@@ -84,7 +85,8 @@ def ray_session(address: str, cfg: ServingConfig) -> Iterator[None]:
         raise
     finally:
         ray.shutdown()
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -92,6 +94,7 @@ def check_port_free(host: str, port: int) -> None:
     if port == 0:
         return
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError as e:
