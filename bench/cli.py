@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="bench_command")
     c = sub.add_parser("compare", help="overlay the results of several runs (e.g. one per system)")
     c.add_argument("dirs", nargs="+", type=Path, help="results directories written by `pdserve bench -o`")
-    c.add_argument("-o", "--output-dir", type=Path, default=Path("bench-compare"))
+    c.add_argument("-o", "--output-dir", type=Path, default=Path("bench-compare"),
+                   help="where compare.json and the overlay plots go")
     c.add_argument("--at-rate", type=float, default=None,
                    help="per-GPU rate for the latency CDFs and SLO-scale curves (default: the highest "
                         "per-GPU rate every run measured)")
@@ -34,7 +36,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_compare)
     lengths = sub.add_parser("lengths", help="write a workload's lengths file (the planner's input)")
     _add_workload_args(lengths)
-    lengths.add_argument("-o", "--output", type=Path, required=True)
+    lengths.add_argument("-o", "--output", type=Path, required=True, help="the lengths file to write (JSONL)")
     lengths.set_defaults(func=_lengths)
 
 
@@ -45,48 +47,61 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="the served model's tokenizer: HF directory, tokenizer.json or pdserve model name "
                         "(default: --model, else smollm2-135m)")
     p.add_argument("--model", default=None, help="model name sent in requests (default: the endpoint's first model)")
-    p.add_argument("-n", "--num-requests", "--num-prompts", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-input-len", type=int, default=None, help="drop prompts longer than this (tokens)")
-    p.add_argument("--max-output-len", type=int, default=None, help="clamp outputs to this many tokens")
+    p.add_argument("-n", "--num-requests", "--num-prompts", type=int, default=100,
+                   help="requests per rate (the same requests at every rate)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request sample and of the arrival times")
+    p.add_argument("--max-input-len", type=int, default=None,
+                   help="drop prompts longer than this many tokens (default: keep all)")
+    p.add_argument("--max-output-len", type=int, default=None,
+                   help="clamp outputs to this many tokens (default: the dataset's lengths)")
     p.add_argument("--max-model-len", type=int, default=2048, help="drop pairs with prompt + output >= this")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", "--base-url", default=None, help="endpoint root, e.g. http://127.0.0.1:8000")
     p.add_argument("--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent as `Authorization: Bearer KEY` (default: $OPENAI_API_KEY)")
     _add_workload_args(p)
     p.add_argument("--rate", "--request-rate", nargs="+", type=float, default=None,
                    help="request rates to measure (req/s, 'inf' = all at once); without it, search the goodput")
     p.add_argument("--goodput", nargs="*", default=None, metavar="KEY:MS",
                    help="search the rate for goodput; optional vLLM-style SLOs in ms, e.g. ttft:1000 tpot:100")
-    p.add_argument("--search-start-rate", type=float, default=1.0)
+    p.add_argument("--search-start-rate", type=float, default=1.0,
+                   help="req/s of the first point when searching the goodput (doubled or halved from there)")
     p.add_argument("--search-steps", type=int, default=3, help="bisection steps after bracketing the goodput")
-    p.add_argument("--ttft", type=_duration, default=None, help="TTFT SLO, e.g. 1s, 250ms (plain numbers: seconds)")
-    p.add_argument("--tpot", type=_duration, default=None, help="TPOT SLO, e.g. 100ms")
+    p.add_argument("--ttft", type=_duration, default=None,
+                   help=f"TTFT SLO, e.g. 1s or 250ms; plain numbers are seconds (default: {DEFAULT_TTFT_S:g}s)")
+    p.add_argument("--tpot", type=_duration, default=None,
+                   help=f"TPOT SLO, e.g. 100ms; plain numbers are seconds (default: {DEFAULT_TPOT_S * 1e3:g}ms)")
     p.add_argument("--slo-from-unloaded", nargs=2, type=float, default=None, metavar=("TTFT_X", "TPOT_X"),
                    help="set the SLOs to these multiples of the median unloaded TTFT and TPOT (measured first)")
-    p.add_argument("--attainment", type=_fraction, default=DEFAULT_ATTAINMENT, help="target, 0.9 or 90 (default 90%%)")
-    p.add_argument("--gpus", type=float, default=1.0, help="GPUs (or cores) of the deployment, for per-GPU goodput")
-    p.add_argument("--cv", type=float, default=None, help="Gamma inter-arrival CV (1 = Poisson, default)")
-    p.add_argument("--burstiness", type=float, default=None, help="vLLM's Gamma shape; CV = 1/sqrt(burstiness)")
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--attainment", type=_fraction, default=DEFAULT_ATTAINMENT,
+                   help="share of requests that must meet both SLOs: 0.9 or 90 (default: 90%%)")
+    p.add_argument("--gpus", type=float, default=None,
+                   help="GPUs (or CPU instances) of the deployment, for per-GPU goodput (default: what a pdserve "
+                        "server reports at /v1/models, else 1)")
+    p.add_argument("--cv", type=float, default=None,
+                   help="coefficient of variation of Gamma inter-arrival times (default: 1, Poisson)")
+    p.add_argument("--burstiness", type=float, default=None,
+                   help="vLLM's Gamma shape instead of --cv: CV = 1/sqrt(burstiness) (default: 1, Poisson)")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="at most this many requests in flight; later arrivals wait client-side (default: no limit)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests sent first")
     p.add_argument("--label", default=None, help="name of this system in comparisons (default: the output dir name)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("-o", "--output-dir", type=Path, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output-dir", type=Path, default=None,
+                   help="results directory: summary.json, points.csv, requests.csv/jsonl, plots (default: print only)")
 
 
 def _duration(text: str) -> float:
-    t = text.strip().lower()
+    from pdserve.bench.units import parse_duration
+
     try:
-        if t.endswith("ms"):
-            return float(t[:-2]) / 1e3
-        return float(t[:-1]) if t.endswith("s") else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 1s or 250ms)") from None
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fraction(text: str) -> float:
@@ -101,9 +116,17 @@ def _run(args: argparse.Namespace) -> int:
     from pdserve.bench.quick import slo_from_unloaded
     from pdserve.bench.runner import BenchConfig, run_rates, save, search_goodput
 
+    from pdserve.bench.deployment import served_model
+    from pdserve.bench.units import fmt_duration
+
     if args.url is None:
         raise ValueError("--url is required (or use `pdserve bench compare DIR...`)")
-    model = args.model or _first_model(args.url, args.api_key)
+    served = served_model(args.url, args.api_key)
+    model = args.model or served.id
+    gpus = args.gpus if args.gpus is not None else (served.num_gpus or 1.0)
+    if args.gpus is None:
+        print(f"GPUs: {gpus:g}, " + (f"as the server reports ({served.shape})" if served.shape else
+                                     "since the server does not report its deployment (pass --gpus)"))
     workload, meta = _build_workload(args, model)
     endpoint = Endpoint(args.url, args.endpoint, model, args.api_key)
     if args.slo_from_unloaded:
@@ -114,8 +137,11 @@ def _run(args: argparse.Namespace) -> int:
     cv = cv_from_burstiness(args.burstiness) if args.burstiness is not None else (1.0 if args.cv is None else args.cv)
     load = LoadConfig(rate=1.0, cv=cv, seed=args.seed, max_concurrency=args.max_concurrency,
                       timeout_s=args.timeout, progress=not args.no_progress)
-    cfg = BenchConfig(endpoint, slo, args.gpus, load, args.warmup, args.label)
+    cfg = BenchConfig(endpoint, slo, gpus, load, args.warmup, args.label)
     if args.rate:
+        finite = [r for r in args.rate if math.isfinite(r) and r > 0]
+        print(f"{len(workload)} requests at {len(args.rate)} rates: arrivals alone take "
+              f"{fmt_duration(sum(len(workload) / r for r in finite))}, plus each point's tail")
         result = run_rates(cfg, workload, args.rate)
     else:
         result = search_goodput(cfg, workload, args.search_start_rate, args.search_steps)
@@ -157,19 +183,6 @@ def _build_workload(args: argparse.Namespace, model: str | None):
     return build_workload(spec, tokenizer), meta
 
 
-def _first_model(url: str, api_key: str | None) -> str | None:
-    """The first model id the endpoint lists at /v1/models, or None if it lists none."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        resp = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
-        data = resp.json().get("data") or []
-    except (httpx.HTTPError, ValueError):
-        return None
-    return data[0].get("id") if data and isinstance(data[0], dict) else None
-
-
 def _lengths(args: argparse.Namespace) -> int:
     from pdserve.bench.lengths import write_lengths
 
@@ -188,5 +201,5 @@ def _compare(args: argparse.Namespace) -> int:
     if args.ttft is not None or args.tpot is not None or args.slo_scale != 1.0:
         base = SLO(**read_results(args.dirs[0]).summary["slo"])
         slo = SLO(args.ttft or base.ttft_s, args.tpot or base.tpot_s, base.attainment).scaled(args.slo_scale)
-    print(compare(args.dirs, args.output_dir, args.at_rate, slo))
+    print(compare(args.dirs, args.output_dir, args.at_rate, slo, args.slo_scale))
     return 0

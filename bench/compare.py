@@ -16,26 +16,31 @@ from pdserve.bench.goodput import Goodput, goodput_from_curve
 from pdserve.bench.metrics import SLO, attainment, min_slo_scale
 from pdserve.bench.results import RunData, read_results
 from pdserve.bench.runner import cdf_series, slo_curve
+from pdserve.bench.units import fmt_duration
 
 
 def compare(dirs: Sequence[str | Path], out_dir: str | Path, at_rate: float | None = None,
-            slo: SLO | None = None) -> str:
+            slo: SLO | None = None, slo_scale: float = 1.0) -> str:
     """Write compare.json and three overlay plots into `out_dir`; return the comparison table.
-    `slo` replaces every run's own SLO when given."""
+    `slo` replaces every run's own SLO when given; `slo_scale` is what it was scaled by (for titles)."""
     runs = [read_results(d) for d in dirs]
     slos = [slo or SLO(**r.summary["slo"]) for r in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     curves = [_curve(r, s) for r, s in zip(runs, slos)]
     target = slos[0].attainment
-    plots.plot_attainment([(r.label, c) for r, c in zip(runs, curves)], target, out / "attainment.png")
+    sub = slos[0].describe(slo_scale) if len(set(slos)) == 1 else f"each run's own SLOs (scale {slo_scale:g}x)"
+    plots.plot_attainment([(r.label, c) for r, c in zip(runs, curves)], target, out / "attainment.png", subtitle=sub)
     if at_rate is None:
         at_rate = min(max((x for x, _ in c), default=0.0) for c in curves)
     chosen = [_nearest_rate(r, at_rate) for r in runs]
     series = [(r.label, r.records.get(rate, []) if rate is not None else []) for r, rate in zip(runs, chosen)]
-    plots.plot_latency_cdfs(cdf_series(series), slos[0].ttft_s, slos[0].tpot_s, out / "latency_cdf.png")
-    plots.plot_slo_scale([(label, slo_curve(records, s)) for (label, records), s in zip(series, slos)],
-                         target, out / "slo_scale.png")
+    legends = [f"{r.label} @ {rate / r.summary['gpus']:.3g} req/s/GPU" if rate is not None else f"{r.label} (no data)"
+               for r, rate in zip(runs, chosen)]
+    plots.plot_latency_cdfs(cdf_series([(lg, rec) for lg, (_, rec) in zip(legends, series)]), slos[0].ttft_s,
+                            slos[0].tpot_s, out / "latency_cdf.png", subtitle=sub)
+    plots.plot_slo_scale([(lg, slo_curve(records, s)) for lg, (_, records), s in zip(legends, series, slos)],
+                         target, out / "slo_scale.png", subtitle=sub)
     rows = []
     for r, s, c, rate, (_, records) in zip(runs, slos, curves, chosen, series):
         gpus = r.summary["gpus"]
@@ -43,9 +48,10 @@ def compare(dirs: Sequence[str | Path], out_dir: str | Path, at_rate: float | No
         rows.append({"label": r.label, "gpus": gpus, "slo": asdict(s), "goodput": g.to_dict(),
                      "curve_per_gpu": c, "rate_for_curves": rate,
                      "min_slo_scale": min_slo_scale(records, s) if records else None})
-    base = rows[0]["goodput"]["per_gpu"]
-    for row in rows:
-        row["vs_first"] = row["goodput"]["per_gpu"] / base if base else None
+    base = Goodput(**rows[0]["goodput"])
+    for row in rows:  # per-GPU goodput relative to the first system's, bounds respected
+        ratio = Goodput(**row["goodput"]).ratio_to(base, row["gpus"], rows[0]["gpus"])
+        row["vs_first"] = None if ratio is None else {"relation": ratio[0], "value": ratio[1]}
     (out / "compare.json").write_text(json.dumps({"at_rate_per_gpu": at_rate, "systems": rows}, indent=2))
     return _table(rows, at_rate)
 
@@ -67,13 +73,16 @@ def _table(rows: list[dict], at_rate: float) -> str:
     lines = [f"{'system':<24} {'GPUs':>5} {'goodput':>10} {'/GPU':>8} {'vs first':>8} {'min SLO scale':>14}"]
     for row in rows:
         g = Goodput(**row["goodput"])
-        flag = {"above_range": ">=", "below_range": "<", "interpolated": "", "no_data": "?"}[g.bracket]
-        ratio = "-" if row["vs_first"] is None else f"{row['vs_first']:.2f}x"
+        vs = row["vs_first"]
+        ratio = "n/a" if vs is None else ("" if vs["relation"] == "=" else vs["relation"]) + f"{vs['value']:.2f}x"
         scale = "-" if row["min_slo_scale"] is None else f"{row['min_slo_scale']:.2f}"
-        lines.append(f"{row['label']:<24} {row['gpus']:>5g} {flag + format(g.rate, '.3f'):>10} "
-                     f"{g.per_gpu:>8.3f} {ratio:>8} {scale:>14}")
+        lines.append(f"{row['label']:<24} {row['gpus']:>5g} {g.short():>10} "
+                     f"{g.short(row['gpus']):>8} {ratio:>8} {scale:>14}")
     slo = rows[0]["slo"]
-    lines.append(f"SLO: TTFT <= {slo['ttft_s'] * 1e3:g} ms, TPOT <= {slo['tpot_s'] * 1e3:g} ms for "
+    lines.append(f"SLO: TTFT <= {fmt_duration(slo['ttft_s'])}, TPOT <= {fmt_duration(slo['tpot_s'])} for "
                  f"{100 * slo['attainment']:g}% of requests; curves and min SLO scale at the point nearest "
                  f"{at_rate:.3f} req/s/GPU")
+    if any(Goodput(**row["goodput"]).bracket != "interpolated" for row in rows):
+        lines.append(">=X: met the SLOs at every rate measured (goodput at least X); <X: met them at none "
+                     "(below the lowest rate X); ratios against a bound are bounds, n/a when unknown")
     return "\n".join(lines)

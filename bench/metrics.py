@@ -33,6 +33,14 @@ class SLO:
     def scaled(self, scale: float) -> SLO:
         return replace(self, ttft_s=self.ttft_s * scale, tpot_s=self.tpot_s * scale)
 
+    def describe(self, scale: float = 1.0) -> str:
+        """`TTFT <= 250 ms, TPOT <= 50 ms for 90% (SLO scale 1x)`; `scale` says how these SLOs
+        relate to the ones a run was made with."""
+        from pdserve.bench.units import fmt_duration
+
+        return (f"TTFT <= {fmt_duration(self.ttft_s)}, TPOT <= {fmt_duration(self.tpot_s)} for "
+                f"{100 * self.attainment:g}% (SLO scale {scale:g}x)")
+
 
 def meets(record: RequestRecord, slo: SLO) -> bool:
     if not record.ok or record.ttft_s is None:

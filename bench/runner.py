@@ -18,6 +18,7 @@ from pdserve.bench.client import Endpoint
 from pdserve.bench.goodput import Goodput, goodput_from_curve, slo_scale_curve
 from pdserve.bench.loadgen import LoadConfig, LoadResult, run_load
 from pdserve.bench.metrics import SLO, RunSummary, slo_scale_needed, summarize
+from pdserve.bench.units import fmt_duration
 from pdserve.bench.workload import WorkloadRequest
 
 SLO_SCALES = tuple(round(0.1 * i, 1) for i in range(50, 0, -1))  # 5.0, 4.9, ..., 0.1
@@ -49,11 +50,12 @@ class BenchResult:
                          f"{_ms(s.tpot_s['p90'])} {s.num_failed:6d}")
         for _, s in self.points:
             if s.server_timings_mean:
-                parts = ", ".join(f"{k} {v * 1e3:.0f}ms" for k, v in s.server_timings_mean.items())
+                parts = ", ".join(f"{k.removesuffix('_s')} {fmt_duration(v) if k.endswith('_s') else f'{v:.0f}'}"
+                                  for k, v in s.server_timings_mean.items())
                 lines.append(f"server breakdown at {s.rate:g} req/s (mean): {parts}")
         slo = self.config.slo
-        lines.append(f"goodput at {100 * slo.attainment:g}% attainment of TTFT <= {slo.ttft_s * 1e3:g} ms and "
-                     f"TPOT <= {slo.tpot_s * 1e3:g} ms: {self.goodput.describe()}")
+        lines.append(f"goodput at {100 * slo.attainment:g}% attainment of TTFT <= {fmt_duration(slo.ttft_s)} and "
+                     f"TPOT <= {fmt_duration(slo.tpot_s)}: {self.goodput.describe()}")
         return "\n".join(lines)
 
 
@@ -94,6 +96,21 @@ def search_goodput(cfg: BenchConfig, workload: Sequence[WorkloadRequest], start_
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return _result(cfg, sorted(points, key=lambda p: p[1].rate))
+
+
+def extend_below(cfg: BenchConfig, workload: Sequence[WorkloadRequest], result: BenchResult,
+                 max_points: int = 1, log: Callable[[str], None] = print) -> BenchResult:
+    """While even the lowest rate missed the target (goodput "below_range"), measure at half of it,
+    at most `max_points` times: a few fixed rates then still bracket the goodput."""
+    points = list(result.points)
+    for _ in range(max_points):
+        if result.goodput.bracket != "below_range":
+            break
+        lowest = min(s.rate for _, s in points)
+        log(f"even {lowest:g} req/s missed the target: measuring {lowest / 2:g} req/s too")
+        points.insert(0, _measure(cfg, workload, lowest / 2, log))
+        result = _result(cfg, points)
+    return result
 
 
 def _measure(cfg: BenchConfig, workload: Sequence[WorkloadRequest], rate: float,
@@ -139,12 +156,14 @@ def save(result: BenchResult, out_dir: str | Path, workload: Sequence[WorkloadRe
     }
     out = write_results(out_dir, summary, {r.rate: r.records for r, _ in result.points},
                         [w.lengths() for w in workload])
-    series = [(f"{r.rate:g} req/s", r.records) for r, _ in result.points]
+    series = [(f"{r.rate / cfg.gpus:.3g} req/s/GPU", r.records) for r, _ in result.points]
+    sub = f"{summary['label']}, {cfg.gpus:g} GPUs; {cfg.slo.describe()}"
     plots.plot_attainment([(summary["label"], [(s.rate / cfg.gpus, s.attainment) for _, s in result.points])],
-                          cfg.slo.attainment, out / "attainment.png")
-    plots.plot_latency_cdfs(cdf_series(series), cfg.slo.ttft_s, cfg.slo.tpot_s, out / "latency_cdf.png")
+                          cfg.slo.attainment, out / "attainment.png", subtitle=sub)
+    plots.plot_latency_cdfs(cdf_series(series), cfg.slo.ttft_s, cfg.slo.tpot_s, out / "latency_cdf.png",
+                            subtitle=sub)
     plots.plot_slo_scale([(label, slo_curve(records, cfg.slo)) for label, records in series],
-                         cfg.slo.attainment, out / "slo_scale.png")
+                         cfg.slo.attainment, out / "slo_scale.png", subtitle=sub)
     return out
 
 

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import threading
 from contextlib import contextmanager
@@ -20,16 +21,25 @@ from pdserve.config import ServingConfig
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model with disaggregated (or colocated) pools")
-    p.add_argument("--config", help="serving config YAML (pdserve plan writes one); defaults run on a laptop")
-    p.add_argument("--model", help="override the config's model")
+    p.add_argument("--config", metavar="FILE",
+                   help="serving config YAML (pdserve plan writes one; default: the laptop config in the README)")
+    p.add_argument("--model", help="override the config's model: a catalog name or a Hugging Face directory")
     p.add_argument("--mode", choices=["disaggregated", "colocated"], help="override the config's mode")
-    p.add_argument("--address", default="local", help="'local' (embedded Ray) or 'auto' / host:port of a cluster")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--address", default="local",
+                   help="'local' (an embedded Ray on this machine), 'auto' (the cluster `ray up` started) "
+                        "or HOST:PORT of a cluster")
+    p.add_argument("--host", help="bind address (default: the config's router.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port, 0 for any free one (default: the config's router.port, 8000)")
     p.add_argument("--placement-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long to wait for nodes that can hold the pools before failing with what is "
                         "missing (default 30; give an autoscaling cluster minutes)")
     p.set_defaults(func=run)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that shutdown runs as it does for Ctrl-C."""
+
+    signum = signal.SIGTERM
 
 
 def load_config(args: argparse.Namespace) -> ServingConfig:
@@ -61,10 +71,39 @@ def ray_session(address: str, cfg: ServingConfig) -> Iterator[None]:
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
+    # ray.init installs its own SIGTERM handler (sys.exit mid-call); ours unwinds like Ctrl-C, so
+    # the deployment and Ray shut down in order and nothing dumps a stack on the terminal.
+    fired: list[int] = []
+
+    def terminate(signum: int, frame: object) -> None:
+        fired.append(signum)
+        raise Terminated()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         yield
+    except KeyboardInterrupt:
+        if fired:  # Ray's calls may turn our exception into a plain KeyboardInterrupt
+            raise Terminated() from None
+        raise
     finally:
         ray.shutdown()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before starting anything when the router could not bind (port 0 is always free)."""
+    if port == 0:
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"router.port: cannot listen on {host}:{port} ({e.strerror}); "
+                             "pass --port with a free port, or --port 0 for any") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.placement.launch import launch
 
     cfg = load_config(args)
+    if args.address == "local":
+        check_port_free(cfg.router.host, cfg.router.port)
     with ray_session(args.address, cfg):
         print(f"pdserve: starting {cfg.mode} serving of {cfg.model} ...", flush=True)
         try:
@@ -80,11 +121,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"pdserve: error: {e}", file=sys.stderr, flush=True)
             return 1
         print(f"pdserve: ready at {deployment.url}  (OpenAI API: {deployment.url}/v1; Ctrl-C stops)", flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            stop.wait()
-        except KeyboardInterrupt:
+            threading.Event().wait()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated)
             pass
         print("pdserve: shutting down", flush=True)
         deployment.shutdown()

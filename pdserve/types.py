@@ -20,18 +20,30 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling settings, with vLLM's names and defaults."""
+    """Per-request sampling settings, with vLLM's names, defaults and accepted types: `stop` a
+    string or a list of them, `stop_token_ids` a list, None for "not set" (`max_tokens=None`:
+    until the context is full, resolved by whoever knows the model's length)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 (or 0) disables top-k
     seed: int | None = None
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        # Inputs are converted once, at construction (as attrs converters do), so the stored value
+        # is always the hashable canonical form: str / list / None -> tuple.
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, ())
+            elif isinstance(value, str) and name == "stop":
+                object.__setattr__(self, name, (value,))
+            elif isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
         _check(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
                "temperature", f"must be >= 0, got {self.temperature!r}")
         _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
@@ -39,13 +51,14 @@ class SamplingParams:
         _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
                "top_k", f"must be -1 (disabled) or >= 0, got {self.top_k!r}")
         _check(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
-        _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1,
-               "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
+                                            and self.max_tokens >= 1),
+               "max_tokens", f"must be an integer >= 1 or None, got {self.max_tokens!r}")
         _check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
-               "stop", "must be a tuple of non-empty strings")
+               "stop", f"must be a string or a list of non-empty strings, got {self.stop!r}")
         _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
         _check(isinstance(self.stop_token_ids, tuple) and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids", "must be non-negative integers")
+               "stop_token_ids", f"must be a list of non-negative integers, got {self.stop_token_ids!r}")
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pdserve.router.core import Router
+from pdserve.router.vllm_metrics import VllmGauges, VllmMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds; wide because CPU instances are slow and GPU ones fast.
@@ -23,9 +24,11 @@ _BREAKDOWN = {"queue": "queue", "prefill": "prefill", "transfer": "kv_transfer",
 
 
 class RouterMetrics:
-    def __init__(self, router: Router | None = None) -> None:
+    def __init__(self, router: Router | None = None, model_name: str | None = None) -> None:
+        """With `model_name`, the vLLM-named series (router/vllm_metrics.py) are exported too."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.vllm = VllmMetrics(r, model_name) if model_name else None
         def hist(name: str, doc: str) -> Histogram:
             return Histogram(f"pdserve_{name}_seconds", doc, buckets=_LATENCY, registry=r)
 
@@ -34,6 +37,9 @@ class RouterMetrics:
         self.tpot = hist("time_per_output_token", "(e2e - TTFT) / (output tokens - 1), per request")
         self.e2e = hist("e2e_request_latency", "Arrival to last token")
         self.phase = {p: hist(f"{name}_time", f"Per-request {name} time") for p, name in _BREAKDOWN.items()}
+        self.phase_queue = Histogram("pdserve_phase_queue_time_seconds", "Per-request wait in each phase's queue: "
+                                     "prefill (colocated: the one queue), decode (admission and KV memory)",
+                                     ["phase"], buckets=_LATENCY, registry=r)
         self.transfer_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
         self.requests = Counter("pdserve_requests", "Finished requests", ["finish_reason"], registry=r)
         self.rejected = Counter("pdserve_rejected_requests", "Requests refused before dispatch", ["status"], registry=r)
@@ -41,9 +47,13 @@ class RouterMetrics:
         self.generation_tokens = Counter("pdserve_generation_tokens", "Tokens sent to clients", registry=r)
         if router is not None:
             r.register(_PoolCollector(router))
+            if model_name:
+                r.register(VllmGauges(model_name, lambda: _instance_rows(router)))
 
     def observe_finish(self, finish_reason: str, num_prompt: int, num_output: int,
                        timings: dict[str, float] | None) -> None:
+        if self.vllm is not None:
+            self.vllm.observe_finish(finish_reason, num_prompt, num_output, timings)
         self.requests.labels(finish_reason).inc()
         self.prompt_tokens.inc(num_prompt)
         self.generation_tokens.inc(num_output)
@@ -51,6 +61,10 @@ class RouterMetrics:
             return
         for p in _BREAKDOWN:
             self.phase[p].observe(timings.get(f"{p}_s", 0.0))
+        decode_queue = timings.get("decode_queue_s")  # queue_s is both queues when the KV was pulled
+        self.phase_queue.labels("prefill").observe(max(0.0, timings.get("queue_s", 0.0) - (decode_queue or 0.0)))
+        if decode_queue is not None:
+            self.phase_queue.labels("decode").observe(decode_queue)
         self.ttft.observe(timings["ttft_s"])
         self.e2e.observe(timings["e2e_s"])
         if num_output > 1:
@@ -60,9 +74,18 @@ class RouterMetrics:
     def observe_gap(self, gap_s: float, num_tokens: int) -> None:
         for _ in range(max(1, num_tokens)):
             self.itl.observe(gap_s / max(1, num_tokens))
+            if self.vllm is not None:
+                self.vllm.observe_token_gap(gap_s / max(1, num_tokens))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _instance_rows(router: Router) -> Iterator[tuple[str, float, float, float]]:
+    """(instance id, running, waiting, KV usage) of every instance, as the vLLM gauges want them."""
+    for pool in (router.prefill, router.decode):
+        for inst in pool.instances.values():
+            yield inst.worker_id, inst.snapshot().num_running, inst.stats.num_waiting, inst.stats.kv_usage
 
 
 class _PoolCollector(Collector):

@@ -28,6 +28,7 @@ from pdserve.config import ServingConfig
 from pdserve.router.core import OverloadedError, RequestStream, Router, UnavailableError
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.openai_api import ApiError, ChatTokenizer, Kind, ModelCard, load_body, parse
+from pdserve.router.openapi import MODELS_RESPONSE, deployment_shape, generation_route
 from pdserve.router.responses import SSE_DONE, TIMINGS_FIELD, TIMINGS_HEADER, ResponseBuilder, format_timings, sse
 from pdserve.types import GenerateRequest, RequestId, StepOutput
 
@@ -66,7 +67,7 @@ class _Tally:
 def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, card: ModelCard | None = None,
               metrics: RouterMetrics | None = None, stats_interval_s: float = 0.5) -> FastAPI:
     card = card or ModelCard(cfg.model, cfg.engine.max_model_len)
-    metrics = metrics or RouterMetrics(router)
+    metrics = metrics or RouterMetrics(router, model_name=card.name)
     api_key = cfg.router.api_key
 
     @contextlib.asynccontextmanager
@@ -123,19 +124,21 @@ def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, c
                                      background=BackgroundTask(stream.aclose))
         return await _complete(request, stream, builder, tally, deadline)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **generation_route("completion"))
     async def completions(request: Request) -> Response:
         return await handle("completion", request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **generation_route("chat"))
     async def chat_completions(request: Request) -> Response:
         return await handle("chat", request)
 
-    @app.get("/v1/models")
+    shape = deployment_shape(cfg)
+
+    @app.get("/v1/models", responses=MODELS_RESPONSE)
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "pdserve",
-                 "max_model_len": card.max_model_len} for name in (card.name, *card.aliases)]
+                 "max_model_len": card.max_model_len, "deployment": shape} for name in (card.name, *card.aliases)]
         return {"object": "list", "data": data}
 
     @app.get("/health")

@@ -147,6 +147,25 @@ def test_quick_benchmark_calibrates_slos_and_prints_goodput(fake_server, tokeniz
     assert "goodput" in lines[-1]
 
 
+@pytest.mark.parametrize("fake_server", [SLOW_PREFILL], indirect=True)
+def test_quick_benchmark_derives_its_rates_and_extends_below_a_miss(fake_server, tokenizer_dir: Path) -> None:
+    from pdserve.bench.metrics import SLO
+
+    lines: list[str] = []
+    result = quick_benchmark(fake_server.url, tokenizer=str(tokenizer_dir), num_requests=6,
+                             slo=SLO(10.0, 10.0), log=lines.append)
+    rates = [s.rate for _, s in result.points]  # 0.5x, 1x, 2x the one-at-a-time rate
+    assert len(rates) == 3 and rates[1] == pytest.approx(2 * rates[0], rel=0.01) == rates[2] / 2
+    assert any(line.startswith("rates:") for line in lines)
+    assert result.goodput.bracket == "above_range" and result.config.gpus == 1.0  # echo server: no deployment
+    impossible = quick_benchmark(fake_server.url, tokenizer=str(tokenizer_dir), num_requests=4,
+                                 slo=SLO(1e-4, 1e-4), log=lines.append)
+    low, *derived = [s.rate for _, s in impossible.points]  # one more point, at half the lowest derived
+    assert len(derived) == 3 and low == pytest.approx(derived[0] / 2)
+    assert impossible.goodput.bracket == "below_range" and impossible.goodput.lowest_rate == low
+    assert f"< {low:.3f} req/s, the lowest rate measured" in lines[-1]
+
+
 @pytest.mark.parametrize("fake_server", [EchoConfig(prefill_s=0.05)], indirect=True)
 def test_client_queueing_is_kept_out_of_latency(fake_server) -> None:
     work = [WorkloadRequest("hello", 1, 2)] * 3

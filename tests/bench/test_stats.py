@@ -95,3 +95,19 @@ def test_goodput_exactly_at_target_and_out_of_range() -> None:
     assert goodput_from_curve([], 0.9).bracket == "no_data"
     with pytest.raises(ValueError, match="gpus"):
         goodput_from_curve([(1, 1.0)], 0.9, gpus=0)
+
+
+def test_goodput_bounds_print_as_bounds_and_ratios_respect_them() -> None:
+    exact = goodput_from_curve([(1, 1.0), (2, 0.5)], 0.9, gpus=2)  # 1.2 req/s, 0.6 /GPU
+    above = goodput_from_curve([(1, 1.0), (2, 0.95)], 0.9, gpus=1)  # >= 2
+    below = goodput_from_curve([(0.5, 0.8), (1, 0.5)], 0.9, gpus=1)  # < 0.5
+    assert (exact.short(), exact.short(gpus=2)) == ("1.200", "0.600")
+    assert (above.short(), below.short(), below.short(gpus=2)) == (">=2.000", "<0.500", "<0.250")
+    assert "< 0.500 req/s" in below.describe() and "0.000" not in below.describe()
+    assert exact.ratio_to(exact, 2, 2) == ("=", pytest.approx(1.0))
+    assert above.ratio_to(exact, 1, 2) == (">=", pytest.approx(2 / 0.6))  # at least 2 /GPU over 0.6
+    assert exact.ratio_to(above, 2, 1) == ("<=", pytest.approx(0.6 / 2))
+    assert below.ratio_to(exact, 1, 2) == ("<", pytest.approx(0.5 / 0.6))
+    assert exact.ratio_to(below, 2, 1) == (">", pytest.approx(0.6 / 0.5))
+    assert above.ratio_to(above, 1, 1) is None and below.ratio_to(below, 1, 1) is None
+    assert above.ratio_to(below, 1, 1) == (">", pytest.approx(4.0))

@@ -55,3 +55,22 @@ def test_stop_string_cuts_text(llm: LLM) -> None:
     cut = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=24, stop=("return",)))[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index("return")]
+
+
+def test_vllm_style_arguments(llm: LLM) -> None:
+    """What a vLLM user writes works unchanged: list stops, None, prompt dicts, per-prompt params."""
+    prompt = PROMPTS[0]  # greedy: " Paris.\n\n..."
+    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].text
+    line = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, stop=["\n"]))[0]
+    assert line.finish_reason == "stop" and line.text == full[: full.index("\n")] and line.text.strip()
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    by_ids, by_text = llm.generate([{"prompt_token_ids": ids}, {"prompt": PROMPTS[0]}],
+                                   SamplingParams(temperature=0, max_tokens=4, stop=None, stop_token_ids=None))
+    assert by_ids.token_ids == by_text.token_ids and len(by_ids.token_ids) == 4
+    short, long = llm.generate([PROMPTS[0], PROMPTS[0]], [SamplingParams(temperature=0, max_tokens=2),
+                                                          SamplingParams(temperature=0, max_tokens=6)])
+    assert (len(short.token_ids), long.token_ids[:2]) == (2, short.token_ids)
+    unbounded = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=None), use_tqdm=False)[0]
+    assert unbounded.finish_reason in ("stop", "length") and len(unbounded.token_ids) >= 1
+    with pytest.raises(ValueError, match="sampling_params: 1 given for 2 prompts"):
+        llm.generate(PROMPTS[:2], [SamplingParams()])
