@@ -13,6 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from pdserve.bench.units import duration_arg
+
 # Defaults match pdserve.config.SLOConfig.
 DEFAULT_TTFT_S, DEFAULT_TPOT_S, DEFAULT_ATTAINMENT = 1.0, 0.2, 0.9
 
@@ -30,8 +32,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--at-rate", type=float, default=None,
                    help="per-GPU rate for the latency CDFs and SLO-scale curves (default: the highest "
                         "per-GPU rate every run measured)")
-    c.add_argument("--ttft", type=_duration, default=None, help="compare at this TTFT SLO instead of each run's")
-    c.add_argument("--tpot", type=_duration, default=None, help="compare at this TPOT SLO instead of each run's")
+    c.add_argument("--ttft", type=duration_arg, default=None, help="compare at this TTFT SLO instead of each run's")
+    c.add_argument("--tpot", type=duration_arg, default=None, help="compare at this TPOT SLO instead of each run's")
     c.add_argument("--slo-scale", type=float, default=1.0, help="multiply the SLOs compared at by this")
     c.set_defaults(func=_compare)
     lengths = sub.add_parser("lengths", help="write a workload's lengths file (the planner's input)")
@@ -70,9 +72,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-start-rate", type=float, default=1.0,
                    help="req/s of the first point when searching the goodput (doubled or halved from there)")
     p.add_argument("--search-steps", type=int, default=3, help="bisection steps after bracketing the goodput")
-    p.add_argument("--ttft", type=_duration, default=None,
+    p.add_argument("--ttft", type=duration_arg, default=None,
                    help=f"TTFT SLO, e.g. 1s or 250ms; plain numbers are seconds (default: {DEFAULT_TTFT_S:g}s)")
-    p.add_argument("--tpot", type=_duration, default=None,
+    p.add_argument("--tpot", type=duration_arg, default=None,
                    help=f"TPOT SLO, e.g. 100ms; plain numbers are seconds (default: {DEFAULT_TPOT_S * 1e3:g}ms)")
     p.add_argument("--slo-from-unloaded", nargs=2, type=float, default=None, metavar=("TTFT_X", "TPOT_X"),
                    help="set the SLOs to these multiples of the median unloaded TTFT and TPOT (measured first)")
@@ -93,15 +95,6 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output-dir", type=Path, default=None,
                    help="results directory: summary.json, points.csv, requests.csv/jsonl, plots (default: print only)")
-
-
-def _duration(text: str) -> float:
-    from pdserve.bench.units import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fraction(text: str) -> float:

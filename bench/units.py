@@ -7,6 +7,7 @@ two suffixes.)
 
 from __future__ import annotations
 
+import argparse
 import math
 
 
@@ -37,3 +38,11 @@ def fmt_duration(seconds: float | None) -> str:
             value = seconds / scale
             return f"{value:.3g} {unit}" if abs(value) < 100 else f"{value:.0f} {unit}"
     raise AssertionError("unreachable")
+
+
+def duration_arg(text: str) -> float:
+    """`parse_duration` as an argparse `type=`: a bad value is a usage error, not a traceback."""
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pdserve.bench.cli import _duration as duration  # one parser of "500ms"/"1s" for every CLI
+from pdserve.bench.units import duration_arg as duration  # one parser of "500ms"/"1s" for every CLI
 from pdserve.bench.metrics import SLO
 from pdserve.config import ServingConfig
 from pdserve.placement import profile_cli
