@@ -89,6 +89,7 @@ def _start_all(entry: dict[str, Any], followers: dict[str, list[Any]], timeout_s
 
 def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0) -> Deployment:
     """Start every pool and the router; returns once all instances loaded and HTTP is up."""
+    cfg = cfg.resolve_device(ray.cluster_resources().get("GPU", 0))  # auto: cuda + 1 GPU per rank, or cpu
     groups: list[PlacementGroup] = []
     followers: dict[str, list[Any]] = {}
     prefill = (_pool_actors(PrefillActor, cfg, cfg.prefill, "prefill", groups, followers)
