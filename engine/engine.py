@@ -19,6 +19,7 @@ from pdserve.config import EngineConfig
 from pdserve.engine.batch import Batch
 from pdserve.engine.device import bind_thread, checkpoint_dtype, resolve_device_dtype
 from pdserve.engine.kv_cache import BlockAllocator, KVLayout, KVPool, num_blocks_for_budget
+from pdserve.engine.memory import num_blocks_from_device_memory
 from pdserve.engine.model import LayerHook, LlamaForCausalLM, ModelConfig, RotaryEmbedding
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
@@ -44,7 +45,11 @@ class Engine:
             num_kv_heads=attn.k_proj.out_features // attn.head_dim,
             head_dim=attn.head_dim, block_size=cfg.block_size, dtype=dtype,
         )
-        num_blocks = num_blocks_for_budget(self.layout, int(cfg.kv_cache_memory_gb * 1e9))
+        if self.device.type == "cuda" and cfg.gpu_memory_utilization is not None:
+            num_blocks = num_blocks_from_device_memory(model, self.layout, self.device, cfg.gpu_memory_utilization,
+                                                       self.max_model_len)
+        else:
+            num_blocks = num_blocks_for_budget(self.layout, int(cfg.kv_cache_memory_gb * 1e9))
         self.pool = KVPool(self.layout, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.runner = ModelRunner(model, self.pool)
@@ -64,6 +69,9 @@ class Engine:
         """Reallocate the KV cache with `num_blocks` blocks (before any request holds one): the
         ranks of one TP/PP instance agree on a common size so their allocations stay identical."""
         assert self.allocator.num_used == 0, "resize_pool with blocks in use"
+        del self.pool, self.runner.pool  # free the old pool before allocating the new one (no 2x peak)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         self.pool = KVPool(self.layout, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.runner.pool = self.pool
