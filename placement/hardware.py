@@ -37,12 +37,19 @@ class ClusterSpec:
     gpu: GPUSpec
     inter_node_gbps: float = 100.0  # network between nodes, Gbit/s
     intra_node_gbps: float | None = None  # GB/s between GPUs of a node; None: the GPU's link
+    kv_device_path: bool = False
+    """True when prefill -> decode KV moves device to device within a node (NCCL or CUDA IPC: the tensor
+    transports of kvtransfer/tensor_transport.py). pdserve's serving KV transports (grpc, torch) stage
+    through host memory and TCP, so by default every transfer is priced at `host_path_gbps`."""
+    host_path_gbps: float = 2.0  # GB/s of a host-staged KV transfer (device->host, TCP, host->device)
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1 or self.gpus_per_node < 1:
             raise ValueError(f"cluster: need >= 1 node and >= 1 GPU per node, got {self.num_nodes}×{self.gpus_per_node}")
         if not self.inter_node_gbps > 0:
             raise ValueError(f"cluster.inter_node_gbps: must be > 0, got {self.inter_node_gbps}")
+        if not self.host_path_gbps > 0:
+            raise ValueError(f"cluster.host_path_gbps: must be > 0, got {self.host_path_gbps}")
 
     @property
     def num_gpus(self) -> int:
@@ -51,6 +58,10 @@ class ClusterSpec:
     @property
     def intra_node_bytes_per_s(self) -> float:
         return (self.intra_node_gbps or self.gpu.link_gbps) * _GB
+
+    @property
+    def host_path_bytes_per_s(self) -> float:
+        return self.host_path_gbps * _GB
 
     @property
     def inter_node_bytes_per_s(self) -> float:
