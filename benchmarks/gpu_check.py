@@ -12,7 +12,8 @@ Models are random-weight checkpoints saved with transformers into --workdir: a G
 512, 4 layers, 8 q / 2 kv heads, head_dim 64) and a Qwen2 (tied embeddings, qkv bias) for parity,
 and a Llama-shaped ~1.1B model (hidden 2048, 16 layers, 32 / 8 heads) for speed. On CPU every size
 is smaller (parity: hidden 128, 2 layers; speed: hidden 256, 4 layers; 8 decode steps, not 32), so
-the same checks and the same output format come back in minutes on a laptop. Each check runs in its own process with a timeout (a broken NCCL or CUDA path
+the same checks and the same output format come back in minutes on a laptop. Each check runs in
+its own process with a timeout (a broken NCCL or CUDA path
 may crash rather than raise) and reports `ok` and its figures; the results go to
 <out>/gpu_check.json and a table to <out>/gpu_check.md.
 """
@@ -130,7 +131,8 @@ def _engine(path: str, device: str, **kw: Any) -> Any:
     from pdserve.config import EngineConfig
     from pdserve.engine.engine import Engine
 
-    return Engine.from_config(path, EngineConfig(device=device, gpu_memory_utilization=None, **kw))  # type: ignore[arg-type]
+    cfg = EngineConfig(device=device, gpu_memory_utilization=None, **kw)  # type: ignore[arg-type]
+    return Engine.from_config(path, cfg)
 
 
 def _hf(path: str, engine: Any) -> Any:
@@ -315,7 +317,8 @@ def check_codecs(models: dict[str, str], device: str) -> dict[str, Any]:
     dst = KVPool(type(engine.layout)(**{**engine.layout.__dict__, "block_size": 32}), 64, engine.device)
     res: dict[str, Any] = {"ok": True}
     for t in (3, 300):
-        src_slots = token_slots(list(range(engine.layout.num_blocks_for(t))), engine.layout.block_size, t, engine.device)
+        lay = engine.layout
+        src_slots = token_slots(list(range(lay.num_blocks_for(t))), lay.block_size, t, engine.device)
         dst_slots = token_slots(list(range(dst.layout.num_blocks_for(t))), 32, t, engine.device)
         slab = gather_slab(engine.pool, 0, src_slots, slice(None))
         for name in CODEC_NAMES:
@@ -328,7 +331,8 @@ def check_codecs(models: dict[str, str], device: str) -> dict[str, Any]:
                 scatter_slab(dst, 0, dst_slots, slice(None), out)
                 back = gather_slab(dst, 0, dst_slots, slice(None))
                 err = ((back.float() - slab.float()).norm() / slab.float().norm()).item()
-                good = back.device == engine.device and (torch.equal(back, slab) if name == "raw" else err <= bounds[name])
+                close = torch.equal(back, slab) if name == "raw" else err <= bounds[name]
+                good = back.device == engine.device and close
                 res[f"{name}/T={t}"] = f"err {err:.4f}" + ("" if good else " FAIL")
             except Exception as e:  # noqa: BLE001 - a failing codec is this check's finding, not a crash
                 good, res[f"{name}/T={t}"] = False, f"{type(e).__name__}: {e}"[:120]
@@ -367,7 +371,8 @@ def _pair_sender(port: int, kind: str, device: str, nbytes: int, repeats: int) -
 
     from pdserve.kvtransfer.tensor_transport import open_pair, pair_store
 
-    tx = open_pair(kind, pair_store("127.0.0.1", port, False, 60), False, torch.device(device), 60)  # type: ignore[arg-type]
+    store = pair_store("127.0.0.1", port, False, 60)
+    tx = open_pair(kind, store, False, torch.device(device), 60)  # type: ignore[arg-type]
     t = torch.arange(nbytes // 2, device=device).to(torch.bfloat16)
     for _ in range(repeats):
         tx.send([t])
@@ -438,7 +443,8 @@ def check_decode_speed(models: dict[str, str], device: str) -> dict[str, Any]:
     steps = 32 if cuda else 8
     engine = _engine(models["speed"], device, kv_cache_memory_gb=8.0 if cuda else 0.2, max_model_len=256)
     hf = _hf(models["speed"], engine)
-    res: dict[str, Any] = {"model_gb": round(sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e9, 2)}
+    nbytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    res: dict[str, Any] = {"model_gb": round(nbytes / 1e9, 2)}
     for b in (1, 16, 64):
         prompts = _prompts(engine.model_config.vocab_size, [64] * b)
         worker = DecodeWorker(engine, "prefill_priority", max_num_seqs=b, max_num_batched_tokens=64 * b)
@@ -485,7 +491,8 @@ def _run_isolated(name: str, args: argparse.Namespace, timeout_s: float) -> dict
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout_s:.0f} s", "seconds": round(time.perf_counter() - t0, 1)}
+        return {"ok": False, "error": f"timed out after {timeout_s:.0f} s",
+                "seconds": round(time.perf_counter() - t0, 1)}
     lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
     if p.returncode != 0 or not lines:
         return {"ok": False, "error": f"exit {p.returncode}: {(p.stderr or p.stdout).strip()[-400:]}",

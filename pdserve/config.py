@@ -133,8 +133,9 @@ class ServingConfig:
         device = self.engine.device
         if device == "cpu" or (device == "auto" and cluster_gpus <= 0):
             for name in self.pool_names:
-                if getattr(self, name).num_gpus and cluster_gpus <= 0:
-                    raise ConfigError(f"{name}.num_gpus: {getattr(self, name).num_gpus}, but the Ray cluster has no GPUs")
+                n = getattr(self, name).num_gpus
+                if n and cluster_gpus <= 0:
+                    raise ConfigError(f"{name}.num_gpus: {n}, but the Ray cluster has no GPUs")
             return self.replace(engine=dataclasses.replace(self.engine, device="cpu"))
         if cluster_gpus <= 0:
             raise ConfigError("engine.device: cuda, but the Ray cluster has no GPUs")

@@ -42,7 +42,8 @@ def test_auto_on_a_cpu_cluster_becomes_cpu_and_a_gpu_request_there_is_an_error()
     assert ServingConfig().resolve_device(cluster_gpus=0).engine.device == "cpu"
     with pytest.raises(ConfigError, match="^decode.num_gpus: 1, but the Ray cluster has no GPUs"):
         ServingConfig(decode=PoolConfig(num_gpus=1)).resolve_device(cluster_gpus=0)
-    cuda = ServingConfig(engine=EngineConfig(device="cuda"), prefill=PoolConfig(num_gpus=1), decode=PoolConfig(num_gpus=1))
+    one = PoolConfig(num_gpus=1)
+    cuda = ServingConfig(engine=EngineConfig(device="cuda"), prefill=one, decode=one)
     with pytest.raises(ConfigError, match="^engine.device: cuda"):
         cuda.resolve_device(cluster_gpus=0)
 

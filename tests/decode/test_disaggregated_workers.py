@@ -25,7 +25,8 @@ def _prompts() -> list[list[int]]:
 
 
 def _engine(path: Path) -> Engine:
-    return Engine.from_config(str(path), EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_model_len=256))
+    cfg = EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_model_len=256)
+    return Engine.from_config(str(path), cfg)
 
 
 def _colocated(path: Path, prompts: list[list[int]]) -> list[list[int]]:

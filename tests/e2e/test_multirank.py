@@ -25,7 +25,8 @@ def test_tp3_prefill_instance_serves_the_offline_engine_tokens(ray_cluster: None
     llm = LLM("smollm2-135m", num_threads=1, device="cpu")
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
     tok = Tokenizer.from_dir(resolve_model("smollm2-135m"))
-    cfg = ServingConfig(engine=EngineConfig(device="cpu"), prefill=PoolConfig(tp=3, num_cpus=0.5), decode=PoolConfig(num_cpus=0.5),
+    cfg = ServingConfig(engine=EngineConfig(device="cpu"), prefill=PoolConfig(tp=3, num_cpus=0.5),
+                        decode=PoolConfig(num_cpus=0.5),
                         router=RouterConfig(port=0))
     deployment = launch(cfg)
     try:

@@ -33,7 +33,8 @@ def reference() -> dict[str, list[int]]:
 def deployment(request: pytest.FixtureRequest, ray_cluster: None) -> Iterator[Any]:
     from pdserve.placement.launch import launch
 
-    deployment = launch(ServingConfig(engine=EngineConfig(device="cpu"), mode=request.param, router=RouterConfig(port=0)))
+    cfg = ServingConfig(engine=EngineConfig(device="cpu"), mode=request.param, router=RouterConfig(port=0))
+    deployment = launch(cfg)
     try:
         yield deployment
     finally:

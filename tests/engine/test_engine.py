@@ -19,7 +19,8 @@ PROMPTS = [[1, 5, 9, 22, 7], [3, 4], list(range(10, 47)), [100] * 19]
 
 
 def _engine(path, block_size: int = 4) -> Engine:
-    return Engine.from_config(str(path), EngineConfig(device="cpu", block_size=block_size, kv_cache_memory_gb=0.002, max_model_len=512))
+    cfg = EngineConfig(device="cpu", block_size=block_size, kv_cache_memory_gb=0.002, max_model_len=512)
+    return Engine.from_config(str(path), cfg)
 
 
 def _generate(engine: Engine, prompts: list[list[int]], params: SamplingParams = GREEDY,
@@ -76,7 +77,8 @@ def test_preemption_by_recompute_keeps_tokens(tiny_llama) -> None:
     path, _ = tiny_llama
     big = _engine(path)
     block_bytes = big.layout.bytes_per_block
-    small = Engine.from_config(str(path), EngineConfig(device="cpu", block_size=4, kv_cache_memory_gb=24 * block_bytes / 1e9,
+    small = Engine.from_config(str(path), EngineConfig(device="cpu", block_size=4,
+                                                       kv_cache_memory_gb=24 * block_bytes / 1e9,
                                                        max_model_len=512))
     assert small.allocator.num_blocks == 24  # fewer than the four requests need together
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)

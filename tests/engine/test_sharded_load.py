@@ -58,7 +58,8 @@ with torch.device("meta"):  # torch imports its meta kernels (~70 MB) on first u
 def status_kb(key):  # VmHWM, not ru_maxrss: that one keeps the forking parent's peak across exec
     return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
 before = status_kb("VmRSS")
-net, _, _ = load_model(sys.argv[1], EngineConfig(device="cpu", max_model_len=256), None, int(sys.argv[2]), int(sys.argv[3]))
+cfg = EngineConfig(device="cpu", max_model_len=256)
+net, _, _ = load_model(sys.argv[1], cfg, None, int(sys.argv[2]), int(sys.argv[3]))
 peak = status_kb("VmHWM")
 params = sum(p.numel() * p.element_size() for p in net.parameters())
 print(json.dumps({"peak_mb": (peak - before) / 1024, "param_mb": params / 2**20}))

@@ -19,8 +19,8 @@ from pdserve.placement.search import SearchSpec, phase_latencies, search, unit_d
 from pdserve.placement.workload import sharegpt_like
 
 A100 = load_gpu("a100-80g")
-# DistServe's engine and testbed: its A100 profiles, its device-to-device KV path, its decode scheduler's 65,536-token batch
-# limit, 25 Gbps between nodes
+# DistServe's engine and testbed: its A100 profiles, its device-to-device KV path, its decode
+# scheduler's 65,536-token batch limit, 25 Gbps between nodes
 DISTSERVE = dict(source=load_profile("distserve-a100"), colocated_source=load_profile("distserve-a100-vllm"),
                  workload=sharegpt_like(), decode_token_limit=65536)
 

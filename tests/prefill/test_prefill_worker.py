@@ -13,7 +13,8 @@ from pdserve.types import GenerateRequest, RequestId, SamplingParams
 
 
 def _worker(path: Path) -> PrefillWorker:
-    engine = Engine.from_config(str(path), EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_model_len=256))
+    cfg = EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_model_len=256)
+    engine = Engine.from_config(str(path), cfg)
     sender = make_sender(KVTransferConfig(transport="loopback", lease_s=3600), engine.pool, engine.allocator)
     return PrefillWorker(engine, 64, 2048, sender)
 
