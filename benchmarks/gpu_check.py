@@ -148,13 +148,8 @@ def _generate(engine: Any, prompts: list[list[int]], n: int, policy: str, budget
 
     worker = DecodeWorker(engine, policy, max_num_seqs=64, max_num_batched_tokens=budget)  # type: ignore[arg-type]
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        worker.submit(GenerateRequest(RequestId(f"r{i}"), tuple(p), params))
-    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    while worker.has_work():
-        for o in worker.step():
-            out[o.request_id].extend(o.token_ids)
-    return [out[f"r{i}"] for i in range(len(prompts))]
+    return worker.run_to_completion([GenerateRequest(RequestId(f"r{i}"), tuple(p), params)
+                                     for i, p in enumerate(prompts)])
 
 
 def _prompts(vocab: int, lengths: list[int]) -> list[list[int]]:

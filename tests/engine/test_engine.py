@@ -26,17 +26,13 @@ def _engine(path, block_size: int = 4) -> Engine:
 def _generate(engine: Engine, prompts: list[list[int]], params: SamplingParams = GREEDY,
               policy: str = "prefill_priority", budget: int = 2048, stats: dict | None = None) -> list[list[int]]:
     worker = DecodeWorker(engine, policy, max_num_seqs=64, max_num_batched_tokens=budget)  # type: ignore[arg-type]
-    for i, p in enumerate(prompts):
-        worker.submit(GenerateRequest(RequestId(f"r{i}"), tuple(p), params))
-    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    while worker.has_work():
-        for o in worker.step():
-            out[o.request_id].extend(o.token_ids)
+    out = worker.run_to_completion([GenerateRequest(RequestId(f"r{i}"), tuple(p), params)
+                                    for i, p in enumerate(prompts)])
     engine.allocator.check_integrity()
     assert engine.allocator.num_used == 0, "blocks leaked"
     if stats is not None:
         stats["preemptions"] = worker.scheduler.num_preemptions
-    return [out[f"r{i}"] for i in range(len(prompts))]
+    return out
 
 
 def _hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:

@@ -39,12 +39,7 @@ def generate(engine: Engine, reqs: list[GenerateRequest]) -> dict[str, list[int]
     from pdserve.decode.worker import DecodeWorker
 
     worker = DecodeWorker(engine, "prefill_priority", max_num_seqs=64, max_num_batched_tokens=2048)
-    for r in reqs:
-        worker.submit(r)
-    out: dict[str, list[int]] = {r.request_id: [] for r in reqs}
-    while worker.has_work():
-        for o in worker.step():
-            out[o.request_id].extend(o.token_ids)
+    out = dict(zip([r.request_id for r in reqs], worker.run_to_completion(reqs)))
     engine.allocator.check_integrity()
     assert engine.allocator.num_used == 0, "blocks leaked"
     return out
