@@ -188,6 +188,17 @@ class DecodeWorker:
         self._timings.pop(rid, None)
         self._submitted_s.pop(rid, None)
 
+    def run_to_completion(self, reqs: list[GenerateRequest]) -> list[list[int]]:
+        """Offline use (tests, benchmarks): submit `reqs`, step until none is left, and return the
+        tokens each one produced, in order."""
+        for r in reqs:
+            self.submit(r)
+        out: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+        while self.has_work():
+            for o in self.step():
+                out[o.request_id].extend(o.token_ids)
+        return [out[r.request_id] for r in reqs]
+
     # ---- introspection ---------------------------------------------------------------------
 
     def has_work(self) -> bool:

@@ -17,20 +17,17 @@ import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine.batch import Batch
+from pdserve.engine.device import bind_thread, checkpoint_dtype, resolve_device_dtype
 from pdserve.engine.kv_cache import BlockAllocator, KVLayout, KVPool, num_blocks_for_budget
-from pdserve.engine.model import LayerHook, LlamaForCausalLM, ModelConfig
+from pdserve.engine.memory import num_blocks_from_device_memory
+from pdserve.engine.model import LayerHook, LlamaForCausalLM, ModelConfig, RotaryEmbedding
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import sample
 from pdserve.engine.step_log import StepLog
+from pdserve.engine.tp import apply_tp
 from pdserve.engine.weights import load_checkpoint
 from pdserve.types import FinishReason, GenerateRequest, StepOutput, StepRecord
-
-
-def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, str]:
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
-    return torch.device("cuda" if cuda else "cpu"), dtype
 
 
 class Engine:
@@ -48,7 +45,11 @@ class Engine:
             num_kv_heads=attn.k_proj.out_features // attn.head_dim,
             head_dim=attn.head_dim, block_size=cfg.block_size, dtype=dtype,
         )
-        num_blocks = num_blocks_for_budget(self.layout, int(cfg.kv_cache_memory_gb * 1e9))
+        if self.device.type == "cuda" and cfg.gpu_memory_utilization is not None:
+            num_blocks = num_blocks_from_device_memory(model, self.layout, self.device, cfg.gpu_memory_utilization,
+                                                       self.max_model_len)
+        else:
+            num_blocks = num_blocks_for_budget(self.layout, int(cfg.kv_cache_memory_gb * 1e9))
         self.pool = KVPool(self.layout, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.runner = ModelRunner(model, self.pool)
@@ -68,6 +69,9 @@ class Engine:
         """Reallocate the KV cache with `num_blocks` blocks (before any request holds one): the
         ranks of one TP/PP instance agree on a common size so their allocations stay identical."""
         assert self.allocator.num_used == 0, "resize_pool with blocks in use"
+        del self.pool, self.runner.pool  # free the old pool before allocating the new one (no 2x peak)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         self.pool = KVPool(self.layout, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.runner.pool = self.pool
@@ -114,6 +118,7 @@ class Engine:
             assert c.request.status is RequestStatus.RUNNING, f"{c.request.request_id} is {c.request.status}"
             assert len(c.request.block_table) * self.layout.block_size >= c.request.num_computed_tokens + c.num_tokens
         sampling = [c.request for c in batch.chunks if c.samples]  # before num_computed_tokens moves
+        bind_thread(self.device)  # the step thread's current CUDA device is this engine's (per thread)
         wall, t0 = time.time(), time.perf_counter()
         tokens = self.execute(batch, layer_hook)
         elapsed = time.perf_counter() - t0
@@ -159,18 +164,27 @@ class Engine:
 
 
 def load_model(model: str, cfg: EngineConfig, layer_range: tuple[int, int] | None = None,
+               tp_rank: int = 0, tp_size: int = 1, tp_group: Any = None,
                ) -> tuple[LlamaForCausalLM, Any, frozenset[int]]:
-    """(model stage with weights, tokenizer or None, eos token ids) for `model`, on cfg's device/dtype."""
+    """(model stage with weights, tokenizer or None, eos token ids) for `model`, on cfg's device/dtype.
+
+    The stage is built on `meta` and TP-sharded there, then each weight is read as this rank's
+    slice in the target dtype straight onto the device (engine/weights.py): a rank's peak memory is
+    its shard."""
     from pdserve.models import resolve_model
 
     path = resolve_model(model)
     hf = json.loads((path / "config.json").read_text())
     mcfg = ModelConfig.from_hf(hf)
-    device, dtype = resolve_device_dtype(cfg)
-    with torch.device(device):
-        net = LlamaForCausalLM(mcfg, min(cfg.max_model_len, mcfg.max_position_embeddings), layer_range)
-    load_checkpoint(net, path)
-    net.to(getattr(torch, dtype)).eval()
+    device, dtype = resolve_device_dtype(cfg, checkpoint_dtype(hf))
+    max_positions = min(cfg.max_model_len, mcfg.max_position_embeddings)
+    with torch.device("meta"):
+        net = LlamaForCausalLM(mcfg, max_positions, layer_range)
+    apply_tp(net, tp_rank, tp_size, tp_group)
+    load_checkpoint(net, path, getattr(torch, dtype), device, tp_rank, tp_size)
+    with torch.device(device):  # rope tables are computed (fp32, then cast like HF), not loaded
+        net.rope = RotaryEmbedding(mcfg, max_positions).to(getattr(torch, dtype))
+    net.eval()
     tokenizer, eos = _load_tokenizer(path, hf)
     return net, tokenizer, eos
 

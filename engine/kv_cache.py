@@ -132,7 +132,7 @@ class KVPool:
     def scatter(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
         """Inverse of `gather`: write `blocks` (same shape as gather's result) into the given ids."""
         idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.kv.device)
-        self.kv.index_copy_(2, idx, blocks.to(self.kv.dtype))
+        self.kv.index_copy_(2, idx, blocks.to(self.kv.device, self.kv.dtype))
 
 
 def num_blocks_for_budget(layout: KVLayout, budget_bytes: int) -> int:

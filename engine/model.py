@@ -218,14 +218,15 @@ class LlamaForCausalLM(nn.Module):
         assert self.lm_head is not None, "logits are computed on the last pipeline stage only"
         return self.lm_head(hidden).float()  # (N, vocab)
 
-    def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load this stage's share of a full HF checkpoint; tied embeddings fill lm_head."""
+    def load_hf_state_dict(self, tensors: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Load this stage's share of a full HF checkpoint; tied embeddings fill lm_head. `assign`
+        takes the given tensors as the parameters (a model built on `meta` gets its memory this way)."""
         own = self.state_dict()
         if self.lm_head is not None and "lm_head.weight" not in tensors:
             tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
         missing = [k for k in own if k not in tensors]
         if missing:
             raise ValueError(f"model: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-        self.load_state_dict({k: tensors[k] for k in own}, strict=True)
+        self.load_state_dict({k: tensors[k] for k in own}, strict=True, assign=assign)
         if self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight  # one copy in memory, as the checkpoint has

@@ -28,7 +28,7 @@ from pdserve.engine.batch import Batch
 from pdserve.engine.engine import Engine, load_model
 from pdserve.engine.model import LayerHook, LlamaForCausalLM, ModelConfig
 from pdserve.engine.sampler import sample
-from pdserve.engine.tp import apply_tp, check_tp
+from pdserve.engine.tp import check_tp
 
 T = TypeVar("T")
 
@@ -134,8 +134,7 @@ class PipelineEngine(Engine):
         check_tp(mcfg.num_heads, mcfg.num_kv_heads, mcfg.intermediate_size, ranks.tp_size)
         stage = layer_ranges(mcfg.num_layers, ranks.pp_size)[ranks.pp_rank]
         tp_group = make_tp_group(ranks)
-        net, tokenizer, eos = load_model(model, cfg, layer_range=stage)
-        apply_tp(net, ranks.tp_rank, ranks.tp_size, tp_group)  # before the pool is sized for the shard's heads
+        net, tokenizer, eos = load_model(model, cfg, stage, ranks.tp_rank, ranks.tp_size, tp_group)
         return cls(net, cfg, ranks, tokenizer, eos)
 
     def execute(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[int]:

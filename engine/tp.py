@@ -21,15 +21,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pdserve.engine.device import backend_for, bind_thread
 from pdserve.engine.model import LlamaForCausalLM
 
 
 def init_process_group(rank: int, world_size: int, init_method: str, device: torch.device | str = "cpu") -> None:
-    """Join this instance's process group: NCCL when the engine runs on CUDA, gloo on CPU."""
-    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    """Join this instance's process group on the engine's `device` (with its index on CUDA): NCCL
+    carries CUDA tensors (TP all-reduce, PP send/recv, token broadcast), gloo CPU tensors (control
+    all-reduces, object collectives) — one `cpu:gloo,cuda:nccl` group, so both kinds of call just work."""
+    bind_thread(device)
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world_size)
 
 
 def check_tp(num_heads: int, num_kv_heads: int, intermediate_size: int, tp_size: int) -> None:

@@ -79,7 +79,7 @@ class Int4Codec:
         g = min(VALUE_GROUP, d)
         if m == 0:
             kq, ks, kz = quant.quant_asym(k, k, k, LEVELS)
-            ks = kz = torch.empty(0, h, d, dtype=torch.float16)
+            ks = kz = k.new_empty(0, h, d, dtype=torch.float16)
         else:
             lo, hi = _key_range(k, KEY_GROUP)
             kq, ks, kz = quant.quant_asym(k, quant.expand_groups(lo, KEY_GROUP, m),
@@ -133,7 +133,7 @@ class Int4ZstdCodec:
         k, v = middle[0].float(), middle[1].float()  # each (M, H, D)
         m, h, d = k.shape
         if m == 0:
-            lo = hi = torch.zeros(1, h, d)
+            lo = hi = k.new_zeros(1, h, d)
         else:
             lo, hi = k.amin(0, keepdim=True), k.amax(0, keepdim=True)  # (1, H, D)
         kq, ks, kz = quant.quant_asym(k, lo, hi, ZSTD_LEVELS)
@@ -145,8 +145,8 @@ class Int4ZstdCodec:
         if VALUE_DELTA:
             vt = quant.delta_mod(vt, ZSTD_LEVELS)
         zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-        blob = lambda q: torch.from_numpy(  # noqa: E731
-            np.frombuffer(zc.compress(quant.pack_pairs(q, ZSTD_LEVELS).numpy().tobytes()), np.uint8).copy())
+        blob = lambda q: torch.from_numpy(  # noqa: E731 - zstd runs on the host: symbols cross once, packed
+            np.frombuffer(zc.compress(quant.pack_pairs(q, ZSTD_LEVELS).cpu().numpy().tobytes()), np.uint8).copy())
         fmt = torch.tensor([ZSTD_FORMAT, ZSTD_LEVELS, KEY_DELTA, VALUE_DELTA], dtype=torch.uint8)
         return [fmt, window.to(window_dtype(slab.dtype)).contiguous(), blob(kt), ks, kz, blob(vt), vs, vz]
 
@@ -162,7 +162,7 @@ class Int4ZstdCodec:
         if version != ZSTD_FORMAT or not 2 <= levels <= 16 or key_delta > 1 or value_delta > 1:
             raise ValueError(f"int4_zstd: unsupported format {fmt.tolist()} (this build writes "
                              f"{[ZSTD_FORMAT, ZSTD_LEVELS, KEY_DELTA, VALUE_DELTA]})")
-        kt, vt = _codes(kb, levels, h * d, m), _codes(vb, levels, h * d, m)  # each (H*D, M)
+        kt, vt = _codes(kb, levels, h * d, m).to(ks.device), _codes(vb, levels, h * d, m).to(vs.device)  # (H*D, M)
         if key_delta:
             kt = quant.undelta_mod(kt, levels)
         if value_delta:
@@ -181,7 +181,7 @@ def _codes(blob: torch.Tensor, levels: int, c: int, m: int) -> torch.Tensor:
     if blob.dtype != torch.uint8 or blob.dim() != 1:
         raise ValueError("int4_zstd: a code blob must be 1-D uint8")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(blob.numpy().tobytes(), max_output_size=n)
+        raw = zstandard.ZstdDecompressor().decompress(blob.cpu().numpy().tobytes(), max_output_size=n)
     except zstandard.ZstdError as e:
         raise ValueError(f"int4_zstd: bad zstd stream: {e}") from None
     if len(raw) != n:

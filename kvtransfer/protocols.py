@@ -25,11 +25,15 @@ class KVCodec(Protocol):
     name: str
 
     def encode(self, slab: torch.Tensor) -> list[torch.Tensor]:
-        """Parts to ship (contiguous CPU tensors). A slab with 0 tokens encodes to parts of 0 bytes."""
+        """Parts to ship: contiguous tensors on the slab's device (quantisation runs there; int4_zstd's
+        entropy-coded blobs and format byte are made on the host, where zstd runs). A tensor-level
+        transport moves device parts as they are; the byte wire copies them to the host once.
+        A slab with 0 tokens encodes to parts of 0 bytes."""
         ...
 
     def decode(self, parts: Sequence[torch.Tensor], shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """Inverse of encode: a slab of `shape` and `dtype`. Raw round-trips bit-exactly; lossy codecs
+        """Inverse of encode: a slab of `shape` and `dtype` on the parts' device (dequantisation runs
+        there; pass the parts on the destination pool's device). Raw round-trips bit-exactly; lossy codecs
         bound the error (tests/kvtransfer/test_codecs.py). Raises ValueError on parts that do not fit."""
         ...
 

@@ -1,4 +1,5 @@
-"""Quantization kernels shared by the lossy codecs: pure tensor functions, fp32 math on CPU or GPU.
+"""Quantization kernels shared by the lossy codecs: pure tensor functions, fp32 math on the input's
+device (CPU or GPU); every tensor they create is created there.
 
 Scales and zero points travel as fp16, so every kernel quantizes with the fp16-rounded scale it
 ships: the receiver reconstructs exactly what the sender measured its error against.
@@ -102,7 +103,7 @@ def unpack_pairs(s: torch.Tensor, levels: int, c: int, m: int) -> torch.Tensor:
     pairs, tail = s[:c * half].view(c, half), s[c * half:].view(c, m % 2)
     if (pairs.numel() and int(pairs.max()) >= levels * levels) or (tail.numel() and int(tail.max()) >= levels):
         raise ValueError("symbol out of range")
-    byte = torch.arange(256)
+    byte = torch.arange(256, device=s.device)
     lut = torch.stack((byte // levels, byte % levels), dim=-1).to(torch.uint8)  # (256, 2): symbol -> pair
     out = lut.index_select(0, pairs.reshape(-1).int()).view(c, 2 * half)  # (C, M - M % 2)
     return torch.cat((out, tail), dim=1)

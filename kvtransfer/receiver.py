@@ -233,7 +233,8 @@ class _FrameSink:
                 or frame.codec != self.p.codec):
             raise wire.WireError(f"unexpected frame: layer {frame.layer}, heads from {frame.head_start}, "
                                  f"shape {frame.shape}, codec {frame.codec}")
-        slab = get_codec(frame.codec).decode(frame.parts, frame.shape, frame.dtype)
+        parts = [p.to(self.rx.pool.device) for p in frame.parts]  # dequantise on the pool's device
+        slab = get_codec(frame.codec).decode(parts, frame.shape, frame.dtype)
         rx = self.rx
         heads = slice(piece.heads.start - rx.heads.start, piece.heads.stop - rx.heads.start)
         with self.p.write_lock:

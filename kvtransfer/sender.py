@@ -24,6 +24,7 @@ from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.protocols import KVCodec, Transport
 from pdserve.kvtransfer.reshard import gather_slab, token_slots
 from pdserve.kvtransfer.rpc import TLSFiles, start_server
+from pdserve.kvtransfer.staging import HostStager, LayerEvents
 from pdserve.kvtransfer.transfer import TransferState
 from pdserve.kvtransfer.types import HandleId, KVHandle, KVShard, PeerAddr, Span, TransferId
 
@@ -53,6 +54,8 @@ class KVSender:
         self.total_layers, self.total_heads = self.layers.stop, self.heads.stop  # grown by with_model_shape
         self._exports: dict[HandleId, _Export] = {}
         self._cond = threading.Condition()
+        # CUDA: gather/encode/D2H on a side stream after the layer's event, into pinned memory
+        self._events, self._stager = LayerEvents(pool.device, lay.num_layers), HostStager(pool.device)
         self._server, control = start_server(listen, tls, [(pb_grpc.add_KVControlServicer_to_server,
                                                           _ControlService(self))])
         self.address = PeerAddr(control=control, data=transport.endpoint())
@@ -90,6 +93,7 @@ class KVSender:
     def layer_hook(self, layer: int) -> None:
         """Runner callback: global `layer` is written for every streaming export in this forward."""
         local = layer - self.layers.start + 1
+        self._events.record(local - 1)
         with self._cond:
             for e in self._exports.values():
                 e.ready_layers = max(e.ready_layers, local)
@@ -193,9 +197,10 @@ class KVSender:
                     raise TimeoutError(f"layer {layer} was never written")
                 if xfer not in e.sends:
                     return
-            slab = gather_slab(self.pool, local, slots, local_heads)  # (2, T, heads, D)
-            yield from wire.encode_frame(codec.name, slab.dtype, slab.shape, layer, heads.start,
-                                         codec.encode(slab))
+            parts = self._stager.to_host(self._events.get(local), lambda: codec.encode(
+                gather_slab(self.pool, local, slots, local_heads)))  # slab (2, T, heads, D)
+            shape = (2, h.num_tokens, len(heads), self.pool.layout.head_dim)
+            yield from wire.encode_frame(codec.name, self.pool.kv.dtype, shape, layer, heads.start, parts)
 
 
 class _ControlService(pb_grpc.KVControlServicer):

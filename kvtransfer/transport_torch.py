@@ -1,4 +1,4 @@
-"""`TorchTransport`: torch.distributed point-to-point (gloo on CPU, NCCL-capable tensors on GPU).
+"""`TorchTransport`: host bytes over torch.distributed gloo point-to-point (device tensors: tensor_transport.py).
 
 Every (sender, receiver) pair gets its own 2-rank process group over its own TCPStore, created
 lazily: the receiver hosts the store (`connect_info` returns "host:port/nonce"), the sender joins

@@ -33,13 +33,18 @@ class ConfigError(ValueError):
 class EngineConfig:
     block_size: int = 16
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    kv_cache_memory_gb: float = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda: one whole GPU per rank (pools' num_gpus: 1)
+    kv_cache_memory_gb: float = 1.0  # the KV pool on CPU (on CUDA too when gpu_memory_utilization is None)
+    gpu_memory_utilization: float | None = 0.9
+    """CUDA: the fraction of the GPU's memory this engine may use in all (weights, activations, KV);
+    the KV pool gets what a warm-up forward leaves of it. None: a fixed kv_cache_memory_gb pool."""
     max_model_len: int = 2048
     num_threads: int = 1  # torch threads per engine process; several engines share the box
 
     def __post_init__(self) -> None:
-        _positive(self, "block_size", "kv_cache_memory_gb", "max_model_len", "num_threads")
+        _positive(self, "block_size", "kv_cache_memory_gb", "max_model_len", "num_threads", "gpu_memory_utilization")
+        if self.gpu_memory_utilization is not None and self.gpu_memory_utilization > 1:
+            raise ConfigError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,30 @@ class ServingConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
 
+    def __post_init__(self) -> None:
+        for name in self.pool_names:
+            _check_gpus(self.engine.device, getattr(self, name), name)
+
+    @property
+    def pool_names(self) -> tuple[str, ...]:
+        return ("prefill", "decode") if self.mode == "disaggregated" else ("decode",)
+
+    def resolve_device(self, cluster_gpus: float) -> ServingConfig:
+        """Resolve `engine.device: auto` once, at launch, against the Ray cluster's GPUs: cuda with one
+        whole GPU per rank (pools left at num_gpus 0 get 1) when it has any, cpu when it has none."""
+        device = self.engine.device
+        if device == "cpu" or (device == "auto" and cluster_gpus <= 0):
+            for name in self.pool_names:
+                n = getattr(self, name).num_gpus
+                if n and cluster_gpus <= 0:
+                    raise ConfigError(f"{name}.num_gpus: {n}, but the Ray cluster has no GPUs")
+            return self.replace(engine=dataclasses.replace(self.engine, device="cpu"))
+        if cluster_gpus <= 0:
+            raise ConfigError("engine.device: cuda, but the Ray cluster has no GPUs")
+        pools = {n: dataclasses.replace(getattr(self, n), num_gpus=getattr(self, n).num_gpus or 1.0)
+                 for n in self.pool_names}
+        return self.replace(engine=dataclasses.replace(self.engine, device="cuda"), **pools)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ServingConfig:
         return _build(cls, data or {}, "")
@@ -163,6 +192,19 @@ class ServingConfig:
 
     def replace(self, **changes: Any) -> ServingConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _check_gpus(device: str, pool: PoolConfig, name: str) -> None:
+    """A rank drives one whole GPU: NCCL refuses two ranks on one GPU, and Ray's num_gpus 0 hides them."""
+    n = pool.num_gpus
+    if n > 1:
+        raise ConfigError(f"{name}.num_gpus: {n}, but a rank drives one GPU; use tp/pp for more GPUs per instance")
+    if device != "cpu" and 0 < n < 1:
+        raise ConfigError(f"{name}.num_gpus: {n} would put two ranks on one GPU, which NCCL refuses "
+                          "(duplicate GPU); use 1, one whole GPU per rank")
+    if device == "cuda" and n == 0:
+        raise ConfigError(f"{name}.num_gpus: 0 hides every GPU from the actor (Ray sets CUDA_VISIBLE_DEVICES=\"\"); "
+                          "device cuda needs num_gpus: 1")
 
 
 def _positive(obj: object, *names: str) -> None:

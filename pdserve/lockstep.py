@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from pdserve.config import EngineConfig
+from pdserve.engine.device import resolve_device
 from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import PipelineEngine, RankLayout, layer_ranges
 from pdserve.engine.tp import init_process_group
@@ -167,9 +168,9 @@ def load_rank_engine(model: str, cfg: EngineConfig, ranks: RankLayout, init_meth
     number of KV blocks (the minimum: uneven PP stages size their pools differently), or block
     allocation, and with it scheduling, would diverge."""
     torch.set_num_threads(cfg.num_threads)
-    init_process_group(ranks.rank, ranks.world_size, init_method)
+    init_process_group(ranks.rank, ranks.world_size, init_method, resolve_device(cfg))
     engine = PipelineEngine.load(model, cfg, ranks)
-    n = torch.tensor([engine.allocator.num_blocks])
+    n = torch.tensor([engine.allocator.num_blocks])  # a CPU tensor: gloo's half of the group carries it
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     if int(n) < engine.allocator.num_blocks:
         engine.resize_pool(int(n))

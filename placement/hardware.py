@@ -50,6 +50,11 @@ class ClusterSpec:
     decode_gpu: GPUSpec | None = None
     """The decode nodes' GPU when it differs from `gpu` (Splitwise: prefill on compute-rich GPUs,
     decode on cheaper memory-rich ones); needs `prefill_nodes`."""
+    kv_device_path: bool = False
+    """True when prefill -> decode KV moves device to device within a node (NCCL or CUDA IPC: the tensor
+    transports of kvtransfer/tensor_transport.py). pdserve's serving KV transports (grpc, torch) stage
+    through host memory and TCP, so by default every transfer is priced at `host_path_gbps`."""
+    host_path_gbps: float = 2.0  # GB/s of a host-staged KV transfer (device->host, TCP, host->device)
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1 or self.gpus_per_node < 1:
@@ -60,6 +65,8 @@ class ClusterSpec:
             raise ValueError("cluster.decode_gpu: a second GPU type needs prefill_nodes (which nodes hold prefill)")
         if not self.inter_node_gbps > 0:
             raise ValueError(f"cluster.inter_node_gbps: must be > 0, got {self.inter_node_gbps}")
+        if not self.host_path_gbps > 0:
+            raise ValueError(f"cluster.host_path_gbps: must be > 0, got {self.host_path_gbps}")
 
     @property
     def num_gpus(self) -> int:
@@ -76,6 +83,10 @@ class ClusterSpec:
     @property
     def intra_node_bytes_per_s(self) -> float:
         return (self.intra_node_gbps or self.gpu.link_gbps) * _GB
+
+    @property
+    def host_path_bytes_per_s(self) -> float:
+        return self.host_path_gbps * _GB
 
     @property
     def inter_node_bytes_per_s(self) -> float:

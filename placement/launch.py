@@ -98,6 +98,7 @@ def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0, place_timeout_s: 
     reached every prefill instance's KV endpoints, and HTTP is up. Raises LaunchError when the
     pools cannot be placed within `place_timeout_s` (for nodes to join, then again for the
     placement groups) or a KV endpoint is unreachable."""
+    cfg = cfg.resolve_device(ray.cluster_resources().get("GPU", 0))  # auto: cuda + 1 GPU per rank, or cpu
     pools = [("prefill", cfg.prefill)] if cfg.mode == "disaggregated" else []
     _wait_placeable([*pools, ("decode", cfg.decode)], place_timeout_s)
     groups: list[PlacementGroup] = []

@@ -208,12 +208,15 @@ def unit_deployment(spec: SearchSpec, unit: Unit, lat: dict[PhaseConfig, Instanc
 
 
 def transfer_model(model: ModelSpec, cluster: ClusterSpec, unit: Unit, codec: str) -> TransferModel:
-    """Intra-node: every GPU pair of a stage moves its shard in parallel. Across nodes: one NIC."""
+    """Intra-node over a device path: every GPU pair of a stage moves its shard in parallel over the
+    GPU link. Otherwise the bytes go through host memory: the host path, and across nodes one NIC too."""
     assert unit.decode is not None, "colocated units move no KV"
-    if unit.intra_node_transfer:
+    if unit.intra_node_transfer and cluster.kv_device_path:
         bw = cluster.intra_node_bytes_per_s * min(unit.prefill.num_gpus, unit.decode.num_gpus)
+    elif unit.intra_node_transfer:
+        bw = cluster.host_path_bytes_per_s
     else:
-        bw = cluster.inter_node_bytes_per_s
+        bw = min(cluster.inter_node_bytes_per_s, cluster.host_path_bytes_per_s)
     return TransferModel(kv_bytes_per_token=model.kv_bytes_per_token, bytes_per_s=bw, codec=codec)
 
 

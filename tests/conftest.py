@@ -11,6 +11,8 @@
 - `fake_clock`: a clock tests advance by hand.
 - `ray_cluster` (session): one local Ray for every test that needs one (starting Ray costs ~6 s and
   ~700 MiB, so never per test).
+- `@pytest.mark.gpu` tests are skipped, with the reason, when torch sees no CUDA device. Every other
+  test pins `device="cpu"`, so a GPU runner runs the same CPU tests and, in addition, the gpu ones.
 Heavy imports (torch, transformers) happen inside the fixtures, so torch-free tests stay fast.
 """
 
@@ -25,6 +27,19 @@ import pytest
 TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
         "rms_norm_eps": 1e-6, "initializer_range": 0.1, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA device; torch {torch.__version__} sees none")
+    for item in gpu_tests:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

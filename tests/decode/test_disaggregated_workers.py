@@ -27,18 +27,14 @@ def _prompts() -> list[list[int]]:
 
 
 def _engine(path: Path) -> Engine:
-    return Engine.from_config(str(path), EngineConfig(block_size=8, kv_cache_memory_gb=0.01, max_model_len=256))
+    cfg = EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_model_len=256)
+    return Engine.from_config(str(path), cfg)
 
 
 def _colocated(path: Path, prompts: list[list[int]]) -> list[list[int]]:
     worker = DecodeWorker(_engine(path), "prefill_priority", 64, 2048)
-    for i, p in enumerate(prompts):
-        worker.submit(GenerateRequest(RequestId(f"r{i}"), tuple(p), GREEDY))
-    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    while worker.has_work():
-        for o in worker.step():
-            out[o.request_id].extend(o.token_ids)
-    return [out[f"r{i}"] for i in range(len(prompts))]
+    return worker.run_to_completion([GenerateRequest(RequestId(f"r{i}"), tuple(p), GREEDY)
+                                     for i, p in enumerate(prompts)])
 
 
 def _disaggregated(path: Path, prompts: list[list[int]], transport: str, break_sender: bool = False,

@@ -9,7 +9,7 @@ import time
 import pytest
 import ray
 
-from pdserve.config import PoolConfig, RouterConfig, ServingConfig
+from pdserve.config import EngineConfig, PoolConfig, RouterConfig, ServingConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -24,11 +24,11 @@ def test_killing_a_decode_actor_mid_stream_loses_no_request(ray_cluster: None) -
     from pdserve import LLM, SamplingParams
     from pdserve.placement.launch import launch
 
-    llm = LLM("smollm2-135m", num_threads=1)
+    llm = LLM("smollm2-135m", num_threads=1, device="cpu")
     want = [o.text for o in llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
                                                                     ignore_eos=True))]
     del llm
-    cfg = ServingConfig(decode=PoolConfig(instances=2), router=RouterConfig(port=0))
+    cfg = ServingConfig(engine=EngineConfig(device="cpu"), decode=PoolConfig(instances=2), router=RouterConfig(port=0))
     deployment = launch(cfg)
     try:
         client = OpenAI(base_url=f"{deployment.url}/v1", api_key="unused", max_retries=0, timeout=300)

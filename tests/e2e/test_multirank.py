@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.config import PoolConfig, RouterConfig, ServingConfig
+from pdserve.config import EngineConfig, PoolConfig, RouterConfig, ServingConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -22,10 +22,11 @@ def test_tp3_prefill_instance_serves_the_offline_engine_tokens(ray_cluster: None
     from pdserve.models import resolve_model
     from pdserve.tokenizer import Tokenizer
 
-    llm = LLM("smollm2-135m", num_threads=1)
+    llm = LLM("smollm2-135m", num_threads=1, device="cpu")
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
     tok = Tokenizer.from_dir(resolve_model("smollm2-135m"))
-    cfg = ServingConfig(prefill=PoolConfig(tp=3, num_cpus=0.5), decode=PoolConfig(num_cpus=0.5),
+    cfg = ServingConfig(engine=EngineConfig(device="cpu"), prefill=PoolConfig(tp=3, num_cpus=0.5),
+                        decode=PoolConfig(num_cpus=0.5),
                         router=RouterConfig(port=0))
     deployment = launch(cfg)
     try:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.config import RouterConfig, ServingConfig
+from pdserve.config import EngineConfig, RouterConfig, ServingConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ MAX_TOKENS = 24
 def reference() -> dict[str, list[int]]:
     from pdserve import LLM, SamplingParams
 
-    llm = LLM("smollm2-135m", num_threads=1)
+    llm = LLM("smollm2-135m", num_threads=1, device="cpu")
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
     return {p: o.token_ids for p, o in zip(PROMPTS, outs)}
 
@@ -33,7 +33,8 @@ def reference() -> dict[str, list[int]]:
 def deployment(request: pytest.FixtureRequest, ray_cluster: None) -> Iterator[Any]:
     from pdserve.placement.launch import launch
 
-    deployment = launch(ServingConfig(mode=request.param, router=RouterConfig(port=0)))
+    cfg = ServingConfig(engine=EngineConfig(device="cpu"), mode=request.param, router=RouterConfig(port=0))
+    deployment = launch(cfg)
     try:
         yield deployment
     finally:

@@ -19,23 +19,20 @@ PROMPTS = [[1, 5, 9, 22, 7], [3, 4], list(range(10, 47)), [100] * 19]
 
 
 def _engine(path, block_size: int = 4) -> Engine:
-    return Engine.from_config(str(path), EngineConfig(block_size=block_size, kv_cache_memory_gb=0.002, max_model_len=512))
+    cfg = EngineConfig(device="cpu", block_size=block_size, kv_cache_memory_gb=0.002, max_model_len=512)
+    return Engine.from_config(str(path), cfg)
 
 
 def _generate(engine: Engine, prompts: list[list[int]], params: SamplingParams = GREEDY,
               policy: str = "prefill_priority", budget: int = 2048, stats: dict | None = None) -> list[list[int]]:
     worker = DecodeWorker(engine, policy, max_num_seqs=64, max_num_batched_tokens=budget)  # type: ignore[arg-type]
-    for i, p in enumerate(prompts):
-        worker.submit(GenerateRequest(RequestId(f"r{i}"), tuple(p), params))
-    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    while worker.has_work():
-        for o in worker.step():
-            out[o.request_id].extend(o.token_ids)
+    out = worker.run_to_completion([GenerateRequest(RequestId(f"r{i}"), tuple(p), params)
+                                    for i, p in enumerate(prompts)])
     engine.allocator.check_integrity()
     assert engine.allocator.num_used == 0, "blocks leaked"
     if stats is not None:
         stats["preemptions"] = worker.scheduler.num_preemptions
-    return [out[f"r{i}"] for i in range(len(prompts))]
+    return out
 
 
 def _hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
@@ -76,7 +73,8 @@ def test_preemption_by_recompute_keeps_tokens(tiny_llama) -> None:
     path, _ = tiny_llama
     big = _engine(path)
     block_bytes = big.layout.bytes_per_block
-    small = Engine.from_config(str(path), EngineConfig(block_size=4, kv_cache_memory_gb=24 * block_bytes / 1e9,
+    small = Engine.from_config(str(path), EngineConfig(device="cpu", block_size=4,
+                                                       kv_cache_memory_gb=24 * block_bytes / 1e9,
                                                        max_model_len=512))
     assert small.allocator.num_blocks == 24  # fewer than the four requests need together
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM("smollm2-135m", num_threads=2)
+    return LLM("smollm2-135m", num_threads=2, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pdserve.engine.model import LlamaForCausalLM, ModelConfig
 from pdserve.engine.tp import apply_tp, check_tp
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 
-CFG = EngineConfig(block_size=4, kv_cache_memory_gb=0.002, max_model_len=256)
+CFG = EngineConfig(device="cpu", block_size=4, kv_cache_memory_gb=0.002, max_model_len=256)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[1, 5, 9, 22, 7], [3, 4], list(range(10, 47)), [100] * 19]
 # Random sampling: compared across ranks only (ranks must agree even without a seed).
@@ -39,12 +39,7 @@ def generate(engine: Engine, reqs: list[GenerateRequest]) -> dict[str, list[int]
     from pdserve.decode.worker import DecodeWorker
 
     worker = DecodeWorker(engine, "prefill_priority", max_num_seqs=64, max_num_batched_tokens=2048)
-    for r in reqs:
-        worker.submit(r)
-    out: dict[str, list[int]] = {r.request_id: [] for r in reqs}
-    while worker.has_work():
-        for o in worker.step():
-            out[o.request_id].extend(o.token_ids)
+    out = dict(zip([r.request_id for r in reqs], worker.run_to_completion(reqs)))
     engine.allocator.check_integrity()
     assert engine.allocator.num_used == 0, "blocks leaked"
     return out

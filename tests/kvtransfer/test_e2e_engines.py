@@ -23,7 +23,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 def _engine(path: Path, block_size: int) -> Engine:
     torch.set_num_threads(1)
-    return Engine.from_config(str(path), EngineConfig(block_size=block_size, kv_cache_memory_gb=0.02,
+    return Engine.from_config(str(path), EngineConfig(device="cpu", block_size=block_size, kv_cache_memory_gb=0.02,
                                                       max_model_len=256))
 
 

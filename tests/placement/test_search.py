@@ -19,14 +19,15 @@ from pdserve.placement.search import SearchSpec, phase_latencies, search, unit_d
 from pdserve.placement.workload import sharegpt_like
 
 A100 = load_gpu("a100-80g")
-# DistServe's engine and testbed: its A100 profiles, its decode scheduler's 65,536-token batch
-# limit, 25 Gbps between nodes
+# DistServe's engine and testbed: its A100 profiles, its device-to-device KV path, its decode
+# scheduler's 65,536-token batch limit, 25 Gbps between nodes
 DISTSERVE = dict(source=load_profile("distserve-a100"), colocated_source=load_profile("distserve-a100-vllm"),
                  workload=sharegpt_like(), decode_token_limit=65536)
 
 
 def distserve_spec(model: str, nodes: int, per_node: int, ttft: float, tpot: float, **kw) -> SearchSpec:
-    cluster = ClusterSpec(num_nodes=nodes, gpus_per_node=per_node, gpu=A100, inter_node_gbps=25)
+    # DistServe moves KV device to device within a node (NCCL over NVLink): price that path
+    cluster = ClusterSpec(num_nodes=nodes, gpus_per_node=per_node, gpu=A100, inter_node_gbps=25, kv_device_path=True)
     return SearchSpec(model=load_model(model), cluster=cluster, slo=SLO(ttft_s=ttft, tpot_s=tpot), **{**DISTSERVE, **kw})
 
 

@@ -24,7 +24,7 @@ from pdserve.types import GenerateRequest, RequestId
 from tests.decode.test_disaggregated_workers import GREEDY, _colocated, _prompts
 from tests.net import LOCAL
 
-ENGINE = EngineConfig(block_size=8, kv_cache_memory_gb=0.01, max_model_len=256)
+ENGINE = EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_model_len=256)
 KV = KVTransferConfig(transport="grpc", codec="raw", timeout_s=10)
 TIMEOUT_S = 60
 

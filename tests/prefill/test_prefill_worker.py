@@ -14,7 +14,8 @@ from tests.net import LOCAL
 
 
 def _worker(path: Path) -> PrefillWorker:
-    engine = Engine.from_config(str(path), EngineConfig(block_size=8, kv_cache_memory_gb=0.01, max_model_len=256))
+    cfg = EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_model_len=256)
+    engine = Engine.from_config(str(path), cfg)
     sender = make_sender(KVTransferConfig(transport="loopback", lease_s=3600), engine.pool, engine.allocator, listen=LOCAL)
     return PrefillWorker(engine, 64, 2048, sender)
 

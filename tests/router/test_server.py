@@ -26,7 +26,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def make_app(mode: str = "disaggregated", router_cfg: RouterConfig | None = None, **kw: Any) -> tuple[Any, ...]:
-    cfg = ServingConfig(model=MODEL, mode=mode, engine=EngineConfig(max_model_len=CTX),  # type: ignore[arg-type]
+    cfg = ServingConfig(model=MODEL, mode=mode,  # type: ignore[arg-type]
+                        engine=EngineConfig(device="cpu", max_model_len=CTX),
                         router=router_cfg or RouterConfig())
     router, prefills, decodes = make_router(mode, cfg=cfg.router, **kw)
     app = build_app(router, FakeTokenizer(), cfg, card=ModelCard(MODEL, CTX, vocab_size=256))
