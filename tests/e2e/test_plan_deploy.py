@@ -39,7 +39,7 @@ CLUSTER_YAML = textwrap.dedent("""\
 CPU_PROFILE = {"HuggingFaceTB/SmolLM2-135M-Instruct": {"1": {
     "prefill": [20.0, 0.5, 1e-5], "decoding_smallbs": [15.0, 1e-4, 2.0], "decoding_largebs": [15.0, 1e-4, 2.0],
     "decoding_large_small_bs_threshold": 95, "device": "cpu"}}}
-CPU_SPEC = {"peak_tflops": 0.2, "mem_gbps": 20, "mem_gb": 0.8, "link_gbps": 1, "device": "cpu"}
+CPU_SPEC = {"peak_tflops": 0.2, "mem_gbps": 20, "mem_gb": 0.6, "link_gbps": 1, "device": "cpu"}
 
 # Ray's view of where each actor runs, read from the GCS by a driver in the head's namespace
 WHERE = """
@@ -56,29 +56,25 @@ def cluster() -> Iterator[NetnsCluster]:
     why = available()
     if why is not None:
         pytest.skip(why)
-    with NetnsCluster(["prefill_node", "decode_node"]) as c:  # the head holds prefill_cpu's resource
+    with NetnsCluster(["prefill_node", "decode_node"], shared={"pd_slot": 2}) as c:  # head: prefill_cpu's resource
         yield c
 
 
-def test_serving_a_plan_places_every_instance_on_its_planned_node_type(cluster: NetnsCluster, tmp_path: Path) -> None:
-    (tmp_path / "cluster.yaml").write_text(CLUSTER_YAML)
+def _plan_and_serve(cluster: NetnsCluster, tmp_path: Path, cluster_yaml: str, *flags: str
+                    ) -> tuple[Plan, dict[str, str]]:
+    """`pdserve plan` for `cluster_yaml`, then `pdserve serve` of the written config as is; returns
+    the plan and where (node IP) each pdserve actor runs once the server is ready."""
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml)
     (tmp_path / "cpu.json").write_text(json.dumps(CPU_PROFILE))
     (tmp_path / "cpu-small.yaml").write_text(yaml.safe_dump(CPU_SPEC))
     out = tmp_path / "serve.yaml"
     assert main(["plan", "--model", "smollm2-135m", "--cluster", str(tmp_path / "cluster.yaml"),
                  "--gpu", str(tmp_path / "cpu-small.yaml"), "--profile", str(tmp_path / "cpu.json"),
                  "--ttft", "5s", "--tpot", "1s", "--num-requests", "200", "--jobs", "1", "--no-colocated",
-                 "-o", str(out)]) == 0
+                 "-o", str(out), *flags]) == 0
     plan = Plan.from_yaml((tmp_path / "serve.plan.yaml").read_text())
     cfg = yaml.safe_load(out.read_text())
     assert cfg["prefill"]["num_gpus"] == cfg["decode"]["num_gpus"] == 0.0 and cfg["engine"]["device"] == "cpu"
-    types = yaml.safe_load(CLUSTER_YAML)["available_node_types"]
-    prefill_nodes = plan.planned_for["cluster"]["prefill_nodes"]
-    planned = {f"pdserve-{s.role}-{s.instance}": "prefill_cpu" if s.node < prefill_nodes else "decode_cpu"
-               for s in plan.placement}
-    assert set(planned.values()) == {"prefill_cpu", "decode_cpu"}
-    ip_of_type = {t: next(n.ip for n in cluster.nodes if n.name in types[t]["resources"]) for t in planned.values()}
-
     with _serve(cluster, cfg, tmp_path) as (proc, log):
         url = wait_for_line(log, r"ready at (http://\S+)", proc, READY_S).group(1)
         client = cluster.executor(cluster.head)
@@ -86,6 +82,47 @@ def test_serving_a_plan_places_every_instance_on_its_planned_node_type(cluster: 
         r = cluster.run(cluster.head, [str(BIN / "python"), "-c", WHERE, cluster.address], timeout_s=120)
         line = next((x for x in r.stdout.splitlines() if x.startswith("ACTORS ")), None)
         assert line is not None, r.stdout + r.stderr
-        landed = json.loads(line.removeprefix("ACTORS "))
+        return plan, json.loads(line.removeprefix("ACTORS "))
+
+
+def _actor(role: str, instance: int, rank: int) -> str:
+    return f"pdserve-{role}-{instance}" + (f"-rank{rank}" if rank else "")
+
+
+def test_serving_a_plan_places_every_instance_on_its_planned_node_type(cluster: NetnsCluster, tmp_path: Path) -> None:
+    plan, landed = _plan_and_serve(cluster, tmp_path, CLUSTER_YAML)
+    types = yaml.safe_load(CLUSTER_YAML)["available_node_types"]
+    prefill_nodes = plan.planned_for["cluster"]["prefill_nodes"]
+    planned = {_actor(s.role, s.instance, 0): "prefill_cpu" if s.node < prefill_nodes else "decode_cpu"
+               for s in plan.placement}
+    assert set(planned.values()) == {"prefill_cpu", "decode_cpu"}
+    ip_of_type = {t: next(n.ip for n in cluster.nodes if n.name in types[t]["resources"]) for t in planned.values()}
     assert {name: ip for name, ip in landed.items() if name in planned} == {
         name: ip_of_type[t] for name, t in planned.items()}, (landed, planned)
+
+
+PAIRED_YAML = textwrap.dedent("""\
+    cluster_name: pdserve-netns
+    provider: {type: local, head_ip: 10.213.0.1, worker_ips: [10.213.0.2]}
+    head_node_type: head
+    available_node_types:
+      head: {resources: {CPU: 0}, min_workers: 0, max_workers: 0, node_config: {}}
+      cpu_node: {resources: {CPU: 2, GPU: 2, pd_slot: 2}, min_workers: 2, max_workers: 2, node_config: {}}
+    """)
+
+
+def test_algorithm2_plan_keeps_each_stage_pair_on_one_node(cluster: NetnsCluster, tmp_path: Path) -> None:
+    """Both nodes of one type (two slots each): Algorithm 2 pairs prefill and decode stages on a
+    node. Every rank lands on the node its planned segment names (up to which Ray node is
+    planned node 0), and the paired stages share that node."""
+    plan, landed = _plan_and_serve(cluster, tmp_path, PAIRED_YAML, "--affinity", "low")
+    assert plan.algorithm == "low-affinity"
+    tp = {"prefill": plan.prefill.tp, "decode": plan.decode.tp}
+    node_ips = {}  # planned node -> the Ray node (IP) its segments landed on
+    for s in plan.placement:
+        for r in range(s.stage * tp[s.role], (s.stage + 1) * tp[s.role]):
+            node_ips.setdefault(s.node, set()).add(landed[_actor(s.role, s.instance, r)])
+    assert all(len(ips) == 1 for ips in node_ips.values()), (node_ips, landed)
+    assert len({ip for ips in node_ips.values() for ip in ips}) == len(node_ips)  # distinct planned nodes stay distinct
+    for node in node_ips:
+        assert {s.role for s in plan.placement if s.node == node} == {"prefill", "decode"}  # paired on it
