@@ -46,7 +46,10 @@ def _interface_towards(host: str) -> str | None:
     Without it gloo binds the address the hostname resolves to, often a loopback one that ranks on
     another node cannot dial (the stages of an instance split over nodes, `placement.node_groups`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((host, 9))  # UDP: picks the route, sends nothing
+        try:
+            s.connect((host, 9))  # UDP: picks the route, sends nothing
+        except OSError:  # not an IPv4 host: leave gloo's default
+            return None
         local = s.getsockname()[0]
         for _, name in socket.if_nameindex():
             try:
