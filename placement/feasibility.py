@@ -34,11 +34,11 @@ def instance_demand(pool: PoolConfig) -> dict[str, float]:
 def check_placeable(pools: Pools, nodes: list[dict[str, Any]],
                     units: Sequence[tuple[str, dict[str, float]]] = ()) -> None:
     """`units`: (name, what one node must hold) of each placement group that pairs instances
-    (`placement.units`), checked like an instance."""
+    (`placement.units`); they replace the per-instance check (an instance may span node groups)."""
     live = [n for n in nodes if n.get("Alive")]
     problems = [f"no node can hold {name} ({_fmt(need)} on one node: paired prefill and decode stages)"
                 for name, need in units if not any(_fits(need, n["Resources"]) for n in live)]
-    for role, pool in pools:
+    for role, pool in ([] if units else pools):
         need = instance_demand(pool)
         if not any(_fits(need, n["Resources"]) for n in live):
             problems.append(f"no node can hold one {role} instance ({_fmt(need)} on one node)")
