@@ -1,5 +1,6 @@
 """`pdserve plan --cluster` → `pdserve serve --config` on a two-node namespace cluster
-(tests/e2e/netns.py): every instance lands on the node type the plan put it on.
+(tests/e2e/netns.py): every instance lands on the node type the plan put it on, and an Algorithm 2
+plan's paired prefill and decode stages share the node the plan gave them.
 
 The cluster.yaml below describes the namespace nodes as a launcher would: a prefill and a decode
 node type, each with one worker slot (`GPU: 1`: what the planner counts) and the custom resource
@@ -20,8 +21,7 @@ import yaml
 
 from pdserve.cli import main
 from pdserve.placement.plan import Plan
-from tests.e2e.netns import BIN, NetnsCluster, available, wait_for_line
-from tests.e2e.test_multinode import _serve
+from tests.e2e.netns import BIN, NetnsCluster, available, serve, wait_for_line
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -67,15 +67,15 @@ def _plan_and_serve(cluster: NetnsCluster, tmp_path: Path, cluster_yaml: str, *f
     (tmp_path / "cluster.yaml").write_text(cluster_yaml)
     (tmp_path / "cpu.json").write_text(json.dumps(CPU_PROFILE))
     (tmp_path / "cpu-small.yaml").write_text(yaml.safe_dump(CPU_SPEC))
-    out = tmp_path / "serve.yaml"
+    out = tmp_path / "planned.yaml"
     assert main(["plan", "--model", "smollm2-135m", "--cluster", str(tmp_path / "cluster.yaml"),
                  "--gpu", str(tmp_path / "cpu-small.yaml"), "--profile", str(tmp_path / "cpu.json"),
                  "--ttft", "5s", "--tpot", "1s", "--num-requests", "200", "--jobs", "1", "--no-colocated",
                  "-o", str(out), *flags]) == 0
-    plan = Plan.from_yaml((tmp_path / "serve.plan.yaml").read_text())
+    plan = Plan.from_yaml((tmp_path / "planned.plan.yaml").read_text())
     cfg = yaml.safe_load(out.read_text())
     assert cfg["prefill"]["num_gpus"] == cfg["decode"]["num_gpus"] == 0.0 and cfg["engine"]["device"] == "cpu"
-    with _serve(cluster, cfg, tmp_path) as (proc, log):
+    with serve(cluster, cfg, tmp_path) as (proc, log):
         url = wait_for_line(log, r"ready at (http://\S+)", proc, READY_S).group(1)
         client = cluster.executor(cluster.head)
         assert client.submit(lambda: httpx.get(f"{url}/health", timeout=10).json()).result()["status"] == "ok"
