@@ -15,7 +15,12 @@ computes the same logits.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+import struct
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -30,7 +35,31 @@ def init_process_group(rank: int, world_size: int, init_method: str, device: tor
     carries CUDA tensors (TP all-reduce, PP send/recv, token broadcast), gloo CPU tensors (control
     all-reduces, object collectives) — one `cpu:gloo,cuda:nccl` group, so both kinds of call just work."""
     bind_thread(device)
+    if "GLOO_SOCKET_IFNAME" not in os.environ:  # the user's choice wins
+        ifname = _interface_towards(urlparse(init_method).hostname or "127.0.0.1")
+        if ifname:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname  # read by ProcessGroupGloo; this process only
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world_size)
+
+
+def _interface_towards(host: str) -> str | None:
+    """The network interface this process reaches `host` (the rendezvous, on rank 0's node) through.
+    Without it gloo binds the address the hostname resolves to, often a loopback one that ranks on
+    another node cannot dial (the stages of an instance split over nodes, `placement.node_groups`)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))  # UDP: picks the route, sends nothing
+        except OSError:  # not an IPv4 host: leave gloo's default
+            return None
+        local = s.getsockname()[0]
+        for _, name in socket.if_nameindex():
+            try:
+                addr = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:  # no IPv4 address
+                continue
+            if socket.inet_ntoa(addr[20:24]) == local:
+                return name
+    return None
 
 
 def check_tp(num_heads: int, num_kv_heads: int, intermediate_size: int, tp_size: int) -> None:

@@ -43,7 +43,7 @@ class WorkerShell(ABC):
         return Listen.resolve(self.cfg.kvtransfer, self.node_ip)
 
     def rendezvous(self) -> str:
-        return free_init_method(self.node_ip)  # STRICT_PACK: an instance's ranks share a node
+        return free_init_method(self.node_ip)  # this node's IP: ranks on other nodes (placement.node_groups) dial it
 
     async def _start(self, init_method: str) -> None:
         self._loop = asyncio.get_running_loop()

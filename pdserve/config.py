@@ -134,6 +134,25 @@ class SLOConfig:
 
 
 @dataclass(frozen=True)
+class PlacementConfig:
+    """Instances that must share a node: DistServe's Algorithm 2 (`pdserve plan`'s low-affinity
+    plans) keeps the prefill and decode stages of one unit on one node, so KV moves inside it."""
+
+    units: int = 0
+    """0: every instance is its own placement group, on any node its pool's resources fit. N > 0:
+    each pool splits into N equal units in order (prefill-0.. and decode-0.. in unit 0, ...), and
+    the ranks of a unit's prefill and decode instances share STRICT_PACK placement groups."""
+    node_groups: int = 1
+    """Nodes per unit: pipeline stage s of a pp-stage instance goes to group s × node_groups // pp
+    (1: the whole unit on one node). Must divide both pools' pp."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "node_groups")
+        if self.units < 0:
+            raise ConfigError(f"units: must be >= 0, got {self.units}")
+
+
+@dataclass(frozen=True)
 class ServingConfig:
     model: str = "smollm2-135m"
     mode: Mode = "disaggregated"
@@ -144,6 +163,21 @@ class ServingConfig:
     kvtransfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+
+    def __post_init__(self) -> None:
+        pl = self.placement
+        if pl.units == 0:
+            if pl.node_groups != 1:
+                raise ConfigError("placement.node_groups: needs placement.units > 0")
+            return
+        if self.mode != "disaggregated":
+            raise ConfigError("placement.units: pairs prefill with decode stages; needs mode: disaggregated")
+        for role, pool in (("prefill", self.prefill), ("decode", self.decode)):
+            if pool.instances % pl.units:
+                raise ConfigError(f"placement.units: {pl.units} does not divide {role}.instances ({pool.instances})")
+            if pool.pp % pl.node_groups:
+                raise ConfigError(f"placement.node_groups: {pl.node_groups} does not divide {role}.pp ({pool.pp})")
 
     def __post_init__(self) -> None:
         for name in self.pool_names:

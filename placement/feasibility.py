@@ -10,6 +10,7 @@ node, and a pool set whose total demand of some resource exceeds the whole clust
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from pdserve.config import PoolConfig
@@ -30,10 +31,14 @@ def instance_demand(pool: PoolConfig) -> dict[str, float]:
     return {k: v * pool.gpus_per_instance for k, v in bundle(pool).items() if v}
 
 
-def check_placeable(pools: Pools, nodes: list[dict[str, Any]]) -> None:
+def check_placeable(pools: Pools, nodes: list[dict[str, Any]],
+                    units: Sequence[tuple[str, dict[str, float]]] = ()) -> None:
+    """`units`: (name, what one node must hold) of each placement group that pairs instances
+    (`placement.units`); they replace the per-instance check (an instance may span node groups)."""
     live = [n for n in nodes if n.get("Alive")]
-    problems = []
-    for role, pool in pools:
+    problems = [f"no node can hold {name} ({_fmt(need)} on one node: paired prefill and decode stages)"
+                for name, need in units if not any(_fits(need, n["Resources"]) for n in live)]
+    for role, pool in ([] if units else pools):
         need = instance_demand(pool)
         if not any(_fits(need, n["Resources"]) for n in live):
             problems.append(f"no node can hold one {role} instance ({_fmt(need)} on one node)")

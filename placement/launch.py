@@ -1,7 +1,8 @@
 """launch: turn a ServingConfig into running Ray actors — the one place actors are created.
 
 Each instance gets its own placement group (STRICT_PACK: an instance's tp × pp ranks share a
-node), one bundle and one actor per rank; resources per actor come from the config's pools, so
+node), one bundle and one actor per rank — or, for an Algorithm 2 plan (`placement.units`), each
+unit's paired prefill and decode stages share one (groups.py); resources per actor come from the config's pools, so
 custom resources let a CPU box stand in for GPU node types. Rank 0 is the instance's entry point
 (the only handle the router gets); the other ranks follow it in lock-step over a process group
 whose rendezvous rank 0 picks. Single-rank actors restart on failure (Ray re-runs `__init__`; the
@@ -25,7 +26,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from pdserve.config import PoolConfig, ServingConfig
 from pdserve.decode.actor import DecodeActor
-from pdserve.placement.feasibility import LaunchError, bundle, check_placeable, describe
+from pdserve.placement.feasibility import LaunchError, check_placeable, describe
+from pdserve.placement.groups import Rank, group_specs, pools
 from pdserve.prefill.actor import PrefillActor
 from pdserve.router.actor import RouterActor
 from pdserve.types import StepRecord
@@ -62,22 +64,30 @@ class Deployment:
             remove_placement_group(pg)
 
 
-def _pool_actors(cls: type, cfg: ServingConfig, pool: PoolConfig, role: str, groups: list[PlacementGroup],
-                 followers: dict[str, list[Any]]) -> dict[str, Any]:
+def _placement_groups(cfg: ServingConfig, groups: list[PlacementGroup]) -> dict[Rank, tuple[PlacementGroup, int]]:
+    """One placement group per `group_specs` entry; where each rank goes: (group, bundle index)."""
+    where = {}
+    for spec in group_specs(cfg):
+        pg = placement_group(list(spec.bundles), strategy="STRICT_PACK", name=spec.name)
+        groups.append(pg)
+        where.update({rank: (pg, b) for b, rank in enumerate(spec.ranks)})
+    return where
+
+
+def _pool_actors(cls: type, cfg: ServingConfig, pool: PoolConfig, role: str,
+                 where: dict[Rank, tuple[PlacementGroup, int]], followers: dict[str, list[Any]]) -> dict[str, Any]:
     """Rank 0 of each instance by worker id; ranks 1.. go into `followers`."""
     remote_cls = ray.remote(cls)  # once per class per launch, never per actor
-    one = bundle(pool)
     world = pool.gpus_per_instance
     actors = {}
     for i in range(pool.instances):
-        pg = placement_group([one] * world, strategy="STRICT_PACK", name=f"pdserve-{role}-{i}")
-        groups.append(pg)
         worker_id = f"{role}-{i}"
         ranks = [remote_cls.options(
             name=f"pdserve-{worker_id}" + (f"-rank{r}" if r else ""), num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus, resources=pool.resources or None, max_restarts=-1 if world == 1 else 0,
             max_task_retries=0, max_concurrency=1000,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                where[(role, i, r)][0], placement_group_bundle_index=where[(role, i, r)][1]),
         ).remote(cfg, worker_id, r) for r in range(world)]
         actors[worker_id] = ranks[0]
         if world > 1:
@@ -99,16 +109,16 @@ def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0, place_timeout_s: 
     pools cannot be placed within `place_timeout_s` (for nodes to join, then again for the
     placement groups) or a KV endpoint is unreachable."""
     cfg = cfg.resolve_device(ray.cluster_resources().get("GPU", 0))  # auto: cuda + 1 GPU per rank, or cpu
-    pools = [("prefill", cfg.prefill)] if cfg.mode == "disaggregated" else []
-    _wait_placeable([*pools, ("decode", cfg.decode)], place_timeout_s)
+    _wait_placeable(cfg, place_timeout_s)
     groups: list[PlacementGroup] = []
     followers: dict[str, list[Any]] = {}
-    prefill = (_pool_actors(PrefillActor, cfg, cfg.prefill, "prefill", groups, followers)
+    where = _placement_groups(cfg, groups)
+    prefill = (_pool_actors(PrefillActor, cfg, cfg.prefill, "prefill", where, followers)
                if cfg.mode == "disaggregated" else {})
-    decode = _pool_actors(DecodeActor, cfg, cfg.decode, "decode", groups, followers)
+    decode = _pool_actors(DecodeActor, cfg, cfg.decode, "decode", where, followers)
     router = None
     try:
-        _wait_placed(groups, [*pools, ("decode", cfg.decode)], place_timeout_s)
+        _wait_placed(groups, pools(cfg), place_timeout_s)
         _start_all({**prefill, **decode}, followers, ready_timeout_s)
         _check_kv_reach(cfg, prefill, decode, ready_timeout_s)
         router = ray.remote(RouterActor).options(
@@ -121,12 +131,13 @@ def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0, place_timeout_s: 
     return Deployment(url, router, prefill, decode, followers, groups)
 
 
-def _wait_placeable(pools: list[tuple[str, PoolConfig]], timeout_s: float) -> None:
+def _wait_placeable(cfg: ServingConfig, timeout_s: float) -> None:
     """Until the live nodes could hold the pools (an autoscaler may still be adding nodes)."""
     deadline = time.monotonic() + timeout_s
+    units = [(g.name, g.demand) for g in group_specs(cfg)] if cfg.placement.units else []
     while True:
         try:
-            return check_placeable(pools, ray.nodes())
+            return check_placeable(pools(cfg), ray.nodes(), units)
         except LaunchError:
             if time.monotonic() >= deadline:
                 raise

@@ -7,12 +7,13 @@ settings), so `pdserve simulate plan.yaml` replays exactly that."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 
-from pdserve.config import PoolConfig, ServingConfig, SLOConfig
+from pdserve.config import PlacementConfig, PoolConfig, ServingConfig, SLOConfig
 from pdserve.placement.candidates import Unit
 from pdserve.placement.packing import pack
 from pdserve.placement.cluster_file import ClusterFile
@@ -110,7 +111,9 @@ class Plan:
 
     def serving_config(self, base: ServingConfig | None = None, model: str | None = None) -> ServingConfig:
         """The serving config for this plan: pools, engine sizing, resources and transport as
-        planned; `base` supplies the rest (router), `model` overrides the model path."""
+        planned, and for Algorithm 2 the pairing of stages on nodes (`placement`, as `pack`'s
+        node groups: one per replica and cross-node stage); `base` supplies the rest (router),
+        `model` overrides the model path."""
         base = base or ServingConfig()
         d = self.deploy
 
@@ -124,11 +127,14 @@ class Plan:
 
         engine = dataclasses.replace(base.engine, **d["engine"]) if "engine" in d else base.engine
         prefill = pool(base.prefill, self.prefill, "prefill") if self.prefill else base.prefill
+        placement = base.placement
+        if self.algorithm == "low-affinity" and self.prefill:  # Algorithm 2: a unit's stages share nodes
+            placement = PlacementConfig(units=self.replicas, node_groups=math.gcd(self.prefill.pp, self.decode.pp))
         kv = dataclasses.replace(base.kvtransfer, transport=d.get("transport", base.kvtransfer.transport),
                                  codec=self.codec if "transport" not in d else d["codec"])
         return base.replace(model=model or self.model, mode=self.mode, colocated_policy=self.colocated_policy,
                             engine=engine, prefill=prefill, decode=pool(base.decode, self.decode, "decode"),
-                            kvtransfer=kv, slo=SLOConfig(ttft_s=self.ttft_s, tpot_s=self.tpot_s,
+                            kvtransfer=kv, placement=placement, slo=SLOConfig(ttft_s=self.ttft_s, tpot_s=self.tpot_s,
                                                          attainment=self.attainment))
 
 

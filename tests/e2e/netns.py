@@ -14,6 +14,7 @@ and `ip` (iproute2); `available()` says why not where it cannot run.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import json
 import os
@@ -25,9 +26,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 SUBNET = "10.213.0"
 RAY_PORT = 6379
@@ -214,6 +219,25 @@ class NetnsCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def serve(cluster: NetnsCluster, cfg: dict[str, Any], tmp: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`pdserve serve --config` of `cfg` in the head's namespace; stopped (SIGTERM, then SIGKILL) on the way out."""
+    path, log = tmp / "serve.yaml", tmp / "serve.log"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = cluster.popen(cluster.head, [str(BIN / "pdserve"), "serve", "--address", cluster.address,
+                                        "--config", str(path), *args], log)
+    try:
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def _signal(pid: int, sig: int) -> None:

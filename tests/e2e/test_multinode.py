@@ -6,11 +6,8 @@ endpoint that advertises 127.0.0.1, or a router that lands on node B, fails here
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +19,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.netns import BIN, NetnsCluster, _enter_netns, available, wait_for_line
+from tests.e2e.netns import NetnsCluster, _enter_netns, available, wait_for_line
+from tests.e2e.netns import serve as _serve
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -45,25 +43,6 @@ def cluster() -> Iterator[NetnsCluster]:
         pytest.skip(why)
     with NetnsCluster(["node_a", "node_b"], shared={"decode_slot": 1}) as c:  # decode_slot: one per node
         yield c
-
-
-@contextlib.contextmanager
-def _serve(cluster: NetnsCluster, cfg: dict[str, Any], tmp: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """`pdserve serve` in node A's namespace; stopped (SIGTERM, then SIGKILL) on the way out."""
-    path, log = tmp / "serve.yaml", tmp / "serve.log"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = cluster.popen(cluster.head, [str(BIN / "pdserve"), "serve", "--address", cluster.address,
-                                        "--config", str(path), *args], log)
-    try:
-        yield proc, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 @pytest.fixture(scope="module")

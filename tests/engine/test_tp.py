@@ -136,3 +136,10 @@ def test_tp2_over_gloo_matches_tp1(tiny_llama_dir: Path, tiny_qwen2_dir: Path, t
     for model_dir, results in zip(models, run_spmd(models, tp=2, pp=1, tmp_path=tmp_path)):
         assert [r["num_kv_heads"] for r in results] == [1, 1]  # 2 KV heads split over 2 ranks
         assert_matches_reference(results, reference(model_dir))
+
+
+def test_gloo_binds_the_interface_towards_the_rendezvous_host() -> None:
+    from pdserve.engine.tp import _interface_towards
+
+    assert _interface_towards("127.0.0.1") == "lo"
+    assert _interface_towards("::1") is None  # not IPv4: gloo's default

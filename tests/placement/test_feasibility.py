@@ -41,3 +41,15 @@ def test_describe_reports_what_is_available_now() -> None:
     text = describe([("decode", PoolConfig())], NODES, {"CPU": 1.0})
     assert text.startswith("decode needs 1 instance(s) of {CPU: 1} on one node each.")
     assert text.endswith("Available now: {CPU: 1}.")
+
+
+def test_paired_units_are_checked_per_node_group_not_per_instance() -> None:
+    """Algorithm 2: a pp-2 instance may span two nodes (each holds one stage of both phases), so
+    the groups are what must fit one node; a group no node holds is named with its need."""
+    pools = [("prefill", PoolConfig(pp=2, num_cpus=1.5)), ("decode", PoolConfig(pp=2, num_cpus=0.5))]
+    split = [_node("10.0.0.1", CPU=2), _node("10.0.0.2", CPU=2)]
+    with pytest.raises(LaunchError, match=r"no node can hold one prefill instance \(\{CPU: 3\}"):
+        check_placeable(pools, split)  # unpaired: a whole instance per node
+    check_placeable(pools, split, [(f"pdserve-unit0-node{g}", {"CPU": 2.0}) for g in range(2)])
+    with pytest.raises(LaunchError, match=r"no node can hold pdserve-unit0-node0 \(\{CPU: 4\} on one node"):
+        check_placeable(pools, split, [("pdserve-unit0-node0", {"CPU": 4.0})])
