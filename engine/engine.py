@@ -91,7 +91,10 @@ class Engine:
         if self.tokenizer is not None:
             from pdserve.tokenizer import IncrementalDetokenizer
 
-            r.detokenizer = IncrementalDetokenizer(self.tokenizer, r.all_token_ids, req.sampling.stop)
+            r.detokenizer = IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, req.sampling.stop)
+            for t in r.output_token_ids:  # carried over (prefill's first token, or a re-dispatch): rebuild
+                r.detokenizer.add([t])  # the state its previous holder had, held-back text included; that
+                # holder already emitted the text, so it is dropped here
         return r
 
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
