@@ -24,7 +24,7 @@ from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import sample
 from pdserve.engine.step_log import StepLog
 from pdserve.engine.weights import load_checkpoint
-from pdserve.types import FinishReason, GenerateRequest, StepOutput, StepRecord
+from pdserve.types import FinishReason, GenerateRequest, RequestId, StepOutput, StepRecord
 
 
 def resolve_device_dtype(cfg: EngineConfig) -> tuple[torch.device, str]:
@@ -159,6 +159,13 @@ class Engine:
         self.allocator.free(req.block_table)
         req.block_table = []
         req.num_computed_tokens = 0
+
+
+def failed_step_outputs(worker_id: str, request_ids: list[RequestId], e: Exception) -> list[StepOutput]:
+    """One error output per request of a batch whose step raised (engine.step moves no request state
+    before the forward and sampling return, so its requests can be aborted cleanly)."""
+    error = f"step failed on {worker_id}: {type(e).__name__}: {e}"
+    return [StepOutput(rid, (), finish_reason="error", error=error) for rid in dict.fromkeys(request_ids)]
 
 
 def load_model(model: str, cfg: EngineConfig, layer_range: tuple[int, int] | None = None,

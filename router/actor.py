@@ -20,7 +20,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RaySystemError, RayTa
 from pdserve.config import ServingConfig
 from pdserve.router.core import Router
 from pdserve.router.openai_api import ModelCard
-from pdserve.router.protocols import RequestFailedError, WorkerDeadError
+from pdserve.router.protocols import InvalidRequestError, RequestFailedError, WorkerDeadError
 from pdserve.router.server import build_app
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
 
@@ -39,7 +39,10 @@ async def _call(worker_id: str, ref: Awaitable[T]) -> T:
     except _DEAD as e:
         raise WorkerDeadError(worker_id, type(e).__name__) from e
     except (RayTaskError, TaskCancelledError) as e:
-        raise RequestFailedError(str(e).strip().splitlines()[-1]) from e
+        cause = getattr(e, "cause", None)
+        message = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).strip().splitlines()[-1]
+        # a worker's ValueError (the request is invalid there) comes as a RayTaskError that is also one
+        raise (InvalidRequestError if isinstance(e, ValueError) else RequestFailedError)(message) from e
 
 
 class RayPrefillClient:
