@@ -28,6 +28,7 @@ from pdserve.config import ServingConfig
 from pdserve.router.core import OverloadedError, RequestStream, Router, UnavailableError
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.protocols import InvalidRequestError
+from pdserve.router.openapi_schema import CHAT_BODY, COMPLETION_BODY, request_body
 from pdserve.router.openai_api import ApiError, ChatTokenizer, Kind, ModelCard, load_body, parse
 from pdserve.router.responses import SSE_DONE, TIMINGS_FIELD, TIMINGS_HEADER, ResponseBuilder, format_timings, sse
 from pdserve.types import GenerateRequest, RequestId, StepOutput
@@ -69,6 +70,7 @@ def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, c
     card = card or ModelCard(cfg.model, cfg.engine.max_model_len)
     metrics = metrics or RouterMetrics(router)
     api_key = cfg.router.api_key
+    models = (card.name, *card.aliases)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -124,11 +126,11 @@ def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, c
                                      background=BackgroundTask(stream.aclose))
         return await _complete(request, stream, builder, tally, deadline)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(COMPLETION_BODY, models))
     async def completions(request: Request) -> Response:
         return await handle("completion", request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(CHAT_BODY, models))
     async def chat_completions(request: Request) -> Response:
         return await handle("chat", request)
 
