@@ -51,35 +51,29 @@ rx, tx = make_transport(NAME, pair_timeout_s=1.5), make_transport(NAME, pair_tim
 info = rx.connect_info(tx.endpoint())
 """
 
+_IN_FLIGHT = """
+    got = []
+    state = rx.recv(TransferId("x"), tx.endpoint(), got.append, 30)
+    tx.send(TransferId("x"), blocking_source(), info, 30).on_end(release.set)
+    deadline = time.monotonic() + 20
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got, state
+"""
+
 CASES = {
     "torch_pair_never_joined": ("", """
         from pdserve.kvtransfer.transport_torch import TorchTransport
         t = TorchTransport(pair_timeout_s=1.0)
         t.connect_info("a-sender-that-never-comes")
     """),
-    "torch_transfer_in_flight": ("NAME = 'torch'\n" + _TWO_ENDS, """
-        got = []
-        state = rx.recv(TransferId("x"), tx.endpoint(), got.append, 30)
-        tx.send(TransferId("x"), blocking_source(), info, 30).on_end(release.set)
-        deadline = time.monotonic() + 20
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert got, state
-    """),
+    "torch_transfer_in_flight": ("NAME = 'torch'\n" + _TWO_ENDS, _IN_FLIGHT),
     "torch_send_nobody_expects": ("NAME = 'torch'\n" + _TWO_ENDS, """
         s = tx.send(TransferId("late"), iter([b"z" * 4096] * 8), info, 30)
         time.sleep(0.5)
         assert not s.status().terminal, s  # blocked in gloo: the receiver posts no receive
     """),
-    "grpc_transfer_in_flight": ("NAME = 'grpc'\n" + _TWO_ENDS, """
-        got = []
-        state = rx.recv(TransferId("x"), tx.endpoint(), got.append, 30)
-        tx.send(TransferId("x"), blocking_source(), info, 30).on_end(release.set)
-        deadline = time.monotonic() + 20
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert got, state
-    """),
+    "grpc_transfer_in_flight": ("NAME = 'grpc'\n" + _TWO_ENDS, _IN_FLIGHT),
 }
 
 _DEPLOYMENT = """

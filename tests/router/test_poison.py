@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, SamplingParams, StepOutput
-from tests.router.conftest import FakeDecode, FakePrefill, expected_tokens
+from tests.router.conftest import FakeDecode, FakePrefill, expected_tokens, make_router
 from tests.router.test_core import assert_idle, collect, run, tokens
 
 POISON, FINE = (66, 6), (5, 9, 11)
@@ -45,16 +45,13 @@ class StepFailingPrefill(FakePrefill):
 
 
 def _router(mode: str, num_prefill: int = 0, num_decode: int = 3) -> tuple:
-    from pdserve.config import RouterConfig
-    from pdserve.router.core import Router
-
-    router = Router(RouterConfig(), mode)  # type: ignore[arg-type]
+    router, _, _ = make_router(mode, num_prefill=0, num_decode=0)
     prefills = [StepFailingPrefill(f"p{i}") for i in range(num_prefill)]
     decodes = [StepFailingDecode(f"d{i}") for i in range(num_decode)]
-    for p in prefills:
-        router.add_prefill(p.worker_id, p)
-    for d in decodes:
-        router.add_decode(d.worker_id, d)
+    for w in prefills:
+        router.add_prefill(w.worker_id, w)
+    for w in decodes:
+        router.add_decode(w.worker_id, w)
     return router, prefills, decodes
 
 
