@@ -136,7 +136,7 @@ def test_transport_closed_exits_cleanly(name: str) -> None:
         time.sleep(0.5)
         t0 = time.monotonic()
         rx.close(); tx.close(); rx.close(); tx.close()
-        assert time.monotonic() - t0 < 5, "close() waited on a thread stuck in native code"
+        assert time.monotonic() - t0 < 15, "close() waited on a thread stuck in native code"
     """)
     _assert_clean(_run(_PRELUDE + script))
 
