@@ -28,17 +28,31 @@ class TLSFiles:
         return grpc.ssl_channel_credentials(root_certificates=Path(self.ca).read_bytes())
 
 
+class RpcServer:
+    """A started gRPC server and the thread pool its handlers run on: `stop` ends both (grpc leaves
+    a pool it was given running, one idle thread per handler ever run, for every server ever made)."""
+
+    def __init__(self, server: grpc.Server, executor: ThreadPoolExecutor) -> None:
+        self.server, self._executor = server, executor
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        done = self.server.stop(grace)
+        done.wait((grace or 0) + 5.0)  # every call aborted; no handler gets scheduled any more
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        return done
+
+
 def start_server(host: str, tls: TLSFiles | None, register: list, max_workers: int = 16
-                 ) -> tuple[grpc.Server, str]:
+                 ) -> tuple[RpcServer, str]:
     """A started server with the given `(add_XServicer_to_server, servicer)` pairs, on a free port."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-grpc"),
-                         options=OPTIONS)
+    executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-grpc")
+    server = grpc.server(executor, options=OPTIONS)
     for add, servicer in register:
         add(servicer, server)
     bind = f"{host}:0"
     port = server.add_secure_port(bind, tls.server_credentials()) if tls else server.add_insecure_port(bind)
     server.start()
-    return server, f"{host}:{port}"
+    return RpcServer(server, executor), f"{host}:{port}"
 
 
 class Channels:

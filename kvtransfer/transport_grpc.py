@@ -123,6 +123,7 @@ class GrpcTransport:
         if self._server is not None:
             self._server.stop(grace=None).wait(_CLOSE_S)
         for t in pulls:
-            t.join(_CLOSE_S)
+            if t.ident is not None:  # not yet started: it starts on a failed state and leaves at once
+                t.join(_CLOSE_S)
         self._channels.close()
         forget(self._exit_token)

@@ -55,12 +55,12 @@ class ChaosRig:
         self.params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         self.reference = {p: self._colocated(p) for p in PROMPTS}
 
-    def _encode(self, prompt: str) -> tuple[int, ...]:
+    def encode(self, prompt: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(prompt)) if self.tokenizer else tuple(b % 100 + 3 for b in prompt.encode())
 
     def _colocated(self, prompt: str) -> tuple[list[int], str]:
         worker = DecodeWorker(self.decode_engine, "prefill_priority", 8, 1024)
-        worker.submit(GenerateRequest(RequestId("ref"), self._encode(prompt), self.params))
+        worker.submit(GenerateRequest(RequestId("ref"), self.encode(prompt), self.params))
         ids, text = [], ""
         while worker.has_work():
             for o in worker.step():
@@ -91,7 +91,7 @@ class ChaosRig:
         texts: dict[str, str] = {}
         for i, p in enumerate(PROMPTS):
             rid = RequestId(f"chaos-{i}")
-            prefill.submit(GenerateRequest(rid, self._encode(p), self.params))
+            prefill.submit(GenerateRequest(rid, self.encode(p), self.params))
         results = []
         while prefill.has_work():
             results += prefill.step()
@@ -99,7 +99,7 @@ class ChaosRig:
             rid = res.first.request_id
             firsts[rid], texts[rid] = list(res.first.token_ids), res.first.text
             prompt = PROMPTS[int(rid.split("-")[1])]
-            decode.submit(GenerateRequest(rid, self._encode(prompt), self.params,
+            decode.submit(GenerateRequest(rid, self.encode(prompt), self.params,
                                           output_token_ids=res.first.token_ids), res.handle)
         errors: dict[str, str] = {}
         bound = self.kv.timeout_s + 30.0
@@ -123,9 +123,9 @@ class ChaosRig:
             else:
                 cell.outcomes.append("WRONG")
                 cell.reason = f"{rid}: output differs from the colocated greedy output"
-        self._await_blocks_free(cell, prefill, decode)
+        self.await_blocks_free(cell, prefill, decode)
 
-    def _await_blocks_free(self, cell: Cell, prefill: PrefillWorker, decode: DecodeWorker) -> None:
+    def await_blocks_free(self, cell: Cell, prefill: PrefillWorker, decode: DecodeWorker) -> None:
         done = time.monotonic()
         while prefill.engine.allocator.num_used or decode.engine.allocator.num_used:
             if time.monotonic() - done > self.kv.lease_s + 5.0:
@@ -157,7 +157,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout-s", type=float, default=3.0, help="KV transfer timeout, seconds")
     p.add_argument("--lease-s", type=float, default=5.0, help="prefill KV lease, seconds")
     p.add_argument("--reduced", action="store_true", help="one fault per window instead of every fault")
-    p.add_argument("--json", type=Path, help="write the matrix here as JSON")
+    p.add_argument("--json", type=Path, help="write the matrix (or the soak report) here as JSON")
+    p.add_argument("--soak", type=float, metavar="MINUTES",
+                   help="instead of the matrix: mixed load with disconnects and random faults for MINUTES, "
+                        "then the invariants and resource accounting (RSS, fds, threads, KV blocks)")
     p.set_defaults(func=run)
 
 
@@ -173,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     t0 = time.monotonic()
     rig = ChaosRig(args.model, args.transport, args.timeout_s, args.lease_s)
+    if args.soak is not None:
+        return _soak(rig, args)
     cells = run_matrix(rig, cells_of(args.reduced))
     print(format_matrix(cells))
     total = time.monotonic() - t0
@@ -181,3 +186,17 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({"model": args.model, "transport": args.transport, "seconds": round(total, 1),
                                          "cells": [asdict(c) for c in cells]}, indent=2))
     return 0 if all(c.ok for c in cells) else 1
+
+
+def _soak(rig: ChaosRig, args: argparse.Namespace) -> int:
+    from pdserve.soak import run_soak
+
+    report = run_soak(rig, args.soak)
+    print(f"soak {report.minutes:g} min: {report.rounds} rounds ({report.num_faults} with a fault, "
+          f"{report.num_disconnects} disconnects), {len(report.failed)} broke an invariant")
+    print(f"after warm-up {report.baseline}\nat the end    {report.final}\n{'pass' if report.ok else 'FAIL'}")
+    for line in report.failed[:20]:
+        print("  " + line)
+    if args.json:
+        args.json.write_text(json.dumps(asdict(report) | {"ok": report.ok}, indent=2))
+    return 0 if report.ok else 1
