@@ -6,7 +6,7 @@
   simulate  run a serving config through the simulator              (pdserve.placement.cli)
   profile   measure the engine on this hardware, fit a latency model (pdserve.placement.cli)
   bench     replay a workload against any OpenAI endpoint           (pdserve.bench.cli)
-  chaos     inject KV-transfer faults, check the invariants per cell (pdserve.chaos)
+  chaos     inject KV-transfer faults, check the invariants per cell (pdserve.chaos_cli)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import importlib
 import sys
 
 # Each module exposes `add_parsers(subparsers)`, which registers its commands with `func` set.
-_COMMAND_MODULES = ("pdserve.serve", "pdserve.demo", "pdserve.placement.cli", "pdserve.bench.cli", "pdserve.chaos")
+_COMMAND_MODULES = ("pdserve.serve", "pdserve.demo", "pdserve.placement.cli", "pdserve.bench.cli", "pdserve.chaos_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
