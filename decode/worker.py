@@ -21,7 +21,7 @@ from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from pdserve.decode.scheduler import DecodeScheduler, Policy
-from pdserve.engine.engine import Engine
+from pdserve.engine.engine import Engine, failed_step_outputs
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.types import GenerateRequest, RequestId, StepOutput, StepRecord, WorkerStats
 
@@ -55,6 +55,7 @@ class DecodeWorker:
         self._timings: dict[RequestId, dict[str, float]] = {}  # reported on the request's first output
         self._submitted_s: dict[RequestId, float] = {}
         self.max_num_seqs = max_num_seqs
+        self.num_failed_steps = 0
         self.idle = False  # the last step ran no batch: the step thread may sleep until new input
 
     # ---- inputs ----------------------------------------------------------------------------
@@ -112,8 +113,21 @@ class DecodeWorker:
             rid = c.request.request_id
             if rid not in self._timings and rid in self._submitted_s:
                 self._timings[rid] = {"queue_s": now - self._submitted_s[rid], "_start": now}
-        outputs = self.engine.step(batch)
+        try:
+            outputs = self.engine.step(batch)
+        except Exception as e:  # noqa: BLE001 - contained: the batch's requests fail, the worker lives on
+            return failures + self._fail_batch([c.request.request_id for c in batch.chunks], e)
         return failures + [self._finish_output(o) for o in outputs]
+
+    def _fail_batch(self, request_ids: list[RequestId], e: Exception) -> list[StepOutput]:
+        """A step raised (a poison request, or a fault): end each request of its batch with an error
+        output, free its blocks, count it. Nothing advanced (the engine moves state after the forward)."""
+        log.exception("step failed on %s; failing its %d requests", self.worker_id, len(request_ids))
+        self.num_failed_steps += 1
+        outs = failed_step_outputs(self.worker_id, request_ids, e)
+        for o in outs:
+            self.abort(o.request_id)
+        return outs
 
     def _finish_output(self, out: StepOutput) -> StepOutput:
         rid = out.request_id
@@ -218,4 +232,5 @@ class DecodeWorker:
             busy_s=self.engine.busy_s, num_steps=self.engine.num_steps, num_step_tokens=self.engine.num_step_tokens,
             outstanding_tokens=sum(r.num_uncomputed_tokens for r in self.scheduler.waiting),
             kv_pulls=dict(self.kv_pulls), kv_pull_nbytes=self.kv_pull_nbytes,
+            num_failed_steps=self.num_failed_steps,
         )

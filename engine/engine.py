@@ -27,7 +27,7 @@ from pdserve.engine.sampler import sample
 from pdserve.engine.step_log import StepLog
 from pdserve.engine.tp import apply_tp
 from pdserve.engine.weights import load_checkpoint
-from pdserve.types import FinishReason, GenerateRequest, StepOutput, StepRecord
+from pdserve.types import FinishReason, GenerateRequest, RequestId, StepOutput, StepRecord
 
 
 class Engine:
@@ -95,7 +95,10 @@ class Engine:
         if self.tokenizer is not None:
             from pdserve.tokenizer import IncrementalDetokenizer
 
-            r.detokenizer = IncrementalDetokenizer(self.tokenizer, r.all_token_ids, req.sampling.stop)
+            r.detokenizer = IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids, req.sampling.stop)
+            for t in r.output_token_ids:  # carried over (prefill's first token, or a re-dispatch): rebuild
+                r.detokenizer.add([t])  # the state its previous holder had, held-back text included; that
+                # holder already emitted the text, so it is dropped here
         return r
 
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
@@ -161,6 +164,13 @@ class Engine:
         self.allocator.free(req.block_table)
         req.block_table = []
         req.num_computed_tokens = 0
+
+
+def failed_step_outputs(worker_id: str, request_ids: list[RequestId], e: Exception) -> list[StepOutput]:
+    """One error output per request of a batch whose step raised (engine.step moves no request state
+    before the forward and sampling return, so its requests can be aborted cleanly)."""
+    error = f"step failed on {worker_id}: {type(e).__name__}: {e}"
+    return [StepOutput(rid, (), finish_reason="error", error=error) for rid in dict.fromkeys(request_ids)]
 
 
 def load_model(model: str, cfg: EngineConfig, layer_range: tuple[int, int] | None = None,

@@ -21,6 +21,7 @@ from pdserve.engine.kv_cache import KVPool
 from pdserve.kvtransfer import kvtransfer_pb2 as pb
 from pdserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
 from pdserve.kvtransfer import wire
+from pdserve.kvtransfer.at_exit import close_at_exit, forget
 from pdserve.kvtransfer.codecs import get_codec
 from pdserve.kvtransfer.controller import CodecController
 from pdserve.kvtransfer.protocols import Transport
@@ -57,6 +58,7 @@ class KVReceiver:
         self._channels = Channels(tls)
         self._pulls: OrderedDict[TransferId, _Pull] = OrderedDict()
         self._lock = threading.Lock()
+        self._exit_token = close_at_exit(self, KVReceiver.close)
 
     def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> TransferId:
         """Start moving `handle`'s KV (this rank's layers x heads) into `dst_block_ids`, which the
@@ -119,6 +121,7 @@ class KVReceiver:
             self.abort(p.state.xfer)
         self._channels.close()
         self.transport.close()
+        forget(self._exit_token)
 
     # ---- background ------------------------------------------------------------------------------
 

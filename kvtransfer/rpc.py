@@ -30,13 +30,27 @@ class TLSFiles:
         return grpc.ssl_channel_credentials(root_certificates=Path(self.ca).read_bytes())
 
 
+class RpcServer:
+    """A started gRPC server and the thread pool its handlers run on: `stop` ends both (grpc leaves
+    a pool it was given running, one idle thread per handler ever run, for every server ever made)."""
+
+    def __init__(self, server: grpc.Server, executor: ThreadPoolExecutor) -> None:
+        self.server, self._executor = server, executor
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        done = self.server.stop(grace)
+        done.wait((grace or 0) + 5.0)  # every call aborted; no handler gets scheduled any more
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        return done
+
+
 def start_server(listen: Listen, tls: TLSFiles | None, register: list, max_workers: int = 16
-                 ) -> tuple[grpc.Server, str]:
+                 ) -> tuple[RpcServer, str]:
     """A started server with the given `(add_XServicer_to_server, servicer)` pairs on a free port of
     `listen`; returns it and the address peers dial."""
+    executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-grpc")
     # No SO_REUSEPORT (grpc's default): two servers on one port of a port range would split its calls.
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kv-grpc"),
-                         options=[*OPTIONS, ("grpc.so_reuseport", 0)])
+    server = grpc.server(executor, options=[*OPTIONS, ("grpc.so_reuseport", 0)])
     for add, servicer in register:
         add(servicer, server)
 
@@ -49,7 +63,7 @@ def start_server(listen: Listen, tls: TLSFiles | None, register: list, max_worke
 
     port = listen.bind(open_on)
     server.start()
-    return server, listen.addr(port)
+    return RpcServer(server, executor), listen.addr(port)
 
 
 class Channels:

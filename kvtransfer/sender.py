@@ -19,6 +19,7 @@ from pdserve.engine.kv_cache import BlockAllocator, KVPool
 from pdserve.kvtransfer import kvtransfer_pb2 as pb
 from pdserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
 from pdserve.kvtransfer import wire
+from pdserve.kvtransfer.at_exit import close_at_exit, forget
 from pdserve.kvtransfer.codecs import get_codec
 from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.protocols import KVCodec, Transport
@@ -59,6 +60,7 @@ class KVSender:
         self._server, control = start_server(listen, tls, [(pb_grpc.add_KVControlServicer_to_server,
                                                           _ControlService(self))])
         self.address = PeerAddr(control=control, data=transport.endpoint())
+        self._exit_token = close_at_exit(self, KVSender.close)
 
     @property
     def addresses(self) -> list[PeerAddr]:
@@ -138,8 +140,9 @@ class KVSender:
                 e.cells_left.clear()
         for s in sends:
             s.cancel("sender closed")
-        self._server.stop(grace=None)
+        self._server.stop(grace=None).wait(5.0)
         self.transport.close()
+        forget(self._exit_token)
 
     # ---- control side (gRPC threads) -----------------------------------------------------------
 

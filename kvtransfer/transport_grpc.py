@@ -15,6 +15,7 @@ import grpc
 
 from pdserve.kvtransfer import kvtransfer_pb2 as pb
 from pdserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
+from pdserve.kvtransfer.at_exit import close_at_exit, forget
 from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.outbox import Outbox, stream
 from pdserve.kvtransfer.protocols import ChunkSink
@@ -23,6 +24,7 @@ from pdserve.kvtransfer.transfer import TransferState, failed
 from pdserve.kvtransfer.types import TransferId, TransferStatus
 
 _WAIT_FOR_SEND_S = 10.0  # how long a pull waits for the matching send to be parked
+_CLOSE_S = 5.0  # how long close() waits for the server and the pull threads to stop
 
 
 class _DataService(pb_grpc.KVDataServicer):
@@ -58,6 +60,8 @@ class GrpcTransport:
         self._closed = False
         self._calls: dict[TransferId, TransferState] = {}
         self._lock = threading.Lock()
+        self._pulls: set[threading.Thread] = set()
+        self._exit_token = close_at_exit(self, GrpcTransport.close)
 
     def endpoint(self) -> str:
         return self._endpoint
@@ -79,8 +83,11 @@ class GrpcTransport:
             self._calls[xfer] = state
         state.on_end(lambda: self._forget(xfer))
         state.arm(timeout_s)
-        threading.Thread(target=self._pull, args=(state, peer, sink, timeout_s), daemon=True,
-                         name=f"grpc-recv-{xfer}").start()
+        t = threading.Thread(target=self._pull, args=(state, peer, sink, timeout_s), daemon=True,
+                             name=f"grpc-recv-{xfer}")
+        with self._lock:
+            self._pulls.add(t)
+        t.start()
         return state
 
     def _pull(self, state: TransferState, peer: str, sink: ChunkSink, timeout_s: float) -> None:
@@ -96,6 +103,9 @@ class GrpcTransport:
             state.fail(f"grpc {e.code().name}: {e.details()}")
         except Exception as e:  # the sink rejected a chunk (e.g. checksum mismatch)
             state.fail(f"{type(e).__name__}: {e}")
+        finally:
+            with self._lock:
+                self._pulls.discard(threading.current_thread())
         state.finish()
 
     def _forget(self, xfer: TransferId) -> None:
@@ -107,10 +117,14 @@ class GrpcTransport:
             if self._closed:
                 return
             self._closed = True
-            calls = list(self._calls.values())
+            calls, pulls = list(self._calls.values()), list(self._pulls)
         for s in calls:
-            s.fail("transport closed")
+            s.fail("transport closed")  # cancels the call: its pull thread leaves the stream
         self._outbox.close()
         if self._server is not None:
-            self._server.stop(grace=None)
+            self._server.stop(grace=None).wait(_CLOSE_S)
+        for t in pulls:
+            if t.ident is not None:  # not yet started: it starts on a failed state and leaves at once
+                t.join(_CLOSE_S)
         self._channels.close()
+        forget(self._exit_token)

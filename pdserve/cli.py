@@ -6,6 +6,7 @@
   simulate  run a serving config through the simulator              (pdserve.placement.cli)
   profile   measure the engine on this hardware, fit a latency model (pdserve.placement.cli)
   bench     replay a workload against any OpenAI endpoint           (pdserve.bench.cli)
+  chaos     inject KV-transfer faults, check the invariants per cell (pdserve.chaos_cli)
 
 Parsing is stdlib argparse (no extra dependency, and every subcommand module already speaks it);
 `main` turns the errors a user can cause (bad input, missing files, no cluster) into one line.
@@ -20,7 +21,7 @@ import sys
 from pdserve import __version__
 
 # Each module exposes `add_parsers(subparsers)`, which registers its commands with `func` set.
-_COMMAND_MODULES = ("pdserve.serve", "pdserve.demo", "pdserve.placement.cli", "pdserve.bench.cli")
+_COMMAND_MODULES = ("pdserve.serve", "pdserve.demo", "pdserve.placement.cli", "pdserve.bench.cli", "pdserve.chaos_cli")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

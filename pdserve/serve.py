@@ -1,4 +1,6 @@
 """`pdserve serve`: start the pools and the OpenAI-compatible router, print the URL, run until Ctrl-C.
+A router that dies is restarted and serves again on the same port; one that cannot (it has not
+served for a minute) stops `pdserve serve` with exit status 1 and the reason.
 
 `--address local` starts an embedded Ray on this machine (the laptop default); `--address auto`
 joins the cluster `ray up cluster.yaml` started.
@@ -121,10 +123,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"pdserve: error: {e}", file=sys.stderr, flush=True)
             return 1
         print(f"pdserve: ready at {deployment.url}  (OpenAI API: {deployment.url}/v1; Ctrl-C stops)", flush=True)
+        failure: str | None = None
         try:
-            threading.Event().wait()
+            failure = deployment.supervise(threading.Event())  # restarts a router that died; None once stopped
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated)
             pass
-        print("pdserve: shutting down", flush=True)
+        if failure is not None:
+            print(f"pdserve: error: {failure}; shutting down", file=sys.stderr, flush=True)
+        else:
+            print("pdserve: shutting down", flush=True)
         deployment.shutdown()
-    return 0
+    return 0 if failure is None else 1

@@ -14,6 +14,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
 
+from pdserve.kvtransfer.at_exit import close_at_exit, forget
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,11 @@ class StepLoop:
         self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="pdserve-step", daemon=True)
         self.error: BaseException | None = None
+        self._exit_token = -1
 
     def start(self) -> None:
         self._thread.start()
+        self._exit_token = close_at_exit(self, StepLoop.stop)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run `fn(*args)` on the step thread before its next step; the future holds result or exception."""
@@ -97,8 +101,10 @@ class StepLoop:
             raise RuntimeError("step loop is not running")
 
     def stop(self) -> None:
+        """Finish the current step and end the thread (also at interpreter exit: a step is native code)."""
         self._inbox.put(None)
         self._thread.join(timeout=10)
+        forget(self._exit_token)
 
 
 def deliver_threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:

@@ -8,6 +8,7 @@ through Ray's object store or any RPC. `SamplingParams` validates itself: a bad 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NewType
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 RequestId = NewType("RequestId", str)
 FinishReason = Literal["stop", "length", "abort", "error"]
+SAMPLING_EPS = 1e-5  # temperatures below this sample greedily
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,8 @@ class SamplingParams:
                 object.__setattr__(self, name, (value,))
             elif isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
-        _check(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
-               "temperature", f"must be >= 0, got {self.temperature!r}")
+        _check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf,
+               "temperature", f"must be finite and >= 0, got {self.temperature!r}")
         _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
                "top_p", f"must be in (0, 1], got {self.top_p!r}")
         _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
@@ -62,7 +64,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Argmax. A temperature below `SAMPLING_EPS` counts as 0 (vLLM's rule): dividing logits by
+        it overflows to inf and the softmax to NaN."""
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     def replace(self, **changes: object) -> SamplingParams:
         return dataclasses.replace(self, **changes)
@@ -94,7 +98,8 @@ class StepOutput:
     """What one step produced for one request: new tokens, their text, and whether it ended.
 
     `text` is the detokenized delta for `token_ids`, already cut at a stop string. `error` is set
-    iff `finish_reason == "error"`.
+    iff `finish_reason == "error"`; a worker reports one when the step that ran the request raised
+    (the router retries such a request once, elsewhere if it can).
     """
 
     request_id: RequestId
@@ -192,6 +197,7 @@ class WorkerStats:
     # the bytes the completed ones received.
     kv_pulls: dict[str, int] = field(default_factory=dict)
     kv_pull_nbytes: int = 0
+    num_failed_steps: int = 0  # steps that raised: their requests failed, the instance lives on
 
     @property
     def kv_usage(self) -> float:

@@ -11,11 +11,15 @@ worker rejoins its pool; a rank of a multi-rank instance cannot rejoin its proce
 those do not restart. The router runs as an actor too and serves HTTP from its own process, on the
 node where `pdserve serve` runs (or `router.node_ip`). Before it starts, launch fails loudly on
 pools the cluster cannot hold (feasibility.py) and on KV endpoints one pool cannot reach on the
-other (kvtransfer/reach.py).
+other (kvtransfer/reach.py). The router restarts as well (it holds every worker handle from
+construction), and `Deployment.supervise` (what `pdserve serve` runs while it waits) starts a
+restarted router again.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +35,8 @@ from pdserve.placement.groups import Rank, group_specs, pools
 from pdserve.prefill.actor import PrefillActor
 from pdserve.router.actor import RouterActor
 from pdserve.types import StepRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +56,33 @@ class Deployment:
         since = since or {}
         logs = ray.get([a.step_log.remote(since.get(w, 0)) for w, a in actors.items()], timeout=timeout_s)
         return dict(zip(actors, logs))
+
+    def ensure_router(self, timeout_s: float = 10.0) -> str:
+        """Start the router if Ray restarted it (a no-op when it serves) and check that HTTP is up;
+        returns its URL. Raises a Ray error while it is dead or restarting, RuntimeError if not serving."""
+        self.url = ray.get(self.router.start.remote(), timeout=timeout_s)
+        ray.get(self.router.check_health.remote(), timeout=timeout_s)
+        return self.url
+
+    def supervise(self, stop: threading.Event, give_up_s: float = 60.0, poll_s: float = 1.0) -> str | None:
+        """Until `stop` is set, keep the router serving (see `ensure_router`). Returns None when
+        stopped, or why the router is unrecoverable: it has not served for `give_up_s`."""
+        down_since: float | None = None
+        while not stop.wait(poll_s):
+            try:
+                url = self.ensure_router(timeout_s=max(poll_s, 10.0))
+            except Exception as e:  # noqa: BLE001 - dead, restarting, or failing to bind: wait, then give up
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    log.warning("router is down (%s); waiting for it to restart", type(e).__name__)
+                if now - down_since > give_up_s:
+                    return f"the router has not served for {give_up_s:g} s: {type(e).__name__}: {e}"
+                continue
+            if down_since is not None:
+                log.warning("router serves again at %s after %.1f s", url, time.monotonic() - down_since)
+                down_since = None
+        return None
 
     def shutdown(self) -> None:
         try:
@@ -123,8 +156,9 @@ def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0, place_timeout_s: 
         _check_kv_reach(cfg, prefill, decode, ready_timeout_s)
         router = ray.remote(RouterActor).options(
             name="pdserve-router", num_cpus=0, max_concurrency=1000,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(_router_node(cfg), soft=False)).remote(cfg)
-        url = ray.get(router.start.remote(prefill, decode), timeout=ready_timeout_s)
+            max_restarts=-1, max_task_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(_router_node(cfg), soft=False)).remote(cfg, None, prefill, decode)
+        url = ray.get(router.start.remote(), timeout=ready_timeout_s)
     except BaseException:
         Deployment("", router, prefill, decode, followers, groups).shutdown()
         raise

@@ -9,13 +9,16 @@ A request that finishes at its first token exports nothing.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Callable
 
-from pdserve.engine.engine import Engine
+from pdserve.engine.engine import Engine, failed_step_outputs
 from pdserve.engine.request import Request
 from pdserve.prefill.scheduler import PrefillScheduler
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, StepRecord, WorkerStats
+
+log = logging.getLogger(__name__)
 
 
 class PrefillWorker:
@@ -28,6 +31,7 @@ class PrefillWorker:
         self._started_s: dict[RequestId, float] = {}
         self._exports: dict[RequestId, str] = {}  # request → handle id while the sender pins its KV
         self.idle = False  # the last step ran no batch: the step thread may sleep until new input
+        self.num_failed_steps = 0
 
     def submit(self, req: GenerateRequest, received_s: float | None = None) -> None:
         """Queue a request; raises ValueError (naming the field) if it can never run here.
@@ -69,8 +73,20 @@ class PrefillWorker:
         now = self.clock()
         for c in batch.chunks:
             self._started_s.setdefault(c.request.request_id, now)
-        outputs = self.engine.step(batch)
+        try:
+            outputs = self.engine.step(batch)
+        except Exception as e:  # noqa: BLE001 - contained: the batch's requests fail, the worker lives on
+            return self._fail_batch([c.request.request_id for c in batch.chunks], e)
         return [self._result(o) for o in outputs]
+
+    def _fail_batch(self, request_ids: list[RequestId], e: Exception) -> list[PrefillResult]:
+        """As DecodeWorker._fail_batch: error outputs for the batch's requests, blocks freed, counted."""
+        log.exception("step failed on %s; failing its %d requests", self.worker_id, len(request_ids))
+        self.num_failed_steps += 1
+        outs = failed_step_outputs(self.worker_id, request_ids, e)
+        for o in outs:
+            self.abort(o.request_id)
+        return [PrefillResult(o, None) for o in outs]
 
     def _result(self, out: StepOutput) -> PrefillResult:
         rid = out.request_id
@@ -99,5 +115,5 @@ class PrefillWorker:
             worker_id=self.worker_id, num_running=0, num_waiting=len(self.scheduler.waiting),
             num_free_blocks=a.num_free, num_total_blocks=a.num_blocks,
             busy_s=self.engine.busy_s, num_steps=self.engine.num_steps, num_step_tokens=self.engine.num_step_tokens,
-            outstanding_tokens=self.scheduler.outstanding_tokens,
+            outstanding_tokens=self.scheduler.outstanding_tokens, num_failed_steps=self.num_failed_steps,
         )

@@ -21,7 +21,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RaySystemError, RayTa
 from pdserve.config import ServingConfig
 from pdserve.router.core import Router
 from pdserve.router.openai_api import ModelCard
-from pdserve.router.protocols import RequestFailedError, WorkerDeadError
+from pdserve.router.protocols import InvalidRequestError, RequestFailedError, WorkerDeadError
 from pdserve.router.server import build_app
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
 
@@ -40,7 +40,10 @@ async def _call(worker_id: str, ref: Awaitable[T]) -> T:
     except _DEAD as e:
         raise WorkerDeadError(worker_id, type(e).__name__) from e
     except (RayTaskError, TaskCancelledError) as e:
-        raise RequestFailedError(str(e).strip().splitlines()[-1]) from e
+        cause = getattr(e, "cause", None)
+        message = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).strip().splitlines()[-1]
+        # a worker's ValueError (the request is invalid there) comes as a RayTaskError that is also one
+        raise (InvalidRequestError if isinstance(e, ValueError) else RequestFailedError)(message) from e
 
 
 class RayPrefillClient:
@@ -82,15 +85,38 @@ class RouterActor:
     Worker actors are registered by id; registering an id again (a replacement actor) swaps the
     handle. An actor that Ray restarts behind the same handle rejoins on its own when its stats
     answer again.
+
+    The router restarts too: given the worker handles at construction, a router that Ray restarted
+    (which re-runs only `__init__`, with the same arguments) re-registers every instance and serves
+    again on its next `start()`, which is idempotent (`pdserve serve`'s supervisor calls it).
+    Requests in flight when it died are lost to their clients (their streams break); the workers
+    free their blocks when the dead router's streams go away, or at their KV lease.
     """
 
-    def __init__(self, cfg: ServingConfig, tokenizer_dir: str | None = None) -> None:
+    def __init__(self, cfg: ServingConfig, tokenizer_dir: str | None = None,
+                 prefill: dict[str, ActorHandle[Any]] | None = None,
+                 decode: dict[str, ActorHandle[Any]] | None = None) -> None:
         self.cfg, self.tokenizer_dir = cfg, tokenizer_dir
         self.router = Router(cfg.router, cfg.mode)
+        self._workers = (prefill or {}, decode or {})
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._starting: asyncio.Future[str] | None = None
 
-    async def start(self, prefill: dict[str, ActorHandle[Any]], decode: dict[str, ActorHandle[Any]]) -> str:
+    async def start(self, prefill: dict[str, ActorHandle[Any]] | None = None,
+                    decode: dict[str, ActorHandle[Any]] | None = None) -> str:
+        """Register the workers (these, or those given at construction) and serve; returns the URL.
+        Idempotent: a later call (or one racing it) returns the same URL."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start(prefill or self._workers[0],
+                                                               decode or self._workers[1]))
+        try:
+            return await asyncio.shield(self._starting)
+        except Exception:
+            self._starting = None  # let the next call try again (e.g. the port was still held)
+            raise
+
+    async def _start(self, prefill: dict[str, ActorHandle[Any]], decode: dict[str, ActorHandle[Any]]) -> str:
         for wid, actor in prefill.items():
             await self.register_prefill(wid, actor)
         for wid, actor in decode.items():

@@ -9,6 +9,10 @@ A decode instance that dies mid-stream is replaced by another healthy one (after
 `failover_wait_s` for one to come back), which recomputes prompt + the tokens already streamed
 (`GenerateRequest.output_token_ids`); past `max_attempts` the request ends with an explicit error
 output. Closing a `RequestStream` early (client gone, timeout) aborts it on every worker holding it.
+
+A step that raises on a worker fails only the requests of its batch (the worker stays in its pool):
+each is retried once, on another instance when there is one; a request whose step fails twice is a
+poison request and ends with an explicit error, never replayed across the pool.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 from pdserve.config import Mode, RouterConfig
 from pdserve.router.policies import decode_policy, prefill_policy
 from pdserve.router.pool import Instance, Pool
-from pdserve.router.protocols import DecodeClient, PrefillClient, RequestFailedError, WorkerDeadError
+from pdserve.router.protocols import (
+    DecodeClient,
+    InvalidRequestError,
+    PrefillClient,
+    RequestFailedError,
+    WorkerDeadError,
+)
 from pdserve.types import GenerateRequest, RequestId, StepOutput
 
 if TYPE_CHECKING:
@@ -68,6 +78,8 @@ class Router:
         self.decode: Pool[DecodeClient] = Pool("decode", decode_policy(cfg.decode_policy))
         self.requests: dict[RequestId, _State] = {}
         self.num_redispatched = 0
+        self.num_retried = 0  # requests retried once after a worker's step failed on them
+        self.num_poison = 0  # requests ended because their step failed twice
         self.probe_interval_s = 0.2
 
     def add_prefill(self, worker_id: str, client: PrefillClient) -> None:
@@ -115,8 +127,9 @@ class Router:
     async def _run_prefill(self, st: _State) -> tuple[StepOutput | None, KVHandle | None]:
         """First token and KV handle, or (None, None) when no prefill instance could do it."""
         n = len(st.request.prompt_token_ids)
+        failed_on: str | None = None
         for _ in range(self.max_attempts):
-            inst = self.prefill.pick(st.request)
+            inst = self.prefill.pick(st.request, avoid=failed_on)
             if inst is None:
                 return None, None
             client = inst.client
@@ -127,18 +140,26 @@ class Router:
             except WorkerDeadError:
                 self.prefill.mark_dead(inst.worker_id, client)
                 continue
+            except InvalidRequestError:
+                raise  # the client's fault: the server answers 400
             except RequestFailedError as e:
                 return self._error(st, f"prefill failed: {e}"), None
             finally:
                 inst.outstanding_tokens -= n
+            if result.first.finish_reason == "error":
+                if failed_on is None:
+                    failed_on = self._retry_once(inst.worker_id)
+                    continue
+                return self._poison(st, failed_on, inst.worker_id, result.first.error), None
             return result.first, result.handle
         return None, None
 
     async def _run_decode(self, st: _State, handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
+        failed_on: str | None = None
         for attempt in range(self.max_attempts):
             if attempt:
                 self.num_redispatched += 1
-            inst = await self._pick_decode(st)
+            inst = await self._pick_decode(st, avoid=failed_on)
             if inst is None:
                 yield self._error(st, "no healthy decode instance to continue the request")
                 return
@@ -149,13 +170,22 @@ class Router:
             try:
                 async with aclosing(client.generate(req, handle)) as outs:
                     async for out in outs:
+                        if out.finish_reason == "error" and failed_on is None:
+                            failed_on = self._retry_once(inst.worker_id)
+                            break
+                        if out.finish_reason == "error":
+                            yield self._poison(st, failed_on, inst.worker_id, out.error)
+                            return
                         yield out
                         if out.finished:
                             return
-                yield self._error(st, f"decode instance {inst.worker_id} ended the stream unfinished")
-                return
+                    else:
+                        yield self._error(st, f"decode instance {inst.worker_id} ended the stream unfinished")
+                        return
             except WorkerDeadError:
                 self.decode.mark_dead(inst.worker_id, client)
+            except InvalidRequestError:
+                raise
             except RequestFailedError as e:
                 yield self._error(st, f"decode failed: {e}")
                 return
@@ -166,9 +196,17 @@ class Router:
                 handle = None
         yield self._error(st, f"decode failed on {self.max_attempts} instances")
 
-    async def _pick_decode(self, st: _State) -> Instance[DecodeClient] | None:
+    def _retry_once(self, worker_id: str) -> str:
+        self.num_retried += 1
+        return worker_id
+
+    def _poison(self, st: _State, first: str | None, second: str, error: str | None) -> StepOutput:
+        self.num_poison += 1
+        return self._error(st, f"the request failed twice (on {first}, then on {second}): {error}")
+
+    async def _pick_decode(self, st: _State, avoid: str | None = None) -> Instance[DecodeClient] | None:
         deadline = self.clock() + self.failover_wait_s
-        while (inst := self.decode.pick(st.request)) is None:
+        while (inst := self.decode.pick(st.request, avoid)) is None:
             if self.clock() >= deadline or not self.decode.instances:
                 return None
             await asyncio.sleep(self.probe_interval_s)

@@ -109,6 +109,7 @@ class _PoolCollector(Collector):
         busy = counter("engine_busy_seconds", "Seconds the instance spent in engine steps (worker view)")
         steps = counter("engine_steps", "Engine steps that ran a batch")
         step_tokens = counter("engine_step_tokens", "Tokens run through the model, all steps")
+        failed_steps = counter("engine_failed_steps", "Engine steps that raised (their requests failed)")
         failures = CounterMetricFamily("pdserve_worker_failures", "Instances seen dying", labels=["role"])
         for pool in (self.router.prefill, self.router.decode):
             for inst in pool.instances.values():
@@ -122,11 +123,16 @@ class _PoolCollector(Collector):
                 busy.add_metric(key, inst.stats.busy_s)
                 steps.add_metric(key, inst.stats.num_steps)
                 step_tokens.add_metric(key, inst.stats.num_step_tokens)
+                failed_steps.add_metric(key, inst.stats.num_failed_steps)
             failures.add_metric([pool.role], pool.num_failures)
-        yield from (running, waiting, usage, healthy, tokens, busy, steps, step_tokens, failures)
+        yield from (running, waiting, usage, healthy, tokens, busy, steps, step_tokens, failed_steps, failures)
         yield _kv_pulls(self.router)
         yield CounterMetricFamily("pdserve_redispatched_requests", "Requests moved to another instance after a failure",
                                   value=self.router.num_redispatched)
+        yield CounterMetricFamily("pdserve_retried_requests", "Requests retried once after a worker step failed on them",
+                                  value=self.router.num_retried)
+        yield CounterMetricFamily("pdserve_poison_requests", "Requests ended with an error: their step failed twice",
+                                  value=self.router.num_poison)
         yield GaugeMetricFamily("pdserve_pending_requests", "Requests admitted and not finished",
                                 value=len(self.router.requests))
 

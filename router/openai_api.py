@@ -68,7 +68,7 @@ class ParsedRequest:
 def load_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and an integer of over 4300 digits
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
@@ -117,6 +117,15 @@ def _typed(body: dict[str, Any], name: str, tp: type | tuple[type, ...], default
         names = "/".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
         raise ApiError(400, f"{param or name}: expected {names}, got {json.dumps(v)[:80]}", param=param or name)
     return v
+
+
+def _number(body: dict[str, Any], name: str, default: float) -> float:
+    """A JSON number as a float; an integer too large for one is a 400, not an OverflowError."""
+    v = _typed(body, name, (int, float), default)
+    try:
+        return float(v)
+    except OverflowError:
+        raise ApiError(400, f"{name}: out of range", param=name) from None
 
 
 def _completion_prompt(body: dict[str, Any], tokenizer: ChatTokenizer, card: ModelCard) -> list[int]:
@@ -172,12 +181,12 @@ def _sampling(kind: Kind, body: dict[str, Any], num_prompt: int, card: ModelCard
     if max_tokens is None:  # OpenAI: 16 for completions, as many as fit for chat
         max_tokens = min(16, room) if kind == "completion" else room
     stop = _typed(body, "stop", (str, list), ())
-    temperature = _typed(body, "temperature", (int, float), 1.0)
+    temperature = _number(body, "temperature", 1.0)
     if temperature > MAX_TEMPERATURE:
         raise ApiError(400, f"temperature: must be <= {MAX_TEMPERATURE}, got {temperature}", param="temperature")
     try:
         return SamplingParams(
-            temperature=float(temperature), top_p=float(_typed(body, "top_p", (int, float), 1.0)),
+            temperature=temperature, top_p=_number(body, "top_p", 1.0),
             top_k=_typed(body, "top_k", int, -1), seed=_typed(body, "seed", int, None), max_tokens=max_tokens,
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
             stop_token_ids=tuple(_typed(body, "stop_token_ids", list, ())),

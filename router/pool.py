@@ -63,11 +63,13 @@ class Pool(Generic[C]):
     def healthy(self) -> list[Instance[C]]:
         return [i for i in self.instances.values() if i.healthy]
 
-    def pick(self, req: GenerateRequest) -> Instance[C] | None:
-        """The policy's choice among healthy instances, or None if there is none."""
+    def pick(self, req: GenerateRequest, avoid: str | None = None) -> Instance[C] | None:
+        """The policy's choice among healthy instances (other than `avoid` while there are others),
+        or None if there is none."""
         candidates = self.healthy()
         if not candidates:
             return None
+        candidates = [i for i in candidates if i.worker_id != avoid] or candidates
         chosen = self.policy(req, [i.snapshot() for i in candidates], self.num_dispatched)
         self.num_dispatched += 1
         return self.instances[chosen]

@@ -3,7 +3,8 @@
 The router core talks only to these protocols; `router/actor.py` adapts Ray actor handles to them and
 tests pass in-process fakes. At this boundary there are exactly two failures (as vLLM's
 `EngineGenerateError` vs `EngineDeadError`): `RequestFailedError` — this request failed, the
-instance is fine — and `WorkerDeadError` — the instance is gone, re-dispatch everything it held.
+instance is fine (`InvalidRequestError` when the instance rejected it as invalid) — and
+`WorkerDeadError` — the instance is gone, re-dispatch everything it held.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ class WorkerDeadError(Exception):
 
 
 class RequestFailedError(Exception):
-    """One request failed on a live instance (bad input the worker rejected, an internal error)."""
+    """One request failed on a live instance with an internal error (HTTP 5xx)."""
+
+
+class InvalidRequestError(RequestFailedError):
+    """The instance rejected the request as invalid for it (its prompt cannot fit this instance's KV
+    cache, ...): the client's fault, HTTP 400. Raised from the router's stream as it is."""
 
 
 class PrefillClient(Protocol):

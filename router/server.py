@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pdserve.config import ServingConfig
 from pdserve.router.core import OverloadedError, RequestStream, Router, UnavailableError
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
+from pdserve.router.protocols import InvalidRequestError
 from pdserve.router.openai_api import ApiError, ChatTokenizer, Kind, ModelCard, load_body, parse
 from pdserve.router.openapi import MODELS_RESPONSE, deployment_shape, generation_route
 from pdserve.router.responses import SSE_DONE, TIMINGS_FIELD, TIMINGS_HEADER, ResponseBuilder, format_timings, sse
@@ -189,6 +190,10 @@ def _failed(out: StepOutput) -> ApiError:
     return ApiError(500, out.error or "the request was aborted", type="server_error", code="request_failed")
 
 
+def _invalid(e: InvalidRequestError) -> ApiError:
+    return ApiError(400, f"rejected by the worker: {e}", code="invalid_for_instance")
+
+
 _TIMEOUT = ApiError(504, "the request did not finish within the server's timeout", type="timeout_error", code="timeout")
 
 
@@ -214,6 +219,9 @@ async def _events(stream: RequestStream, b: ResponseBuilder, tally: _Tally, dead
     except TimeoutError:
         tally.finish("timeout")
         yield sse(_TIMEOUT.body())
+    except InvalidRequestError as e:  # the status line is sent: the error event carries the 400
+        tally.finish("error")
+        yield sse(_invalid(e).body())
     finally:
         await stream.aclose()
         tally.finish("abort")  # a no-op unless the client went away mid-stream
@@ -250,6 +258,9 @@ async def _complete(request: Request, stream: RequestStream, b: ResponseBuilder,
     except TimeoutError:
         tally.finish("timeout")
         raise _TIMEOUT from None
+    except InvalidRequestError as e:
+        tally.finish("error")
+        raise _invalid(e) from None
     if out is None or out.finish_reason in ("error", "abort"):
         raise _failed(out or StepOutput(stream.request_id, (), finish_reason="error", error="stream ended early"))
     body = b.response("".join(tally.parts), out.finish_reason or "stop", tally.num_output)

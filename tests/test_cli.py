@@ -18,7 +18,7 @@ def test_every_subcommand_is_registered_without_loading_torch_or_ray() -> None:
         del sys.modules[mod]
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"serve", "demo", "plan", "simulate", "profile", "bench"}
+    assert set(sub.choices) == {"serve", "demo", "plan", "simulate", "profile", "bench", "chaos"}
     assert "pdserve.engine.engine" not in sys.modules
 
 

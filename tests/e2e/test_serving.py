@@ -127,6 +127,29 @@ def test_bad_inputs_get_4xx_with_openai_error_bodies(served: tuple[str, str]) ->
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_extreme_sampling_values_get_200_or_400_and_no_worker_restarts(served: tuple[str, str]) -> None:
+    """Valid but extreme sampling values never crash a worker (a NaN there once took the pool down)."""
+    _, url = served
+    failures = _counter(url, "pdserve_worker_failures") + _counter(url, "pdserve_redispatched_requests")
+    extremes = [{"temperature": 1e-30}, {"temperature": 1e-6, "seed": 7}, {"temperature": 5e-324},
+                {"temperature": 1e30}, {"temperature": 2.0, "top_p": 1e-300}, {"top_k": 2**62, "top_p": 1e-9},
+                {"temperature": 1e-30, "top_p": 1e-30, "top_k": 1, "seed": 2**62}, {"temperature": 1e308},
+                {"temperature": "1e-30"}, {"top_p": 0}, {"temperature": -1e-30}, {"seed": -5}]
+    for extra in extremes:
+        body = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 4, **extra}
+        for stream in (False, True):
+            r = httpx.post(f"{url}/v1/completions", json={**body, "stream": stream}, timeout=60)
+            assert r.status_code in (200, 400), (extra, r.status_code, r.text)
+            if r.status_code == 400:
+                assert set(r.json()["error"]) >= {"message", "type"}
+            else:
+                assert '"error"' not in r.text, (extra, r.text)
+    assert httpx.get(f"{url}/health").status_code == 200
+    after = _counter(url, "pdserve_worker_failures") + _counter(url, "pdserve_redispatched_requests")
+    assert after == failures, "a worker died (or a request was moved) on valid sampling values"
+    assert _counter(url, "pdserve_poison_requests") == 0
+
+
 def _counter(url: str, prefix: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     total = 0.0
