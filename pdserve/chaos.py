@@ -14,6 +14,7 @@ Not covered here (they need a Ray deployment): killing a worker or the router, c
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.kvtransfer.connector import make_receiver, make_sender, make_transport
 from pdserve.kvtransfer.faults import FAULT_KINDS, FaultyTransport, KVFault
+from pdserve.kvtransfer.listen import Listen
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 
@@ -47,6 +49,7 @@ class ChaosRig:
         self.cfg = EngineConfig(block_size=16, kv_cache_memory_gb=0.05, max_model_len=512)
         self.kv = KVTransferConfig(transport=transport, codec="raw", timeout_s=timeout_s, lease_s=lease_s)
         self.model = model
+        self.listen = Listen.resolve(self.kv, socket.gethostbyname("localhost"))  # in-process: both ends here
         self.prefill_engine, self.decode_engine = (Engine.from_config(model, self.cfg) for _ in range(2))
         self.tokenizer = self.prefill_engine.tokenizer
         self.params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -68,9 +71,10 @@ class ChaosRig:
     def run_cell(self, window: str, fault: str) -> Cell:
         cell = Cell(window, fault)
         pe, de = self.prefill_engine, self.decode_engine
-        faulty = FaultyTransport(make_transport(self.kv.transport), KVFault(kind=fault, chunk_index=WINDOWS[window],
-                                                                          stall_s=self.kv.timeout_s * 4))
-        sender, receiver = make_sender(self.kv, pe.pool, pe.allocator, transport=faulty), make_receiver(self.kv, de.pool)
+        fault_spec = KVFault(kind=fault, chunk_index=WINDOWS[window], stall_s=self.kv.timeout_s * 4)
+        faulty = FaultyTransport(make_transport(self.kv.transport, self.listen), fault_spec)
+        sender = make_sender(self.kv, pe.pool, pe.allocator, listen=self.listen, transport=faulty)
+        receiver = make_receiver(self.kv, de.pool, listen=self.listen)
         prefill, decode = PrefillWorker(pe, 8, 1024, sender), DecodeWorker(de, "decode", 8, 1024, receiver=receiver)
         try:
             self._drive(cell, prefill, decode)

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chaos", help="inject KV-transfer faults at each window of a request; check invariants")
     p.add_argument("--model", default="smollm2-135m", help="model name or Hugging Face directory")
-    p.add_argument("--transport", default="grpc", choices=["loopback", "grpc", "torch"])
+    p.add_argument("--transport", default="grpc", choices=["loopback", "grpc", "torch"],
+                   help="the KV transport the faults are injected into")
     p.add_argument("--timeout-s", type=float, default=3.0, help="KV transfer timeout, seconds")
     p.add_argument("--lease-s", type=float, default=5.0, help="prefill KV lease, seconds")
     p.add_argument("--reduced", action="store_true", help="one fault per window instead of every fault")

@@ -166,6 +166,11 @@ class ServingConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def __post_init__(self) -> None:
+        for name in self.pool_names:
+            _check_gpus(self.engine.device, getattr(self, name), name)
+        self._check_placement()
+
+    def _check_placement(self) -> None:
         pl = self.placement
         if pl.units == 0:
             if pl.node_groups != 1:
@@ -178,10 +183,6 @@ class ServingConfig:
                 raise ConfigError(f"placement.units: {pl.units} does not divide {role}.instances ({pool.instances})")
             if pool.pp % pl.node_groups:
                 raise ConfigError(f"placement.node_groups: {pl.node_groups} does not divide {role}.pp ({pool.pp})")
-
-    def __post_init__(self) -> None:
-        for name in self.pool_names:
-            _check_gpus(self.engine.device, getattr(self, name), name)
 
     @property
     def pool_names(self) -> tuple[str, ...]:

@@ -87,7 +87,8 @@ def _disconnect_round(rig: ChaosRig, rng: random.Random) -> Cell:
 
     cell = Cell("mid-decode", "disconnect")
     pe, de = rig.prefill_engine, rig.decode_engine
-    sender, receiver = make_sender(rig.kv, pe.pool, pe.allocator), make_receiver(rig.kv, de.pool)
+    sender = make_sender(rig.kv, pe.pool, pe.allocator, listen=rig.listen)
+    receiver = make_receiver(rig.kv, de.pool, listen=rig.listen)
     prefill, decode = PrefillWorker(pe, 8, 1024, sender), DecodeWorker(de, "decode", 8, 1024, receiver=receiver)
     try:
         rid, prompt = RequestId("soak"), rig.encode(rng.choice(["Tell me a story", "List three colours"]))

@@ -26,6 +26,7 @@ from pdserve.kvtransfer.connector import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams, StepOutput
 from tests.conftest import TINY
+from tests.net import LOCAL
 
 _ids = itertools.count()
 ALPHABET = st.sampled_from(list("ab cdé ñü€中文😀🎉👩\u200d💻\nßア"))
@@ -52,11 +53,11 @@ class Deployment:
     """One colocated worker, and one prefill + one decode worker joined by a loopback transport."""
 
     def __init__(self, model: Path) -> None:
-        cfg = EngineConfig(block_size=8, kv_cache_memory_gb=0.02, max_model_len=256)
+        cfg = EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.02, max_model_len=256)
         self.colocated = DecodeWorker(Engine.from_config(str(model), cfg), "prefill_priority", 16, 2048)
         pe, de = Engine.from_config(str(model), cfg), Engine.from_config(str(model), cfg)
         kv = KVTransferConfig(transport="loopback", codec="raw", timeout_s=10)
-        self.sender, self.receiver = make_sender(kv, pe.pool, pe.allocator), make_receiver(kv, de.pool)
+        self.sender, self.receiver = make_sender(kv, pe.pool, pe.allocator, listen=LOCAL), make_receiver(kv, de.pool, listen=LOCAL)
         self.prefill = PrefillWorker(pe, 16, 2048, self.sender)
         self.decode = DecodeWorker(de, "decode", 16, 2048, receiver=self.receiver)
         self.tokenizer = pe.tokenizer

@@ -16,12 +16,13 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.sampler import sample
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
+from tests.net import LOCAL
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 
 def _engine(path: Path) -> Engine:
-    return Engine.from_config(str(path), EngineConfig(block_size=8, kv_cache_memory_gb=0.01, max_model_len=256))
+    return Engine.from_config(str(path), EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_model_len=256))
 
 
 def _poison_execute(engine: Engine, poison: str) -> None:
@@ -58,7 +59,7 @@ def test_decode_step_failure_fails_its_batch_and_the_worker_serves_on(tiny_llama
 def test_prefill_step_failure_fails_its_batch(tiny_llama_dir: Path) -> None:
     engine = _engine(tiny_llama_dir)
     _poison_execute(engine, "bad")
-    sender = make_sender(KVTransferConfig(transport="loopback"), engine.pool, engine.allocator)
+    sender = make_sender(KVTransferConfig(transport="loopback"), engine.pool, engine.allocator, listen=LOCAL)
     worker = PrefillWorker(engine, 8, 256, sender)
     worker.submit(GenerateRequest(RequestId("bad"), (5, 6, 7), PARAMS))
     try:

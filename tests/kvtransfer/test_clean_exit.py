@@ -34,6 +34,7 @@ class _SlowFinalizer:
         time.sleep(1.5)
 
 _slow = _SlowFinalizer()
+from tests.net import LOCAL  # after the guard: it imports pdserve
 """
 
 _TWO_ENDS = """
@@ -47,7 +48,7 @@ def blocking_source():
     release.wait()
     yield b"y"
 
-rx, tx = make_transport(NAME, pair_timeout_s=1.5), make_transport(NAME, pair_timeout_s=1.5)
+rx, tx = make_transport(NAME, LOCAL, pair_timeout_s=1.5), make_transport(NAME, LOCAL, pair_timeout_s=1.5)
 info = rx.connect_info(tx.endpoint())
 """
 
@@ -64,7 +65,7 @@ _IN_FLIGHT = """
 CASES = {
     "torch_pair_never_joined": ("", """
         from pdserve.kvtransfer.transport_torch import TorchTransport
-        t = TorchTransport(pair_timeout_s=1.0)
+        t = TorchTransport(LOCAL, pair_timeout_s=1.0)
         t.connect_info("a-sender-that-never-comes")
     """),
     "torch_transfer_in_flight": ("NAME = 'torch'\n" + _TWO_ENDS, _IN_FLIGHT),
@@ -87,11 +88,11 @@ from pdserve.steploop import StepLoop
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 
 torch.set_num_threads(1)
-cfg = EngineConfig(block_size=8, kv_cache_memory_gb=0.01, max_model_len=256)
+cfg = EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_model_len=256)
 pe, de = Engine.from_config(MODEL, cfg), Engine.from_config(MODEL, cfg)
 kv = KVTransferConfig(transport=NAME, codec="raw", timeout_s=5)
-prefill = PrefillWorker(pe, 8, 256, make_sender(kv, pe.pool, pe.allocator))
-decode = DecodeWorker(de, "decode", 8, 256, receiver=make_receiver(kv, de.pool))
+prefill = PrefillWorker(pe, 8, 256, make_sender(kv, pe.pool, pe.allocator, listen=LOCAL))
+decode = DecodeWorker(de, "decode", 8, 256, receiver=make_receiver(kv, de.pool, listen=LOCAL))
 params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 outputs = []
 for i in range(3):
