@@ -23,32 +23,71 @@ from pdserve.engine.kv_cache import KVPool
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 LayerHook = Callable[[int], None]
-Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-def pick_linear(device: torch.device, dtype: torch.dtype) -> Linear:
-    """The matmul every projection uses: oneDNN's linear on CPU fp32 where it runs, else F.linear.
+class Matmul:
+    """The matmul every projection uses: `mm(x, w, b)` = F.linear(x, w, b), and `mm.add(x, w, b, r)`
+    = r + F.linear(x, w, b) with the add fused where the backend can. Backends, by batch rows:
 
-    On the development machine (AMD EPYC) `F.linear` goes to MKL's sgemm, which streams a batch-1
-    weight at ~17 GB/s where a plain reduction reads 38 GB/s, and runs a 512-token prefill 1.6-2x
-    slower than oneDNN on the same weights (BENCHMARKS.md §1). `torch.ops.mkldnn._linear_pointwise`
-    is the op inductor's CPU freezing pass emits; it takes the plain (out, in) weight, so no
-    second copy of the weights is kept. Probed once: a build without it falls back to F.linear.
+    - rows <= kernels.MAX_ROWS on CPU fp32: the native GEMV (engine/kernels.py), when it builds;
+    - CPU fp32 otherwise: oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the op inductor's
+      CPU freezing pass emits) on the plain (out, in) weight: on the development machine (AMD EPYC)
+      `F.linear` goes to MKL's sgemm, which runs a 512-token prefill 1.6-2x slower (BENCHMARKS.md §1);
+    - anything else: F.linear.
     """
-    if torch.device(device).type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return F.linear
+
+    def __init__(self, device: torch.device | str, dtype: torch.dtype, native: bool = True) -> None:
+        cpu32 = torch.device(device).type == "cpu" and dtype == torch.float32
+        self.onednn = cpu32 and _probe_onednn()
+        self.gemv: Any = None
+        if cpu32 and native:
+            from pdserve.engine import kernels
+
+            self.gemv = kernels.gemv()
+
+    @property
+    def name(self) -> str:
+        return "+".join(n for n, on in (("native-gemv", self.gemv is not None), ("onednn", self.onednn)) if on) or "torch"
+
+    def _native_ok(self, x: torch.Tensor, w: torch.Tensor, *others: torch.Tensor | None) -> bool:
+        from pdserve.engine.kernels import MAX_ROWS
+
+        return (self.gemv is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.is_contiguous()
+                and w.is_contiguous() and all(t is None or t.is_contiguous() for t in others))
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self._native_ok(x, w, b):
+            from pdserve.engine.kernels import linear_small
+
+            return linear_small(self.gemv, x, w, b)
+        if self.onednn:
+            return _onednn_linear(x, w, b)
+        return F.linear(x, w, b)
+
+    def add(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+        if self._native_ok(x, w, b, residual):
+            from pdserve.engine.kernels import linear_small
+
+            return linear_small(self.gemv, x, w, b, residual)
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+        return residual + F.linear(x, w, b)
+
+
+def _probe_onednn() -> bool:
+    """oneDNN's linear exists in this build and agrees with F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(s, generator=gen) for s in ((3, 24), (40, 24), (40,)))
-        if torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5):
-            return _onednn_linear
+        return torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
     except (AttributeError, RuntimeError):
-        pass
-    return F.linear
+        return False
 
 
 @dataclass(frozen=True)
@@ -58,7 +97,7 @@ class StepContext:
     cos: torch.Tensor  # (T, 1, head_dim) at each token's position
     sin: torch.Tensor  # (T, 1, head_dim), first half negated: rotate_half(x) * sin == swap_halves(x) * sin
     meta: AttentionMetadata
-    linear: Linear
+    linear: Matmul
 
 
 @dataclass(frozen=True)
@@ -259,18 +298,16 @@ def _fuse_rows(projs: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor
     return weight, bias
 
 
-def _linear_add(linear: Linear, x: torch.Tensor, lin: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
-    """residual + lin(x), the add fused into oneDNN's matmul where that is the backend. The
-    module's forward hooks still run on the matmul's output (TP's all-reduce of partial sums)."""
+def _linear_add(linear: Matmul, x: torch.Tensor, lin: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    """residual + lin(x), the add fused into the matmul where the backend can. The module's
+    forward hooks still run on the matmul's output alone (TP's all-reduce of partial sums)."""
     if lin._forward_hooks:
         out = linear(x, lin.weight, lin.bias)
         for hook in lin._forward_hooks.values():
             replaced = hook(lin, (x,), out)
             out = out if replaced is None else replaced
         return residual + out
-    if linear is _onednn_linear:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, lin.weight, lin.bias, "add")
-    return residual + linear(x, lin.weight, lin.bias)
+    return linear.add(x, lin.weight, lin.bias, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -308,7 +345,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = _Backbone(cfg, self.start, self.end)
         self.rope = RotaryEmbedding(cfg, max_positions)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
-        self.linear: Linear | None = None  # picked on the first forward (pick_linear), after .to(device/dtype)
+        self.linear: Matmul | None = None  # picked on the first forward, after .to(device/dtype)
+        self.native_kernels = True  # let Matmul use engine/kernels.py where it builds
 
     @property
     def is_first(self) -> bool:
@@ -336,15 +374,15 @@ class LlamaForCausalLM(nn.Module):
 
     def step_context(self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype) -> StepContext:
         if self.linear is None:
-            self.linear = pick_linear(positions.device, dtype)
+            self.linear = Matmul(positions.device, dtype, self.native_kernels)
         cos, sin = self.rope.tables(positions, dtype)
         return StepContext(cos, sin, meta, self.linear)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.lm_head is not None, "logits are computed on the last pipeline stage only"
         if self.linear is None:
-            self.linear = pick_linear(hidden.device, hidden.dtype)
-        return self.linear(hidden, self.lm_head.weight, None).float()  # (N, vocab)
+            self.linear = Matmul(hidden.device, hidden.dtype, self.native_kernels)
+        return self.linear(hidden.contiguous(), self.lm_head.weight).float()  # (N, vocab)
 
     def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load this stage's share of a full HF checkpoint; tied embeddings fill lm_head."""

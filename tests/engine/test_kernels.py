@@ -1,0 +1,50 @@
+"""The native GEMV (engine/kernels.py) and the projection backends (model.Matmul) against F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine import kernels
+from pdserve.engine.model import Matmul
+
+
+@pytest.fixture(scope="module")
+def gemv():
+    fn = kernels.gemv()
+    if fn is None:
+        pytest.skip("no C compiler here (the engine falls back to oneDNN / F.linear)")
+    return fn
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n, k", [(1, 1), (5, 17), (64, 576), (9, 1536), (130, 40)])
+def test_native_gemv_matches_linear(gemv, m: int, n: int, k: int) -> None:
+    """Row counts not a multiple of 4, widths not a multiple of the vector width, bias and add."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x, w, b, r = (torch.randn(s, generator=gen) for s in ((m, k), (n, k), (n,), (m, n)))
+    torch.testing.assert_close(kernels.linear_small(gemv, x, w), F.linear(x, w), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(kernels.linear_small(gemv, x, w, b, r), F.linear(x, w, b) + r, atol=1e-4, rtol=1e-5)
+
+
+def test_matmul_dispatch_by_rows_and_layout(gemv) -> None:
+    mm = Matmul("cpu", torch.float32)
+    assert mm.gemv is not None and "native-gemv" in mm.name
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
+    for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 37):  # native, then oneDNN / F.linear
+        x = torch.randn(rows, 32, generator=gen)
+        r = torch.randn(rows, 48, generator=gen)
+        torch.testing.assert_close(mm(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(mm.add(x, w, b, r), F.linear(x, w, b) + r, atol=1e-4, rtol=1e-5)
+    xt = torch.randn(32, 2, generator=gen).t()  # a non-contiguous input takes the library path
+    torch.testing.assert_close(mm(xt, w), F.linear(xt, w), atol=1e-4, rtol=1e-5)
+
+
+def test_matmul_without_native_or_off_cpu32() -> None:
+    assert Matmul("cpu", torch.float32, native=False).gemv is None
+    bf = Matmul("cpu", torch.bfloat16)
+    assert bf.gemv is None and not bf.onednn and bf.name == "torch"
+    x, w = torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    torch.testing.assert_close(bf(x, w), F.linear(x, w))
