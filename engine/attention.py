@@ -88,6 +88,18 @@ class PagedDecode:
 
 
 @dataclass(frozen=True)
+class StaticDecode:
+    """A decode step with fixed shapes (a CUDA graph replays it): B rows, NB blocks each.
+
+    Rows past the real batch are padding: ctx 1, every block the pool's scratch block. Everything
+    here is a device tensor the graph reads at replay, so nothing depends on host values.
+    """
+
+    block_tables: torch.Tensor  # (B, NB) block ids
+    mask: torch.Tensor  # (B, 1, 1, NB * block_size) True where the query may attend (j < ctx)
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) flat slot = block_id * block_size + offset, per new token
     groups: tuple[DecodeGroup, ...] = ()
@@ -95,6 +107,7 @@ class AttentionMetadata:
     gather_blocks: int = 0  # blocks the decode groups gather per layer, together
     gather_buf: torch.Tensor | None = None  # (2, gather_blocks, block_size, h_kv, d) reused by every layer
     decode: PagedDecode | None = None  # the decode rows when the "paged" backend runs them (then no groups)
+    static: StaticDecode | None = None  # a fixed-shape all-decode step (CUDA graphs); then nothing else is set
 
 
 # What one more group costs per layer (a gather and an SDPA call), in padded context tokens; it
@@ -223,6 +236,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     k_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(num_blocks * block_size, h_kv, d).index_copy_(0, meta.slot_mapping, v)
     gqa = h_q != h_kv
+    if meta.static is not None:
+        return static_decode_attention(q, k_cache, v_cache, meta.static).view(T, h_q * d)
     dec = meta.decode
     if dec is not None and dec.rows is None:  # every token is a decode, in order: nothing to scatter
         return _paged_decode_attention(q, k_cache, v_cache, dec).view(T, h_q * d)
@@ -290,3 +305,22 @@ def _paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # @ dense matmul here).
     out = F.embedding_bag(dec.col, vals, dec.crow, mode="sum", per_sample_weights=probs, include_last_offset=True)
     return out.view(n, h_q, d)
+
+
+def static_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            st: StaticDecode) -> torch.Tensor:
+    """(B, h_q, d) → (B, h_q, d) with shapes fixed by `st` and no host sync (capturable).
+
+    The blocks are gathered (B × NB, a fixed size a graph can hold), and grouped-query attention
+    runs without GQA support in SDPA: a KV head's h_q / h_kv query heads become that many queries
+    over the same keys, so every SDPA backend that takes a mask applies (CUDA's memory-efficient
+    kernel rather than the math fallback a masked `enable_gqa` call gets).
+    """
+    B, h_q, d = q.shape
+    NB = st.block_tables.shape[1]
+    block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
+    flat = st.block_tables.reshape(-1)
+    keys = k_cache.index_select(0, flat).view(B, NB * block_size, h_kv, d).transpose(1, 2)  # (B, h_kv, L, d)
+    vals = v_cache.index_select(0, flat).view(B, NB * block_size, h_kv, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.reshape(B, h_kv, h_q // h_kv, d), keys, vals, attn_mask=st.mask)
+    return out.reshape(B, h_q, d)

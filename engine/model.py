@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.engine import kernels
 from pdserve.engine.attention import AttentionMetadata, paged_attention
 from pdserve.engine.kv_cache import KVPool
 
@@ -33,7 +34,8 @@ class Matmul:
     """The matmul every projection uses: `mm(x, w, b)` = F.linear(x, w, b), and `mm.add(x, w, b, r)`
     = r + F.linear(x, w, b) with the add fused where the backend can. Backends, by batch rows:
 
-    - rows <= kernels.MAX_ROWS on CPU fp32: the native GEMV (engine/kernels.py), when it builds;
+    - rows <= kernels.MAX_ROWS on CPU fp32: the native GEMV (engine/kernels.py), when it builds
+      (`norm` likewise runs RMSNorm natively there);
     - CPU fp32 otherwise: oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the op inductor's
       CPU freezing pass emits) on the plain (out, in) weight: on the development machine (AMD EPYC)
       `F.linear` goes to MKL's sgemm, which runs a 512-token prefill 1.6-2x slower (BENCHMARKS.md §1);
@@ -43,39 +45,35 @@ class Matmul:
     def __init__(self, device: torch.device | str, dtype: torch.dtype, native: bool = True) -> None:
         cpu32 = torch.device(device).type == "cpu" and dtype == torch.float32
         self.onednn = cpu32 and _probe_onednn()
-        self.gemv: Any = None
-        if cpu32 and native:
-            from pdserve.engine import kernels
-
-            self.gemv = kernels.gemv()
+        self.native: kernels.Kernels | None = kernels.load() if cpu32 and native else None
 
     @property
     def name(self) -> str:
-        return "+".join(n for n, on in (("native-gemv", self.gemv is not None), ("onednn", self.onednn)) if on) or "torch"
+        return "+".join(n for n, on in (("native", self.native is not None), ("onednn", self.onednn)) if on) or "torch"
 
     def _native_ok(self, x: torch.Tensor, w: torch.Tensor, *others: torch.Tensor | None) -> bool:
-        from pdserve.engine.kernels import MAX_ROWS
-
-        return (self.gemv is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.is_contiguous()
+        return (self.native is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and x.is_contiguous()
                 and w.is_contiguous() and all(t is None or t.is_contiguous() for t in others))
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self._native_ok(x, w, b):
-            from pdserve.engine.kernels import linear_small
-
-            return linear_small(self.gemv, x, w, b)
+            return kernels.linear_small(self.native, x, w, b)
         if self.onednn:
             return _onednn_linear(x, w, b)
         return F.linear(x, w, b)
 
     def add(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
         if self._native_ok(x, w, b, residual):
-            from pdserve.engine.kernels import linear_small
-
-            return linear_small(self.gemv, x, w, b, residual)
+            return kernels.linear_small(self.native, x, w, b, residual)
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
         return residual + F.linear(x, w, b)
+
+    def norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """norm(x), by the native kernel at a few rows (one call instead of torch's five ops)."""
+        if self._native_ok(x, norm.weight):
+            return kernels.rms_norm(self.native, x, norm.weight, norm.eps)  # type: ignore[arg-type]
+        return norm(x)
 
 
 def _probe_onednn() -> bool:
@@ -95,7 +93,7 @@ class StepContext:
     """What every layer of one forward shares: computed once per step, not once per layer."""
 
     cos: torch.Tensor  # (T, 1, head_dim) at each token's position
-    sin: torch.Tensor  # (T, 1, head_dim), first half negated: rotate_half(x) * sin == swap_halves(x) * sin
+    sin: torch.Tensor  # (T, 1, head_dim), first half negated (RotaryEmbedding.sin_signed)
     meta: AttentionMetadata
     linear: Matmul
 
@@ -173,14 +171,12 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_positions, head_dim)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
-
-        half = emb.shape[-1] // 2
+        half = emb.shape[-1] // 2  # rotate_half(x) * sin == swap_halves(x) * sin_signed
         self.register_buffer("sin_signed", torch.cat([-emb[:, :half].sin(), emb[:, half:].sin()], -1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # (T, 1, head_dim)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cos, sin = self.tables(positions, q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, signed sin) at `positions`, each (T, 1, head_dim), for `apply_rotary`."""
@@ -193,11 +189,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
     in three ops fewer (the negation lives in `sin_signed`)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -283,18 +274,20 @@ class MLP(nn.Module):
 
 def _fuse_rows(projs: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) stacking `projs`' output rows; each projection's parameters become
-    views of it (same values, one copy in memory)."""
-    weight = torch.cat([p.weight.detach() for p in projs])
-    biases = [p.bias for p in projs]
-    bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
-    assert bias is not None or all(b is None for b in biases), "fusing projections where only some have a bias"
-    start = 0
-    for p in projs:
-        n = p.out_features
-        p.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
-        if bias is not None:
-            p.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
-        start += n
+    views of it (same values, one copy in memory). Ordinary tensors even when the first forward
+    runs under inference_mode, so the parameters stay usable outside it."""
+    with torch.inference_mode(False), torch.no_grad():
+        weight = torch.cat([p.weight for p in projs])
+        biases = [p.bias for p in projs]
+        bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
+        assert bias is not None or all(b is None for b in biases), "fusing projections where only some have a bias"
+        start = 0
+        for p in projs:
+            n = p.out_features
+            p.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+            if bias is not None:
+                p.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+            start += n
     return weight, bias
 
 
@@ -319,8 +312,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, step: StepContext, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        x = self.self_attn(self.input_layernorm(x), step, k_cache, v_cache, residual=x)
-        return self.mlp(self.post_attention_layernorm(x), step, residual=x)
+        x = self.self_attn(step.linear.norm(self.input_layernorm, x), step, k_cache, v_cache, residual=x)
+        return self.mlp(step.linear.norm(self.post_attention_layernorm, x), step, residual=x)
 
 
 class _Backbone(nn.Module):
@@ -370,7 +363,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, step, k_cache, v_cache)
             if layer_hook is not None:
                 layer_hook(int(name))
-        return self.model.norm(x) if self.is_last else x
+        return step.linear.norm(self.model.norm, x) if self.is_last else x
 
     def step_context(self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype) -> StepContext:
         if self.linear is None:

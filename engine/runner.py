@@ -12,16 +12,40 @@ import torch
 
 from pdserve.engine.attention import AttentionBackend, AttentionMetadata, build_metadata, resolve_backend
 from pdserve.engine.batch import Chunk
+from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.model import LayerHook, LlamaForCausalLM
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVPool, attention_backend: AttentionBackend = "auto") -> None:
-        self.model, self.pool = model, pool
+        self.model = model
+        self.graphs: DecodeGraphs | None = None
+        self._graph_args: tuple[int, bool | None] | None = None
+        self.pool = pool
         self.device = pool.device
         self._gather = torch.empty(0)
         self.attention_backend = resolve_backend(attention_backend, self.device, pool.kv.dtype)
+
+    @property
+    def pool(self) -> KVPool:
+        return self._pool
+
+    @pool.setter
+    def pool(self, pool: KVPool) -> None:
+        """A new pool (Engine.resize_pool) invalidates graphs captured over the old one."""
+        self._pool = pool
+        if self._graph_args is not None:
+            self.graphs = DecodeGraphs(self.model, pool, self._graph_args[0], capture=self._graph_args[1])
+
+    def enable_decode_graphs(self, max_model_len: int, capture: bool | None = None) -> bool:
+        """Run all-decode steps through DecodeGraphs (CUDA graphs on CUDA; `capture=False`: the same
+        padded fixed-shape step, eagerly). Only for a whole model without forward hooks (no TP/PP)."""
+        if not (self.model.is_first and self.model.is_last) or any(m._forward_hooks for m in self.model.modules()):
+            return False
+        self._graph_args = (max_model_len, capture)
+        self.graphs = DecodeGraphs(self.model, self.pool, max_model_len, capture=capture)
+        return True
 
     def _gather_buffer(self, num_blocks: int) -> torch.Tensor:
         """(2, num_blocks, block_size, h_kv, d) view of a grow-only workspace for attention's K/V gather."""
@@ -82,4 +106,7 @@ class ModelRunner:
 
     def execute(self, chunks: Sequence[Chunk], layer_hook: LayerHook | None = None,
                 all_positions: bool = False) -> torch.Tensor:
+        if self.graphs is not None and layer_hook is None and not all_positions and self.graphs.supports(chunks):
+            with torch.inference_mode():
+                return self.graphs.run(chunks)
         return self.logits(chunks, self.forward(chunks, layer_hook=layer_hook), all_positions)
