@@ -245,7 +245,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if dec is not None:
         out.index_copy_(0, dec.rows, _paged_decode_attention(q.index_select(0, dec.rows), k_cache, v_cache, dec))
     for g in meta.groups:
-        out[g.rows] = _decode_attention(q.index_select(0, g.rows), k_cache, v_cache, g, meta.gather_buf, gqa)
+        out[g.rows] = _decode_attention(q.index_select(0, g.rows), k_cache, v_cache, g, meta.gather_buf)
     for s in meta.spans:
         rows = slice(s.q_start, s.q_start + s.q_len)
         if s.blocks is None:  # a fresh prompt: its keys are exactly its new tokens
@@ -262,7 +262,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup,
-                      gather_buf: torch.Tensor | None, gqa: bool) -> torch.Tensor:
+                      gather_buf: torch.Tensor | None) -> torch.Tensor:
     """One query per decode sequence of group `g`, (n, h_q, d) → (n, h_q, d)."""
     n, max_blocks = g.block_tables.shape
     block_size, h_kv, d = k_cache.shape[1:]
@@ -277,11 +277,13 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         vals = torch.index_select(v_cache, 0, flat_tables, out=gather_buf[1, span])
     keys = keys.view(n, max_blocks * block_size, h_kv, d)[:, : g.max_ctx]  # (n, max_ctx, h_kv, d)
     vals = vals.view(n, max_blocks * block_size, h_kv, d)[:, : g.max_ctx]
+    # A KV head's h_q / h_kv query heads as that many queries over its keys: grouped-query
+    # attention without `enable_gqa`, which with a mask falls back to the math kernel on CUDA.
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),  # (n, heads, len, d)
-        attn_mask=g.mask, enable_gqa=gqa,
-    )  # (n, h_q, 1, d)
-    return out.squeeze(2)
+        q.reshape(n, h_kv, -1, d), keys.transpose(1, 2), vals.transpose(1, 2),  # (n, h_kv, len, d)
+        attn_mask=g.mask,
+    )  # (n, h_kv, h_q / h_kv, d)
+    return out.reshape(n, -1, d)
 
 
 def _paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
