@@ -5,7 +5,7 @@
       `generate` batched (left-padded), and ÷ `generate` one request at a time
   (c) prefill tokens/s for one 512-token prompt
 
-Usage: python benchmarks/engine.py [--model smollm2-135m] [--threads 1] [--new-tokens 32]
+Usage: python benchmarks/engine.py [--model smollm2-135m] [--threads 1] [--new-tokens 32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -70,30 +70,20 @@ def hf_generate_s(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) ->
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--pairs", type=int, default=9, help="(a): weight reads and decode steps, alternated")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM
-
-    llm = LLM(args.model, num_threads=args.threads)
-    engine = llm.engine
-    hf = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).eval()
-
+def measure(llm, engine, hf, args) -> dict[str, float]:
+    """One side-by-side run of (a), (b), (c); prints its lines and returns its figures."""
+    fig: dict[str, float] = {}
     # (a) memory roofline at batch 1: the ratio of the medians, and the spread of the paired ratios
     reads, steps = roofline_pairs(engine, 128, args.pairs)
     read_s, step1 = _median(reads), _median(steps)
     ratios = sorted(s / r for s, r in zip(steps, reads))
     nbytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    fig["a"] = step1 / read_s
     print(f"(a) weights {nbytes / 1e6:.0f} MB read in {read_s * 1e3:.1f} ms ({nbytes / read_s / 1e9:.1f} GB/s); "
-          f"decode step b=1 {step1 * 1e3:.1f} ms; ratio {step1 / read_s:.2f} (target <= 1.3); "
+          f"decode step b=1 {step1 * 1e3:.1f} ms; ratio {fig['a']:.2f} (target <= 1.3); "
           f"{len(ratios)} paired ratios {ratios[0]:.2f}..{ratios[-1]:.2f}, median {_median(ratios):.2f} "
           f"[matmul: {getattr(getattr(engine.model, 'linear', None), 'name', 'torch')}; "
-          f"attention: {getattr(engine.runner, 'attention_backend', 'reference')}]")
+          f"attention: {getattr(engine.runner, 'attention_backend', 'reference')}]", flush=True)
 
     # (b) 16 concurrent requests of different lengths, every system making the same tokens (ignore_eos).
     # Reported end to end (output tokens / wall time, vLLM's throughput measure) and decode only,
@@ -116,18 +106,49 @@ def main() -> None:
     for p in prompts:
         one_all += hf_generate_s(hf, [p], 1 + n_new, pad)
         one_first += hf_generate_s(hf, [p], 1, pad)
-    for label, ours, batched, single in (
-        ("end-to-end (prefill + decode)", ours_all, hf_all, one_all),
-        ("decode only (differenced)", ours_all - ours_first, hf_all - hf_first, one_all - one_first),
+    for key, label, ours, batched, single in (
+        ("e2e", "end-to-end (prefill + decode)", ours_all, hf_all, one_all),
+        ("dec", "decode only (differenced)", ours_all - ours_first, hf_all - hf_first, one_all - one_first),
     ):
+        fig[f"b_{key}_batched"], fig[f"b_{key}_single"] = batched / ours, single / ours
         print(f"(b) {label}, 16 requests (prompts {lengths[0]}-{lengths[-1]} tokens) x {n_new} new tokens: "
               f"ours {total / ours:.1f} tok/s; HF generate batched {total / batched:.1f} tok/s -> "
               f"x{batched / ours:.2f} (target >= 2); one at a time {total / single:.1f} tok/s -> "
-              f"x{single / ours:.2f} (target >= 6)")
+              f"x{single / ours:.2f} (target >= 6)", flush=True)
 
     # (c) prefill throughput at 512 tokens
     p512 = time_prefill(engine, [512], repeats=3)
-    print(f"(c) prefill 512 tokens in {p512 * 1e3:.0f} ms = {512 / p512:.0f} tok/s")
+    fig["c"] = 512 / p512
+    print(f"(c) prefill 512 tokens in {p512 * 1e3:.0f} ms = {fig['c']:.0f} tok/s", flush=True)
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--pairs", type=int, default=9, help="(a): weight reads and decode steps, alternated")
+    ap.add_argument("--repeats", type=int, default=1, help="whole runs of (a)-(c); medians and ranges at the end")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(args.model, num_threads=args.threads)
+    engine = llm.engine
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).eval()
+    runs = []
+    for r in range(args.repeats):
+        if args.repeats > 1:
+            print(f"-- run {r + 1}/{args.repeats}", flush=True)
+        runs.append(measure(llm, engine, hf, args))
+    if args.repeats > 1:
+        names = {"a": "(a) decode b=1 / weight read", "b_e2e_batched": "(b) e2e vs HF batched",
+                 "b_e2e_single": "(b) e2e vs HF one at a time", "b_dec_batched": "(b) decode vs HF batched",
+                 "b_dec_single": "(b) decode vs HF one at a time", "c": "(c) prefill 512 tok/s"}
+        for key, name in names.items():
+            xs = sorted(run[key] for run in runs)
+            print(f"{name}: median {_median(xs):.2f}, range {xs[0]:.2f}..{xs[-1]:.2f} over {len(xs)} runs")
 
 
 if __name__ == "__main__":
