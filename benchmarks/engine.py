@@ -6,6 +6,11 @@
   (c) prefill tokens/s for one 512-token prompt
 
 Usage: python benchmarks/engine.py [--model smollm2-135m] [--threads 1] [--new-tokens 32] [--repeats 3]
+                                  [--clock wall|cpu]
+
+With --clock cpu every time is this process's CPU time (time.process_time): with one torch thread
+it leaves out the time other processes hold the core, which on a shared machine swings wall-clock
+figures by 2-5x within a run (memory-bandwidth contention still counts).
 """
 
 from __future__ import annotations
@@ -17,8 +22,30 @@ import time
 import torch
 
 from pdserve import LLM, SamplingParams
-from pdserve.engine.profiling import time_decode, time_prefill
 from pdserve.models import resolve_model
+
+
+CLOCK = time.perf_counter  # --clock cpu: time.process_time, this process's CPU seconds
+
+
+def timed_step(engine, lens: list[int], computed: list[int], repeats: int = 3) -> float:
+    """Median seconds (by CLOCK) of one forward + logits over sequences of total lengths `lens`
+    with `computed` tokens cached (engine/profiling.py's time_step, on this script's clock)."""
+    from pdserve.engine.batch import Chunk
+    from pdserve.engine.profiling import _fake_requests
+
+    reqs = _fake_requests(engine, lens, computed)
+    chunks = [Chunk(r, n - c) for r, n, c in zip(reqs, lens, computed)]
+    try:
+        times = []
+        for _ in range(repeats + 1):
+            t0 = CLOCK()
+            engine.runner.execute(chunks)
+            times.append(CLOCK() - t0)
+        return _median(times[1:])
+    finally:
+        for r in reqs:
+            engine.free(r)
 
 
 def weight_read_s(model: torch.nn.Module, repeats: int = 5) -> float:
@@ -28,10 +55,10 @@ def weight_read_s(model: torch.nn.Module, repeats: int = 5) -> float:
     params = [p for p in model.parameters()]
     times = []
     for _ in range(repeats + 1):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for p in params:
             p.sum()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return sorted(times[1:])[repeats // 2]
 
 
@@ -41,7 +68,7 @@ def roofline_pairs(engine, context: int, pairs: int) -> tuple[list[float], list[
     reads, steps = [], []
     for _ in range(pairs):
         reads.append(weight_read_s(engine.model, repeats=1))
-        steps.append(time_decode(engine, [context], repeats=3))
+        steps.append(timed_step(engine, [context], [context - 1], repeats=3))
     return reads, steps
 
 
@@ -63,11 +90,11 @@ def hf_generate_s(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) ->
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     with torch.no_grad():
         hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                     do_sample=False, pad_token_id=pad_id)
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def measure(llm, engine, hf, args) -> dict[str, float]:
@@ -94,9 +121,9 @@ def measure(llm, engine, hf, args) -> dict[str, float]:
     pad = min(llm.tokenizer.eos_token_ids) if llm.tokenizer.eos_token_ids else 0
 
     def ours_s(new_tokens: int) -> float:
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
-        return time.perf_counter() - t0
+        return CLOCK() - t0
 
     ours_s(1)  # warm-up
     total = 16 * n_new
@@ -117,7 +144,7 @@ def measure(llm, engine, hf, args) -> dict[str, float]:
               f"x{single / ours:.2f} (target >= 6)", flush=True)
 
     # (c) prefill throughput at 512 tokens
-    p512 = time_prefill(engine, [512], repeats=3)
+    p512 = timed_step(engine, [512], [0], repeats=3)
     fig["c"] = 512 / p512
     print(f"(c) prefill 512 tokens in {p512 * 1e3:.0f} ms = {fig['c']:.0f} tok/s", flush=True)
     return fig
@@ -130,7 +157,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--pairs", type=int, default=9, help="(a): weight reads and decode steps, alternated")
     ap.add_argument("--repeats", type=int, default=1, help="whole runs of (a)-(c); medians and ranges at the end")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time this process's CPU seconds (one thread: robust to a shared, loaded machine)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
