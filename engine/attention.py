@@ -1,4 +1,4 @@
-"""Paged attention over a flat, mixed batch (torch reference backend, any device).
+"""Paged attention over a flat, mixed batch, in PyTorch ops (no custom kernel).
 
 The batch holds B sequences; sequence b contributes q_len[b] new tokens (a whole prompt, a
 prefill chunk, or 1 decode token) whose positions are the last q_len[b] of its ctx_len[b]
@@ -23,11 +23,17 @@ Two backends run the decode rows (`build_metadata(..., backend=)`):
     the slots of s's blocks; those (row, slot) pairs form a CSR pattern over the layer's K table
     viewed as (num_slots * h_kv, d), so the scores are one sampled matmul
     (`torch.sparse.sampled_addmm`: q · K[slot] only at the pattern), the softmax runs on the
-    scores scattered into a small (rows, max_ctx) buffer, and the output is one CSR × dense
-    matmul against the V table. The pattern depends only on the block tables, so it is built once
-    per step (`PagedDecode`) and reused by every layer.
+    scores scattered into a small (rows, max_ctx) buffer, and the output is one weighted
+    `F.embedding_bag` over the V table (Σ p · V[slot] per row, the rows read where they lie).
+    The pattern depends only on the block tables, so it is built once per step (`PagedDecode`)
+    and reused by every layer. At 16 decodes of contexts 32-393 this is ~2x the grouped gather +
+    SDPA below per layer; flex_attention with a block mask measured 11x slower on CPU, with a
+    1.2 s mask build per step (BENCHMARKS.md §1).
   - "reference" (any device): the groups above, gathered into a contiguous buffer per layer and
     run through SDPA with a padding mask. It is the oracle the tests hold "paged" to.
+
+A fixed-shape all-decode step (`StaticDecode`, for CUDA graphs: engine/cuda_graphs.py) gathers a
+fixed B × NB blocks and runs SDPA with the query heads of each KV head folded into queries.
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-# Building a CSR tensor warns once per process that sparse CSR is in beta; the ops used here
-# (sampled_addmm, CSR @ dense) are checked against the reference path by tests/engine.
+# Building a CSR tensor warns once per process that sparse CSR is in beta; the op used here
+# (sampled_addmm) is checked against the reference path by tests/engine.
 warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
 
 AttentionBackend = Literal["auto", "paged", "reference"]

@@ -69,6 +69,20 @@ class Matmul:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
         return residual + F.linear(x, w, b)
 
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """apply_rotary(x, cos, sin_signed); natively at a few rows."""
+        if (self.native is not None and x.shape[0] <= kernels.MAX_ROWS and x.stride(2) == 1
+                and x.stride(1) == x.shape[2] and cos.is_contiguous() and sin_signed.is_contiguous()):
+            return kernels.rope(self.native, x, cos, sin_signed)
+        return apply_rotary(x, cos, sin_signed)
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gu = [gate | up] (T, 2 * intermediate); natively at a few rows."""
+        if self._native_ok(gu, gu):
+            return kernels.silu_mul(self.native, gu)  # type: ignore[arg-type]
+        inter = gu.shape[1] // 2
+        return F.silu(gu[:, :inter]) * gu[:, inter:]
+
     def norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
         """norm(x), by the native kernel at a few rows (one call instead of torch's five ops)."""
         if self._native_ok(x, norm.weight):
@@ -222,8 +236,10 @@ class Attention(nn.Module):
         self._fused_from = tuple(p.weight for p in projs)
 
     def is_fused(self) -> bool:
-        src = getattr(self, "_fused_from", None)
-        return src is not None and all(p.weight is w for p, w in zip((self.q_proj, self.k_proj, self.v_proj), src))
+        """The fused weight still matches the projections (dict look-ups: this runs every layer)."""
+        src, mods = self.__dict__.get("_fused_from"), self._modules
+        return (src is not None and mods["q_proj"]._parameters["weight"] is src[0]
+                and mods["k_proj"]._parameters["weight"] is src[1] and mods["v_proj"]._parameters["weight"] is src[2])
 
     def forward(self, x: torch.Tensor, step: StepContext, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 residual: torch.Tensor) -> torch.Tensor:
@@ -235,7 +251,7 @@ class Attention(nn.Module):
         h_q, h_kv = self.q_proj.out_features // d, self.k_proj.out_features // d
         qkv = step.linear(x, self.qkv_weight, self.qkv_bias)  # (T, (h_q + 2 h_kv) * d)
         T = qkv.shape[0]
-        qk = apply_rotary(qkv[:, : (h_q + h_kv) * d].view(T, h_q + h_kv, d), step.cos, step.sin)
+        qk = step.linear.rotary(qkv[:, : (h_q + h_kv) * d].view(T, h_q + h_kv, d), step.cos, step.sin)
         v = qkv[:, (h_q + h_kv) * d:].view(T, h_kv, d)
         out = paged_attention(qk[:, :h_q], qk[:, h_q:], v, k_cache, v_cache, step.meta)  # (T, h_q * d)
         return _linear_add(step.linear, out, self.o_proj, residual)
@@ -254,8 +270,9 @@ class MLP(nn.Module):
         self._fused_from = (self.gate_proj.weight, self.up_proj.weight)
 
     def is_fused(self) -> bool:
-        src = getattr(self, "_fused_from", None)
-        return src is not None and self.gate_proj.weight is src[0] and self.up_proj.weight is src[1]
+        src, mods = self.__dict__.get("_fused_from"), self._modules
+        return (src is not None and mods["gate_proj"]._parameters["weight"] is src[0]
+                and mods["up_proj"]._parameters["weight"] is src[1])
 
     def forward(self, x: torch.Tensor, step: StepContext | None = None, residual: torch.Tensor | None = None,
                 ) -> torch.Tensor:
@@ -264,9 +281,7 @@ class MLP(nn.Module):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         if not self.is_fused():
             self.fuse()
-        inter = self.gate_proj.out_features
-        gu = step.linear(x, self.gate_up_weight, None)  # (T, 2 * intermediate)
-        h = F.silu(gu[:, :inter]) * gu[:, inter:]
+        h = step.linear.silu_mul(step.linear(x, self.gate_up_weight, None))  # gate/up (T, 2 * intermediate)
         if residual is None:
             return self.down_proj(h)
         return _linear_add(step.linear, h, self.down_proj, residual)
@@ -312,8 +327,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, step: StepContext, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        x = self.self_attn(step.linear.norm(self.input_layernorm, x), step, k_cache, v_cache, residual=x)
-        return self.mlp(step.linear.norm(self.post_attention_layernorm, x), step, residual=x)
+        x = self.self_attn.forward(step.linear.norm(self.input_layernorm, x), step, k_cache, v_cache, residual=x)
+        return self.mlp.forward(step.linear.norm(self.post_attention_layernorm, x), step, residual=x)
 
 
 class _Backbone(nn.Module):
@@ -360,7 +375,7 @@ class LlamaForCausalLM(nn.Module):
         step = self.step_context(positions, meta, x.dtype)
         for local, (name, layer) in enumerate(self.model.layers.items()):
             k_cache, v_cache = pool.layer(local)
-            x = layer(x, step, k_cache, v_cache)
+            x = layer.forward(x, step, k_cache, v_cache)  # no hooks live on layers: skip Module.__call__
             if layer_hook is not None:
                 layer_hook(int(name))
         return step.linear.norm(self.model.norm, x) if self.is_last else x

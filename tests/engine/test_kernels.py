@@ -63,3 +63,20 @@ def test_native_rms_norm_matches_torch(native, m: int, k: int) -> None:
     want = x * torch.rsqrt(var + 1e-5) * norm.weight  # transformers' LlamaRMSNorm in fp32
     torch.testing.assert_close(kernels.rms_norm(native, x, norm.weight.detach(), 1e-5), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(Matmul("cpu", torch.float32).norm(norm, x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_native_rotary_and_silu_mul_match_torch(native) -> None:
+    from pdserve.engine.model import apply_rotary
+
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(3, (4 + 2 + 2) * 16, generator=gen)
+    x = qkv[:, : 6 * 16].view(3, 6, 16)  # the q and k heads of a fused projection: rows strided
+    cos, sin = torch.randn(3, 1, 16, generator=gen), torch.randn(3, 1, 16, generator=gen)
+    mm = Matmul("cpu", torch.float32)
+    torch.testing.assert_close(kernels.rope(native, x, cos, sin), apply_rotary(x, cos, sin), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(mm.rotary(x, cos, sin), apply_rotary(x, cos, sin), atol=1e-6, rtol=1e-6)
+    gu = torch.randn(2, 2 * 1536, generator=gen)
+    want = F.silu(gu[:, :1536]) * gu[:, 1536:]
+    torch.testing.assert_close(kernels.silu_mul(native, gu), want, atol=1e-6, rtol=1e-5)
+    many = torch.randn(9, 8, generator=gen)  # more rows than the native kernels take: torch
+    torch.testing.assert_close(mm.silu_mul(many), F.silu(many[:, :4]) * many[:, 4:])
