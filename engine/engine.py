@@ -52,7 +52,9 @@ class Engine:
             num_blocks = num_blocks_for_budget(self.layout, int(cfg.kv_cache_memory_gb * 1e9))
         self.pool = KVPool(self.layout, num_blocks, self.device)
         self.allocator = BlockAllocator(num_blocks)
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, cfg.attention_backend)
+        if cfg.cuda_graphs and self.device.type == "cuda":
+            self.runner.enable_decode_graphs(self.max_model_len)
         # Cumulative step accounting, read by the workers' stats (engine time as serving sees it).
         self.busy_s, self.num_steps, self.num_step_tokens = 0.0, 0, 0
         self.step_log = StepLog()  # each step's shape and time, for an in-situ latency profile

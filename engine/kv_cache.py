@@ -106,13 +106,18 @@ class BlockAllocator:
 
 
 class KVPool:
-    """The cache tensors: `kv` has shape (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)."""
+    """The cache tensors: `kv` has shape (num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim).
+
+    Blocks [0, num_blocks) are the allocator's. The last one, `scratch_block`, is never handed out:
+    the padded rows of a CUDA-graph decode step (engine/cuda_graphs.py) write their K/V there.
+    """
 
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device | str = "cpu") -> None:
         self.layout = layout
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
         self.kv = torch.zeros(
-            (layout.num_layers, 2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim),
+            (layout.num_layers, 2, num_blocks + 1, layout.block_size, layout.num_kv_heads, layout.head_dim),
             dtype=layout.torch_dtype, device=device,
         )
 

@@ -17,12 +17,99 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.engine import kernels
 from pdserve.engine.attention import AttentionMetadata, paged_attention
 from pdserve.engine.kv_cache import KVPool
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 LayerHook = Callable[[int], None]
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class Matmul:
+    """The matmul every projection uses: `mm(x, w, b)` = F.linear(x, w, b), and `mm.add(x, w, b, r)`
+    = r + F.linear(x, w, b) with the add fused where the backend can. Backends, by batch rows:
+
+    - rows <= kernels.MAX_ROWS on CPU fp32: the native GEMV (engine/kernels.py), when it builds
+      (`norm` likewise runs RMSNorm natively there);
+    - CPU fp32 otherwise: oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the op inductor's
+      CPU freezing pass emits) on the plain (out, in) weight: on the development machine (AMD EPYC)
+      `F.linear` goes to MKL's sgemm, which runs a 512-token prefill 1.6-2x slower (BENCHMARKS.md §1);
+    - anything else: F.linear.
+    """
+
+    def __init__(self, device: torch.device | str, dtype: torch.dtype, native: bool = True) -> None:
+        cpu32 = torch.device(device).type == "cpu" and dtype == torch.float32
+        self.onednn = cpu32 and _probe_onednn()
+        self.native: kernels.Kernels | None = kernels.load() if cpu32 and native else None
+
+    @property
+    def name(self) -> str:
+        return "+".join(n for n, on in (("native", self.native is not None), ("onednn", self.onednn)) if on) or "torch"
+
+    def _native_ok(self, x: torch.Tensor, w: torch.Tensor, *others: torch.Tensor | None) -> bool:
+        return (self.native is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_ROWS and x.is_contiguous()
+                and w.is_contiguous() and all(t is None or t.is_contiguous() for t in others))
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self._native_ok(x, w, b):
+            return kernels.linear_small(self.native, x, w, b)
+        if self.onednn:
+            return _onednn_linear(x, w, b)
+        return F.linear(x, w, b)
+
+    def add(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+        if self._native_ok(x, w, b, residual):
+            return kernels.linear_small(self.native, x, w, b, residual)
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+        return residual + F.linear(x, w, b)
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """apply_rotary(x, cos, sin_signed); natively at a few rows."""
+        if (self.native is not None and x.shape[0] <= kernels.MAX_ROWS and x.stride(2) == 1
+                and x.stride(1) == x.shape[2] and cos.is_contiguous() and sin_signed.is_contiguous()):
+            return kernels.rope(self.native, x, cos, sin_signed)
+        return apply_rotary(x, cos, sin_signed)
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gu = [gate | up] (T, 2 * intermediate); natively at a few rows."""
+        if self._native_ok(gu, gu):
+            return kernels.silu_mul(self.native, gu)  # type: ignore[arg-type]
+        inter = gu.shape[1] // 2
+        return F.silu(gu[:, :inter]) * gu[:, inter:]
+
+    def norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """norm(x), by the native kernel at a few rows (one call instead of torch's five ops)."""
+        if self._native_ok(x, norm.weight):
+            return kernels.rms_norm(self.native, x, norm.weight, norm.eps)  # type: ignore[arg-type]
+        return norm(x)
+
+
+def _probe_onednn() -> bool:
+    """oneDNN's linear exists in this build and agrees with F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(s, generator=gen) for s in ((3, 24), (40, 24), (40,)))
+        return torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every layer of one forward shares: computed once per step, not once per layer."""
+
+    cos: torch.Tensor  # (T, 1, head_dim) at each token's position
+    sin: torch.Tensor  # (T, 1, head_dim), first half negated (RotaryEmbedding.sin_signed)
+    meta: AttentionMetadata
+    linear: Matmul
 
 
 @dataclass(frozen=True)
@@ -98,16 +185,24 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_positions, head_dim)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        half = emb.shape[-1] // 2  # rotate_half(x) * sin == swap_halves(x) * sin_signed
+        self.register_buffer("sin_signed", torch.cat([-emb[:, :half].sin(), emb[:, half:].sin()], -1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # (T, 1, head_dim)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cos, sin = self.tables(positions, q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) at `positions`, each (T, 1, head_dim), for `apply_rotary`."""
+        return (self.cos.index_select(0, positions).unsqueeze(1).to(dtype),
+                self.sin_signed.index_select(0, positions).unsqueeze(1).to(dtype))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, head_dim) rotated; the same products and sum as x * cos + rotate_half(x) * sin,
+    in three ops fewer (the negation lives in `sin_signed`)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed
 
 
 class RMSNorm(nn.Module):
@@ -117,6 +212,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one op; the same result as below in fp32 (tests/engine)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         var = x.float().pow(2).mean(-1, keepdim=True)
         return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
 
@@ -130,17 +227,34 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                meta: AttentionMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def fuse(self) -> None:
+        """Concatenate q/k/v into one (out, in) weight (and bias), and make q/k/v_proj views of it:
+        one matmul per step instead of three, no second copy. Idempotent; redone if a projection's
+        weight is replaced (e.g. by apply_tp)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight, self.qkv_bias = _fuse_rows(projs)
+        self._fused_from = tuple(p.weight for p in projs)
+
+    def is_fused(self) -> bool:
+        """The fused weight still matches the projections (dict look-ups: this runs every layer)."""
+        src, mods = self.__dict__.get("_fused_from"), self._modules
+        return (src is not None and mods["q_proj"]._parameters["weight"] is src[0]
+                and mods["k_proj"]._parameters["weight"] is src[1] and mods["v_proj"]._parameters["weight"] is src[2])
+
+    def forward(self, x: torch.Tensor, step: StepContext, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                residual: torch.Tensor) -> torch.Tensor:
+        """residual + o_proj(attention(x)), x (T, hidden)."""
+        if not self.is_fused():
+            self.fuse()
         # Head counts come from the projections, so a TP-sharded module just works.
-        h_q = self.q_proj.out_features // self.head_dim
-        h_kv = self.k_proj.out_features // self.head_dim
-        q = self.q_proj(x).view(-1, h_q, self.head_dim)  # (T, h_q, head_dim)
-        k = self.k_proj(x).view(-1, h_kv, self.head_dim)  # (T, h_kv, head_dim)
-        v = self.v_proj(x).view(-1, h_kv, self.head_dim)
-        q, k = rope(positions, q, k)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta)  # (T, h_q * head_dim)
-        return self.o_proj(out)
+        d = self.head_dim
+        h_q, h_kv = self.q_proj.out_features // d, self.k_proj.out_features // d
+        qkv = step.linear(x, self.qkv_weight, self.qkv_bias)  # (T, (h_q + 2 h_kv) * d)
+        T = qkv.shape[0]
+        qk = step.linear.rotary(qkv[:, : (h_q + h_kv) * d].view(T, h_q + h_kv, d), step.cos, step.sin)
+        v = qkv[:, (h_q + h_kv) * d:].view(T, h_kv, d)
+        out = paged_attention(qk[:, :h_q], qk[:, h_q:], v, k_cache, v_cache, step.meta)  # (T, h_q * d)
+        return _linear_add(step.linear, out, self.o_proj, residual)
 
 
 class MLP(nn.Module):
@@ -150,8 +264,58 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def fuse(self) -> None:
+        """gate and up as one (2 * intermediate, in) weight; gate/up_proj become views of it."""
+        self.gate_up_weight, _ = _fuse_rows((self.gate_proj, self.up_proj))
+        self._fused_from = (self.gate_proj.weight, self.up_proj.weight)
+
+    def is_fused(self) -> bool:
+        src, mods = self.__dict__.get("_fused_from"), self._modules
+        return (src is not None and mods["gate_proj"]._parameters["weight"] is src[0]
+                and mods["up_proj"]._parameters["weight"] is src[1])
+
+    def forward(self, x: torch.Tensor, step: StepContext | None = None, residual: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        """[residual +] down(silu(gate(x)) * up(x))."""
+        if step is None:  # a plain call, as on an unmodified HF module
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if not self.is_fused():
+            self.fuse()
+        h = step.linear.silu_mul(step.linear(x, self.gate_up_weight, None))  # gate/up (T, 2 * intermediate)
+        if residual is None:
+            return self.down_proj(h)
+        return _linear_add(step.linear, h, self.down_proj, residual)
+
+
+def _fuse_rows(projs: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) stacking `projs`' output rows; each projection's parameters become
+    views of it (same values, one copy in memory). Ordinary tensors even when the first forward
+    runs under inference_mode, so the parameters stay usable outside it."""
+    with torch.inference_mode(False), torch.no_grad():
+        weight = torch.cat([p.weight for p in projs])
+        biases = [p.bias for p in projs]
+        bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[arg-type]
+        assert bias is not None or all(b is None for b in biases), "fusing projections where only some have a bias"
+        start = 0
+        for p in projs:
+            n = p.out_features
+            p.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+            if bias is not None:
+                p.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+            start += n
+    return weight, bias
+
+
+def _linear_add(linear: Matmul, x: torch.Tensor, lin: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    """residual + lin(x), the add fused into the matmul where the backend can. The module's
+    forward hooks still run on the matmul's output alone (TP's all-reduce of partial sums)."""
+    if lin._forward_hooks:
+        out = linear(x, lin.weight, lin.bias)
+        for hook in lin._forward_hooks.values():
+            replaced = hook(lin, (x,), out)
+            out = out if replaced is None else replaced
+        return residual + out
+    return linear.add(x, lin.weight, lin.bias, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -162,10 +326,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                meta: AttentionMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, step: StepContext, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        x = self.self_attn.forward(step.linear.norm(self.input_layernorm, x), step, k_cache, v_cache, residual=x)
+        return self.mlp.forward(step.linear.norm(self.post_attention_layernorm, x), step, residual=x)
 
 
 class _Backbone(nn.Module):
@@ -190,6 +353,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = _Backbone(cfg, self.start, self.end)
         self.rope = RotaryEmbedding(cfg, max_positions)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
+        self.linear: Matmul | None = None  # picked on the first forward, after .to(device/dtype)
+        self.native_kernels = True  # let Matmul use engine/kernels.py where it builds
 
     @property
     def is_first(self) -> bool:
@@ -207,16 +372,25 @@ class LlamaForCausalLM(nn.Module):
         `layer_hook(global_layer)` runs once that layer's KV is in the pool.
         """
         x = self.model.embed_tokens(tokens_or_hidden) if self.is_first else tokens_or_hidden
+        step = self.step_context(positions, meta, x.dtype)
         for local, (name, layer) in enumerate(self.model.layers.items()):
             k_cache, v_cache = pool.layer(local)
-            x = layer(x, positions, self.rope, meta, k_cache, v_cache)
+            x = layer.forward(x, step, k_cache, v_cache)  # no hooks live on layers: skip Module.__call__
             if layer_hook is not None:
                 layer_hook(int(name))
-        return self.model.norm(x) if self.is_last else x
+        return step.linear.norm(self.model.norm, x) if self.is_last else x
+
+    def step_context(self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype) -> StepContext:
+        if self.linear is None:
+            self.linear = Matmul(positions.device, dtype, self.native_kernels)
+        cos, sin = self.rope.tables(positions, dtype)
+        return StepContext(cos, sin, meta, self.linear)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.lm_head is not None, "logits are computed on the last pipeline stage only"
-        return self.lm_head(hidden).float()  # (N, vocab)
+        if self.linear is None:
+            self.linear = Matmul(hidden.device, hidden.dtype, self.native_kernels)
+        return self.linear(hidden.contiguous(), self.lm_head.weight).float()  # (N, vocab)
 
     def load_hf_state_dict(self, tensors: dict[str, torch.Tensor], assign: bool = False) -> None:
         """Load this stage's share of a full HF checkpoint; tied embeddings fill lm_head. `assign`

@@ -17,7 +17,7 @@ from pdserve.types import SamplingParams
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int],
            generator: torch.Generator | None = None) -> list[int]:
     """logits (N, vocab) float32; positions[i] is the index the sampled token will take."""
-    out = logits.argmax(dim=-1).tolist()
+    picked = logits.argmax(dim=-1)  # greedy rows: argmax, no softmax
     for i, p in enumerate(params):
         if p.greedy:
             continue
@@ -34,8 +34,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Se
         gen = generator
         if p.seed is not None:
             gen = torch.Generator(device=logits.device).manual_seed(_mix(p.seed, positions[i]))
-        out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
-    return out
+        picked[i] = torch.multinomial(probs, 1, generator=gen)[0]  # stays on the device: no sync per row
+    return picked.tolist()  # one host sync for the whole batch
 
 
 def _mix(seed: int, position: int) -> int:
