@@ -59,6 +59,7 @@ def _rank_main(rank: int, world: int, store: str, model_dirs: list[str], tp: int
             results.append({"tokens": generate(engine, reqs), "num_layers": engine.layout.num_layers,
                             "num_kv_heads": engine.layout.num_kv_heads})
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        torch.distributed.barrier()  # no rank tears its group down while a peer still talks to it
     finally:
         torch.distributed.destroy_process_group()
 
