@@ -38,6 +38,13 @@ class ModelRunner:
         if self._graph_args is not None:
             self.graphs = DecodeGraphs(self.model, pool, self._graph_args[0], capture=self._graph_args[1])
 
+    @pool.deleter
+    def pool(self) -> None:
+        """Drop the pool and the graphs captured over it (Engine.resize_pool frees the old pool before
+        allocating the new one); `enable_decode_graphs`' settings are kept for the next pool."""
+        del self._pool
+        self.graphs = None
+
     def enable_decode_graphs(self, max_model_len: int, capture: bool | None = None) -> bool:
         """Run all-decode steps through DecodeGraphs (CUDA graphs on CUDA; `capture=False`: the same
         padded fixed-shape step, eagerly). Only for a whole model without forward hooks (no TP/PP)."""
