@@ -15,7 +15,7 @@ from pdserve.bench.loadgen import LoadConfig, run_load
 from pdserve.bench.metrics import SLO
 from pdserve.bench.units import fmt_duration
 from pdserve.bench.record import RequestRecord
-from pdserve.bench.runner import BenchConfig, BenchResult, extend_below, run_rates, save
+from pdserve.bench.runner import BenchConfig, BenchResult, extend_range, run_rates, save
 from pdserve.bench.tokenizer import load_tokenizer
 from pdserve.bench.workload import WorkloadRequest, WorkloadSpec, build_workload
 
@@ -72,8 +72,8 @@ def quick_benchmark(url: str, model: str | None = None, tokenizer: str | None = 
                     log: Callable[[str], None] = print) -> BenchResult:
     """A small ShareGPT run (prompts <= 256 tokens, outputs <= 32) at a few rates. Unless given,
     SLOs and rates come from the same requests sent one at a time first (QUICK_SLO_FACTORS,
-    QUICK_RATE_FACTORS; when even the lowest derived rate misses, one point at half of it is
-    added), and `gpus` from the server's /v1/models; the tokenizer defaults to the model's. Prints (through `log`) and returns the goodput table. Call it from synchronous code."""
+    QUICK_RATE_FACTORS; when the goodput lies outside them, one point at half the lowest or twice
+    the highest is added), and `gpus` from the server's /v1/models; the tokenizer defaults to the model's. Prints (through `log`) and returns the goodput table. Call it from synchronous code."""
     from pdserve.bench.deployment import served_model
 
     served = served_model(url)
@@ -103,7 +103,7 @@ def quick_benchmark(url: str, model: str | None = None, tokenizer: str | None = 
     cfg = BenchConfig(endpoint, slo, gpus, LoadConfig(rate=1.0, progress=False), warmup=1, label="quick")
     result = run_rates(cfg, workload, rates, log=log)
     if derived_rates:  # rates of our own choosing must bracket the goodput; given ones are kept as given
-        result = extend_below(cfg, workload, result, log=log)
+        result = extend_range(cfg, workload, result, log=log)
     if out_dir is not None:
         save(result, out_dir, workload, {"name": spec.name, "seed": spec.seed})
     log(result.table())

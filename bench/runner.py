@@ -98,17 +98,23 @@ def search_goodput(cfg: BenchConfig, workload: Sequence[WorkloadRequest], start_
     return _result(cfg, sorted(points, key=lambda p: p[1].rate))
 
 
-def extend_below(cfg: BenchConfig, workload: Sequence[WorkloadRequest], result: BenchResult,
+def extend_range(cfg: BenchConfig, workload: Sequence[WorkloadRequest], result: BenchResult,
                  max_points: int = 1, log: Callable[[str], None] = print) -> BenchResult:
-    """While even the lowest rate missed the target (goodput "below_range"), measure at half of it,
-    at most `max_points` times: a few fixed rates then still bracket the goodput."""
+    """While the goodput lies outside the rates measured, measure one more rate on that side, at most
+    `max_points` times: half the lowest when even it missed the target ("below_range"), twice the
+    highest when even it met it ("above_range"). A few fixed rates then bracket the goodput."""
     points = list(result.points)
     for _ in range(max_points):
-        if result.goodput.bracket != "below_range":
+        if result.goodput.bracket == "below_range":
+            lowest = min(s.rate for _, s in points)
+            log(f"even {lowest:g} req/s missed the target: measuring {lowest / 2:g} req/s too")
+            points.insert(0, _measure(cfg, workload, lowest / 2, log))
+        elif result.goodput.bracket == "above_range":
+            highest = max(s.rate for _, s in points)
+            log(f"even {highest:g} req/s met the target: measuring {2 * highest:g} req/s too")
+            points.append(_measure(cfg, workload, 2 * highest, log))
+        else:
             break
-        lowest = min(s.rate for _, s in points)
-        log(f"even {lowest:g} req/s missed the target: measuring {lowest / 2:g} req/s too")
-        points.insert(0, _measure(cfg, workload, lowest / 2, log))
         result = _result(cfg, points)
     return result
 

@@ -148,14 +148,15 @@ def test_quick_benchmark_calibrates_slos_and_prints_goodput(fake_server, tokeniz
 
 
 @pytest.mark.parametrize("fake_server", [SLOW_PREFILL], indirect=True)
-def test_quick_benchmark_derives_its_rates_and_extends_below_a_miss(fake_server, tokenizer_dir: Path) -> None:
+def test_quick_benchmark_derives_its_rates_and_extends_past_either_end(fake_server, tokenizer_dir: Path) -> None:
     from pdserve.bench.metrics import SLO
 
     lines: list[str] = []
     result = quick_benchmark(fake_server.url, tokenizer=str(tokenizer_dir), num_requests=6,
                              slo=SLO(10.0, 10.0), log=lines.append)
-    rates = [s.rate for _, s in result.points]  # 0.5x, 1x, 2x the one-at-a-time rate
-    assert len(rates) == 3 and rates[1] == pytest.approx(2 * rates[0], rel=0.01) == rates[2] / 2
+    rates = [s.rate for _, s in result.points]  # 0.5x, 1x, 2x the one-at-a-time rate, then twice the highest
+    assert len(rates) == 4 and rates[1] == pytest.approx(2 * rates[0], rel=0.01) == rates[2] / 2
+    assert rates[3] == pytest.approx(2 * rates[2])  # the loose SLO was met even at 2x: one more point above
     assert any(line.startswith("rates:") for line in lines)
     assert result.goodput.bracket == "above_range" and result.config.gpus == 1.0  # echo server: no deployment
     impossible = quick_benchmark(fake_server.url, tokenizer=str(tokenizer_dir), num_requests=4,
