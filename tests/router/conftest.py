@@ -159,10 +159,12 @@ class FakeTokenizer:
 
 
 def make_router(mode: str = "disaggregated", num_prefill: int = 1, num_decode: int = 1, *,
-                cfg: RouterConfig | None = None, **kw: object) -> tuple[Router, list[FakePrefill], list[FakeDecode]]:
+                cfg: RouterConfig | None = None, prefill_cls: type = FakePrefill, decode_cls: type = FakeDecode,
+                **kw: object) -> tuple[Router, list[FakePrefill], list[FakeDecode]]:
+    """A Router over fake workers (`prefill_cls` / `decode_cls`: a fake's subclass to inject faults)."""
     router = Router(cfg or RouterConfig(), mode, **kw)  # type: ignore[arg-type]
-    prefills = [FakePrefill(f"p{i}") for i in range(num_prefill)] if mode == "disaggregated" else []
-    decodes = [FakeDecode(f"d{i}") for i in range(num_decode)]
+    prefills = [prefill_cls(f"p{i}") for i in range(num_prefill)] if mode == "disaggregated" else []
+    decodes = [decode_cls(f"d{i}") for i in range(num_decode)]
     for p in prefills:
         router.add_prefill(p.worker_id, p)
     for d in decodes:

@@ -45,14 +45,7 @@ class StepFailingPrefill(FakePrefill):
 
 
 def _router(mode: str, num_prefill: int = 0, num_decode: int = 3) -> tuple:
-    router, _, _ = make_router(mode, num_prefill=0, num_decode=0)
-    prefills = [StepFailingPrefill(f"p{i}") for i in range(num_prefill)]
-    decodes = [StepFailingDecode(f"d{i}") for i in range(num_decode)]
-    for w in prefills:
-        router.add_prefill(w.worker_id, w)
-    for w in decodes:
-        router.add_decode(w.worker_id, w)
-    return router, prefills, decodes
+    return make_router(mode, num_prefill, num_decode, prefill_cls=StepFailingPrefill, decode_cls=StepFailingDecode)
 
 
 def _req(rid: str, prompt: tuple[int, ...]) -> GenerateRequest:
