@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from pathlib import Path
 
 import pytest
 
+from pdserve.bench.echo_server import EchoConfig
 from pdserve.bench.sessions import TEMPLATE_TOKENS_PER_MESSAGE, ChatSession, SessionSpec, SessionTurn, build_sessions
+from pdserve.bench.client import Endpoint
+from pdserve.bench.session_load import SessionLoadConfig, run_sessions, turn_stats
 from pdserve.bench.tokenizer import load_tokenizer
 
 
@@ -52,3 +58,30 @@ def test_prompt_len_counts_history_answers_and_template() -> None:
 def test_bad_specs_name_the_field(kw: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SessionSpec(**kw)
+
+
+def test_replay_sends_each_turn_with_the_real_history_after_the_answer(fake_server) -> None:
+    sessions = [ChatSession((SessionTurn("hi", 1, 3), SessionTurn("more", 1, 2), SessionTurn("end", 1, 2)), "be brief", 2),
+                ChatSession((SessionTurn("q1", 1, 2), SessionTurn("q2", 1, 4)))]
+    endpoint = Endpoint(fake_server.url, "/v1/chat/completions")
+    t = time.perf_counter()
+    records = asyncio.run(run_sessions(endpoint, sessions, SessionLoadConfig(rate=100.0, think_time_s=0.05)))
+    assert time.perf_counter() - t >= 2 * 0.05  # the first session's two think times
+    assert [(r.session, r.turn, r.ok, r.num_output_tokens) for r in records] == [
+        (0, 0, True, 3), (0, 1, True, 2), (0, 2, True, 2), (1, 0, True, 2), (1, 1, True, 4)]
+    by_first = {b["messages"][-1]["content"]: b["messages"] for b in fake_server.config.seen}
+    assert by_first["end"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                               {"role": "assistant", "content": " t0 t1 t2"}, {"role": "user", "content": "more"},
+                               {"role": "assistant", "content": " t0 t1"}, {"role": "user", "content": "end"}]
+    stats = turn_stats(records)
+    assert [(s.turn, s.num, s.ok) for s in stats] == [(0, 2, 2), (1, 2, 2), (2, 1, 1)]
+    assert stats[0].cached_fraction is None  # the fake server reports no prefix-cache hits
+
+
+@pytest.mark.parametrize("fake_server", [EchoConfig(fail_every=2)], indirect=True)
+def test_a_failed_turn_ends_its_session(fake_server) -> None:
+    session = ChatSession((SessionTurn("a", 1, 2), SessionTurn("b", 1, 2), SessionTurn("c", 1, 2)))
+    records = asyncio.run(run_sessions(Endpoint(fake_server.url, "/v1/chat/completions"), [session],
+                                       SessionLoadConfig(rate=10.0, think_time_s=0.0)))
+    assert [r.ok for r in records] == [True, False, False]
+    assert "HTTP 500" in records[1].error and records[2].error is None and len(fake_server.config.seen) == 2
