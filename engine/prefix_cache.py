@@ -8,11 +8,9 @@ object owns every block's state. A block is in exactly one of three states:
                                           `allocate` finds the free list empty
     owned       ref >= 1 (keyed or not)   held by requests and/or KV exports
 
-A block's key is `h_i = H(h_{i-1}, namespace, tokens of block i)` (blake2b-128), so a key names the
-whole prefix up to and including its block, never a block's tokens alone: two prompts share block i
-only if they agree on every token before it. Only full blocks whose KV is computed get a key
-(`register`); the partial last block of a sequence is never shared. The namespace keeps caches of
-different models (or weights) apart when one process serves several.
+Keys are `pdserve.prefix_keys.chain_keys`: a key names the whole prefix up to and including its
+block, so two prompts share block i only if they agree on every token before it. Only full blocks
+whose KV is computed get a key (`register`); the partial last block of a sequence is never shared.
 
 The scheme is the one vLLM v1 and SGLang use (hash-chained full blocks, ref counts, LRU eviction of
 unreferenced cached blocks); this implementation is pdserve's own.
@@ -20,30 +18,11 @@ unreferenced cached blocks); this implementation is pdserve's own.
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from pdserve.engine.kv_cache import BlockAllocator
-
-BlockKey = bytes
-
-
-def chain_keys(token_ids: Sequence[int], block_size: int, namespace: str = "",
-               keys: list[BlockKey] | None = None) -> list[BlockKey]:
-    """Keys of every full block of `token_ids` (len(token_ids) // block_size of them).
-
-    `keys`, if given, holds the keys of a prefix already computed (for the same tokens); it is
-    extended in place and returned, so a growing sequence hashes each block once.
-    """
-    keys = [] if keys is None else keys
-    parent = keys[-1] if keys else namespace.encode()
-    for i in range(len(keys), len(token_ids) // block_size):
-        block = array("q", token_ids[i * block_size:(i + 1) * block_size]).tobytes()
-        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
-        keys.append(parent)
-    return keys
+from pdserve.prefix_keys import BlockKey
 
 
 class PrefixCachingAllocator(BlockAllocator):

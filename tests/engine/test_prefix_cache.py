@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.engine.prefix_cache import PrefixCachingAllocator, chain_keys
+from pdserve.engine.prefix_cache import PrefixCachingAllocator
+from pdserve.prefix_keys import chain_keys
 
 BS = 4
 
