@@ -80,12 +80,15 @@ class DecodeScheduler:
         chunks: list[Chunk] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            reused = self.engine.reuse_prefix(req)
             n = req.num_uncomputed_tokens
             if n > budget and chunk:
                 n = budget
             elif n > budget and chunks:
+                if reused:
+                    self.engine.free(req)  # a waiting request holds no cached blocks
                 break  # whole-prompt policy: a lone over-budget prompt still runs, alone
-            if not self.engine.ensure_blocks(req, req.num_computed_tokens + n):
+            if not self._ensure_blocks(req, req.num_computed_tokens + n, reused):
                 break
             self.waiting.popleft()
             chunks.append(Chunk(req, n))
@@ -97,6 +100,23 @@ class DecodeScheduler:
                 self.waiting.appendleft(req)  # a partial chunk: the rest goes next step, first in line
                 break
         return chunks
+
+    def _ensure_blocks(self, req: Request, num_tokens: int, reused: int) -> bool:
+        """Blocks for the head of `waiting`. If memory is short and nothing runs (nothing will free
+        blocks), the other waiting requests give up theirs (partial chunks, reused prefixes) and are
+        recomputed later; a reused prefix is dropped when its request cannot start now."""
+        if self.engine.ensure_blocks(req, num_tokens):
+            return True
+        holders = [r for r in self.waiting if r is not req and r.block_table]
+        if not self.running and holders:
+            for r in holders:
+                self.engine.free(r)
+                self.num_preemptions += 1
+            if self.engine.ensure_blocks(req, num_tokens):
+                return True
+        if reused:
+            self.engine.free(req)
+        return False
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

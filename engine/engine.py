@@ -19,6 +19,7 @@ from pdserve.config import EngineConfig
 from pdserve.engine.batch import Batch
 from pdserve.engine.device import bind_thread, checkpoint_dtype, resolve_device_dtype
 from pdserve.engine.kv_cache import BlockAllocator, KVLayout, KVPool, num_blocks_for_budget
+from pdserve.engine.prefix_cache import PrefixCachingAllocator
 from pdserve.engine.memory import num_blocks_from_device_memory
 from pdserve.engine.model import LayerHook, LlamaForCausalLM, ModelConfig, RotaryEmbedding
 from pdserve.engine.request import Request, RequestStatus
@@ -27,13 +28,15 @@ from pdserve.engine.sampler import sample
 from pdserve.engine.step_log import StepLog
 from pdserve.engine.tp import apply_tp
 from pdserve.engine.weights import load_checkpoint
+from pdserve.prefix_keys import chain_keys
 from pdserve.types import FinishReason, GenerateRequest, RequestId, StepOutput, StepRecord
 
 
 class Engine:
     def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, tokenizer: Any = None,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), cache_namespace: str = "") -> None:
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.cache_namespace = cache_namespace  # the model's identity: prefix-cache keys of other models differ
         self.model_config: ModelConfig = model.config
         self.eos_token_ids = eos_token_ids
         self.device = next(model.parameters()).device
@@ -51,7 +54,7 @@ class Engine:
         else:
             num_blocks = num_blocks_for_budget(self.layout, int(cfg.kv_cache_memory_gb * 1e9))
         self.pool = KVPool(self.layout, num_blocks, self.device)
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = self._new_allocator(num_blocks)
         self.runner = ModelRunner(model, self.pool, cfg.attention_backend)
         if cfg.cuda_graphs and self.device.type == "cuda":
             self.runner.enable_decode_graphs(self.max_model_len)
@@ -65,7 +68,7 @@ class Engine:
         """Load `model` (a name or an HF directory); TP/PP ranks use PipelineEngine.load instead."""
         cfg = cfg or EngineConfig()
         net, tokenizer, eos = load_model(model, cfg, layer_range)
-        return cls(net, cfg, tokenizer, eos)
+        return cls(net, cfg, tokenizer, eos, cache_namespace=model)
 
     def resize_pool(self, num_blocks: int) -> None:
         """Reallocate the KV cache with `num_blocks` blocks (before any request holds one): the
@@ -75,8 +78,11 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.pool = KVPool(self.layout, num_blocks, self.device)
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = self._new_allocator(num_blocks)
         self.runner.pool = self.pool
+
+    def _new_allocator(self, num_blocks: int) -> BlockAllocator:
+        return PrefixCachingAllocator(num_blocks) if self.cfg.enable_prefix_caching else BlockAllocator(num_blocks)
 
     # ---- admission -------------------------------------------------------------------------
 
@@ -102,6 +108,34 @@ class Engine:
                 r.detokenizer.add([t])  # the state its previous holder had, held-back text included; that
                 # holder already emitted the text, so it is dropped here
         return r
+
+    def reuse_prefix(self, req: Request) -> int:
+        """Start a request that holds no blocks on the longest cached prefix of its tokens: take a
+        reference on those blocks and count them computed. At least one token is left to compute (its
+        logits sample the next token). Returns the tokens reused (0 without prefix caching, or when
+        the rest of the request would not fit next to the reused blocks)."""
+        alloc = self.allocator
+        if not isinstance(alloc, PrefixCachingAllocator) or req.block_table or req.num_computed_tokens:
+            return 0
+        bs = self.layout.block_size
+        keys = chain_keys(req.all_token_ids[:req.num_tokens - 1], bs, self.cache_namespace, req.block_keys)
+        hits = alloc.lookup(keys)
+        if not hits or not alloc.can_allocate(alloc.num_unreferenced(hits) + self.blocks_needed(req, req.num_tokens)
+                                              - len(hits)):
+            return 0
+        alloc.acquire(hits)
+        req.block_table = list(hits)
+        req.num_computed_tokens = len(hits) * bs
+        req.num_cached_tokens = max(req.num_cached_tokens, min(req.num_computed_tokens, req.num_prompt_tokens))
+        return req.num_computed_tokens
+
+    def _register_computed(self, req: Request) -> None:
+        """Key the full blocks whose KV is now computed, so later prompts can reuse them."""
+        alloc = self.allocator
+        if isinstance(alloc, PrefixCachingAllocator):
+            keys = chain_keys(req.all_token_ids[:req.num_computed_tokens], self.layout.block_size,
+                              self.cache_namespace, req.block_keys)
+            alloc.register(req.block_table[:len(keys)], keys)
 
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
         """Extra blocks `req` needs for its table to cover `num_tokens` tokens."""
@@ -134,6 +168,7 @@ class Engine:
         self.num_step_tokens += batch.num_tokens
         for c in batch.chunks:
             c.request.num_computed_tokens += c.num_tokens
+            self._register_computed(c.request)
         return [self._append(r, t) for r, t in zip(sampling, tokens)]
 
     def execute(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[int]:

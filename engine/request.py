@@ -35,6 +35,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     arrival_s: float = 0.0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
     detokenizer: Any = None  # pdserve.tokenizer.IncrementalDetokenizer when the engine has a tokenizer
 
     @property

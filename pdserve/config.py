@@ -42,6 +42,7 @@ class EngineConfig:
     num_threads: int = 1  # torch threads per engine process; several engines share the box
     attention_backend: Literal["auto", "paged", "reference"] = "auto"  # auto: paged on CPU fp32, else reference
     cuda_graphs: bool = True  # on CUDA, replay decode steps as CUDA graphs (engine/cuda_graphs.py)
+    enable_prefix_caching: bool = False  # keep full blocks' KV for reuse by later prompts (engine/prefix_cache.py)
 
     def __post_init__(self) -> None:
         _positive(self, "block_size", "kv_cache_memory_gb", "max_model_len", "num_threads", "gpu_memory_utilization")

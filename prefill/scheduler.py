@@ -34,8 +34,11 @@ class PrefillScheduler:
         for req in self.waiting:
             if budget == 0 or len(chunks) == self.max_num_seqs:
                 break
+            reused = self.engine.reuse_prefix(req)
             n = min(req.num_uncomputed_tokens, budget)
             if not self.engine.ensure_blocks(req, req.num_computed_tokens + n):
+                if reused:
+                    self.engine.free(req)  # a waiting request holds no cached blocks
                 break  # FCFS: no overtaking a request that waits for memory
             req.status = RequestStatus.RUNNING
             chunks.append(Chunk(req, n))
