@@ -187,6 +187,7 @@ class WorkerStats:
     num_free_blocks: int = 0
     num_total_blocks: int = 1
     outstanding_tokens: int = 0  # prompt tokens queued or running (prefill's policy input)
+    prefix_hit_tokens: int = 0  # tokens of the request being dispatched the router believes cached here
     healthy: bool = True
     # Engine time as the serving path sees it (cumulative since start): busy_s / num_steps is the
     # mean step time inside the actor, the figure to hold a latency profile against.
