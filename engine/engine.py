@@ -126,7 +126,7 @@ class Engine:
         alloc.acquire(hits)
         req.block_table = list(hits)
         req.num_computed_tokens = len(hits) * bs
-        req.num_cached_tokens = max(req.num_cached_tokens, min(req.num_computed_tokens, req.num_prompt_tokens))
+        req.num_prefix_hit_tokens = max(req.num_prefix_hit_tokens, min(req.num_computed_tokens, req.num_prompt_tokens))
         return req.num_computed_tokens
 
     def _register_computed(self, req: Request) -> None:

@@ -35,7 +35,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     arrival_s: float = 0.0
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
+    num_prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
     detokenizer: Any = None  # pdserve.tokenizer.IncrementalDetokenizer when the engine has a tokenizer
 

@@ -47,7 +47,7 @@ class _Runner:
 
         def spy(req):  # record each request's reuse as the scheduler asks for it
             got = orig(req)
-            seen[req.request_id] = max(seen.get(req.request_id, 0), req.num_cached_tokens)
+            seen[req.request_id] = max(seen.get(req.request_id, 0), req.num_prefix_hit_tokens)
             return got
 
         self.engine.reuse_prefix = spy  # type: ignore[method-assign]
