@@ -50,9 +50,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdserve.bench.metrics import SLO, attainment, percentile_stats
+from pdserve.bench.metrics import attainment, percentile_stats
 from pdserve.bench.record import RequestRecord
 from pdserve.bench.results import RunData, read_results
+from pdserve.config import SLOConfig
 from pdserve.placement.deployment import Deployment, SimResult
 from pdserve.placement.fit import extend_decode, fit_steps, fit_transfer
 from pdserve.placement.latency import InstanceLatency, PhaseProfile
@@ -121,14 +122,14 @@ def simulate_records(kind: str, records: Sequence[RequestRecord], profile: Phase
     return SimResult(tuple(t + setup.ttft_overhead_s for t in res.ttft_s), res.tpot_s)
 
 
-def sim_attainment(res: SimResult, output_lens: Sequence[int], slo: SLO) -> float:
+def sim_attainment(res: SimResult, output_lens: Sequence[int], slo: SLOConfig) -> float:
     """As bench.metrics.attainment: a one-token output has no TPOT and meets any TPOT SLO."""
     ok = sum(1 for t, p, n in zip(res.ttft_s, res.tpot_s, output_lens)
              if t <= slo.ttft_s and (n < 2 or p <= slo.tpot_s))
     return ok / len(output_lens)
 
 
-def jitter_range(kind: str, records: Sequence[RequestRecord], profile: PhaseProfile, setup: Setup, slo: SLO,
+def jitter_range(kind: str, records: Sequence[RequestRecord], profile: PhaseProfile, setup: Setup, slo: SLOConfig,
                  jitter_s: float, runs: int, seed: int = 0) -> tuple[float, float]:
     """(lowest, highest) simulated attainment when every send time moves by up to ±jitter_s
     (uniform, `runs` draws): how finely one trace of this size resolves attainment at all. A
@@ -325,7 +326,7 @@ def compare(runs: dict[str, RunData], base: Model, calibrated: dict[str, Model],
     for label, run in runs.items():
         kind = system_kind(label)
         profile, (cal_base, cal_setup) = base[0], calibrated[label]
-        slo = SLO(run.summary["slo"]["ttft_s"], run.summary["slo"]["tpot_s"])
+        slo = SLOConfig(run.summary["slo"]["ttft_s"], run.summary["slo"]["tpot_s"])
         for rate in sorted(run.records):
             records = run.records[rate]
             speed = speeds[label][rate] if speeds else None

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 from pdserve.bench.units import duration_arg as duration  # one parser of "500ms"/"1s" for every CLI
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.config import ServingConfig
 from pdserve.placement import profile_cli
+from pdserve.placement.candidates import Unit
 from pdserve.placement.cluster_file import ClusterFile, load_cluster_file
 from pdserve.placement.explain import explain, format_explanation
-from pdserve.placement.candidates import Unit
 from pdserve.placement.hardware import ClusterSpec, load_gpu
 from pdserve.placement.latency import LatencySource
 from pdserve.placement.model_spec import load_model
@@ -122,7 +122,7 @@ def _profile_gpu(profile: str) -> str | None:
     return "cpu" if load_profile(profile).device == "cpu" else None
 
 
-def search_spec(args: argparse.Namespace, model_name: str, slo: SLO, **kw: object) -> tuple[SearchSpec, ClusterFile | None]:
+def search_spec(args: argparse.Namespace, model_name: str, slo: SLOConfig, **kw: object) -> tuple[SearchSpec, ClusterFile | None]:
     model = load_model(model_name)
     cluster, source, colocated, cluster_file = inputs(args)
     workload = load_workload(args.workload, args.tokenizer, model.max_model_len)
@@ -138,7 +138,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if not args.model:
         raise ValueError("plan: --model is required")
     spec, cluster_file = search_spec(
-        args, args.model, SLO(ttft_s=args.ttft, tpot_s=args.tpot, attainment=args.attainment),
+        args, args.model, SLOConfig(ttft_s=args.ttft, tpot_s=args.tpot, attainment=args.attainment),
         target_rate=args.rate, codec=args.codec, affinity=args.affinity,
         include_colocated=not args.no_colocated, jobs=args.jobs)
     c = spec.cluster

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.placement.bound import LengthStats, max_batch, service_bound
 from pdserve.placement.deployment import Deployment, SimResult
 from pdserve.placement.simulator import simulate
@@ -31,7 +31,7 @@ MAX_LOAD = 0.9
 what a long run sustains (BENCHMARKS.md: the 10×-trace check)."""
 
 
-def attained(slo: SLO, result: SimResult, metric: Metric = "joint") -> float:
+def attained(slo: SLOConfig, result: SimResult, metric: Metric = "joint") -> float:
     """Share of simulated requests meeting `slo` (both SLOs, or only one of them for a phase alone)."""
     if metric == "ttft":
         return result.ttft_attainment(slo.ttft_s)
@@ -58,7 +58,7 @@ def counted(result: SimResult) -> SimResult:
     return SimResult(result.ttft_s[k:], result.tpot_s[k:]) if k else result
 
 
-def goodput(dep: Deployment, trace: Trace, slo: SLO, metric: Metric = "joint",
+def goodput(dep: Deployment, trace: Trace, slo: SLOConfig, metric: Metric = "joint",
             rel_tol: float = 0.02, max_rate: float | None = None, near: float | None = None) -> float:
     """Max rate (req/s) with attainment >= slo.attainment, within `rel_tol`, and at most
     `MAX_LOAD` × `service_bound` (and `max_rate`, e.g. `bound.hardware_bound`); 0 if even a tiny rate fails

@@ -15,17 +15,17 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.placement.bound import hardware_bound
 from pdserve.placement.candidates import (PhaseConfig, Unit, colocated_units, low_affinity_units,
                                           phase_configs, ratio_units)
 from pdserve.placement.deployment import Deployment
 from pdserve.placement.goodput import MAX_REQUESTS, Metric, attained, counted, goodput, steady_len
-from pdserve.placement.simulator import simulate
 from pdserve.placement.hardware import ClusterSpec
 from pdserve.placement.latency import InstanceLatency, LatencySource, instance_latency
 from pdserve.placement.model_spec import ModelSpec
 from pdserve.placement.packing import max_replicas
+from pdserve.placement.simulator import simulate
 from pdserve.placement.transfer import TransferModel
 from pdserve.placement.workload import Trace, Workload
 
@@ -40,7 +40,7 @@ class SearchSpec:
     cluster: ClusterSpec
     source: LatencySource
     workload: Workload
-    slo: SLO
+    slo: SLOConfig
     colocated_source: LatencySource | None = None  # default: `source` (pdserve runs one engine)
     decode_source: LatencySource | None = None  # decode nodes' source when their GPU differs; default `source`
     target_rate: float | None = None
@@ -277,7 +277,7 @@ def _rank_key(spec: SearchSpec, s: Scored) -> tuple:
     return (-round(s.planned_goodput, 9), -s.per_gpu_goodput, s.num_gpus, s.unit.describe())
 
 
-Job = tuple[Deployment, Trace, SLO, Metric, float]
+Job = tuple[Deployment, Trace, SLOConfig, Metric, float]
 
 
 def search_trace(spec: SearchSpec) -> Trace:

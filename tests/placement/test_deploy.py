@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pdserve.bench.metrics import SLO
 from pdserve.cli import main
+from pdserve.config import SLOConfig
 from pdserve.config import ServingConfig
+from pdserve.placement.candidates import PhaseConfig
 from pdserve.placement.cluster_file import load_cluster_file
 from pdserve.placement.deploy import kv_cache_memory_gb
-from pdserve.placement.candidates import PhaseConfig
 from pdserve.placement.hardware import ClusterSpec, load_gpu
 from pdserve.placement.model_spec import load_model
 from pdserve.placement.plan import Plan
@@ -113,7 +113,7 @@ def test_heterogeneous_pools_run_on_their_own_gpus(tmp_path, capsys):
     cluster = ClusterSpec(num_nodes=2, gpus_per_node=4, gpu=load_gpu("h100"), decode_gpu=load_gpu("a100-80g"),
                           prefill_nodes=1)
     spec = SearchSpec(model=load_model("llama-3-8b"), cluster=cluster, source=Roofline(gpu=cluster.gpu),
-                      decode_source=Roofline(gpu=cluster.decode_gpu), workload=sharegpt_like(1000), slo=SLO(1.0, 0.1))
+                      decode_source=Roofline(gpu=cluster.decode_gpu), workload=sharegpt_like(1000), slo=SLOConfig(1.0, 0.1))
     p, d = phase_latencies(spec, spec.source)[PhaseConfig(1, 1)], phase_latencies(spec, spec.decode_source, "decode")[PhaseConfig(1, 1)]
     # an A100 decode step reads the weights at 2.0 TB/s, an H100's at 3.35 TB/s
     assert d.profile.decode_s(64 * 800, 64) > 1.4 * p.profile.decode_s(64 * 800, 64)

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from pdserve.bench.lengths import RequestLengths
-from pdserve.bench.metrics import SLO, attainment
+from pdserve.bench.metrics import attainment
 from pdserve.bench.record import RequestRecord
 from pdserve.bench.results import write_results
+from pdserve.config import SLOConfig
 from pdserve.placement.deployment import Deployment
 from pdserve.placement.latency import Coeffs, InstanceLatency, PhaseProfile
 from pdserve.placement.profile_file import profile_to_json
@@ -103,7 +104,7 @@ def test_replay_is_deterministic_and_serves_everything(policy):
     assert all(x < float("inf") for x in a.ttft_s) and all(x > 0 for x in a.tpot_s)
 
 
-def _synthetic_run(tmp: Path, fid, kind: str, label: str, setup, slo: SLO, rates=(0.2, 0.6),
+def _synthetic_run(tmp: Path, fid, kind: str, label: str, setup, slo: SLOConfig, rates=(0.2, 0.6),
                    speeds: dict[float, float] | None = None) -> None:
     """A results directory whose 'measurements' are the simulator's own (each rate's steps
     speeds[rate]× as long, when given), plus one failed request."""
@@ -127,7 +128,7 @@ def _synthetic_run(tmp: Path, fid, kind: str, label: str, setup, slo: SLO, rates
 
 def test_fidelity_on_synthetic_results_matches_exactly(tmp_path, capsys):
     fid = _fidelity()
-    slo = SLO(ttft_s=1.5, tpot_s=0.06)
+    slo = SLOConfig(ttft_s=1.5, tpot_s=0.06)
     setup = fid.Setup()
     for kind, label in (("disaggregated", "disaggregated"), ("prefill_priority", "colocated-prefill-priority"),
                         ("chunked", "colocated-chunked")):
@@ -151,7 +152,7 @@ def test_fidelity_on_synthetic_results_matches_exactly(tmp_path, capsys):
 
 def test_calibration_recovers_known_overheads(tmp_path):
     fid = _fidelity()
-    slo = SLO(ttft_s=1.5, tpot_s=0.06)
+    slo = SLOConfig(ttft_s=1.5, tpot_s=0.06)
     _synthetic_run(tmp_path, fid, "disaggregated", "disaggregated", fid.Setup(), slo, rates=(0.2,))
     truth = fid.Setup(step_overhead_s=0.004, ttft_overhead_s=0.030, transfer_overhead_s=0.025)
     rows = [json.loads(x) for x in (tmp_path / "disaggregated" / "lengths.jsonl").read_text().splitlines()][1:9]
@@ -172,7 +173,7 @@ def test_calibration_recovers_known_overheads(tmp_path):
 
 def test_measured_attainment_matches_bench(tmp_path):
     fid = _fidelity()
-    slo = SLO(ttft_s=1.5, tpot_s=0.06)
+    slo = SLOConfig(ttft_s=1.5, tpot_s=0.06)
     _synthetic_run(tmp_path, fid, "chunked", "colocated-chunked", fid.Setup(), slo, rates=(0.6,))
     run = fid.load_runs([str(tmp_path / "colocated-chunked")])["colocated-chunked"]
     (row,) = fid.compare({"colocated-chunked": run}, (PROFILE, fid.Setup()), {"colocated-chunked": (PROFILE, fid.Setup())})
@@ -208,7 +209,7 @@ def _calibration_run(tmp: Path, truth: PhaseProfile, gap_s: float, path_s: float
         r.server_timings = {"queue_s": queue, "prefill_s": prefill, "transfer_s": link_s[0] + ln.prompt_len * link_s[1]}
         r.ttft_s, r.e2e_s = queue + prefill + path_s, queue + prefill + path_s + 0.05 * (ln.output_len - 1)
         records.append(r)
-    write_results(run, {"label": "disaggregated", "slo": dataclasses.asdict(SLO(1.0, 0.1)), "points": []},
+    write_results(run, {"label": "disaggregated", "slo": dataclasses.asdict(SLOConfig(1.0, 0.1)), "points": []},
                   {0.5: records}, lengths)
     return run
 
@@ -261,7 +262,7 @@ def _probes(path: Path, speeds: list[float]) -> None:
 
 def test_probes_rescale_each_point_by_the_host_speed_around_it(tmp_path):
     fid = _fidelity()
-    slo = SLO(ttft_s=1.5, tpot_s=0.06)
+    slo = SLOConfig(ttft_s=1.5, tpot_s=0.06)
     _synthetic_run(tmp_path / "sweep", fid, "disaggregated", "disaggregated", fid.Setup(), slo,
                    speeds={0.2: 1.0, 0.6: 1.15})
     _probes(tmp_path / "cal" / "disaggregated" / "probes.jsonl", [1.02, 0.98])  # the calibration ran at 1.0×
@@ -279,7 +280,7 @@ def test_probes_rescale_each_point_by_the_host_speed_around_it(tmp_path):
 
 def test_speed_factors_want_a_probe_around_every_point(tmp_path):
     fid = _fidelity()
-    _synthetic_run(tmp_path / "sweep", fid, "chunked", "colocated-chunked", fid.Setup(), SLO(1.5, 0.06))
+    _synthetic_run(tmp_path / "sweep", fid, "chunked", "colocated-chunked", fid.Setup(), SLOConfig(1.5, 0.06))
     run = fid.load_runs([str(tmp_path / "sweep")])["colocated-chunked"]
     _probes(tmp_path / "cal" / "probes.jsonl", [1.0])
     with pytest.raises(ValueError, match="no probes.jsonl"):

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.config import ServingConfig
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.goodput import goodput
@@ -28,7 +28,7 @@ DISTSERVE = dict(source=load_profile("distserve-a100"), colocated_source=load_pr
 def distserve_spec(model: str, nodes: int, per_node: int, ttft: float, tpot: float, **kw) -> SearchSpec:
     # DistServe moves KV device to device within a node (NCCL over NVLink): price that path
     cluster = ClusterSpec(num_nodes=nodes, gpus_per_node=per_node, gpu=A100, inter_node_gbps=25, kv_device_path=True)
-    return SearchSpec(model=load_model(model), cluster=cluster, slo=SLO(ttft_s=ttft, tpot_s=tpot), **{**DISTSERVE, **kw})
+    return SearchSpec(model=load_model(model), cluster=cluster, slo=SLOConfig(ttft_s=ttft, tpot_s=tpot), **{**DISTSERVE, **kw})
 
 
 def test_opt13b_picks_prefill_tp2_decode_tp1():
@@ -57,7 +57,7 @@ def test_opt66b_plan_at_least_the_papers_choice():
 def toy_spec(nodes: int, ttft: float = 1.0, tpot: float = 0.06, **kw) -> SearchSpec:
     cluster = ClusterSpec(num_nodes=nodes, gpus_per_node=2, gpu=load_gpu("l4"), inter_node_gbps=100)
     return SearchSpec(model=load_model("llama-3-8b"), cluster=cluster, source=Roofline(gpu=cluster.gpu),
-                      workload=sharegpt_like(2000), slo=SLO(ttft_s=ttft, tpot_s=tpot), num_requests=200,
+                      workload=sharegpt_like(2000), slo=SLOConfig(ttft_s=ttft, tpot_s=tpot), num_requests=200,
                       max_num_seqs=64, verify_top_k=10_000, **kw)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.placement.bound import hardware_bound, service_bound
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.goodput import MAX_LOAD, attained, counted, goodput, steady_len
@@ -24,7 +24,7 @@ H100 = load_gpu("h100")
 def spec_for(model: str, nodes: int, per_node: int, ttft: float, tpot: float, **kw) -> SearchSpec:
     cluster = ClusterSpec(num_nodes=nodes, gpus_per_node=per_node, gpu=H100)
     return SearchSpec(model=load_model(model), cluster=cluster, source=Roofline(gpu=H100),
-                      workload=kw.pop("workload", sharegpt_like(4000)), slo=SLO(ttft_s=ttft, tpot_s=tpot), **kw)
+                      workload=kw.pop("workload", sharegpt_like(4000)), slo=SLOConfig(ttft_s=ttft, tpot_s=tpot), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_every_evaluated_candidate_is_servable():
     gpu = load_gpu("l4")
     cluster = ClusterSpec(num_nodes=2, gpus_per_node=9, gpu=gpu)
     spec = SearchSpec(model=model, cluster=cluster, source=Roofline(gpu=gpu), workload=sharegpt_like(2000),
-                      slo=SLO(ttft_s=1.0, tpot_s=0.1), num_requests=200, verify_top_k=2)
+                      slo=SLOConfig(ttft_s=1.0, tpot_s=0.1), num_requests=200, verify_top_k=2)
     result = search(spec)
     configs = {c for _, c in result.phase_goodput} | {c for s in result.ranked for c in (s.unit.prefill, s.unit.decode) if c}
     assert configs and {c.tp for c in configs} <= {1, 3}
