@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     from pdserve.bench.quick import slo_from_unloaded
     from pdserve.bench.runner import BenchConfig, run_rates, save, search_goodput
 
-    from pdserve.bench.deployment import served_model
+    from pdserve.bench.served_model import served_model
     from pdserve.bench.units import fmt_duration
 
     if args.url is None:

@@ -74,7 +74,7 @@ def quick_benchmark(url: str, model: str | None = None, tokenizer: str | None = 
     SLOs and rates come from the same requests sent one at a time first (QUICK_SLO_FACTORS,
     QUICK_RATE_FACTORS; when the goodput lies outside them, one point at half the lowest or twice
     the highest is added), and `gpus` from the server's /v1/models; the tokenizer defaults to the model's. Prints (through `log`) and returns the goodput table. Call it from synchronous code."""
-    from pdserve.bench.deployment import served_model
+    from pdserve.bench.served_model import served_model
 
     served = served_model(url)
     gpus = gpus or served.num_gpus or 1.0

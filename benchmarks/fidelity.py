@@ -54,7 +54,7 @@ from pdserve.bench.metrics import attainment, percentile_stats
 from pdserve.bench.record import RequestRecord
 from pdserve.bench.results import RunData, read_results
 from pdserve.config import SLOConfig
-from pdserve.placement.deployment import Deployment, SimResult
+from pdserve.placement.sim_deployment import SimDeployment, SimResult
 from pdserve.placement.fit import extend_decode, fit_steps, fit_transfer
 from pdserve.placement.latency import InstanceLatency, PhaseProfile
 from pdserve.placement.profile import read_step_log
@@ -97,7 +97,7 @@ def system_kind(label: str) -> str:
     raise ValueError(f"{label}: cannot tell the deployment from its label (disaggregated*, colocated-*)")
 
 
-def deployment(kind: str, profile: PhaseProfile, setup: Setup) -> Deployment:
+def deployment(kind: str, profile: PhaseProfile, setup: Setup) -> SimDeployment:
     lat = InstanceLatency(tp=1, pp=1, profile=with_step_overhead(profile, setup.step_overhead_s),
                           kv_capacity_tokens=setup.kv_capacity_tokens)
     common = dict(prefill_token_budget=setup.token_budget, max_num_seqs=setup.max_num_seqs,
@@ -105,10 +105,10 @@ def deployment(kind: str, profile: PhaseProfile, setup: Setup) -> Deployment:
     if kind == "disaggregated":
         transfer = TransferModel(kv_bytes_per_token=KV_BYTES_PER_TOKEN, bytes_per_s=setup.link_bytes_per_s,
                                  overhead_s=setup.transfer_overhead_s)
-        return Deployment(mode="disaggregated", prefill=(lat,) * setup.prefill_instances,
+        return SimDeployment(mode="disaggregated", prefill=(lat,) * setup.prefill_instances,
                           decode=(lat,) * setup.decode_instances, transfer=transfer,
                           pull_at_step_boundary=setup.pull_at_step_boundary, **common)
-    return Deployment(mode="colocated", prefill=(lat,) * setup.colocated_instances, colocated_policy=kind,
+    return SimDeployment(mode="colocated", prefill=(lat,) * setup.colocated_instances, colocated_policy=kind,
                       chunk_size=setup.chunk_tokens, **common)
 
 
@@ -179,7 +179,7 @@ def calibrate_in_situ(run_dir: Path, setup: Setup, shared_host: bool = True,
     """Everything from a calibration run of the same system on another trace: the latency model
     fitted to the engine steps it ran (steps.jsonl) — with `shared_host`, split into the steps
     alone on the host and the slowdown beside another busy engine (`corun_slowdown`), which the
-    simulator applies as `Deployment.host_slowdown` — the per-step overhead as the mean gap between
+    simulator applies as `SimDeployment.host_slowdown` — the per-step overhead as the mean gap between
     back-to-back steps, the TTFT overhead as the median of the client's TTFT minus the server's
     queueing before the first token and prefill time, and the KV transfer fitted to its measured pulls."""
     logs = read_step_log(run_dir / "steps.jsonl")

@@ -18,7 +18,7 @@ from pdserve.bench.metrics import attainment
 from pdserve.bench.record import RequestRecord
 from pdserve.bench.results import write_results
 from pdserve.config import SLOConfig
-from pdserve.placement.deployment import Deployment
+from pdserve.placement.sim_deployment import SimDeployment
 from pdserve.placement.latency import Coeffs, InstanceLatency, PhaseProfile
 from pdserve.placement.profile_file import profile_to_json
 from pdserve.placement.simulator import simulate
@@ -39,9 +39,9 @@ def _fidelity():
     return mod
 
 
-def _coloc(policy: str = "prefill_priority") -> Deployment:
+def _coloc(policy: str = "prefill_priority") -> SimDeployment:
     lat = InstanceLatency(tp=1, pp=1, profile=PROFILE, kv_capacity_tokens=20_000)
-    return Deployment(mode="colocated", prefill=(lat, lat), colocated_policy=policy, chunk_size=32, max_num_seqs=64)
+    return SimDeployment(mode="colocated", prefill=(lat, lat), colocated_policy=policy, chunk_size=32, max_num_seqs=64)
 
 
 def test_recorded_trace_sorts_and_maps_back():
@@ -50,7 +50,7 @@ def test_recorded_trace_sorts_and_maps_back():
     assert trace.prompt_lens == (20, 40, 30, 10) and order == [1, 3, 2, 0]
     assert trace.arrivals(1.0) == [1.0, 1.0, 2.0, 3.0]  # replayed at rate 1: the recorded seconds
     lat = InstanceLatency(tp=1, pp=1, profile=PROFILE, kv_capacity_tokens=20_000)
-    res = in_recorded_order(simulate(Deployment(prefill=(lat,), decode=(lat,)), trace, 1.0), order)
+    res = in_recorded_order(simulate(SimDeployment(prefill=(lat,), decode=(lat,)), trace, 1.0), order)
     # request 0 (arrives last, 10 tokens, alone by then) has the plain prefill time as TTFT
     assert res.ttft_s[0] == pytest.approx(PROFILE.prefill_s(10, 100))
 

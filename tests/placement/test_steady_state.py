@@ -16,7 +16,7 @@ from pdserve.placement.model_spec import ModelSpec, load_model
 from pdserve.placement.roofline import Roofline
 from pdserve.placement.search import SearchSpec, _phase_deployment, phase_latencies, search, unit_deployment
 from pdserve.placement.simulator import simulate
-from pdserve.placement.workload import Workload, sharegpt_like
+from pdserve.placement.workload import WorkloadLengths, sharegpt_like
 
 H100 = load_gpu("h100")
 
@@ -70,7 +70,7 @@ def test_goodput_stable_when_the_trace_doubles_and_ten_times_longer_still_meets_
 
 
 def test_one_token_outputs_never_crash():
-    w = Workload("short", (100, 700, 50, 300), (1, 40, 1, 120))
+    w = WorkloadLengths("short", (100, 700, 50, 300), (1, 40, 1, 120))
     spec = spec_for("llama-3-8b", 1, 2, 1.0, 0.1, workload=w, num_requests=200)
     result = search(spec)
     assert result.best is not None and result.best.unit_goodput > 0
