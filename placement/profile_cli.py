@@ -69,7 +69,8 @@ class Eta:
 
 def _profile_from_steps(args: argparse.Namespace) -> int:
     from pdserve.placement.fit import extend_decode, fit_steps
-    from pdserve.placement.profile import read_step_log, write_profile
+    from pdserve.placement.profile import write_profile
+    from pdserve.placement.steps import read_step_log
 
     steps = [s for path in args.from_steps for log in read_step_log(path).values() for s in log]
     kinds = collections.Counter(s.kind for s in steps)
