@@ -23,10 +23,10 @@ from pdserve.placement.profile_file import PUBLISHED, load_profile
 from pdserve.placement.roofline import Roofline
 from pdserve.placement.search import SearchResult, SearchSpec, search
 from pdserve.placement.simulate_cli import add_simulate_parser
-from pdserve.placement.workload import load_workload
+from pdserve.placement.workload import DATASET_SAMPLES, FALLBACK_TOKENIZER, load_workload, planning_tokenizer
 
 DEFAULTS = dict(gpu="a100-80g (or the profile's device, or cluster.yaml's instance type)", nodes=1, gpus_per_node=8, inter_node_gbps=100.0, workload="sharegpt-like",
-                tokenizer="smollm2-135m", num_requests=1000, seed=0, prefill_token_budget=4096, max_num_seqs=512)
+                tokenizer=None, num_requests=1000, seed=0, prefill_token_budget=4096, max_num_seqs=512)
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -79,7 +79,8 @@ def add_inputs(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--workload", default=d.get("workload"),
                    help=f"sharegpt-like (offline), sharegpt | humaneval | longbench (as pdserve bench) or a lengths file ({default('workload')})")
     p.add_argument("--tokenizer", default=d.get("tokenizer"),
-                   help=f"tokenizer for named workloads: HF directory, tokenizer.json or pdserve model ({default('tokenizer')})")
+                   help="tokenizer for named workloads: HF directory, tokenizer.json or pdserve model (default: the "
+                        f"planned model's own when pdserve can load it, else {FALLBACK_TOKENIZER}'s, said in the output)")
     p.add_argument("--num-requests", type=int, default=d.get("num_requests"),
                    help=f"requests per simulation, at least; decode simulations use 4 per batch slot ({default('num_requests')})")
     p.add_argument("--seed", type=int, default=d.get("seed"), help=f"trace seed ({default('seed')})")
@@ -125,7 +126,10 @@ def _profile_gpu(profile: str) -> str | None:
 def search_spec(args: argparse.Namespace, model_name: str, slo: SLOConfig, **kw: object) -> tuple[SearchSpec, ClusterFile | None]:
     model = load_model(model_name)
     cluster, source, colocated, cluster_file = inputs(args)
-    workload = load_workload(args.workload, args.tokenizer, model.max_model_len)
+    tokenizer, note = planning_tokenizer(model_name, args.tokenizer)
+    workload = load_workload(args.workload, tokenizer, model.max_model_len)
+    if note and args.workload in DATASET_SAMPLES:
+        print(f"note: {note}", file=sys.stderr)
     spec = SearchSpec(model=model, cluster=cluster, source=source, colocated_source=colocated,
                       decode_source=decode_source(cluster, source), workload=workload,
                       slo=slo, num_requests=args.num_requests, seed=args.seed,

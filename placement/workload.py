@@ -100,7 +100,28 @@ def load_lengths(path: str | Path) -> WorkloadLengths:
 DATASET_SAMPLES = {"sharegpt": 1000, "humaneval": 164, "longbench": 100}
 
 
-def load_workload(name_or_path: str, tokenizer: str = "smollm2-135m", max_model_len: int = 2048) -> WorkloadLengths:
+FALLBACK_TOKENIZER = "smollm2-135m"  # ships with pdserve's dependencies, so it is always there
+
+
+def planning_tokenizer(model: str, tokenizer: str | None = None) -> tuple[str, str | None]:
+    """The tokenizer to count a named workload's tokens with, and a note when it is not the planned
+    model's own. Token counts depend on the tokenizer (DistServe's HumanEval is 171 prompt / 98
+    output tokens under OPT's byte-level BPE, which spends a token per indentation space; SmolLM2's
+    merges them: 139 / 59), so planning a model with another model's lengths is said, not silent.
+    `tokenizer` given: it. Else the model's own when pdserve can load it (an HF directory with
+    tokenizer.json, or a model pdserve serves); else FALLBACK_TOKENIZER, with the note."""
+    if tokenizer:
+        return tokenizer, None
+    from pdserve.models import known_models
+
+    path = Path(model).expanduser()
+    if model.lower() in {m.lower() for m in known_models()} or (path / "tokenizer.json").is_file() or path.name == "tokenizer.json":
+        return model, None
+    return FALLBACK_TOKENIZER, (f"{model}'s tokenizer is not available here: workload lengths are counted in "
+                                f"{FALLBACK_TOKENIZER}'s tokens (pass --tokenizer with the model's tokenizer.json)")
+
+
+def load_workload(name_or_path: str, tokenizer: str = FALLBACK_TOKENIZER, max_model_len: int = 2048) -> WorkloadLengths:
     """`sharegpt-like` (offline, fitted to DistServe's ShareGPT statistics), one of bench's
     workloads (`sharegpt`, `humaneval`, `longbench`: real data tokenized with `tokenizer` and
     filtered as `pdserve bench` does), or a lengths file."""

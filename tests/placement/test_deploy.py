@@ -20,7 +20,7 @@ from pdserve.placement.model_spec import load_model
 from pdserve.placement.plan import Plan
 from pdserve.placement.roofline import Roofline
 from pdserve.placement.search import SearchSpec, phase_latencies
-from pdserve.placement.workload import load_workload, sharegpt_like
+from pdserve.placement.workload import load_workload, planning_tokenizer, sharegpt_like
 
 REPO_CLUSTER = Path(__file__).resolve().parents[2] / "cluster.yaml"
 
@@ -120,3 +120,13 @@ def test_heterogeneous_pools_run_on_their_own_gpus(tmp_path, capsys):
     assert cluster.price_per_hour(4, 4) == pytest.approx(4 * 12.29 + 4 * 5.12)
     with pytest.raises(ValueError, match="decode_gpu"):
         ClusterSpec(num_nodes=2, gpus_per_node=4, gpu=load_gpu("h100"), decode_gpu=load_gpu("a100-80g"))
+
+
+def test_named_workloads_are_counted_in_the_planned_models_tokens_or_say_whose(tmp_path):
+    assert planning_tokenizer("smollm2-135m") == ("smollm2-135m", None)
+    assert planning_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")[1] is None
+    assert planning_tokenizer("opt-66b", "/some/tokenizer.json") == ("/some/tokenizer.json", None)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert planning_tokenizer(str(tmp_path)) == (str(tmp_path), None)  # an HF directory with its tokenizer
+    tok, note = planning_tokenizer("opt-66b")  # plan-only: no OPT tokenizer ships with pdserve
+    assert tok == "smollm2-135m" and "opt-66b's tokenizer is not available" in note and "--tokenizer" in note
