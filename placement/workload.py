@@ -43,6 +43,14 @@ class WorkloadLengths:
     def mean_output_len(self) -> float:
         return sum(self.output_lens) / len(self.output_lens)
 
+    def rescaled(self, mean_prompt_len: float, mean_output_len: float, name: str) -> WorkloadLengths:
+        """Every request stretched by one factor per side so the means become these: the same
+        requests counted in another tokenizer's tokens, when only that tokenizer's means are known
+        (e.g. a paper's statistics). Lengths stay >= 1."""
+        kp, ko = mean_prompt_len / self.mean_prompt_len, mean_output_len / self.mean_output_len
+        return WorkloadLengths(name, tuple(max(1, round(p * kp)) for p in self.prompt_lens),
+                               tuple(max(1, round(o * ko)) for o in self.output_lens))
+
     def trace(self, num_requests: int, seed: int = 0, cv: float = 1.0) -> Trace:
         """Resample `num_requests` pairs; arrivals at rate 1 from bench's arrival process
         (`pdserve.bench.arrivals.arrival_times`: Gamma gaps with coefficient of variation `cv`,

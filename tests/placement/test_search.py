@@ -16,7 +16,7 @@ from pdserve.placement.plan import Plan
 from pdserve.placement.profile_file import load_profile
 from pdserve.placement.roofline import Roofline
 from pdserve.placement.search import SearchSpec, phase_latencies, search, unit_deployment
-from pdserve.placement.workload import sharegpt_like
+from pdserve.placement.workload import load_workload, sharegpt_like
 
 A100 = load_gpu("a100-80g")
 # DistServe's engine and testbed: its A100 profiles, its device-to-device KV path, its decode
@@ -50,6 +50,20 @@ def test_opt66b_plan_at_least_the_papers_choice():
     assert result.feasible and paper_goodput > 0
     assert best.per_gpu_goodput >= paper_goodput / paper.num_gpus
     assert best.planned_goodput >= 4 * paper_goodput  # the paper's 8-GPU unit fits 4 times
+
+
+def test_humaneval_opt66b_raises_prefill_tp_in_opt_like_tokens():
+    """DistServe's code completion (TTFT 125 ms, TPOT 200 ms): the tight TTFT raises prefill's TP.
+    Counted in OPT-like tokens (HumanEval stretched to DistServe's means, 171.3 prompt / 98.2
+    output), the unit with the most goodput per GPU (DistServe's objective) prefills with TP >= 4;
+    in SmolLM2's shorter tokens TP3 is enough (BENCHMARKS.md §10)."""
+    w = load_workload("humaneval", "smollm2-135m", 2048).rescaled(171.3, 98.2, "humaneval-opt-like")
+    assert w.mean_prompt_len == pytest.approx(171.3, rel=0.01) and w.mean_output_len == pytest.approx(98.2, rel=0.01)
+    spec = distserve_spec("opt-66b", 4, 8, 0.125, 0.2, num_requests=600, workload=w)
+    result = search(spec)
+    per_gpu = max(result.ranked, key=lambda s: s.per_gpu_goodput)
+    assert result.feasible and per_gpu.unit.mode == "disaggregated"
+    assert per_gpu.unit.prefill.tp >= 4
 
 
 # ---- properties, on a small roofline model with exhaustive verification ---------------------
