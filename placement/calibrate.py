@@ -6,7 +6,9 @@ serving loop's fixed cost per step, the client/router path before the first toke
 fixed cost and bandwidth, and how much slower a step runs beside another busy engine of a shared
 host. `calibrate_unloaded` takes the overheads from a sequential, unloaded run (slo.json);
 `calibrate_in_situ` takes everything from a calibration run's own engine steps and requests.
-`simulate_records` replays measured requests (their send times and lengths) on a `Setup`.
+`simulate_records` replays measured requests (their send times and lengths) on a `Setup`; its
+`SimResult.attainment` counts as `bench.metrics.attainment` does (a one-token output has TPOT 0,
+so it meets any TPOT SLO).
 """
 
 from __future__ import annotations
@@ -92,13 +94,6 @@ def simulate_records(kind: str, records: Sequence[RequestRecord], profile: Phase
     return SimResult(tuple(t + setup.ttft_overhead_s for t in res.ttft_s), res.tpot_s)
 
 
-def sim_attainment(res: SimResult, output_lens: Sequence[int], slo: SLOConfig) -> float:
-    """As bench.metrics.attainment: a one-token output has no TPOT and meets any TPOT SLO."""
-    ok = sum(1 for t, p, n in zip(res.ttft_s, res.tpot_s, output_lens)
-             if t <= slo.ttft_s and (n < 2 or p <= slo.tpot_s))
-    return ok / len(output_lens)
-
-
 def jitter_range(kind: str, records: Sequence[RequestRecord], profile: PhaseProfile, setup: Setup,
                  slo: SLOConfig, jitter_s: float, runs: int, seed: int = 0) -> tuple[float, float]:
     """(lowest, highest) simulated attainment when every send time moves by up to ±jitter_s
@@ -106,12 +101,11 @@ def jitter_range(kind: str, records: Sequence[RequestRecord], profile: PhaseProf
     request that lands just before or just after another one finishes is dispatched, batched and
     timed differently, and the difference cascades through the rest of the run."""
     rng = random.Random(seed)
-    olens = [r.output_len for r in records]
     values = []
     for _ in range(runs):
         moved = [dataclasses.replace(r, arrival_s=max(0.0, r.arrival_s + rng.uniform(-jitter_s, jitter_s)))
                  for r in records]
-        values.append(sim_attainment(simulate_records(kind, moved, profile, setup), olens, slo))
+        values.append(simulate_records(kind, moved, profile, setup).attainment(slo.ttft_s, slo.tpot_s))
     return min(values), max(values)
 
 

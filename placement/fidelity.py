@@ -16,7 +16,7 @@ from pathlib import Path
 from pdserve.bench.metrics import attainment, percentile_stats
 from pdserve.bench.results import RunData, read_results
 from pdserve.config import SLOConfig
-from pdserve.placement.calibrate import Setup, jitter_range, sim_attainment, simulate_records, system_kind
+from pdserve.placement.calibrate import Setup, jitter_range, simulate_records, system_kind
 from pdserve.placement.latency import PhaseProfile
 from pdserve.placement.profile_file import load_profile
 
@@ -49,10 +49,10 @@ def compare(runs: dict[str, RunData], base: Model, calibrated: dict[str, Model],
             raw = simulate_records(kind, records, profile, base[1])
             cal = simulate_records(kind, records, cal_profile, cal_setup)
             measured = attainment(records, slo)
-            simulated = sim_attainment(cal, olens, slo)
+            simulated = cal.attainment(slo.ttft_s, slo.tpot_s)
             rows.append(dict(
                 system=label, rate=rate, n=len(records), failed=sum(not r.ok for r in records), measured=measured,
-                sim_profile=sim_attainment(raw, olens, slo), simulated=simulated, speed=speed,
+                sim_profile=raw.attainment(slo.ttft_s, slo.tpot_s), simulated=simulated, speed=speed,
                 diff=abs(simulated - measured),
                 ttft_p90=(p90([r.ttft_s for r in records if r.ok and r.ttft_s is not None]), p90(cal.ttft_s)),
                 tpot_p90=(p90([t for r in records if (t := r.tpot_s) is not None]),
@@ -61,7 +61,8 @@ def compare(runs: dict[str, RunData], base: Model, calibrated: dict[str, Model],
                 path_ms=_mean([r.ttft_s - r.server_timings["ttft_s"] for r in records
                                if r.ok and r.ttft_s is not None and "ttft_s" in r.server_timings]),
                 jitter=jitter_range(kind, records, cal_profile, cal_setup, slo, jitter_s, jitter_runs) if jitter_s else None,
-                sensitivity=tuple(sim_attainment(simulate_records(kind, records, cal_profile.scaled(k), cal_setup), olens, slo)
+                sensitivity=tuple(simulate_records(kind, records, cal_profile.scaled(k), cal_setup)
+                                  .attainment(slo.ttft_s, slo.tpot_s)
                                   for k in (1 - sensitivity, 1 + sensitivity)) if sensitivity else None,
             ))
     return rows
