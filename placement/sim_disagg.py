@@ -60,9 +60,8 @@ class DisaggregatedSim(Simulation):
             else:
                 self.to_decode(r)
             return
-        prefills = self.prefills
-        pi = 0 if len(prefills) == 1 else min(range(len(prefills)), key=lambda k: prefills[k].outstanding)
-        pre = prefills[pi]
+        pi = 0 if len(self.prefills) == 1 else self.pick_prefill()
+        pre = self.prefills[pi]
         if self.plen[r] > pre.lat.kv_capacity_tokens:
             return  # can never be prefilled here: stays unserved (inf)
         self.src[r] = pi
@@ -119,11 +118,19 @@ class DisaggregatedSim(Simulation):
         self.try_prefill(pi)
 
     # ---- decode side -------------------------------------------------------------------------------
-    def to_decode(self, r: int) -> None:
+    def pick_prefill(self) -> int:
+        """The prefill instance for an arriving request: the fewest outstanding prompt tokens."""
+        prefills = self.prefills
+        return min(range(len(prefills)), key=lambda k: prefills[k].outstanding)
+
+    def pick_decode(self) -> int:
+        """The decode instance for a prefilled request: the least KV reserved and waiting."""
         decodes = self.engines
-        di = 0 if len(decodes) == 1 else min(
-            range(len(decodes)), key=lambda k: decodes[k].reserved + decodes[k].waiting_tokens)
-        dec = decodes[di]
+        return min(range(len(decodes)), key=lambda k: decodes[k].reserved + decodes[k].waiting_tokens)
+
+    def to_decode(self, r: int) -> None:
+        di = 0 if len(self.engines) == 1 else self.pick_decode()
+        dec = self.engines[di]
         dec.waiting.append(r)
         dec.waiting_tokens += self.plen[r] + self.olen[r]
         self.admit(di)

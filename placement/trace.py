@@ -1,5 +1,5 @@
 """Replaying a recorded trace through the simulator: exact arrival times and lengths instead of a
-sampled workload, per-step overheads folded into a profile, and the router's colocated dispatch.
+sampled workload, per-step overheads folded into a profile, and the router's own dispatch.
 
 `simulate()` draws nothing when handed a `Trace` whose arrivals are already in seconds and run at
 rate 1, so a measured run is replayed as `replay(dep, recorded_trace(...))`. What this module adds
@@ -9,7 +9,8 @@ to the simulator, and why the comparison with a real run needs it:
     back to the recorded order, so per-request results line up with the records.
   - `with_step_overhead`: the serving loop's fixed cost per engine step (scheduling, sampling,
     streaming outputs through Ray) that a profile of bare forwards does not contain.
-  - `RouterDispatch`: pdserve's router sends a colocated request where router/policies.py's
+  - `RouterDispatch` / `DisaggregatedRouterDispatch`: dispatch by the router's own policy functions.
+    pdserve's router sends a colocated request where router/policies.py's
     `least_kv_pressure` says (the least KV usage within a tolerance, then the fewest requests in
     flight, ties rotating with the dispatch count); the simulation calls that function. The
     simulator's own colocated dispatch (the least outstanding prompt tokens + reserved KV, ties
@@ -26,9 +27,10 @@ from pdserve.placement.latency import Coeffs, PhaseProfile
 from pdserve.placement.sim_coloc import ColocatedSim
 from pdserve.placement.sim_core import DecodeEngine
 from pdserve.placement.sim_deployment import SimDeployment, SimResult
+from pdserve.placement.sim_disagg import DisaggregatedSim
 from pdserve.placement.simulator import simulate
 from pdserve.placement.workload import Trace
-from pdserve.router.policies import least_kv_pressure
+from pdserve.router.policies import least_kv_pressure, least_outstanding_tokens
 from pdserve.types import GenerateRequest, RequestId, WorkerStats
 
 _ANY_REQUEST = GenerateRequest(RequestId("replayed"), ())  # the policy does not read the request
@@ -66,12 +68,45 @@ def with_step_overhead(profile: PhaseProfile, step_s: float) -> PhaseProfile:
 
 
 def replay(dep: SimDeployment, trace: Trace, router_dispatch: bool = True) -> SimResult:
-    """Simulate `trace` (arrivals in seconds) on `dep`. With `router_dispatch`, colocated requests
-    are dispatched as pdserve's router does (`RouterDispatch`); disaggregated dispatch already
-    matches the router (least outstanding prompt tokens, then least reserved KV)."""
-    if dep.mode == "colocated" and router_dispatch:
-        return RouterDispatch(dep, trace, 1.0).run()
-    return simulate(dep, trace, 1.0)
+    """Simulate `trace` (arrivals in seconds) on `dep`. With `router_dispatch`, requests are
+    dispatched as pdserve's router does (`RouterDispatch`, `DisaggregatedRouterDispatch`: the
+    router's own policy functions); without, by the simulator's own rules."""
+    if not router_dispatch:
+        return simulate(dep, trace, 1.0)
+    sim = RouterDispatch if dep.mode == "colocated" else DisaggregatedRouterDispatch
+    return sim(dep, trace, 1.0).run()
+
+
+def router_view(ci: int, running: int, waiting: int, reserved: int, capacity: int,
+                outstanding: int = 0) -> WorkerStats:
+    """A simulated instance as the router's policies see it: requests in flight, KV in tokens (as
+    blocks of one token: usage = reserved / capacity), prompt tokens outstanding."""
+    return WorkerStats(worker_id=str(ci), num_running=running, num_waiting=waiting, num_free_blocks=capacity - reserved,
+                       num_total_blocks=capacity, outstanding_tokens=outstanding)
+
+
+class DisaggregatedRouterDispatch(DisaggregatedSim):
+    """The disaggregated simulation with router/policies.py's `least_outstanding_tokens` choosing
+    the prefill instance and `least_kv_pressure` the decode instance, each pool counting its own
+    dispatches (the rotation of ties), as the router's pools do. The decode side's KV usage is the
+    reserved KV of admitted requests; the router's 0.5 s stats poll is not modelled."""
+
+    def __init__(self, dep: SimDeployment, trace: Trace, rate: float) -> None:
+        super().__init__(dep, trace, rate)
+        self.num_dispatched = [0, 0]  # prefill, decode
+
+    def _tick(self, pool: int) -> int:
+        self.num_dispatched[pool] += 1
+        return self.num_dispatched[pool] - 1
+
+    def pick_prefill(self) -> int:
+        stats = [router_view(i, 0, len(pre.queue), 0, 1, pre.outstanding) for i, pre in enumerate(self.prefills)]
+        return int(least_outstanding_tokens(_ANY_REQUEST, stats, self._tick(0)))
+
+    def pick_decode(self) -> int:
+        stats = [router_view(i, dec.running, len(dec.waiting), dec.reserved, self.dep.decode_capacity(dec.lat))
+                 for i, dec in enumerate(self.engines)]
+        return int(least_kv_pressure(_ANY_REQUEST, stats, self._tick(1)))
 
 
 class RouterDispatch(ColocatedSim):
@@ -95,17 +130,15 @@ class RouterDispatch(ColocatedSim):
         partial = 1 if inst.waiting and 0 < self.prefilled[inst.waiting[0]] < self.plen[inst.waiting[0]] else 0
         return inst.running + len(inst.waiting) - partial
 
-    def router_view(self, ci: int) -> WorkerStats:
-        """What the router knows of instance `ci`: requests in flight, and KV in tokens (as blocks
-        of one token) with the part it cannot see yet counted free."""
+    def seen(self, ci: int) -> WorkerStats:
+        """What the router knows of instance `ci`: requests in flight, and its reserved KV less the
+        part it cannot see yet."""
         inst, (until, tokens) = self.engines[ci], self.unseen[ci]
-        cap = self.dep.decode_capacity(inst.lat)
         seen = inst.reserved - (tokens if self.now < until else 0)
-        return WorkerStats(worker_id=str(ci), num_running=self.in_flight(ci), num_free_blocks=cap - seen,
-                           num_total_blocks=cap)
+        return router_view(ci, self.in_flight(ci), 0, seen, self.dep.decode_capacity(inst.lat))
 
     def pick(self) -> int:
-        stats = [self.router_view(i) for i in range(len(self.engines))]
+        stats = [self.seen(i) for i in range(len(self.engines))]
         tick = self.num_dispatched
         self.num_dispatched += 1
         return int(least_kv_pressure(_ANY_REQUEST, stats, tick))

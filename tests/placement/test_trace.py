@@ -10,7 +10,8 @@ import pytest
 from pdserve.placement.latency import Coeffs, InstanceLatency, PhaseProfile
 from pdserve.placement.sim_deployment import SimDeployment
 from pdserve.placement.simulator import simulate
-from pdserve.placement.trace import RouterDispatch, in_recorded_order, recorded_trace, replay, with_step_overhead
+from pdserve.placement.trace import (DisaggregatedRouterDispatch, RouterDispatch, in_recorded_order, recorded_trace,
+                                     replay, with_step_overhead)
 from pdserve.placement.workload import Trace
 
 # Roughly SmolLM2 on one core: ~3 ms per prompt token, ~40 ms per decode step.
@@ -96,3 +97,22 @@ def test_router_dispatch_sees_kv_usage_from_before_a_running_prefill_step(policy
     sim.pick = lambda: picks.append(original()) or picks[-1]
     sim.run()
     assert picks == [0, 1, third]
+
+
+def test_disaggregated_router_dispatch_calls_the_routers_policies():
+    # Two prefill and two decode instances. Requests 0 and 1 arrive far apart, to idle instances:
+    # the router's policies rotate ties per pool (the simulator's own rules pick instance 0 both
+    # times). Request 2 (400 tokens) goes to prefill 0 by the rotation, 3 to prefill 1 and is done
+    # when 4 arrives, whose rotation would pick 0: the fewest outstanding tokens sends it to 1.
+    lat = InstanceLatency(tp=1, pp=1, profile=PROFILE, kv_capacity_tokens=20_000)
+    dep = SimDeployment(prefill=(lat, lat), decode=(lat, lat))
+    trace = Trace((0.0, 100.0, 200.0, 200.01, 200.5), (50, 50, 400, 50, 50), (10, 10, 10, 10, 10))
+    sim = DisaggregatedRouterDispatch(dep, trace, 1.0)
+    picks: dict[str, list[int]] = {"prefill": [], "decode": []}
+    for pool in picks:
+        original = getattr(sim, f"pick_{pool}")
+        setattr(sim, f"pick_{pool}", lambda o=original, p=pool: picks[p].append(o()) or picks[p][-1])
+    res = sim.run()
+    assert picks["prefill"] == [0, 1, 0, 1, 1]
+    assert picks["decode"][:2] == [0, 1]
+    assert replay(dep, trace) == res and replay(dep, trace, router_dispatch=False) == simulate(dep, trace, 1.0)
