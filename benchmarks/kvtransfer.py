@@ -26,7 +26,7 @@ from pdserve.engine.kv_cache import BlockAllocator, KVLayout, KVPool
 from pdserve.engine.request import RequestStatus
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.codecs import CODEC_NAMES, get_codec
-from pdserve.kvtransfer.connector import make_receiver, make_sender, make_transport
+from pdserve.kvtransfer.factories import make_receiver, make_sender, make_transport
 from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.reshard import gather_slab, scatter_slab, token_slots
 from pdserve.kvtransfer.types import TransferId, TransferStatus
@@ -102,7 +102,7 @@ def codec_quality(eng: Engine, docs: list[list[int]], ctx: int) -> None:
 
 
 def _plain_gbps(name: str, nbytes: int) -> float:
-    tx, rx = make_transport(name, LOCAL), make_transport(name, LOCAL, serve=False)
+    tx, rx = make_transport(name, LOCAL).start(), make_transport(name, LOCAL, serve=False).start()
     payload = [bytes(4 << 20) for _ in range(nbytes // (4 << 20))]
     best = float("inf")
     for i in range(3):

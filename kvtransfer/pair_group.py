@@ -24,7 +24,8 @@ _SENDER, _RECEIVER = 0, 1
 
 class GroupPair:
     def __init__(self, store: dist.Store, is_receiver: bool, device: torch.device, timeout_s: float,
-                 lock: threading.RLock) -> None:
+                 lock: threading.RLock, host: str | None = None) -> None:
+        """`host`: the local address gloo binds (None: the hostname's address)."""
         self.device, self.lock = torch.device(device), lock
         self.rank = _RECEIVER if is_receiver else _SENDER
         self.name = "nccl" if self.device.type == "cuda" else "gloo"
@@ -36,7 +37,11 @@ class GroupPair:
             opts._timeout = timeout
             self.pg: dist.ProcessGroup = dist.ProcessGroupNCCL(prefix, self.rank, 2, opts)
         else:
-            self.pg = dist.ProcessGroupGloo(prefix, self.rank, 2, timeout)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host) if host
+                             else dist.ProcessGroupGloo.create_default_device()]
+            self.pg = dist.ProcessGroupGloo(prefix, self.rank, 2, opts)
 
     def send(self, tensors: Sequence[torch.Tensor]) -> None:
         self._run(tensors, lambda t, i: self.pg.send([t], _RECEIVER, i))

@@ -14,7 +14,8 @@ only payload moves. Two kinds, chosen by where the pair sits and what it holds:
             receiver maps it and copies device to device; handles travel as JSON over the pair's
             store, never pickle (ipc.py)
 
-The byte `Transport`s (grpc, torch over gloo) stay the portable path across nodes and hosts.
+The torch byte `Transport` opens one of these per pair as its tensor lane (`kvtransfer.tensor_lane`,
+torch_link.py), so KVSender/KVReceiver move KV tensors through it; grpc stays the portable path.
 
 NCCL ordering: a rank's step thread issues its own collectives (TP all-reduce, PP send/recv) on the
 same GPU. Two threads enqueueing NCCL kernels on different communicators in different orders on
@@ -60,12 +61,13 @@ def pair_store(host: str, port: int, is_receiver: bool, timeout_s: float) -> dis
 
 
 def open_pair(kind: TensorTransportKind, store: dist.Store, is_receiver: bool, device: torch.device,
-              timeout_s: float, lock: threading.RLock | None = None) -> TensorTransport:
-    """One end of a pair of `kind` for tensors on `device` (the two ends call it with the same store)."""
+              timeout_s: float, lock: threading.RLock | None = None, host: str | None = None) -> TensorTransport:
+    """One end of a pair of `kind` for tensors on `device` (the two ends call it with the same store).
+    `host`: the local address a gloo group binds (None: whatever the hostname resolves to)."""
     from pdserve.kvtransfer.ipc import CudaIpcPair
     from pdserve.kvtransfer.pair_group import GroupPair
 
     lock = lock or threading.RLock()
     if kind == "ipc":
         return CudaIpcPair(store, is_receiver, device, timeout_s, lock)
-    return GroupPair(store, is_receiver, device, timeout_s, lock)
+    return GroupPair(store, is_receiver, device, timeout_s, lock, host)

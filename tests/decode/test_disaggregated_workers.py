@@ -13,7 +13,7 @@ import torch
 from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams, StepOutput
 from tests.net import LOCAL

@@ -11,7 +11,8 @@ import torch
 
 from pdserve.config import KVTransferConfig
 from pdserve.engine.kv_cache import BlockAllocator, KVLayout, KVPool
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.kvtransfer.factories import make_receiver, make_sender
+from pdserve.kvtransfer.options import SenderOptions
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.reshard import gather_slab, token_slots
 from pdserve.kvtransfer.sender import KVSender
@@ -106,7 +107,10 @@ def test_lease_frees_blocks_nobody_pulled(closing: list) -> None:
     sp, sa = _pool()
     from pdserve.kvtransfer.transport_loopback import LoopbackTransport
 
-    tx = KVSender(sp, sa, LoopbackTransport(), lease_s=5, timeout_s=5, listen=LOCAL, clock=lambda: now[0])
+    tx = KVSender(sp, sa, LoopbackTransport(), SenderOptions(listen=LOCAL, lease_s=5, timeout_s=5), clock=lambda: now[0])
+    with pytest.raises(RuntimeError, match="start"):
+        tx.address  # the constructor opens nothing
+    tx.start()
     closing.append(tx)
     blocks = sa.allocate(2)
     tx.export("r1", blocks, 10)

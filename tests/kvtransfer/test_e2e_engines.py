@@ -13,7 +13,7 @@ from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.engine.batch import Batch, Chunk
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.kvtransfer.types import TransferStatus
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 from tests.net import LOCAL
