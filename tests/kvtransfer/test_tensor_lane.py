@@ -114,3 +114,58 @@ def test_lane_choice(info: str, device: str, want: str | None) -> None:
 def test_impossible_lanes_are_errors(info: str, host: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         choose_lane(info, torch.device("cpu" if "group" in info else "cuda:0"), host)
+
+
+# ---- on GPUs: the same pulls with the parts on CUDA, over NCCL (two GPUs) and CUDA IPC (one GPU) ----
+
+def _cuda_pool(device: str, seed: int) -> tuple[KVPool, BlockAllocator]:
+    pool = KVPool(KVLayout(L, H, D, 4, dtype="bfloat16"), 32, device=device)
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=torch.Generator().manual_seed(seed)).to(pool.kv))
+    return pool, BlockAllocator(32)
+
+
+def _ipc_sender(handles: object, done: object) -> None:
+    """Child process: a CUDA sender on cuda:0 that exports 8 blocks and serves until `done`."""
+    cfg = KVTransferConfig(transport="torch", timeout_s=30, tensor_lane="ipc")
+    sp, sa = _cuda_pool("cuda:0", 0)
+    tx = make_sender(cfg, sp, sa, listen=LOCAL)
+    handles.put(tx.export("r1", list(range(8)), 29))  # type: ignore[attr-defined]
+    done.wait(120)  # type: ignore[attr-defined]
+    tx.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lane", ["nccl", "ipc"])
+def test_a_cuda_pull_over_the_lane_lands_the_kv(lane: str) -> None:
+    import torch.multiprocessing as mp
+
+    if lane == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("an NCCL lane needs two GPUs (NCCL refuses two ranks on one)")
+    dst_device = "cuda:1" if lane == "nccl" else "cuda:0"
+    cfg = KVTransferConfig(transport="torch", timeout_s=30, tensor_lane="group" if lane == "nccl" else "ipc")
+    dp, da = _cuda_pool(dst_device, 1)
+    rx, ends, proc = make_receiver(cfg, dp, listen=LOCAL), [], None
+    try:
+        if lane == "nccl":
+            sp, sa = _cuda_pool("cuda:0", 0)
+            ends.append(make_sender(cfg, sp, sa, listen=LOCAL))
+            handle = ends[0].export("r1", list(range(8)), 29)
+        else:  # CUDA IPC cannot open a handle in the process that made it: the sender is a child
+            ctx = mp.get_context("spawn")
+            handles, done = ctx.Queue(), ctx.Event()
+            proc = ctx.Process(target=_ipc_sender, args=(handles, done))
+            proc.start()
+            handle = handles.get(timeout=120)
+        dst = da.allocate(8)
+        xfer = rx.pull(handle, dst)
+        assert rx.wait(xfer, 60) is TransferStatus.DONE, rx.poll(xfer)
+        assert rx.tensor_frames(xfer) == L
+        want, _ = _cuda_pool(dst_device, 0)
+        assert torch.equal(_kv(dp, dst, 29), _kv(want, list(range(8)), 29))
+    finally:
+        rx.close()
+        for end in ends:
+            end.close()
+        if proc is not None:
+            done.set()
+            proc.join(60)
