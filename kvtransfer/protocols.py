@@ -10,7 +10,7 @@ composites, built by factories.py. Workers depend on `KVSource`/`KVSink` only, s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Protocol, Sequence, TypeVar, runtime_checkable
 
 from pdserve.kvtransfer.types import HandleId, KVHandle, PeerAddr, TransferId, TransferStatus
 
@@ -167,28 +167,32 @@ class KVSource(Protocol):
         ...
 
 
-@runtime_checkable
-class KVSink(Protocol):
-    """The decode end of transfers (`KVReceiver`, and rank wrappers of it). Never blocks on the network."""
+XferKey = TypeVar("XferKey", bound=Hashable)
 
-    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> TransferId:
+
+@runtime_checkable
+class KVSink(Protocol[XferKey]):
+    """The decode end of transfers (`KVReceiver` is a `KVSink[TransferId]`; a rank wrapper that keys
+    pulls by its own counter is a `KVSink[int]`). Never blocks on the network."""
+
+    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> XferKey:
         """Start moving `handle`'s KV into `dst_block_ids` (allocated and owned by the caller, enough
         for `handle.num_tokens`). Remote trouble is a FAILED transfer, never an exception."""
         ...
 
-    def poll(self, xfer: TransferId) -> tuple[TransferStatus, str | None]:
+    def poll(self, xfer: XferKey) -> tuple[TransferStatus, str | None]:
         """(status, error); error is set once FAILED. An unknown id is FAILED."""
         ...
 
-    def ended_s(self, xfer: TransferId) -> float | None:
+    def ended_s(self, xfer: XferKey) -> float | None:
         """time.monotonic() when `xfer` became terminal; None while it runs."""
         ...
 
-    def nbytes(self, xfer: TransferId) -> int:
+    def nbytes(self, xfer: XferKey) -> int:
         """Bytes received for `xfer` so far (codec output plus framing)."""
         ...
 
-    def abort(self, xfer: TransferId) -> None:
+    def abort(self, xfer: XferKey) -> None:
         """FAILED("aborted") unless terminal; once it returns nothing writes the destination blocks."""
         ...
 
