@@ -44,12 +44,19 @@ class GroupPair:
             self.pg = dist.ProcessGroupGloo(prefix, self.rank, 2, opts)
 
     def send(self, tensors: Sequence[torch.Tensor]) -> None:
-        self._run(tensors, lambda t, i: self.pg.send([t], _RECEIVER, i))
+        for w in self.post_send(tensors):
+            w.wait()  # NCCL: the current stream now waits for the transfer
+
+    def post_send(self, tensors: Sequence[torch.Tensor]) -> list[dist.Work]:
+        """Post the sends and return at once; the tensors must stay alive and unchanged until every
+        returned work's `wait()` returned. Sends posted by successive calls arrive in order."""
+        return self._post(tensors, lambda t, i: self.pg.send([t], _RECEIVER, i))
 
     def recv(self, out: Sequence[torch.Tensor]) -> None:
-        self._run(out, lambda t, i: self.pg.recv([t], _SENDER, i))
+        for w in self._post(out, lambda t, i: self.pg.recv([t], _SENDER, i)):
+            w.wait()
 
-    def _run(self, tensors: Sequence[torch.Tensor], post: object) -> None:
+    def _post(self, tensors: Sequence[torch.Tensor], post: object) -> list[dist.Work]:
         for t in tensors:
             if t.device != self.device and not (t.device.type == self.device.type == "cpu"):
                 raise ValueError(f"{self.name} pair on {self.device}: tensor on {t.device}")
@@ -59,9 +66,8 @@ class GroupPair:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             works = [post(t, i) for i, t in enumerate(tensors)]  # type: ignore[operator]
-            for w in works:
-                w.wait()  # NCCL: the current stream now waits for the transfer
         self.num_transfers += 1
+        return works
 
     def close(self) -> None:
         pg, self.pg = getattr(self, "pg", None), None  # type: ignore[assignment]

@@ -45,6 +45,11 @@ class TensorTransport(Protocol):
         """Deliver `tensors` to the peer's next `recv`, in order."""
         ...
 
+    def post_send(self, tensors: Sequence[torch.Tensor]) -> list[dist.Work]:
+        """Start `send` and return what to wait on (the tensors stay untouched until then); an empty
+        list when the call already completed the send. Lets a caller keep several sends in flight."""
+        ...
+
     def recv(self, out: Sequence[torch.Tensor]) -> None:
         """Fill `out` (same shapes and dtypes as the peer's `send`) in place."""
         ...

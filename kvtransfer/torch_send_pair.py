@@ -128,7 +128,8 @@ class SendPair:
         if self.tensors is None:
             raise SourceError(ValueError("a tensor frame on a pair without a tensor lane"))
         out.msg(link.TENSORS, item.header)
-        self.tensors.send([p.to(self.device) for p in item.parts])  # int4_zstd's host blobs go to the lane's GPU
+        parts = [p.to(self.device) for p in item.parts]  # int4_zstd's host blobs go to the lane's GPU
+        out.track(self.tensors.post_send(parts), parts)  # in flight with the next frame's messages
         state.nbytes += item.nbytes
 
     def _die(self, why: str) -> None:
@@ -157,6 +158,12 @@ class _Posted:
             tensors.append(torch.frombuffer(payload, dtype=torch.uint8))
         self.sends.append(([self.pg.send([t], 1, tag) for t, tag in zip(tensors, (link.META_TAG, link.PAYLOAD_TAG))],
                            tensors))
+        while len(self.sends) > link.DEPTH:
+            self._wait_oldest()
+
+    def track(self, works: list[dist.Work], tensors: list[torch.Tensor]) -> None:
+        """Sends posted elsewhere (the tensor lane) that count towards the depth like messages."""
+        self.sends.append((works, tensors))
         while len(self.sends) > link.DEPTH:
             self._wait_oldest()
 

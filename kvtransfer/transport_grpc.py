@@ -79,7 +79,9 @@ class GrpcTransport(PullTransport):
 
     def _pull(self, state: TransferState, peer: str, sink: ChunkSink, timeout_s: float) -> None:
         stub = pb_grpc.KVDataStub(self._channels.get(peer))
-        call = stub.Pull(pb.PullData(xfer_id=state.xfer), timeout=timeout_s)
+        # the call outlives the transfer's own deadline a little, so a send that never comes is the
+        # armed timer's "timed out" (as on loopback), not a race with gRPC's DEADLINE_EXCEEDED
+        call = stub.Pull(pb.PullData(xfer_id=state.xfer), timeout=timeout_s + 0.25)
         state.on_end(call.cancel)  # abort / timeout / close unblock the iteration below
         try:
             for msg in call:
