@@ -34,6 +34,10 @@ import torch
 import torch.distributed as dist
 
 TensorTransportKind = Literal["group", "ipc"]
+COLLECTIVE_LOCK = threading.RLock()
+"""The process's lock for enqueueing NCCL work: the torch transport's NCCL lanes post under it, and a
+step thread that issues its own NCCL collectives (TP all-reduce, PP send/recv) should hold it while
+it enqueues them, so the two never interleave half-posted operations on one GPU."""
 
 
 class TensorTransport(Protocol):

@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from pdserve.kvtransfer.tensor_transport import TensorTransport, open_pair
+from pdserve.kvtransfer.tensor_transport import COLLECTIVE_LOCK, TensorTransport, open_pair
 
 BEGIN, CHUNK, END, ABORT, TENSORS = 1, 2, 3, 4, 5  # TENSORS: a frame header; its parts follow on the lane
 DEPTH = 2  # chunks in flight between the two stages of each end's pipeline
@@ -82,7 +82,10 @@ def choose_lane(info: str, device: torch.device, host: str) -> str | None:
 
 def open_lane(lane: str, store: dist.Store, nonce: str, is_receiver: bool, device: torch.device,
               timeout_s: float, host: str) -> TensorTransport:
-    """This end of the pair's tensor lane (both ends call it after forming the byte group)."""
+    """This end of the pair's tensor lane (both ends call it after forming the byte group). An NCCL
+    lane enqueues under the process's COLLECTIVE_LOCK (enqueueing never blocks the CPU); gloo and
+    IPC lanes block until the peer answers, so each has its own lock (a shared one could chain
+    pairs across processes into a cycle)."""
     kind = "ipc" if lane == "ipc" else "group"
-    return open_pair(kind, dist.PrefixStore(f"{nonce}/lane", store), is_receiver, device, timeout_s,
-                     threading.RLock(), host)
+    lock = COLLECTIVE_LOCK if lane == "nccl" else threading.RLock()
+    return open_pair(kind, dist.PrefixStore(f"{nonce}/lane", store), is_receiver, device, timeout_s, lock, host)
