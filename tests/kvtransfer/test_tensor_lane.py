@@ -56,6 +56,24 @@ def test_a_pull_over_the_gloo_lane_lands_the_same_kv_as_the_byte_path(codec: str
         assert torch.equal(by_lane, src)
 
 
+def test_one_lane_per_pair_is_made_once_and_reused() -> None:
+    cfg = KVTransferConfig(transport="torch", codec="raw", timeout_s=20)
+    (sp, sa), (dp, da) = _pool(), _pool(seed=1)
+    tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
+    try:
+        lanes = []
+        for i in range(3):
+            xfer = rx.pull(tx.export(f"r{i}", sa.allocate(2), 8), da.allocate(2))
+            assert rx.wait(xfer, 30) is TransferStatus.DONE, rx.poll(xfer)
+            (pair,) = rx.transport._recv_pairs.values()  # type: ignore[attr-defined]
+            lanes.append(pair.tensors)
+        assert pair.lane == "gloo" and lanes[0] is lanes[1] is lanes[2]
+        assert lanes[0].num_transfers == 3 * L  # one recv per layer, every pull on the same group
+    finally:
+        rx.close()
+        tx.close()
+
+
 def test_tp2_shards_feed_one_receiver_over_their_lanes() -> None:
     cfg = KVTransferConfig(transport="torch", codec="raw", timeout_s=20, tensor_lane="group")
     n, full = 13, torch.randn(L, 2, 13, H, D, generator=torch.Generator().manual_seed(3))
