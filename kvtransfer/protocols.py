@@ -74,7 +74,7 @@ class Transport(Protocol):
 
     Both ends call: the sender `send`, the receiver `recv` (in either order). `peer` is an opaque
     string: on `recv` the sender's `endpoint()`, on `send` the receiver's `connect_info(...)`. The
-    control message that carries them is the connector's business, not the transport's.
+    control message that carries them is KVSender/KVReceiver's business, not the transport's.
     """
 
     name: str

@@ -159,7 +159,7 @@ def test_layerwise_streaming_ships_layers_as_they_are_written(cfg: KVTransferCon
 
 
 @pytest.mark.parametrize("codec", ["int8", "int4_zstd"])
-def test_lossy_codec_over_the_connector(codec: str, closing: list) -> None:
+def test_lossy_codec_through_sender_and_receiver(codec: str, closing: list) -> None:
     cfg = KVTransferConfig(transport="grpc", codec=codec, timeout_s=10)
     (sp, sa), (dp, da) = _pool(), _pool(seed=1)
     tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
