@@ -8,8 +8,9 @@ bf16-equivalent bytes; encode/decode GB/s of fp32 cache bytes on this CPU (one t
 teacher-forced over real ShareGPT text: the context's KV goes through the codec, then the
 continuation runs on top of it; top-1 agreement and mean KL(p_raw || p_codec) per continuation token.
 Transports: a 64 MiB KV pull through KVSender/KVReceiver (raw codec) vs the same transport moving
-64 MiB of plain 4 MiB chunks in the same run; torch both as wire bytes and over its tensor lane. TTFT: exposed transfer time after a 1024-token
-prefill, with the pull starting after prefill vs streaming layer by layer during it.
+64 MiB of plain 4 MiB chunks in the same run; torch both as wire bytes and over its tensor lane.
+TTFT: exposed transfer time after a 1024-token prefill, with the pull starting after prefill vs
+streaming layer by layer during it.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def transports(nbytes: int = 64 << 20) -> None:
             if i:
                 best, cpu = min(best, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
         kv = n * lay.bytes_per_token / best / 1e9
-        label = {"off": f"{name} (gloo, wire bytes)", "auto": f"{name} (gloo tensor lane)"}[lane] if name == "torch" else name
+        label = name if name != "torch" else f"torch ({'gloo, wire bytes' if lane == 'off' else 'gloo tensor lane'})"
         print(f"| {label} | {plain:.2f} | {kv:.2f} | {kv / plain:.2f} | {cpu * 1e3:.0f} |")
         rx.close()
         tx.close()
