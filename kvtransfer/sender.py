@@ -75,9 +75,13 @@ class KVSender:
     def start(self) -> KVSender:
         """Start the transport and serve the control RPCs on `options.listen`. Idempotent; returns self."""
         if self._server is None:
-            self.transport.start()
-            self._server, control = start_server(self.options.listen, self.options.tls, [
-                (pb_grpc.add_KVControlServicer_to_server, _ControlService(self))])
+            try:
+                self.transport.start()
+                self._server, control = start_server(self.options.listen, self.options.tls, [
+                    (pb_grpc.add_KVControlServicer_to_server, _ControlService(self))])
+            except BaseException:  # no port, unreadable TLS files: leave nothing half-open
+                self.transport.close()
+                raise
             self._address = PeerAddr(control=control, data=self.transport.endpoint())
             self._exit_token = close_at_exit(self, KVSender.close)
         return self

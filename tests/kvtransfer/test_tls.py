@@ -67,3 +67,14 @@ def test_tls_config_is_validated() -> None:
         ServingConfig.from_dict({"kvtransfer": {"transport": "torch", "tls": {"cert": "c", "key": "k", "ca": "a"}}})
     cfg = ServingConfig.from_dict({"kvtransfer": {"tls": {"cert": "c", "key": "k", "ca": "a"}}})
     assert cfg.kvtransfer.tls == KVTLSConfig("c", "k", "a")
+
+
+def test_missing_tls_files_fail_the_start_and_leave_nothing_open(tmp_path: Path) -> None:
+    import threading
+
+    cfg = KVTransferConfig(transport="grpc", tls=KVTLSConfig(cert=str(tmp_path / "no.pem"), key="k", ca="a"))
+    sp, sa = _pool(0)
+    before = threading.active_count()
+    with pytest.raises(FileNotFoundError):
+        make_sender(cfg, sp, sa, listen=LOCAL)
+    assert threading.active_count() == before
