@@ -46,7 +46,7 @@ class DecodeActor(WorkerShell):
         receiver = None
         policy = cfg.colocated_policy if cfg.mode == "colocated" else "decode"
         if cfg.mode == "disaggregated":
-            from pdserve.kvtransfer.connector import make_receiver
+            from pdserve.kvtransfer.factories import make_receiver
 
             receiver = make_receiver(cfg.kvtransfer, engine.pool, listen=self.listen)
         return DecodeWorker(engine, policy, cfg.decode.max_num_seqs, cfg.decode.max_num_batched_tokens,

@@ -15,7 +15,7 @@ from typing import Any
 from pdserve.config import ServingConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.pipeline import RankLayout
-from pdserve.kvtransfer.connector import KVReceiver, Listen, make_receiver
+from pdserve.kvtransfer.factories import KVReceiver, Listen, make_receiver
 from pdserve.kvtransfer.types import KVHandle, TransferId, TransferStatus
 from pdserve.lockstep import LockStep, load_rank_engine, rank_spans
 

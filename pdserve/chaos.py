@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
-from pdserve.kvtransfer.connector import make_receiver, make_sender, make_transport
+from pdserve.kvtransfer.factories import make_receiver, make_sender, make_transport
 from pdserve.kvtransfer.faults import FAULT_KINDS, FaultyTransport, KVFault
 from pdserve.kvtransfer.listen import Listen
 from pdserve.prefill.worker import PrefillWorker

@@ -82,7 +82,7 @@ def _disconnect_round(rig: ChaosRig, rng: random.Random) -> Cell:
     """A request whose client leaves after a few decode tokens: aborted on decode and released on
     prefill; every block on both sides must come back."""
     from pdserve.decode.worker import DecodeWorker
-    from pdserve.kvtransfer.connector import make_receiver, make_sender
+    from pdserve.kvtransfer.factories import make_receiver, make_sender
     from pdserve.prefill.worker import PrefillWorker
 
     cell = Cell("mid-decode", "disconnect")

@@ -13,7 +13,7 @@ import torch
 from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams, StepOutput
 from tests.net import LOCAL
@@ -82,7 +82,7 @@ def _disaggregated(path: Path, prompts: list[list[int]], transport: str, break_s
     return [out[f"r{i}"] for i in range(len(prompts))], prefill, decode
 
 
-@pytest.mark.parametrize("transport", ["loopback", "grpc"])
+@pytest.mark.parametrize("transport", ["loopback", "grpc", "torch"])
 def test_prefill_worker_to_decode_worker_matches_colocated(tiny_llama_dir: Path, transport: str) -> None:
     prompts = _prompts()
     got, prefill, decode = _disaggregated(tiny_llama_dir, prompts, transport)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams, StepOutput
 from tests.conftest import TINY

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pdserve.config import EngineConfig, KVTransferConfig
-from pdserve.kvtransfer.connector import make_sender
+from pdserve.kvtransfer.factories import make_sender
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.engine.sampler import sample

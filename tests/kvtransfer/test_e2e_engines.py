@@ -13,7 +13,7 @@ from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.engine.batch import Batch, Chunk
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.kvtransfer.types import TransferStatus
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 from tests.net import LOCAL
@@ -37,7 +37,10 @@ def _run(engine: Engine, req: Request) -> list[int]:
 
 
 def _disaggregated(prefill: Engine, decode: Engine, prompt: list[int], transport: str) -> list[int]:
-    cfg = KVTransferConfig(transport=transport, codec="raw", timeout_s=20)
+    """`transport` "torch-bytes": the torch transport with its tensor lane off (wire bytes over gloo);
+    plain "torch" on these CPU pools moves each layer's KV as tensors over the pair's gloo lane."""
+    name, lane = ("torch", "off") if transport == "torch-bytes" else (transport, "auto")
+    cfg = KVTransferConfig(transport=name, codec="raw", timeout_s=20, tensor_lane=lane)  # type: ignore[arg-type]
     tx, rx = make_sender(cfg, prefill.pool, prefill.allocator, listen=LOCAL), make_receiver(cfg, decode.pool, listen=LOCAL)
     try:
         req = prefill.add_request(GenerateRequest(RequestId("p"), tuple(prompt), GREEDY))
@@ -49,6 +52,7 @@ def _disaggregated(prefill: Engine, decode: Engine, prompt: list[int], transport
         assert decode.ensure_blocks(d, d.num_tokens)
         xfer = rx.pull(handle, d.block_table)
         assert rx.wait(xfer, 30) is TransferStatus.DONE, rx.poll(xfer)
+        assert rx.tensor_frames(xfer) == (decode.layout.num_layers if transport == "torch" else 0)
         d.num_computed_tokens = n
         out = _run(decode, d)
         freed: list = []
@@ -70,7 +74,7 @@ def _run_prefill(engine: Engine, req: Request) -> int:
     return out.token_ids[0]
 
 
-@pytest.mark.parametrize("transport", ["loopback", "grpc", "torch"])
+@pytest.mark.parametrize("transport", ["loopback", "grpc", "torch", "torch-bytes"])
 def test_disaggregated_matches_colocated_tiny(tiny_llama_dir: Path, transport: str) -> None:
     prefill, decode, both = _engine(tiny_llama_dir, 16), _engine(tiny_llama_dir, 8), _engine(tiny_llama_dir, 16)
     prompt = torch.randint(3, 128, (45,), generator=torch.Generator().manual_seed(1)).tolist()

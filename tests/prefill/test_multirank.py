@@ -18,7 +18,7 @@ from pdserve.config import EngineConfig, KVTransferConfig, PoolConfig, ServingCo
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId
 from tests.decode.test_disaggregated_workers import GREEDY, _colocated, _prompts

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.engine.engine import Engine
-from pdserve.kvtransfer.connector import make_sender
+from pdserve.kvtransfer.factories import make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 from tests.net import LOCAL
