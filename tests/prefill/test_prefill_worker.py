@@ -67,6 +67,6 @@ def test_queue_time_starts_when_the_instance_received_the_request(tiny_llama_dir
         worker.submit(GenerateRequest(RequestId("late"), (5, 6, 7, 8), SamplingParams(temperature=0, max_tokens=1)),
                       received_s=received)
         (result,) = _drain(worker)
-        assert result.first.timings["queue_s"] >= 0.5 > result.first.timings["prefill_s"]
+        assert result.first.latency.prefill_queue_s >= 0.5 > result.first.latency.prefill_s
     finally:
         worker.sender.close()
