@@ -92,6 +92,8 @@ def test_prefill_worker_to_decode_worker_matches_colocated(tiny_llama_dir: Path,
     for worker in (prefill, decode):
         worker.engine.allocator.check_integrity()
         assert worker.engine.allocator.num_used == 0, f"{worker.worker_id} leaked blocks"
+        assert not worker.scheduler.requests, f"{worker.worker_id} kept requests"
+    assert not prefill.scheduler.handed_off  # every export released once its pull landed
     first = [o for o in got if o]
     assert all(len(o) == GREEDY.max_tokens for o in first)
 
