@@ -211,7 +211,8 @@ class DecodeScheduler:
     def _schedule_prefills(self, budget: int, chunk: bool) -> list[Chunk]:
         """FCFS over `waiting` while budget, sequence slots and blocks last."""
         chunks: list[Chunk] = []
-        while self.waiting and budget > 0 and len(self.running) + len(self.pulling()) < self.max_num_seqs:
+        num_pulling = len(self.pulling())
+        while self.waiting and budget > 0 and len(self.running) + num_pulling < self.max_num_seqs:
             req = self.waiting[0]
             n = req.num_uncomputed_tokens
             if n > budget and chunk:
