@@ -29,7 +29,7 @@ class PrefillScheduler:
     def __init__(self, engine: Engine, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.engine = engine
         self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
-        self.requests: dict[RequestId, Request] = {}  # every request in `waiting` or `handed_off`
+        self.requests: dict[RequestId, Request] = {}  # the requests in `waiting`, by id
         self.waiting: deque[Request] = deque()
         self.handed_off: dict[str, Request] = {}  # by the export's handle id
 
@@ -69,6 +69,7 @@ class PrefillScheduler:
                 self.finish(req, req.finish_reason or "stop")
             else:
                 self.waiting.remove(req)
+                del self.requests[req.request_id]
                 req.status = RequestStatus.HANDED_OFF
             results.append((req, out))
         return results
@@ -83,9 +84,11 @@ class PrefillScheduler:
     def released(self, handle_ids: Iterable[str]) -> None:
         """The sender freed these exports' blocks (decode released them, or their lease expired)."""
         for h in handle_ids:
-            req = self.handed_off.pop(h, None)
-            if req is not None and self.requests.get(req.request_id) is req:
-                del self.requests[req.request_id]
+            self.handed_off.pop(h, None)
+
+    def exports_of(self, request_id: RequestId) -> list[str]:
+        """The handle ids under which `request_id`'s KV is still exported (at most one, normally)."""
+        return [h for h, r in self.handed_off.items() if r.request_id == request_id]
 
     def finish(self, req: Request, reason: FinishReason) -> None:
         """End a queued request here: out of the queue and the index, blocks freed."""

@@ -43,14 +43,14 @@ class PrefillWorker:
     def abort(self, request_id: RequestId) -> bool:
         """Drop a queued request, or release the KV of one already exported (nobody will pull it)."""
         r = self.scheduler.requests.get(request_id)
-        if r is None:
-            return False
-        if r.status is RequestStatus.HANDED_OFF:
-            self.sender.release(r.kv_handle.handle_id)  # the blocks free at the next sender.poll()
-            self.scheduler.released([r.kv_handle.handle_id])  # nobody will pull it: forget it now
-        else:
+        if r is not None:
             self.scheduler.finish(r, "abort")
-        return True
+            return True
+        exports = self.scheduler.exports_of(request_id)
+        for handle_id in exports:
+            self.sender.release(handle_id)  # the blocks free at the next sender.poll()
+        self.scheduler.released(exports)  # nobody will pull it: forget it now
+        return bool(exports)
 
     def step(self) -> list[PrefillResult]:
         """Run one prefill batch; return a result for each request that sampled its first token."""

@@ -53,6 +53,7 @@ def test_abort_after_export_releases_the_pinned_blocks(tiny_llama_dir: Path) -> 
         (r,) = worker.scheduler.handed_off.values()
         assert r.status is RequestStatus.HANDED_OFF and r.finish_reason is None and not r.block_table
         assert r.kv_handle == result.handle and not worker.scheduler.waiting and not worker.has_work()
+        assert not worker.scheduler.requests  # out of the queue's index: only the export (by handle id) holds it
         pinned = worker.engine.allocator.num_used
         assert pinned == worker.engine.layout.num_blocks_for(37)
         assert worker.abort(RequestId("r"))  # the router gave up on it: nobody will pull
