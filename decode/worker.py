@@ -24,13 +24,14 @@ from pdserve.engine.engine import Engine, failed_step_outputs
 from pdserve.types import GenerateRequest, RequestId, StepOutput, StepRecord, WorkerStats
 
 if TYPE_CHECKING:
+    from pdserve.kvtransfer.protocols import KVSink
     from pdserve.kvtransfer.types import KVHandle
 
 log = logging.getLogger(__name__)
 
 
 class DecodeWorker:
-    def __init__(self, engine: Engine, options: DecodeOptions, receiver: Any = None, worker_id: str = "decode-0",
+    def __init__(self, engine: Engine, options: DecodeOptions, receiver: KVSink[Any] | None = None, worker_id: str = "decode-0",
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.engine, self.receiver, self.worker_id, self.clock = engine, receiver, worker_id, clock
         self.scheduler = DecodeScheduler(engine, options)

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pdserve.engine.engine import Engine, failed_step_outputs
 from pdserve.engine.request import RequestStatus
 from pdserve.prefill.scheduler import PrefillScheduler
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepRecord, WorkerStats
 
+if TYPE_CHECKING:
+    from pdserve.kvtransfer.protocols import KVSource
+
 log = logging.getLogger(__name__)
 
 
 class PrefillWorker:
-    def __init__(self, engine: Engine, max_num_seqs: int, max_num_batched_tokens: int, sender: Any,
+    def __init__(self, engine: Engine, max_num_seqs: int, max_num_batched_tokens: int, sender: KVSource,
                  worker_id: str = "prefill-0", clock: Callable[[], float] = time.monotonic) -> None:
         self.engine, self.sender, self.worker_id, self.clock = engine, sender, worker_id, clock
         self.scheduler = PrefillScheduler(engine, max_num_seqs, max_num_batched_tokens)
