@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from pdserve.engine.engine import Engine, failed_step_outputs
 from pdserve.engine.request import RequestStatus
