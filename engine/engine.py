@@ -1,9 +1,11 @@
 """Engine: model + paged KV cache + sampler, advancing requests one scheduled batch at a time.
 
-Both roles run this class. It does not decide what runs (schedulers in prefill/ and decode/ do,
-through `ensure_blocks` and `step(batch)`); it runs the batch, samples, applies stop conditions,
-and frees the blocks of requests that finish. A request whose KV arrives from elsewhere is
-admitted with `adopt()` and continues exactly as if this engine had computed it.
+Both roles run this class. It does not decide what runs, nor when a request ends: the schedulers
+in prefill/ and decode/ do (they give blocks through `ensure_blocks`, run `step(batch)`, then
+append the sampled tokens, apply the stop conditions and free the blocks of the requests that
+ended, with `engine.request.append_token` and `free`). A request whose KV arrives from elsewhere
+gets its blocks and `num_computed_tokens` set by the decode scheduler and continues exactly as if
+this engine had computed it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pdserve.engine.step_log import StepLog
 from pdserve.engine.tp import apply_tp
 from pdserve.engine.weights import load_checkpoint
 from pdserve.prefix_keys import chain_keys
-from pdserve.types import FinishReason, GenerateRequest, RequestId, StepOutput, StepRecord
+from pdserve.types import GenerateRequest, RequestId, StepOutput, StepRecord
 
 
 class Engine:
@@ -151,8 +153,10 @@ class Engine:
 
     # ---- execution -------------------------------------------------------------------------
 
-    def step(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[StepOutput]:
-        """Run one forward over `batch`; return one StepOutput per chunk that sampled."""
+    def step(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[tuple[Request, int]]:
+        """Run one forward over `batch` and move each chunk's `num_computed_tokens` on; return
+        (request, sampled token) for each chunk that sampled, in batch order. `layer_hook(layer)`
+        runs after each layer's KV is written (layer-wise KV streaming)."""
         for c in batch.chunks:
             assert c.request.status is RequestStatus.RUNNING, f"{c.request.request_id} is {c.request.status}"
             assert len(c.request.block_table) * self.layout.block_size >= c.request.num_computed_tokens + c.num_tokens
@@ -169,7 +173,7 @@ class Engine:
         for c in batch.chunks:
             c.request.num_computed_tokens += c.num_tokens
             self._register_computed(c.request)
-        return [self._append(r, t) for r, t in zip(sampling, tokens)]
+        return list(zip(sampling, tokens, strict=True))
 
     def execute(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[int]:
         """The forward and the sampling: one token per sampling chunk. Pipeline/TP ranks override this."""
@@ -177,27 +181,8 @@ class Engine:
         sampling = [c for c in batch.chunks if c.samples]
         return sample(logits, [c.request.sampling for c in sampling], [c.request.num_tokens for c in sampling])
 
-    def _append(self, req: Request, token: int) -> StepOutput:
-        req.output_token_ids.append(token)
-        text, hit_stop = req.detokenizer.add([token]) if req.detokenizer is not None else ("", False)
-        reason: FinishReason | None = None
-        sp = req.sampling
-        if hit_stop or token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
-            reason = "stop"
-        elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            if req.detokenizer is not None and not hit_stop:
-                text += req.detokenizer.flush()  # text held back for a stop string that never came
-            self.finish(req, reason)
-        return StepOutput(req.request_id, (token,), text, reason)
-
-    def finish(self, req: Request, reason: FinishReason) -> None:
-        """Mark finished and release this engine's reference to the request's blocks."""
-        req.status, req.finish_reason = RequestStatus.FINISHED, reason
-        self.free(req)
-
     def free(self, req: Request) -> None:
+        """Release the request's reference to its blocks (a KV export keeps its own)."""
         self.allocator.free(req.block_table)
         req.block_table = []
         req.num_computed_tokens = 0

@@ -80,6 +80,7 @@ CASES = {
 _DEPLOYMENT = """
 import torch
 from pdserve.config import EngineConfig, KVTransferConfig
+from pdserve.decode.scheduler import DecodeOptions
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.kvtransfer.factories import make_receiver, make_sender
@@ -92,7 +93,7 @@ cfg = EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_mode
 pe, de = Engine.from_config(MODEL, cfg), Engine.from_config(MODEL, cfg)
 kv = KVTransferConfig(transport=NAME, codec="raw", timeout_s=5)
 prefill = PrefillWorker(pe, 8, 256, make_sender(kv, pe.pool, pe.allocator, listen=LOCAL))
-decode = DecodeWorker(de, "decode", 8, 256, receiver=make_receiver(kv, de.pool, listen=LOCAL))
+decode = DecodeWorker(de, DecodeOptions("decode", 8, 256), receiver=make_receiver(kv, de.pool, listen=LOCAL))
 params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 outputs = []
 for i in range(3):

@@ -12,7 +12,7 @@ import torch
 from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.engine.batch import Batch, Chunk
 from pdserve.engine.engine import Engine
-from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.request import Request, RequestStatus, append_token
 from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.kvtransfer.types import TransferStatus
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
@@ -32,7 +32,9 @@ def _run(engine: Engine, req: Request) -> list[int]:
     req.status = RequestStatus.RUNNING
     while not req.finished:
         assert engine.ensure_blocks(req, req.num_tokens)
-        engine.step(Batch((Chunk(req, req.num_uncomputed_tokens),)))
+        for r, token in engine.step(Batch((Chunk(req, req.num_uncomputed_tokens),))):
+            append_token(r, token, engine.eos_token_ids, engine.max_model_len)
+    engine.free(req)
     return list(req.output_token_ids)
 
 
@@ -70,8 +72,8 @@ def _disaggregated(prefill: Engine, decode: Engine, prompt: list[int], transport
 def _run_prefill(engine: Engine, req: Request) -> int:
     req.status = RequestStatus.RUNNING
     assert engine.ensure_blocks(req, req.num_tokens)
-    (out,) = engine.step(Batch((Chunk(req, req.num_tokens),)))
-    return out.token_ids[0]
+    ((_, first),) = engine.step(Batch((Chunk(req, req.num_tokens),)))
+    return first
 
 
 @pytest.mark.parametrize("transport", ["loopback", "grpc", "torch", "torch-bytes"])
