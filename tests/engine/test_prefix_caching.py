@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pdserve.config import EngineConfig
+from pdserve.decode.scheduler import DecodeOptions
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.engine.prefix_cache import PrefixCachingAllocator
@@ -35,7 +36,7 @@ class _Runner:
 
     def __init__(self, engine: Engine, policy: str = "prefill_priority", budget: int = 2048) -> None:
         self.engine = engine
-        self.worker = DecodeWorker(engine, policy, max_num_seqs=64, max_num_batched_tokens=budget)  # type: ignore[arg-type]
+        self.worker = DecodeWorker(engine, DecodeOptions(policy, max_num_seqs=64, max_num_batched_tokens=budget))  # type: ignore[arg-type]
         self.n = 0
         self.cached_tokens: list[int] = []
 
