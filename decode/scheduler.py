@@ -8,8 +8,11 @@ Queues (each request is in exactly one, indexed by id in `requests`):
                 then it holds its blocks and its pull runs until `pull_done` / `pull_failed`.
   waiting       to be (re)computed here: colocated arrivals, failed pulls to recompute, preempted.
   running       KV complete up to the last token; one token per step.
+  held          (layer-wise streaming) dispatched before prefill sampled the first token: the KV
+                landed, or the pull failed and the prompt is to be recomputed, and the request
+                waits for `first_token` before it may run (or recompute). Holds its blocks.
 
-`max_num_seqs` bounds running + pulling requests together. Policies (what colocated serving
+`max_num_seqs` bounds running + pulling + held requests together. Policies (what colocated serving
 compares against):
 
   decode            disaggregated decode: running requests step one token each; `waiting` only
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 from pdserve.config import OnFailure, ServingConfig
 from pdserve.engine.batch import Batch, Chunk
@@ -74,16 +77,24 @@ class DecodeScheduler:
         self.awaiting_kv: deque[Request] = deque()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.held: list[Request] = []
+        self.first_pending: set[RequestId] = set()  # streamed handoffs whose first token has not come
         self.num_preemptions = 0
         self.kv_pulls: Counter[str] = Counter()  # by outcome: ok, failed, timed_out, recomputed
         self.kv_pull_nbytes = 0  # bytes received by pulls that completed
 
     # ---- arrivals and departures -----------------------------------------------------------
 
-    def add(self, req: Request, now: float) -> None:
-        """Take a new request (its `kv_handle` set when its KV is to be pulled), queued from `now`."""
+    def add(self, req: Request, now: float, first_pending: bool = False) -> None:
+        """Take a new request (its `kv_handle` set when its KV is to be pulled), queued from `now`.
+        `first_pending`: a streamed handoff; it runs only after `first_token`."""
         assert req.request_id not in self.requests, req.request_id
         self.requests[req.request_id] = req
+        if first_pending:
+            assert req.kv_handle is not None, "only a pulled request waits for its first token"
+            self.first_pending.add(req.request_id)
+        else:
+            req.first_token_s = now  # it came with the request (or there is none to wait for)
         req.queued_s = now
         if req.kv_handle is None:
             self.add_waiting(req)
@@ -101,15 +112,34 @@ class DecodeScheduler:
 
     def finish(self, req: Request, reason: FinishReason) -> None:
         """End `req` here: out of every queue and the index, blocks freed (abort a running pull first)."""
-        for queue in (self.running, self.waiting, self.awaiting_kv):
+        for queue in (self.running, self.waiting, self.awaiting_kv, self.held):
             if req in queue:
                 queue.remove(req)
         self.requests.pop(req.request_id, None)
+        self.first_pending.discard(req.request_id)
         self.engine.free(req)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
 
     def has_work(self) -> bool:
-        return bool(self.requests)
+        """Something for the step loop to do (a held request only waits for input: no polling)."""
+        return bool(self.running or self.waiting or self.awaiting_kv)
+
+    def first_token(self, req: Request, token_ids: tuple[int, ...], now: float) -> None:
+        """The first token(s) prefill sampled for a streamed handoff `req`, exactly as a request that
+        arrived with them in `output_token_ids` carries them (the detokenizer state included; their
+        text was emitted by the router already). A held request runs (or recomputes) from now."""
+        self.first_pending.discard(req.request_id)
+        req.first_token_s = now
+        for t in token_ids:
+            req.output_token_ids.append(t)
+            if req.detokenizer is not None:
+                req.detokenizer.add([t])
+        if req in self.held:
+            self.held.remove(req)
+            if req.kv_pull_landed:
+                self.add_running(req)
+            else:
+                self.add_waiting(req)
 
     # ---- KV pulls --------------------------------------------------------------------------
 
@@ -121,7 +151,7 @@ class DecodeScheduler:
         """FCFS: give destination blocks to the requests whose pull may start now (back-pressure:
         the rest keep their KV pinned on prefill). The caller starts each pull."""
         admitted: list[Request] = []
-        num_seqs = len(self.running) + len(self.pulling())
+        num_seqs = len(self.running) + len(self.pulling()) + len(self.held)
         for req in self.awaiting_kv:
             if req.block_table:
                 continue
@@ -142,7 +172,13 @@ class DecodeScheduler:
         self.kv_pull_nbytes += nbytes
         req.latency += self._pull_latency(req, landed_s, "ok", nbytes)
         req.num_computed_tokens, req.kv_transfer = req.kv_handle.num_tokens, None
-        self.add_running(req)
+        self._run_or_hold(req, self.add_running)
+
+    def _run_or_hold(self, req: Request, then: Callable[[Request], None]) -> None:
+        if req.request_id in self.first_pending:
+            self.held.append(req)
+        else:
+            then(req)
 
     def pull_failed(self, req: Request, outcome: PullOutcome, error: str | None, now: float) -> StepOutput | None:
         """The pull ended without the KV: recompute the prompt here (counted, flagged in the
@@ -157,14 +193,17 @@ class DecodeScheduler:
         self.kv_pulls["recomputed"] += 1
         req.latency += LatencyBreakdown(kv_recomputed=True)
         req.num_computed_tokens, req.queued_s, req.scheduled_s = 0, now, None
-        self.add_waiting(req)
+        self._run_or_hold(req, self.add_waiting)
         return None
 
     @staticmethod
     def _pull_latency(req: Request, ended_s: float, outcome: PullOutcome, nbytes: int | None) -> LatencyBreakdown:
+        """The pull's part; `kv_exposed_s`: how much of it ran after decode had the first token
+        (all of it without streaming, where the first token comes with the handle)."""
         started = req.pull_started_s if req.pull_started_s is not None else ended_s
+        had_first = max(started, ended_s if req.first_token_s is None else req.first_token_s)
         return LatencyBreakdown(decode_queue_s=started - req.queued_s, transfer_s=max(0.0, ended_s - started),
-                                transfer_bytes=nbytes, kv_pull=outcome)
+                                transfer_bytes=nbytes, kv_pull=outcome, kv_exposed_s=max(0.0, ended_s - had_first))
 
     # ---- steps -----------------------------------------------------------------------------
 
@@ -211,7 +250,7 @@ class DecodeScheduler:
     def _schedule_prefills(self, budget: int, chunk: bool) -> list[Chunk]:
         """FCFS over `waiting` while budget, sequence slots and blocks last."""
         chunks: list[Chunk] = []
-        num_pulling = len(self.pulling())
+        num_pulling = len(self.pulling()) + len(self.held)
         while self.waiting and budget > 0 and len(self.running) + num_pulling < self.max_num_seqs:
             req = self.waiting[0]
             reused = self.engine.reuse_prefix(req)

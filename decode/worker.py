@@ -11,6 +11,10 @@ through a pulled request's life:
               `kv_recomputed` in the request's latency); on_failure=fail: freed here, the request
               ends with an error output
   aborted     freed here; the receiver tells prefill to release the source blocks
+
+Layer-wise streaming: a request may arrive with a handle that covers every one of its tokens, i.e.
+before prefill sampled the first token. Its pull starts as usual (and runs while the prefill forward
+writes the layers); the request is then held until `first_token` brings that token.
 """
 
 from __future__ import annotations
@@ -53,8 +57,19 @@ class DecodeWorker:
         if handle is not None and handle.num_tokens > r.num_tokens:
             raise ValueError(f"handle: covers {handle.num_tokens} tokens, the request has {r.num_tokens}")
         r.kv_handle = handle
-        self.scheduler.add(r, self.clock() if received_s is None else received_s)
+        first_pending = handle is not None and handle.num_tokens == r.num_tokens  # streamed: no first token yet
+        self.scheduler.add(r, self.clock() if received_s is None else received_s, first_pending)
         self.idle = False
+
+    def first_token(self, request_id: RequestId, token_ids: tuple[int, ...]) -> bool:
+        """Prefill's first token(s) for a request submitted with a streamed handle (see the module
+        docstring). False if the request is not here (aborted, or failed) or does not wait for them."""
+        r = self.scheduler.requests.get(request_id)
+        if r is None or request_id not in self.scheduler.first_pending:
+            return False
+        self.scheduler.first_token(r, tuple(token_ids), self.clock())
+        self.idle = False
+        return True
 
     def abort(self, request_id: RequestId) -> bool:
         r = self.scheduler.requests.get(request_id)

@@ -48,6 +48,7 @@ class Request:
     queued_s: float = 0.0
     scheduled_s: float | None = None
     pull_started_s: float | None = None
+    first_token_s: float | None = None  # decode: when the prefill-sampled token was here (streamed handoff)
     latency: LatencyBreakdown = field(default_factory=LatencyBreakdown)  # this instance's part so far
     latency_reported: bool = False  # sent on an output already
 

@@ -141,11 +141,15 @@ class KVSender:
                 self._cond.notify_all()
 
     def release(self, handle_id: str) -> None:
-        """Drop the export now (e.g. the request ended at its first token); blocks free at poll()."""
+        """Drop the export now (the request ended at its first token, or the forward that was to
+        write a streaming export failed): sends under way are cancelled, blocks free at poll()."""
         with self._cond:
             e = self._exports.get(HandleId(handle_id))
+            sends = list(e.sends.values()) if e is not None else []
             if e is not None:
                 e.cells_left.clear()
+        for s in sends:
+            s.cancel("the export was released")
 
     def poll(self) -> list[HandleId]:
         """Free the blocks of exports that are fully released or whose lease expired (and that no

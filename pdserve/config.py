@@ -103,6 +103,11 @@ class KVTransferConfig:
     port_range: str | None = None  # "20000-20999": KV listening ports (firewalled clusters); None: any free port
     connect_timeout_s: float = 5.0  # launch's reachability check of every prefill KV endpoint from each decode
     tls: KVTLSConfig | None = None  # TLS on the control RPCs and the grpc transport's data; None: plaintext
+    layerwise: bool = True
+    """Layer-wise streaming: prefill exports a prompt's KV before the forward that writes it, the
+    router hands the handle to decode at once and decode pulls each layer as the forward writes it;
+    the first token follows when sampled. False: export after the forward, hand over with the first
+    token. Instances with tp × pp > 1 always use the latter."""
     tensor_lane: TensorLane = "auto"
     """transport torch: how KV tensors travel between the pair. group: the pair's own process group,
     NCCL between two GPUs, gloo between two CPU pools; ipc: CUDA IPC (both ends on one node's GPUs);

@@ -127,7 +127,10 @@ class LatencyBreakdown:
     (colocated, or a failed pull recomputed: `kv_recomputed`) {prefill_queue_s, prefill_s}. The
     router adds the parts over roles and attempts (`+`) and fills the end-to-end figures with
     `finalize` on the last output. `decode_queue_s` / `transfer_bytes` / `kv_pull` are None when no
-    pull was started / completed / attempted. Plain floats, ints, bools and strings only: it
+    pull was started / completed / attempted. `transfer_s` is the pull's whole duration (admitted to
+    landed); `kv_exposed_s` the part of it after decode had the first token, i.e. not hidden behind
+    the prefill forward by layer-wise streaming (without streaming: all of it); the phases count the
+    exposed part, so they still sum to e2e_s. Plain floats, ints, bools and strings only: it
     crosses Ray's object store as is.
     """
 
@@ -141,15 +144,22 @@ class LatencyBreakdown:
     decode_s: float = 0.0  # finalize: e2e less queues, prefill and transfer
     ttft_s: float = 0.0  # finalize: arrival to first token (router clock)
     e2e_s: float = 0.0  # finalize: arrival to last output (router clock)
+    kv_exposed_s: float | None = None  # decode: the pull's time after the first token was there
 
     @property
     def queue_s(self) -> float:
-        """All queueing, both roles: with prefill_s, transfer_s and decode_s it sums to e2e_s."""
+        """All queueing, both roles: with prefill_s, exposed_transfer_s and decode_s it sums to e2e_s."""
         return self.prefill_queue_s + (self.decode_queue_s or 0.0)
+
+    @property
+    def exposed_transfer_s(self) -> float:
+        """The transfer's share of the critical path (all of `transfer_s` unless it overlapped prefill)."""
+        return self.transfer_s if self.kv_exposed_s is None else self.kv_exposed_s
 
     def phases(self) -> dict[str, float]:
         """The four phases end-to-end time splits into (they sum to e2e_s once finalized), seconds."""
-        return {"queue": self.queue_s, "prefill": self.prefill_s, "transfer": self.transfer_s, "decode": self.decode_s}
+        return {"queue": self.queue_s, "prefill": self.prefill_s, "transfer": self.exposed_transfer_s,
+                "decode": self.decode_s}
 
     def __add__(self, other: LatencyBreakdown) -> LatencyBreakdown:
         """Both parts (two roles, or two attempts): times and bytes add; the later pull outcome wins."""
@@ -158,11 +168,11 @@ class LatencyBreakdown:
             _add_opt(self.decode_queue_s, other.decode_queue_s), self.transfer_s + other.transfer_s,
             _add_opt(self.transfer_bytes, other.transfer_bytes), other.kv_pull or self.kv_pull,
             self.kv_recomputed or other.kv_recomputed, self.decode_s + other.decode_s,
-            self.ttft_s + other.ttft_s, self.e2e_s + other.e2e_s)
+            self.ttft_s + other.ttft_s, self.e2e_s + other.e2e_s, _add_opt(self.kv_exposed_s, other.kv_exposed_s))
 
     def finalize(self, ttft_s: float, e2e_s: float) -> LatencyBreakdown:
         """The whole request's breakdown: decode_s is what the other parts leave of e2e_s (>= 0)."""
-        decode = max(0.0, e2e_s - self.queue_s - self.prefill_s - self.transfer_s)
+        decode = max(0.0, e2e_s - self.queue_s - self.prefill_s - self.exposed_transfer_s)
         return dataclasses.replace(self, decode_s=decode, ttft_s=ttft_s, e2e_s=e2e_s)
 
     def to_json(self) -> dict[str, float]:
@@ -174,6 +184,8 @@ class LatencyBreakdown:
             out["decode_queue_s"] = self.decode_queue_s
         if self.transfer_bytes is not None:
             out["transfer_bytes"] = float(self.transfer_bytes)
+        if self.kv_exposed_s is not None:
+            out["kv_exposed_s"] = self.kv_exposed_s
         if self.kv_recomputed:
             out["kv_recomputed"] = 1.0
         return out

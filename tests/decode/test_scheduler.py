@@ -52,7 +52,8 @@ def test_pull_admission_shares_max_num_seqs_with_running(tiny_llama_dir: Path) -
     assert s.pulling() == reqs[:3] and not reqs[3].block_table and reqs[0].pull_started_s == 2.0
     s.pull_done(reqs[0], landed_s=2.5, nbytes=100)
     assert s.running == [reqs[0]] and reqs[0].num_computed_tokens == 20 and reqs[0].status is RequestStatus.RUNNING
-    assert reqs[0].latency == LatencyBreakdown(decode_queue_s=1.0, transfer_s=0.5, transfer_bytes=100, kv_pull="ok")
+    assert reqs[0].latency == LatencyBreakdown(decode_queue_s=1.0, transfer_s=0.5, transfer_bytes=100, kv_pull="ok",
+                                                kv_exposed_s=0.5)
     assert s.admit_pulls(now=3.0) == []  # one running + two pulling: still full
     assert s.pull_failed(reqs[1], "timed_out", "timed out", now=3.0) is None  # recompute: out of the pull slots
     assert list(s.waiting) == [reqs[1]] and reqs[1].num_computed_tokens == 0 and reqs[1].queued_s == 3.0
@@ -104,7 +105,8 @@ def test_update_finishes_frees_and_reports_latency_once(tiny_llama_dir: Path) ->
         batch = s.schedule(now=2.0)
         outs += s.update(engine.step(batch), now=3.0)
     assert [o.finish_reason for o in outs] == [None, "length"] and len(r.output_token_ids) == 3
-    assert outs[0].latency == LatencyBreakdown(decode_queue_s=1.0, transfer_s=0.5, transfer_bytes=64, kv_pull="ok")
+    assert outs[0].latency == LatencyBreakdown(decode_queue_s=1.0, transfer_s=0.5, transfer_bytes=64, kv_pull="ok",
+                                                kv_exposed_s=0.5)
     assert outs[1].latency is None
     assert r.finished and r.finish_reason == "length" and not s.running and not s.requests
     assert engine.allocator.num_used == 0
