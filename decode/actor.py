@@ -76,6 +76,11 @@ class DecodeActor(WorkerShell):
             if not finished:  # the consumer went away (or submit failed): free everything it held
                 self._steps.submit(self.worker.abort, req.request_id)
 
+    async def first_token(self, request_id: RequestId, token_ids: tuple[int, ...]) -> bool:
+        """A streamed handoff's first token(s) (DecodeWorker.first_token)."""
+        await self.start()
+        return await self._steps.call(self.worker.first_token, request_id, token_ids)
+
     async def abort(self, request_id: RequestId) -> None:
         await self.start()
         if await self._steps.call(self.worker.abort, request_id):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -14,8 +15,13 @@ from pdserve.config import ServingConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
 from pdserve.kvtransfer.reach import Endpoint, endpoints
+from pdserve.prefill.early_handles import EarlyHandles
 from pdserve.prefill.worker import PrefillWorker
+from pdserve.steploop import deliver_threadsafe
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput
+
+if TYPE_CHECKING:
+    from pdserve.kvtransfer.types import KVHandle
 
 
 class PrefillActor(WorkerShell):
@@ -24,6 +30,7 @@ class PrefillActor(WorkerShell):
         self.cfg, self.worker_id = cfg, worker_id  # cheap: weights load in start()
         self.ranks = RankLayout(cfg.prefill.tp, cfg.prefill.pp, rank)
         self._waiting: dict[RequestId, asyncio.Future[PrefillResult]] = {}
+        self._exported = EarlyHandles()
 
     def _build_worker(self, init_method: str) -> Any:
         if self.ranks.world_size > 1:
@@ -36,8 +43,11 @@ class PrefillActor(WorkerShell):
         torch.set_num_threads(cfg.engine.num_threads)
         engine = Engine.from_config(cfg.model, cfg.engine)
         sender = make_sender(cfg.kvtransfer, engine.pool, engine.allocator, listen=self.listen)
-        return PrefillWorker(engine, cfg.prefill.max_num_seqs, cfg.prefill.max_num_batched_tokens,
-                             sender, worker_id=self.worker_id)
+        worker = PrefillWorker(engine, cfg.prefill.max_num_seqs, cfg.prefill.max_num_batched_tokens,
+                               sender, worker_id=self.worker_id)
+        if cfg.kvtransfer.layerwise:
+            worker.stream_exports(lambda handles: deliver_threadsafe(self._loop, self._exported.handles, handles))
+        return worker
 
     def _on_outputs(self, results: list[PrefillResult]) -> None:
         for r in results:
@@ -61,6 +71,13 @@ class PrefillActor(WorkerShell):
             self._waiting.pop(req.request_id, None)
             self._steps.submit(self.worker.abort, req.request_id)
             raise
+
+    async def prefill_stream(self, req: GenerateRequest) -> AsyncIterator[KVHandle | PrefillResult]:
+        """Streaming-generator method (layer-wise KV streaming): the KV handle as soon as the KV is
+        exported, then the result (router/protocols.py StreamingPrefillClient)."""
+        await self.start()
+        async for item in self._exported.stream(req.request_id, self.prefill(req)):
+            yield item
 
     async def abort(self, request_id: RequestId) -> None:
         await self.start()

@@ -46,12 +46,25 @@ async def _call(worker_id: str, ref: Awaitable[T]) -> T:
         raise (InvalidRequestError if isinstance(e, ValueError) else RequestFailedError)(message) from e
 
 
+async def _stream(worker_id: str, method: Any, *args: Any) -> AsyncGenerator[Any, None]:
+    """Iterate a streaming-generator actor method's items, with `_call`'s errors."""
+    try:
+        stream: Any = method.options(num_returns="streaming").remote(*args)
+        async for ref in stream:
+            yield await _call(worker_id, ref)
+    except _DEAD as e:  # raised by the stream itself, between items
+        raise WorkerDeadError(worker_id, type(e).__name__) from e
+
+
 class RayPrefillClient:
     def __init__(self, worker_id: str, actor: ActorHandle[Any]) -> None:
         self.worker_id, self.actor = worker_id, actor
 
     async def prefill(self, req: GenerateRequest) -> PrefillResult:
         return await _call(self.worker_id, self.actor.prefill.remote(req))
+
+    def prefill_stream(self, req: GenerateRequest) -> AsyncGenerator[KVHandle | PrefillResult, None]:
+        return _stream(self.worker_id, self.actor.prefill_stream, req)
 
     async def abort(self, request_id: RequestId) -> None:
         await _call(self.worker_id, self.actor.abort.remote(request_id))
@@ -64,13 +77,11 @@ class RayDecodeClient:
     def __init__(self, worker_id: str, actor: ActorHandle[Any]) -> None:
         self.worker_id, self.actor = worker_id, actor
 
-    async def generate(self, req: GenerateRequest, handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
-        try:
-            stream: Any = self.actor.generate.options(num_returns="streaming").remote(req, handle)
-            async for ref in stream:
-                yield await _call(self.worker_id, ref)
-        except _DEAD as e:  # raised by the stream itself, between items
-            raise WorkerDeadError(self.worker_id, type(e).__name__) from e
+    def generate(self, req: GenerateRequest, handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
+        return _stream(self.worker_id, self.actor.generate, req, handle)
+
+    async def first_token(self, request_id: RequestId, token_ids: tuple[int, ...]) -> bool:
+        return await _call(self.worker_id, self.actor.first_token.remote(request_id, token_ids))
 
     async def abort(self, request_id: RequestId) -> None:
         await _call(self.worker_id, self.actor.abort.remote(request_id))
@@ -97,7 +108,8 @@ class RouterActor:
                  prefill: dict[str, ActorHandle[Any]] | None = None,
                  decode: dict[str, ActorHandle[Any]] | None = None) -> None:
         self.cfg, self.tokenizer_dir = cfg, tokenizer_dir
-        self.router = Router(cfg.router, cfg.mode)
+        self.router = Router(cfg.router, cfg.mode, layerwise=cfg.kvtransfer.layerwise and cfg.prefill.tp * cfg.prefill.pp
+                             * cfg.decode.tp * cfg.decode.pp == 1)  # rank engines stream nothing early
         self._workers = (prefill or {}, decode or {})
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None

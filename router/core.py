@@ -10,6 +10,11 @@ A decode instance that dies mid-stream is replaced by another healthy one (after
 (`GenerateRequest.output_token_ids`); past `max_attempts` the request ends with an explicit error
 output. Closing a `RequestStream` early (client gone, timeout) aborts it on every worker holding it.
 
+Layer-wise streaming (`layerwise`, router/layerwise.py): prefill yields the KV handle before its
+forward; the request goes to decode at once (which pulls while prefill computes) and the first
+token follows. If prefill fails after that, decode is aborted and the request takes the path above;
+if it ends at its first token, decode is aborted; if decode lost it, it is recomputed elsewhere.
+
 A step that raises on a worker fails only the requests of its batch (the worker stays in its pool):
 each is retried once, on another instance when there is one; a request whose step fails twice is a
 poison request and ends with an explicit error, never replayed across the pool.
@@ -26,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pdserve.config import Mode, RouterConfig
+from pdserve.router.errors import OverloadedError, UnavailableError
+from pdserve.router.layerwise import EarlyDecode
 from pdserve.router.policies import decode_policy, prefill_policy
 from pdserve.router.pool import Instance, Pool
 from pdserve.router.protocols import (
@@ -33,26 +40,17 @@ from pdserve.router.protocols import (
     InvalidRequestError,
     PrefillClient,
     RequestFailedError,
+    StreamingDecodeClient,
+    StreamingPrefillClient,
     WorkerDeadError,
 )
-from pdserve.types import GenerateRequest, LatencyBreakdown, RequestId, StepOutput
+from pdserve.types import GenerateRequest, LatencyBreakdown, PrefillResult, RequestId, StepOutput
 
 if TYPE_CHECKING:
     from pdserve.kvtransfer.types import KVHandle
 
 Clock = Callable[[], float]
-
-
-class OverloadedError(Exception):
-    """Too many requests pending; retry after `retry_after_s` (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class UnavailableError(OverloadedError):
-    """No healthy instance can take the request right now (HTTP 503)."""
+__all__ = ["OverloadedError", "RequestStream", "Router", "UnavailableError"]
 
 
 @dataclass
@@ -71,8 +69,9 @@ class Router:
     """Request state and dispatch for one serving system (both modes)."""
 
     def __init__(self, cfg: RouterConfig, mode: Mode = "disaggregated", *, clock: Clock = time.monotonic,
-                 failover_wait_s: float = 30.0, max_attempts: int = 4) -> None:
-        self.cfg, self.mode, self.clock = cfg, mode, clock
+                 failover_wait_s: float = 30.0, max_attempts: int = 4, layerwise: bool = False) -> None:
+        """`layerwise`: stream KV handoffs (the clients are `StreamingPrefillClient`/`StreamingDecodeClient`)."""
+        self.cfg, self.mode, self.clock, self.layerwise = cfg, mode, clock, layerwise
         self.failover_wait_s, self.max_attempts = failover_wait_s, max_attempts
         self.prefill: Pool[PrefillClient] = Pool("prefill", prefill_policy(cfg.prefill_policy))
         self.decode: Pool[DecodeClient] = Pool("decode", decode_policy(cfg.decode_policy))
@@ -110,13 +109,17 @@ class Router:
     async def _lifecycle(self, st: _State) -> AsyncGenerator[StepOutput, None]:
         try:
             handle: KVHandle | None = None
+            early: EarlyDecode | None = None
             if self.mode == "disaggregated" and not st.output_ids:
-                first, handle = await self._run_prefill(st)
+                if self.layerwise:
+                    first, handle, early = await self._run_prefill_layerwise(st)
+                else:
+                    first, handle = await self._run_prefill(st)
                 if first is not None:
                     yield self._emit(st, first)
                     if first.finished:
                         return
-            async with aclosing(self._run_decode(st, handle)) as outs:
+            async with aclosing(self._run_decode(st, handle, early)) as outs:
                 async for out in outs:
                     yield self._emit(st, out)
                     if out.finished:
@@ -124,10 +127,10 @@ class Router:
         finally:
             await self._release(st)
 
-    async def _run_prefill(self, st: _State) -> tuple[StepOutput | None, KVHandle | None]:
-        """First token and KV handle, or (None, None) when no prefill instance could do it."""
+    async def _run_prefill(self, st: _State, failed_on: str | None = None) -> tuple[StepOutput | None, KVHandle | None]:
+        """First token and KV handle, or (None, None) when no prefill instance could do it.
+        `failed_on`: the instance whose step already failed on this request once."""
         n = len(st.request.prompt_token_ids)
-        failed_on: str | None = None
         for _ in range(self.max_attempts):
             inst = self.prefill.pick(st.request, avoid=failed_on)
             if inst is None:
@@ -154,21 +157,92 @@ class Router:
             return result.first, result.handle
         return None, None
 
-    async def _run_decode(self, st: _State, handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
+    async def _run_prefill_layerwise(self, st: _State) -> tuple[StepOutput | None, KVHandle | None,
+                                                                 EarlyDecode | None]:
+        """As `_run_prefill`, dispatching decode as soon as prefill has exported the KV (then the
+        third item is that decode stream, told the first token). Any failure after the dispatch
+        closes and aborts it, and continues as without streaming."""
+        n = len(st.request.prompt_token_ids)
+        inst = self.prefill.pick(st.request)
+        if inst is None:
+            return None, None, None
+        client: StreamingPrefillClient = inst.client  # type: ignore[assignment]
+        st.holders.append((self.prefill, inst.worker_id))
+        inst.outstanding_tokens += n
+        early: EarlyDecode | None = None
+        try:
+            async with aclosing(client.prefill_stream(st.request)) as items:
+                async for item in items:
+                    if isinstance(item, PrefillResult):
+                        return await self._streamed_first(st, inst.worker_id, item, early)
+                    picked = self.decode.pick(st.request)  # dispatch now, with the KV still being written
+                    early = picked and EarlyDecode(picked, self._open_decode(st, picked, item))
+            raise RequestFailedError(f"prefill instance {inst.worker_id} ended the stream without a result")
+        except WorkerDeadError:
+            self.prefill.mark_dead(inst.worker_id, client)
+            await self._close_early(st, early)
+            return (*await self._run_prefill(st), None)
+        except RequestFailedError as e:
+            await self._close_early(st, early)
+            if isinstance(e, InvalidRequestError):
+                raise
+            return self._error(st, f"prefill failed: {e}"), None, None
+        finally:
+            inst.outstanding_tokens -= n
+
+    async def _streamed_first(self, st: _State, worker_id: str, result: PrefillResult,
+                              early: EarlyDecode | None) -> tuple[StepOutput | None, KVHandle | None, EarlyDecode | None]:
+        """Prefill's result after an early dispatch (`early`, if a decode instance was free)."""
+        first = result.first
+        if early is not None and first.finished:  # prefill failed, or the request ended at its first token
+            await self._close_early(st, early)
+            early = None
+        if first.finish_reason == "error":
+            return (*await self._run_prefill(st, self._retry_once(worker_id)), None)
+        if early is None:
+            return first, result.handle, None
+        decode: StreamingDecodeClient = early.inst.client  # type: ignore[assignment]
+        try:
+            if await decode.first_token(st.request.request_id, first.token_ids):
+                return first, result.handle, early
+        except (WorkerDeadError, RequestFailedError):
+            pass  # as if decode had lost it: recompute (the stream, closed here, tells a dead one)
+        await self._close_early(st, early)
+        await self._abort_on(self.prefill, st)  # the pull ended (decode lost the request): free the export
+        self.num_redispatched += 1
+        return first, None, None
+
+    async def _close_early(self, st: _State, early: EarlyDecode | None) -> None:
+        if early is not None:
+            await early.close()
+            await self._abort_on(self.decode, st)
+
+    def _open_decode(self, st: _State, inst: Instance[DecodeClient],
+                     handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
+        """Hand the request (with the tokens streamed so far) to `inst`; counted in its `num_inflight`."""
+        req = dataclasses.replace(st.request, output_token_ids=tuple(st.output_ids))
+        st.holders.append((self.decode, inst.worker_id))
+        inst.num_inflight += 1
+        return inst.client.generate(req, handle)
+
+    async def _run_decode(self, st: _State, handle: KVHandle | None,
+                          early: EarlyDecode | None = None) -> AsyncGenerator[StepOutput, None]:
+        """Stream the request from a decode instance (`early`'s first, if given), re-dispatching on failure."""
         failed_on: str | None = None
         for attempt in range(self.max_attempts):
             if attempt:
                 self.num_redispatched += 1
-            inst = await self._pick_decode(st, avoid=failed_on)
-            if inst is None:
-                yield self._error(st, "no healthy decode instance to continue the request")
-                return
-            req = dataclasses.replace(st.request, output_token_ids=tuple(st.output_ids))
+            if early is not None:
+                (inst, stream), early = early.take(), None
+            else:
+                picked = await self._pick_decode(st, avoid=failed_on)
+                if picked is None:
+                    yield self._error(st, "no healthy decode instance to continue the request")
+                    return
+                inst, stream = picked, self._open_decode(st, picked, handle)
             client = inst.client
-            st.holders.append((self.decode, inst.worker_id))
-            inst.num_inflight += 1
             try:
-                async with aclosing(client.generate(req, handle)) as outs:
+                async with aclosing(stream) as outs:
                     async for out in outs:
                         if out.finish_reason == "error" and failed_on is None:
                             failed_on = self._retry_once(inst.worker_id)

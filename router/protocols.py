@@ -91,3 +91,25 @@ class DecodeClient(Protocol):
     async def stats(self) -> WorkerStats:
         """A fresh snapshot for dispatch policies. Raises `WorkerDeadError` if the instance is gone."""
         ...
+
+
+class StreamingPrefillClient(PrefillClient, Protocol):
+    """A prefill instance that streams KV layer by layer (`kvtransfer.layerwise`)."""
+
+    def prefill_stream(self, req: GenerateRequest) -> AsyncGenerator[KVHandle | PrefillResult, None]:
+        """As `prefill`, but yields the request's `KVHandle` as soon as the KV is exported, before the
+        forward that writes it (decode may pull at once: each layer is served once written), then
+        the `PrefillResult` (its `handle` is the same one, or None if the request ended or failed:
+        the export is released then). An instance that does not stream this request yields only the
+        result. Raises as `prefill`; closing the stream early does not abort the request."""
+        ...
+
+
+class StreamingDecodeClient(DecodeClient, Protocol):
+    """A decode instance that takes layer-wise (streamed) handoffs."""
+
+    async def first_token(self, request_id: RequestId, token_ids: tuple[int, ...]) -> bool:
+        """The first token(s) prefill sampled for a request that `generate` got with a handle covering
+        all of its tokens (a streamed handoff: it runs only after this). False if the instance no
+        longer holds the request (it failed or was aborted). Raises `WorkerDeadError` if it is gone."""
+        ...

@@ -9,6 +9,7 @@ where the dead instance stopped. Each fake can be killed (calls and live streams
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -87,6 +88,16 @@ class FakePrefill(_Base):
     async def prefill(self, req: GenerateRequest) -> PrefillResult:
         self._check()
         self.calls.append(req)
+        return await self._forward(req)
+
+    async def prefill_stream(self, req: GenerateRequest) -> AsyncIterator[FakeHandle | PrefillResult]:
+        """Layer-wise streaming: the handle before the "forward" (`delay_s`), then the result."""
+        self._check()
+        self.calls.append(req)
+        yield FakeHandle(req.request_id, len(req.prompt_token_ids))
+        yield await self._forward(req)
+
+    async def _forward(self, req: GenerateRequest) -> PrefillResult:
         if self.hang:
             await asyncio.Event().wait()
         await asyncio.sleep(self.delay_s)
@@ -106,6 +117,15 @@ class FakeDecode(_Base):
     die_after: int | None = None  # die after emitting this many tokens (over all streams)
     num_emitted: int = 0
     running: set[str] = field(default_factory=set)
+    first_tokens: dict[str, asyncio.Future[tuple[int, ...]]] = field(default_factory=dict)  # streamed handoffs
+
+    async def first_token(self, request_id: RequestId, token_ids: tuple[int, ...]) -> bool:
+        self._check()
+        fut = self.first_tokens.pop(request_id, None)
+        if fut is None or fut.done():
+            return False
+        fut.set_result(tuple(token_ids))
+        return True
 
     def _active(self) -> set[str]:
         return self.running
@@ -114,9 +134,13 @@ class FakeDecode(_Base):
         self._check()
         self.calls.append((req, handle))
         self.running.add(req.request_id)
+        seen_aborts = len(self.aborted)  # aborts of an earlier stream of this id (a closed early dispatch) do not count
         try:
             if self.fail_requests:
                 raise RequestFailedError("bad request")
+            if isinstance(handle, FakeHandle) and handle.num_tokens == len(req.prompt_token_ids + req.output_token_ids):
+                fut = self.first_tokens[req.request_id] = asyncio.get_running_loop().create_future()
+                req = dataclasses.replace(req, output_token_ids=req.output_token_ids + await fut)  # streamed
             prev = (req.prompt_token_ids + req.output_token_ids)[-1]
             latency: LatencyBreakdown | None = (
                 LatencyBreakdown(decode_queue_s=0.002, transfer_s=0.003, transfer_bytes=4096, kv_pull="ok")
@@ -124,7 +148,7 @@ class FakeDecode(_Base):
             for n in range(len(req.output_token_ids), req.sampling.max_tokens):
                 await asyncio.sleep(self.delay_s)
                 self._check()
-                if req.request_id in self.aborted:
+                if req.request_id in self.aborted[seen_aborts:]:
                     yield StepOutput(req.request_id, (), finish_reason="abort")
                     return
                 prev = next_token(prev)
@@ -137,6 +161,7 @@ class FakeDecode(_Base):
                 latency = None
         finally:
             self.running.discard(req.request_id)
+            self.first_tokens.pop(req.request_id, None)
 
 
 class FakeTokenizer:
