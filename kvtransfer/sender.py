@@ -189,7 +189,7 @@ class KVSender:
         layers, heads = Span(req.layers.start, req.layers.stop), Span(req.heads.start, req.heads.stop)
         with self._cond:
             e = self._exports.get(HandleId(req.handle_id))
-            if e is None:
+            if e is None or not e.cells_left:
                 return f"handle {req.handle_id} is not exported here (released or lease expired)"
             if layers.intersect(self.layers) != layers or heads.intersect(self.heads) != heads:
                 return "requested span is outside this shard"
