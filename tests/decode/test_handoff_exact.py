@@ -73,12 +73,24 @@ class Deployment:
         self.colocated.submit(req)
         return Result(tuple(_delta(o) for o in _drain(self.colocated)))
 
-    def run_disaggregated(self, prompt: list[int], params: SamplingParams) -> Result:
+    def run_disaggregated(self, prompt: list[int], params: SamplingParams, layerwise: bool = False) -> Result:
+        """`layerwise`: as the router streams a handoff: decode gets the request with the handle
+        before prefill's forward and the first token after it (aborted if it ended there)."""
         req = GenerateRequest(RequestId(f"d{next(_ids)}"), tuple(prompt), params)
         self.prefill.submit(req)
-        (res,) = self.prefill.step()
+        if layerwise:
+            self.prefill.stream_exports(lambda handles: self.decode.submit(req, handles[0]))
+        try:
+            (res,) = self.prefill.step()
+        finally:
+            self.prefill.on_export = None
         outs = [res.first]
-        if not res.first.finished:
+        if layerwise and res.first.finished:
+            assert self.decode.abort(req.request_id)
+        elif layerwise:
+            assert self.decode.first_token(req.request_id, res.first.token_ids)
+            outs += _drain(self.decode)
+        elif not res.first.finished:
             self.decode.submit(GenerateRequest(req.request_id, req.prompt_token_ids, params,
                                                output_token_ids=res.first.token_ids), res.handle)
             outs += _drain(self.decode)
@@ -124,10 +136,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> D
 
 def _check_equal(d: Deployment, prompt: list[int], params: SamplingParams) -> Result:
     colocated = d.run_colocated(prompt, params)
-    disaggregated = d.run_disaggregated(prompt, params)
-    assert disaggregated.deltas == colocated.deltas  # ids, text and finish reason of every streamed delta
-    usage = (len(prompt), len(colocated.token_ids))
-    assert (len(prompt), len(disaggregated.token_ids)) == usage
+    for layerwise in (False, True):
+        disaggregated = d.run_disaggregated(prompt, params, layerwise)
+        assert disaggregated.deltas == colocated.deltas  # ids, text and finish reason of every streamed delta
+        usage = (len(prompt), len(colocated.token_ids))
+        assert (len(prompt), len(disaggregated.token_ids)) == usage
     return colocated
 
 

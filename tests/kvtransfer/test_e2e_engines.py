@@ -4,6 +4,7 @@ same greedy tokens as one engine doing both."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from pdserve.engine.batch import Batch, Chunk
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import Request, RequestStatus, append_token
 from pdserve.kvtransfer.factories import make_receiver, make_sender
+from pdserve.kvtransfer.receiver import KVReceiver
+from pdserve.kvtransfer.sender import KVSender
 from pdserve.kvtransfer.types import TransferStatus
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 from tests.net import LOCAL
@@ -38,21 +41,25 @@ def _run(engine: Engine, req: Request) -> list[int]:
     return list(req.output_token_ids)
 
 
-def _disaggregated(prefill: Engine, decode: Engine, prompt: list[int], transport: str) -> list[int]:
+def _disaggregated(prefill: Engine, decode: Engine, prompt: list[int], transport: str, streaming: bool = False) -> list[int]:
     """`transport` "torch-bytes": the torch transport with its tensor lane off (wire bytes over gloo);
-    plain "torch" on these CPU pools moves each layer's KV as tensors over the pair's gloo lane."""
+    plain "torch" on these CPU pools moves each layer's KV as tensors over the pair's gloo lane.
+    `streaming`: exported before the prefill forward, pulled while it runs (layer-wise)."""
     name, lane = ("torch", "off") if transport == "torch-bytes" else (transport, "auto")
     cfg = KVTransferConfig(transport=name, codec="raw", timeout_s=20, tensor_lane=lane)  # type: ignore[arg-type]
     tx, rx = make_sender(cfg, prefill.pool, prefill.allocator, listen=LOCAL), make_receiver(cfg, decode.pool, listen=LOCAL)
     try:
         req = prefill.add_request(GenerateRequest(RequestId("p"), tuple(prompt), GREEDY))
-        first = _run_prefill(prefill, req)
         n = len(prompt)
-        handle = tx.export("p", req.block_table[:prefill.layout.num_blocks_for(n)], n)
+        if streaming:
+            xfer, d, first = _streamed(prefill, decode, req, tx, rx)
+        else:
+            first = _run_prefill(prefill, req)
+            handle = tx.export("p", req.block_table[:prefill.layout.num_blocks_for(n)], n)
+            d = decode.add_request(GenerateRequest(RequestId("p"), tuple(prompt), GREEDY, output_token_ids=(first,)))
+            assert decode.ensure_blocks(d, d.num_tokens)
+            xfer = rx.pull(handle, d.block_table)
         prefill.free(req)  # the export's reference keeps the blocks
-        d = decode.add_request(GenerateRequest(RequestId("p"), tuple(prompt), GREEDY, output_token_ids=(first,)))
-        assert decode.ensure_blocks(d, d.num_tokens)
-        xfer = rx.pull(handle, d.block_table)
         assert rx.wait(xfer, 30) is TransferStatus.DONE, rx.poll(xfer)
         assert rx.tensor_frames(xfer) == (decode.layout.num_layers if transport == "torch" else 0)
         d.num_computed_tokens = n
@@ -69,19 +76,34 @@ def _disaggregated(prefill: Engine, decode: Engine, prompt: list[int], transport
         tx.close()
 
 
-def _run_prefill(engine: Engine, req: Request) -> int:
+def _run_prefill(engine: Engine, req: Request, layer_hook: Callable[[int], None] | None = None) -> int:
     req.status = RequestStatus.RUNNING
     assert engine.ensure_blocks(req, req.num_tokens)
-    ((_, first),) = engine.step(Batch((Chunk(req, req.num_tokens),)))
+    ((_, first),) = engine.step(Batch((Chunk(req, req.num_tokens),)), layer_hook=layer_hook)
     return first
 
 
+def _streamed(prefill: Engine, decode: Engine, req: Request, tx: KVSender, rx: KVReceiver) -> tuple[str, Request, int]:
+    """Export before the forward, pull during it (each layer once written), then add the first token."""
+    n = req.num_tokens
+    assert prefill.ensure_blocks(req, n)
+    handle = tx.export("p", list(req.block_table), n, streaming=True)
+    d = decode.add_request(GenerateRequest(RequestId("p"), tuple(req.prompt_token_ids), GREEDY))
+    assert decode.ensure_blocks(d, n + 1)
+    xfer = rx.pull(handle, d.block_table)
+    first = _run_prefill(prefill, req, tx.layer_hook)
+    tx.mark_ready(handle.handle_id)
+    d.output_token_ids.append(first)
+    return xfer, d, first
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "layerwise"])
 @pytest.mark.parametrize("transport", ["loopback", "grpc", "torch", "torch-bytes"])
-def test_disaggregated_matches_colocated_tiny(tiny_llama_dir: Path, transport: str) -> None:
+def test_disaggregated_matches_colocated_tiny(tiny_llama_dir: Path, transport: str, streaming: bool) -> None:
     prefill, decode, both = _engine(tiny_llama_dir, 16), _engine(tiny_llama_dir, 8), _engine(tiny_llama_dir, 16)
     prompt = torch.randint(3, 128, (45,), generator=torch.Generator().manual_seed(1)).tolist()
     want = _run(both, both.add_request(GenerateRequest(RequestId("c"), tuple(prompt), GREEDY)))
-    assert _disaggregated(prefill, decode, prompt, transport) == want
+    assert _disaggregated(prefill, decode, prompt, transport, streaming) == want
 
 
 @pytest.mark.slow
