@@ -14,7 +14,7 @@ from typing import Any
 from pdserve.config import ServingConfig
 from pdserve.router.openai_api import _NO_OP, MAX_TEMPERATURE
 
-TIMINGS_KEYS = ("queue_s", "prefill_s", "transfer_s", "decode_s", "ttft_s", "e2e_s", "decode_queue_s")
+TIMINGS_KEYS = ("queue_s", "prefill_s", "transfer_s", "decode_s", "ttft_s", "e2e_s", "decode_queue_s", "kv_exposed_s")
 
 
 def deployment_shape(cfg: ServingConfig) -> dict[str, Any]:
