@@ -229,6 +229,12 @@ class ServingConfig:
                 raise ConfigError(f"placement.node_groups: {pl.node_groups} does not divide {role}.pp ({pool.pp})")
 
     @property
+    def layerwise_kv(self) -> bool:
+        """Stream KV layer by layer (`kvtransfer.layerwise`): disaggregated, both pools tp × pp = 1."""
+        return self.kvtransfer.layerwise and self.mode == "disaggregated" and all(
+            p.tp * p.pp == 1 for p in (self.prefill, self.decode))
+
+    @property
     def pool_names(self) -> tuple[str, ...]:
         return ("prefill", "decode") if self.mode == "disaggregated" else ("decode",)
 

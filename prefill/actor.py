@@ -45,7 +45,7 @@ class PrefillActor(WorkerShell):
         sender = make_sender(cfg.kvtransfer, engine.pool, engine.allocator, listen=self.listen)
         worker = PrefillWorker(engine, cfg.prefill.max_num_seqs, cfg.prefill.max_num_batched_tokens,
                                sender, worker_id=self.worker_id)
-        if cfg.kvtransfer.layerwise:
+        if cfg.layerwise_kv:
             worker.stream_exports(lambda handles: deliver_threadsafe(self._loop, self._exported.handles, handles))
         return worker
 

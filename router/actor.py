@@ -108,8 +108,7 @@ class RouterActor:
                  prefill: dict[str, ActorHandle[Any]] | None = None,
                  decode: dict[str, ActorHandle[Any]] | None = None) -> None:
         self.cfg, self.tokenizer_dir = cfg, tokenizer_dir
-        self.router = Router(cfg.router, cfg.mode, layerwise=cfg.kvtransfer.layerwise and cfg.prefill.tp * cfg.prefill.pp
-                             * cfg.decode.tp * cfg.decode.pp == 1)  # rank engines stream nothing early
+        self.router = Router(cfg.router, cfg.mode, layerwise=cfg.layerwise_kv)
         self._workers = (prefill or {}, decode or {})
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None

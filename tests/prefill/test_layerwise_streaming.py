@@ -18,7 +18,8 @@ from pdserve.engine.engine import Engine
 from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.kvtransfer.types import KVHandle
 from pdserve.prefill.worker import PrefillWorker
-from pdserve.types import GenerateRequest, RequestId, SamplingParams, StepOutput
+from pdserve.types import GenerateRequest, RequestId, SamplingParams
+from tests.decode.test_handoff_exact import _drain
 from tests.net import LOCAL
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -62,15 +63,6 @@ def pair(tiny_llama_dir: Path) -> Iterator[Pair]:
     p = Pair(tiny_llama_dir)
     yield p
     p.close()
-
-
-def _drain(worker: DecodeWorker) -> list[StepOutput]:
-    outs: list[StepOutput] = []
-    deadline = time.monotonic() + 30
-    while worker.has_work():
-        assert time.monotonic() < deadline, "the worker never finished"
-        outs += worker.step()
-    return outs
 
 
 def test_decode_pulls_during_the_prefill_forward_and_waits_for_the_first_token(pair: Pair, tiny_llama_dir: Path) -> None:
