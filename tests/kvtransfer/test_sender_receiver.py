@@ -158,6 +158,32 @@ def test_layerwise_streaming_ships_layers_as_they_are_written(cfg: KVTransferCon
     assert torch.equal(_kv(dp, dst, 20), _kv(sp, blocks, 20))
 
 
+def test_releasing_a_streaming_export_mid_pull_fails_the_pull_and_frees_it(cfg: KVTransferConfig, closing: list) -> None:
+    """The forward that was to write a streaming export failed: `release` cancels the send that waits
+    for the next layer (the pull fails at once, not at its timeout), and a later pull is refused."""
+    (sp, sa), (dp, da) = _pool(), _pool(seed=1)
+    tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
+    closing += [rx, tx]
+    blocks = sa.allocate(3)
+    handle = tx.export("r1", blocks, 20, streaming=True)
+    sa.free(blocks)
+    dst = da.allocate(3)
+    xfer = rx.pull(handle, dst)
+    tx.layer_hook(0)
+    deadline = time.monotonic() + 10
+    while not rx.nbytes(xfer) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rx.nbytes(xfer) and rx.poll(xfer)[0] is TransferStatus.IN_FLIGHT  # layer 0 arrived, layer 1 pending
+    started = time.monotonic()
+    tx.release(handle.handle_id)
+    status, error = _wait(rx, xfer)
+    assert status is FAILED and error and time.monotonic() - started < cfg.timeout_s / 2
+    status, error = _wait(rx, rx.pull(handle, da.allocate(3)))
+    assert status is FAILED and "not exported" in (error or "")
+    _drain(tx)
+    assert sa.num_free == 64 and tx.num_exports == 0
+
+
 @pytest.mark.parametrize("codec", ["int8", "int4_zstd"])
 def test_lossy_codec_through_sender_and_receiver(codec: str, closing: list) -> None:
     cfg = KVTransferConfig(transport="grpc", codec=codec, timeout_s=10)
