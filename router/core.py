@@ -176,7 +176,7 @@ class Router:
                     if isinstance(item, PrefillResult):
                         return await self._streamed_first(st, inst.worker_id, item, early)
                     picked = self.decode.pick(st.request)  # dispatch now, with the KV still being written
-                    early = picked and EarlyDecode(picked, self._open_decode(st, picked, item))
+                    early = EarlyDecode(picked, self._open_decode(st, picked, item)) if picked else None
             raise RequestFailedError(f"prefill instance {inst.worker_id} ended the stream without a result")
         except WorkerDeadError:
             self.prefill.mark_dead(inst.worker_id, client)

@@ -135,6 +135,29 @@ def test_a_failed_forward_releases_the_streamed_export_and_fails_the_pull(pair: 
     pair.drained()
 
 
+def test_a_failed_streamed_pull_is_recomputed_once_the_first_token_is_there(pair: Pair, tiny_llama_dir: Path) -> None:
+    req = GenerateRequest(RequestId("r"), PROMPT, GREEDY)
+
+    def on_export(handles: list[KVHandle]) -> None:
+        pair.decode.submit(req, handles[0])
+        pair.decode.step()  # the pull starts...
+        pair.sender.release(handles[0].handle_id)  # ...and fails: the source is gone
+    pair.prefill.on_export = on_export
+    pair.prefill.submit(req)
+    (res,) = pair.prefill.step()
+    deadline = time.monotonic() + 10
+    while not pair.decode.scheduler.held and time.monotonic() < deadline:
+        assert pair.decode.step() == []  # on_failure=recompute, but not before the first token
+    (held,) = pair.decode.scheduler.held
+    assert pair.decode.scheduler.kv_pulls["failed"] == 1 and held.num_computed_tokens == 0
+    assert pair.decode.first_token(req.request_id, res.first.token_ids)
+    outs = [res.first] + _drain(pair.decode)
+    colocated = DecodeWorker(_engine(tiny_llama_dir), DecodeOptions("prefill_priority", 8, 2048))
+    assert [t for o in outs for t in o.token_ids] == colocated.run_to_completion([req])[0]
+    assert outs[1].latency is not None and outs[1].latency.kv_recomputed
+    pair.drained()
+
+
 def test_a_request_that_ends_at_its_first_token_releases_the_streamed_export(pair: Pair) -> None:
     req = GenerateRequest(RequestId("one"), PROMPT, GREEDY.replace(max_tokens=1))
     pair.prefill.submit(req)
