@@ -16,7 +16,6 @@ from pdserve.kvtransfer.connector import KVReceiver
 from pdserve.kvtransfer.types import KVHandle, TransferId, TransferStatus
 
 Outcome = tuple[TransferStatus, "str | None"]
-Report = dict[int, tuple[TransferStatus, "str | None", "float | None"]]  # terminal pulls: status, error, ended_s
 
 
 class AgreedReceiver:
@@ -26,8 +25,8 @@ class AgreedReceiver:
         self.receiver = receiver
         self._xfers: dict[int, TransferId] = {}  # undecided pulls: key -> this rank's transfer
         self._decided: dict[int, Outcome] = {}
-        self._nbytes: dict[int, int] = {}  # of decided DONE pulls: this rank's share only
-        self._ended: dict[int, float] = {}  # of decided pulls, where one clock saw every rank's end
+        self._nbytes: dict[int, int] = {}  # of decided DONE pulls: every rank's share, summed
+        self._ended: dict[int, float] = {}  # of decided pulls, when one rank is the whole instance
         self._seq = 0
 
     def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> int:
@@ -55,24 +54,25 @@ class AgreedReceiver:
     def close(self) -> None:
         self.receiver.close()
 
-    def local_report(self) -> Report:
-        out = {k: (*self.receiver.poll(x), self.receiver.ended_s(x)) for k, x in self._xfers.items()}
+    def local_report(self) -> dict[int, tuple[TransferStatus, str | None, int]]:
+        """Per ended pull: this rank's outcome and the bytes its share received."""
+        out = {k: (*self.receiver.poll(x), self.receiver.nbytes(x)) for k, x in self._xfers.items()}
         return {k: o for k, o in out.items() if o[0].terminal}
 
-    def agree(self, reports: list[Report]) -> None:
+    def agree(self, reports: list[dict[int, tuple[TransferStatus, str | None, int]]]) -> None:
         for key in sorted(self._xfers):  # the same keys on every rank: pulls and aborts are replayed
             seen = [r.get(key) for r in reports]
             failed = [o for o in seen if o is not None and o[0] is TransferStatus.FAILED]
             if failed:
-                self.receiver.abort(self._xfers.pop(key))  # no-op where it already ended
-                self._decide(key, (TransferStatus.FAILED, failed[0][1]), seen)
+                self.receiver.abort(self._xfers[key])  # no-op where it already ended
+                self._decide(key, (TransferStatus.FAILED, failed[0][1]), len(reports))
             elif all(o is not None for o in seen):
-                self._nbytes[key] = self.receiver.nbytes(self._xfers.pop(key))
-                self._decide(key, (TransferStatus.DONE, None), seen)
+                self._nbytes[key] = sum(o[2] for o in seen if o is not None)  # the whole KV: all ranks' shares
+                self._decide(key, (TransferStatus.DONE, None), len(reports))
 
-    def _decide(self, key: int, outcome: Outcome, seen: list[tuple[TransferStatus, str | None, float | None] | None]
-                ) -> None:
+    def _decide(self, key: int, outcome: Outcome, world_size: int) -> None:
+        xfer = self._xfers.pop(key)
         self._decided[key] = outcome
-        ended = seen[0][2] if len(seen) == 1 and seen[0] is not None else None
+        ended = self.receiver.ended_s(xfer) if world_size == 1 else None
         if ended is not None:
             self._ended[key] = ended
