@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pdserve.kvtransfer.connector import KVReceiver
+from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.types import KVHandle, TransferId, TransferStatus
 
 Outcome = tuple[TransferStatus, "str | None"]

@@ -7,7 +7,8 @@ from pdserve.decode.agreed_receiver import AgreedReceiver
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.pipeline import RankLayout
 from pdserve.engine.rank_loader import load_rank_engine
-from pdserve.kvtransfer.connector import Listen, make_receiver
+from pdserve.kvtransfer.connector import make_receiver
+from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.reshard import rank_spans
 from pdserve.runtime.lockstep import Agreement, LockStep
 

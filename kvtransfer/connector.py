@@ -21,10 +21,10 @@ configured transport (loopback | grpc | torch). Codec `auto` is resolved per pul
 from __future__ import annotations
 
 from pdserve.config import KVTransferConfig
-from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.kv_cache import BlockAllocator, KVPool
 from pdserve.kvtransfer.controller import CodecController
 from pdserve.kvtransfer.listen import Listen
-from pdserve.kvtransfer.protocols import BlockRefs, Transport
+from pdserve.kvtransfer.protocols import Transport
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.rpc import TLSFiles
 from pdserve.kvtransfer.sender import KVSender
@@ -51,7 +51,7 @@ def make_transport(name: str, listen: Listen, tls: TLSFiles | None = None, serve
     raise ValueError(f"kvtransfer.transport: unknown transport {name!r}")
 
 
-def make_sender(cfg: KVTransferConfig, pool: KVPool, allocator: BlockRefs, *,
+def make_sender(cfg: KVTransferConfig, pool: KVPool, allocator: BlockAllocator, *,
                 listen: Listen, transport: Transport | None = None, layers: Span | None = None,
                 heads: Span | None = None, tls: TLSFiles | None = None) -> KVSender:
     """The prefill end, serving at once on `listen` (`Listen.resolve(cfg, node_ip)` in serving).

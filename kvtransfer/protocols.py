@@ -42,19 +42,6 @@ class KVCodec(Protocol):
         ...
 
 
-class BlockRefs(Protocol):
-    """The block references a KV sender holds: engine.kv_cache.BlockAllocator, or a rank's view of
-    it that defers frees until every rank of its instance freed the same blocks (prefill/agreed_sender.py)."""
-
-    def fork(self, block_ids: Sequence[int]) -> None:
-        """Add one reference to each block (pins them while an export is pullable)."""
-        ...
-
-    def free(self, block_ids: Sequence[int]) -> None:
-        """Drop one reference from each block."""
-        ...
-
-
 class Transfer(Protocol):
     """One direction of one transfer as a transport sees it. Thread-safe."""
 

@@ -15,14 +15,14 @@ from typing import Callable, Iterator
 
 import grpc
 
-from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.kv_cache import BlockAllocator, KVPool
 from pdserve.kvtransfer import kvtransfer_pb2 as pb
 from pdserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.at_exit import close_at_exit, forget
 from pdserve.kvtransfer.codecs import get_codec
 from pdserve.kvtransfer.listen import Listen
-from pdserve.kvtransfer.protocols import BlockRefs, KVCodec, Transport
+from pdserve.kvtransfer.protocols import KVCodec, Transport
 from pdserve.kvtransfer.reshard import gather_slab, token_slots
 from pdserve.kvtransfer.rpc import TLSFiles, start_server
 from pdserve.kvtransfer.staging import HostStager, LayerEvents
@@ -41,7 +41,7 @@ class _Export:
 
 
 class KVSender:
-    def __init__(self, pool: KVPool, allocator: BlockRefs, transport: Transport, *, lease_s: float,
+    def __init__(self, pool: KVPool, allocator: BlockAllocator, transport: Transport, *, lease_s: float,
                  timeout_s: float, listen: Listen, layers: Span | None = None,
                  heads: Span | None = None, tls: TLSFiles | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.pipeline import RankLayout
-from pdserve.kvtransfer.connector import KVSender
+from pdserve.kvtransfer.sender import KVSender
 from pdserve.kvtransfer.types import HandleId, KVHandle, KVShard, PeerAddr, Span
 
 Report = tuple[list[HandleId], list[tuple[str, tuple[int, ...]]]]  # (handles freed, exports) since the last step
