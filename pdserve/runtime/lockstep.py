@@ -20,12 +20,15 @@ stepped exactly like a tp × pp one.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import torch.distributed as dist
 
 from pdserve.engine.pipeline import RankLayout
+from pdserve.runtime.step_loop import StepLoop
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -139,3 +142,19 @@ class LockStep:
                     log.debug("replayed op failed as on rank 0: %s", e)
         for i, a in enumerate(self.agreements):
             a.agree([g[1][i] for g in everyone])
+
+
+def make_step_loop(worker: LockStep, deliver: Callable[[list[Any]], None]) -> StepLoop:
+    """The actor's step thread: rank 0 (or the only rank) steps when it has work (idle steps every
+    poll interval); a follower steps whenever rank 0 does (the collective paces it) until stopped."""
+    if worker.ranks.rank != 0:
+        return StepLoop(worker.step, lambda: True, deliver, stopped=lambda: worker.stopped, on_death=_exit_process)
+    # Sleep on the inbox (idle poll) when the last step ran no batch: waiting for a pull or for
+    # memory must not spin a core that the other engine on this box needs.
+    return StepLoop(worker.step, lambda: worker.has_work() and not worker.idle, deliver, on_death=_exit_process)
+
+
+def _exit_process() -> None:
+    """Crash-only: an actor whose step loop died exits, Ray restarts it, the router fails over."""
+    logging.getLogger(__name__).error("step loop died; exiting so Ray restarts this actor")
+    os._exit(1)

@@ -8,17 +8,14 @@ the event loop: hand results to waiting callers). Everything else a caller needs
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any
 
 from pdserve.config import ServingConfig
 from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.reach import Endpoint, unreachable
-from pdserve.runtime.lockstep import LockStep
+from pdserve.runtime.lockstep import LockStep, make_step_loop
 from pdserve.runtime.step_loop import StepLoop, deliver_threadsafe
 from pdserve.types import StepRecord, WorkerStats
 
@@ -85,22 +82,6 @@ class WorkerShell(ABC):
     async def check_health(self) -> None:
         await self.start()
         self._steps.check()
-
-
-def make_step_loop(worker: LockStep, deliver: Callable[[list[Any]], None]) -> StepLoop:
-    """The actor's step thread: rank 0 (or the only rank) steps when it has work (idle steps every
-    poll interval); a follower steps whenever rank 0 does (the collective paces it) until stopped."""
-    if worker.ranks.rank != 0:
-        return StepLoop(worker.step, lambda: True, deliver, stopped=lambda: worker.stopped, on_death=_exit_process)
-    # Sleep on the inbox (idle poll) when the last step ran no batch: waiting for a pull or for
-    # memory must not spin a core that the other engine on this box needs.
-    return StepLoop(worker.step, lambda: worker.has_work() and not worker.idle, deliver, on_death=_exit_process)
-
-
-def _exit_process() -> None:
-    """Crash-only: an actor whose step loop died exits, Ray restarts it, the router fails over."""
-    logging.getLogger(__name__).error("step loop died; exiting so Ray restarts this actor")
-    os._exit(1)
 
 
 def free_init_method(host: str) -> str:
