@@ -125,14 +125,24 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class SLOConfig:
+    """The latency targets, the one SLO type of the project: the serving config's `slo` section,
+    what `pdserve bench` scores requests against and what `pdserve plan` maximises goodput under.
+    A request meets it when its TTFT <= ttft_s and its TPOT <= tpot_s (a one-token output has no
+    TPOT); a run meets it when at least `attainment` of its requests do."""
+
     ttft_s: float = 1.0
     tpot_s: float = 0.2
     attainment: float = 0.9
+    """Target share of requests meeting both latency targets."""
 
     def __post_init__(self) -> None:
         _positive(self, "ttft_s", "tpot_s")
         if not 0 < self.attainment <= 1:
             raise ConfigError(f"attainment: must be in (0, 1], got {self.attainment}")
+
+    def scaled(self, scale: float) -> SLOConfig:
+        """Both latency targets × `scale` (DistServe's SLO scale), the attainment target kept."""
+        return dataclasses.replace(self, ttft_s=self.ttft_s * scale, tpot_s=self.tpot_s * scale)
 
 
 @dataclass(frozen=True)

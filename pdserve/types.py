@@ -122,7 +122,8 @@ class StepRecord:
     """One engine step as it ran in serving: the input of an in-situ latency profile.
 
     Per chunk of the batch, `new_tokens` were computed on top of `cached_tokens` already in the
-    KV cache (a fresh prompt: cached 0; a decode: new 1). `duration_s` is the forward plus sampling,
+    KV cache (a fresh prompt: cached 0; a decode: new 1); the planner reads the step's shape from
+    them (pdserve/placement/steps.py). `duration_s` is the forward plus sampling,
     what the placement latency model predicts; `start_s` is wall-clock time (time.time()), so steps
     of different instances line up with each other and with a benchmark's request records.
     """
@@ -131,30 +132,6 @@ class StepRecord:
     duration_s: float
     new_tokens: tuple[int, ...]
     cached_tokens: tuple[int, ...]
-
-    @property
-    def kind(self) -> Literal["prefill", "decode", "mixed"]:
-        """prefill: only fresh prompts; decode: one new token per sequence on a cache; else mixed."""
-        if not any(self.cached_tokens):
-            return "prefill"
-        return "mixed" if self.prompt_chunks else "decode"
-
-    @property
-    def decode_contexts(self) -> list[int]:
-        """Context length (cached + the new token) of each decoding sequence: one new token on a cache."""
-        return [c + 1 for n, c in zip(self.new_tokens, self.cached_tokens) if n == 1 and c > 0]
-
-    @property
-    def prompt_chunks(self) -> list[tuple[int, int]]:
-        """(new, cached) of every chunk that is prompt work: a fresh prompt or a piece of one."""
-        return [(n, c) for n, c in zip(self.new_tokens, self.cached_tokens) if not (n == 1 and c > 0)]
-
-    @property
-    def prompt_work(self) -> tuple[int, int]:
-        """(prompt tokens, their attention Σ s·(2d + s) for s new tokens on d cached): the x1, x2 of
-        the latency model's prompt term."""
-        chunks = self.prompt_chunks
-        return sum(n for n, _ in chunks), sum(n * (2 * c + n) for n, c in chunks)
 
     def to_json(self) -> dict:
         return {"start_s": self.start_s, "duration_s": self.duration_s,
