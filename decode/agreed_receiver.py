@@ -26,7 +26,7 @@ class AgreedReceiver:
         self._xfers: dict[int, TransferId] = {}  # undecided pulls: key -> this rank's transfer
         self._decided: dict[int, Outcome] = {}
         self._nbytes: dict[int, int] = {}  # of decided DONE pulls: every rank's share, summed
-        self._ended: dict[int, float] = {}  # of decided pulls, when one rank is the whole instance
+        self._ended: dict[int, float] = {}  # of decided DONE pulls, when one rank is the whole instance
         self._seq = 0
 
     def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> int:
@@ -47,6 +47,8 @@ class AgreedReceiver:
 
     def abort(self, key: int) -> None:
         self._decided.pop(key, None)
+        self._nbytes.pop(key, None)
+        self._ended.pop(key, None)
         xfer = self._xfers.pop(key, None)
         if xfer is not None:
             self.receiver.abort(xfer)
@@ -64,15 +66,12 @@ class AgreedReceiver:
             seen = [r.get(key) for r in reports]
             failed = [o for o in seen if o is not None and o[0] is TransferStatus.FAILED]
             if failed:
-                self.receiver.abort(self._xfers[key])  # no-op where it already ended
-                self._decide(key, (TransferStatus.FAILED, failed[0][1]), len(reports))
+                self.receiver.abort(self._xfers.pop(key))  # no-op where it already ended
+                self._decided[key] = (TransferStatus.FAILED, failed[0][1])
             elif all(o is not None for o in seen):
+                xfer = self._xfers.pop(key)
                 self._nbytes[key] = sum(o[2] for o in seen if o is not None)  # the whole KV: all ranks' shares
-                self._decide(key, (TransferStatus.DONE, None), len(reports))
-
-    def _decide(self, key: int, outcome: Outcome, world_size: int) -> None:
-        xfer = self._xfers.pop(key)
-        self._decided[key] = outcome
-        ended = self.receiver.ended_s(xfer) if world_size == 1 else None
-        if ended is not None:
-            self._ended[key] = ended
+                self._decided[key] = (TransferStatus.DONE, None)
+                ended = self.receiver.ended_s(xfer) if len(reports) == 1 else None
+                if ended is not None:
+                    self._ended[key] = ended

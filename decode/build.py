@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pdserve.config import ServingConfig
 from pdserve.decode.agreed_receiver import AgreedReceiver
+from pdserve.decode.scheduler import decode_options
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.pipeline import RankLayout
 from pdserve.engine.rank_loader import load_rank_engine
-from pdserve.kvtransfer.connector import make_receiver
+from pdserve.kvtransfer.factories import make_receiver
 from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.reshard import rank_spans
 from pdserve.runtime.lockstep import Agreement, LockStep
@@ -26,7 +27,5 @@ def build_decode_worker(cfg: ServingConfig, worker_id: str, ranks: RankLayout, i
         receiver = AgreedReceiver(make_receiver(cfg.kvtransfer, engine.pool, listen=listen, layers=layers,
                                                 heads=heads))
         agreements.append(receiver)
-    policy = cfg.colocated_policy if cfg.mode == "colocated" else "decode"
-    worker = DecodeWorker(engine, policy, cfg.decode.max_num_seqs, cfg.decode.max_num_batched_tokens,
-                          receiver=receiver, worker_id=worker_id, on_failure=cfg.kvtransfer.on_failure)
+    worker = DecodeWorker(engine, decode_options(cfg), receiver=receiver, worker_id=worker_id)
     return LockStep(worker, agreements, ranks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pdserve.config import ServingConfig
 from pdserve.engine.pipeline import RankLayout
 from pdserve.engine.rank_loader import load_rank_engine
-from pdserve.kvtransfer.connector import make_sender
+from pdserve.kvtransfer.factories import make_sender
 from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.reshard import rank_spans
 from pdserve.prefill.agreed_sender import AgreedSender, RecordingAllocator
