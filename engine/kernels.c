@@ -80,6 +80,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float *restri
 void pd_gemv_packed_f32(const float *restrict x, const float *restrict wp, const float *restrict bias,
                         const float *restrict add, float *restrict y, long M, long N, long K) {
     float tile[4 * P];
+    if (M <= 0) return;
     for (long n0 = 0; n0 < N; n0 += P) {
         const float *panel = wp + n0 * K;
         switch (M) {

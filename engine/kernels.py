@@ -96,21 +96,21 @@ class Kernels:
         self.silu_mul = _fn(lib, "pd_silu_mul_f32", None, _VOID, _VOID, _LONG, _LONG)
         self.attention = _fn(lib, "pd_decode_attention_f32", _LONG, _VOID, _LONG, _VOID, _LONG, _VOID, _LONG, _VOID,
                              _VOID, _VOID, _LONG, _VOID, *[_LONG] * 5, ctypes.c_float, _VOID)
-        self._packed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._packed: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
     def packed(self, w: torch.Tensor) -> torch.Tensor:
         """w (N, K) repacked into (ceil(N / panel_rows), K, panel_rows) panels; packed on first use,
         repacked when w changes in place, dropped when w is freed (a copy beside the plain weight)."""
-        key = id(w)
+        key, stamp = id(w), (w._version, w.data_ptr(), tuple(w.shape))  # `.data =` swaps keep the version
         hit = self._packed.get(key)
-        if hit is not None and hit[0]() is w and hit[1] == w._version:
+        if hit is not None and hit[0]() is w and hit[1] == stamp:
             return hit[2]
         n, k = w.shape
         with torch.inference_mode(False):
             wp = torch.empty(-(-n // self.panel_rows), k, self.panel_rows, dtype=torch.float32)
         self.pack(w.data_ptr(), wp.data_ptr(), n, k)
         self._packed[key] = (weakref.ref(w, lambda _, cache=self._packed, key=key: cache.pop(key, None)),
-                             w._version, wp)
+                             stamp, wp)
         return wp
 
 
