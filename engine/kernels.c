@@ -78,7 +78,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float *restri
 /* y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) (+ add[m, n]), m < M <= 4, with w packed by
    pd_pack_f32; x, y, add row-major and contiguous. */
 void pd_gemv_packed_f32(const float *restrict x, const float *restrict wp, const float *restrict bias,
-                        const float *restrict add, float *restrict y, long M, long N, long K) {
+                        const float *add, float *y, long M, long N, long K) { /* y may be add (in place) */
     float tile[4 * P];
     if (M <= 0) return;
     for (long n0 = 0; n0 < N; n0 += P) {
@@ -218,5 +218,48 @@ long pd_decode_attention_f32(const float *restrict q, long q_stride, const float
         }
     }
     free(sc);
+    return 0;
+}
+
+/* One decoder layer of a decode step at M <= 4 rows, every row a decode (engine/layers.py's
+   DecoderLayer in one call, the same kernels in the same order, so the same numbers):
+   x += o_proj(attention(rope(qkv(norm1(x))))); x += down(silu_mul(gate_up(norm2(x)))). */
+typedef struct {
+    long M, hidden, Hq, Hkv, D, inter;
+    float eps, scale;
+    const float *cos, *sin;     /* (M, D) each */
+    const long *tables, *ctx;   /* (M, max_blocks), (M,) */
+    long max_blocks, block_size;
+    float *work;                /* pd_decode_layer_work floats */
+} pd_step;
+
+typedef struct {
+    const float *norm1, *norm2;                 /* (hidden,) */
+    const float *qkv, *qkv_bias, *o, *gate_up, *down; /* packed weights; qkv_bias may be NULL */
+    float *k_cache, *v_cache;                   /* (slots, Hkv, D) */
+} pd_layer;
+
+long pd_decode_layer_work(const pd_step *st) {
+    long qkv = (st->Hq + 2 * st->Hkv) * st->D;
+    return st->M * (st->hidden + qkv + (st->Hq + st->Hkv) * st->D + st->Hq * st->D + 3 * st->inter);
+}
+
+long pd_decode_layer_f32(const pd_step *st, const pd_layer *ly, float *x) {
+    long M = st->M, H = st->hidden, D = st->D, Hq = st->Hq, Hkv = st->Hkv;
+    long nqkv = (Hq + 2 * Hkv) * D, nqk = (Hq + Hkv) * D;
+    float *normed = st->work, *qkv = normed + M * H, *qk = qkv + M * nqkv, *att = qk + M * nqk;
+    float *gu = att + M * Hq * D, *act = gu + M * 2 * st->inter;
+    pd_rmsnorm_f32(x, ly->norm1, st->eps, normed, M, H);
+    pd_gemv_packed_f32(normed, ly->qkv, ly->qkv_bias, NULL, qkv, M, nqkv, H);
+    pd_rope_f32(qkv, nqkv, st->cos, st->sin, qk, M, Hq + Hkv, D);
+    long rc = pd_decode_attention_f32(qk, nqk, qk + Hq * D, nqk, qkv + nqk, nqkv, ly->k_cache, ly->v_cache,
+                                      st->tables, st->max_blocks, st->ctx, st->block_size, M, Hq, Hkv, D,
+                                      st->scale, att);
+    if (rc != 0) return rc;
+    pd_gemv_packed_f32(att, ly->o, NULL, x, x, M, H, Hq * D);
+    pd_rmsnorm_f32(x, ly->norm2, st->eps, normed, M, H);
+    pd_gemv_packed_f32(normed, ly->gate_up, NULL, NULL, gu, M, 2 * st->inter, H);
+    pd_silu_mul_f32(gu, act, M, st->inter);
+    pd_gemv_packed_f32(act, ly->down, NULL, x, x, M, H, st->inter);
     return 0;
 }

@@ -96,6 +96,8 @@ class Kernels:
         self.silu_mul = _fn(lib, "pd_silu_mul_f32", None, _VOID, _VOID, _LONG, _LONG)
         self.attention = _fn(lib, "pd_decode_attention_f32", _LONG, _VOID, _LONG, _VOID, _LONG, _VOID, _LONG, _VOID,
                              _VOID, _VOID, _LONG, _VOID, *[_LONG] * 5, ctypes.c_float, _VOID)
+        self.decode_layer = _fn(lib, "pd_decode_layer_f32", _LONG, _VOID, _VOID, _VOID)
+        self.decode_layer_work = _fn(lib, "pd_decode_layer_work", _LONG, _VOID)
         self._packed: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
     def packed(self, w: torch.Tensor) -> torch.Tensor:

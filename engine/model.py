@@ -18,6 +18,7 @@ from pdserve.engine.attention import AttentionMetadata
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.layers import DecoderLayer, RMSNorm, StepContext
 from pdserve.engine.matmul import Matmul
+from pdserve.engine.native_decode import NativeDecode
 from pdserve.engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
 from pdserve.engine.rotary import RotaryEmbedding, apply_rotary
 
@@ -69,9 +70,15 @@ class LlamaForCausalLM(nn.Module):
         """
         x = self.model.embed_tokens(tokens_or_hidden) if self.is_first else tokens_or_hidden
         step = self.step_context(positions, meta, x.dtype)
+        fused = NativeDecode.for_step(step, x, list(self.model.layers.values())) if self.native_kernels else None
+        if fused is not None:
+            x = x.contiguous() if self.is_first else x.clone(memory_format=torch.contiguous_format)  # updated in place
         for local, (name, layer) in enumerate(self.model.layers.items()):
             k_cache, v_cache = pool.layer(local)
-            x = layer.forward(x, step, k_cache, v_cache)  # no hooks live on layers: skip Module.__call__
+            if fused is not None:
+                fused.layer(layer, k_cache, v_cache, x)
+            else:
+                x = layer.forward(x, step, k_cache, v_cache)  # no hooks live on layers: skip Module.__call__
             if layer_hook is not None:
                 layer_hook(int(name))
         return step.linear.norm(self.model.norm, x) if self.is_last else x
