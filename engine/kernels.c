@@ -1,6 +1,6 @@
 /* Native kernels for CPU fp32 decode steps (engine/kernels.py builds and loads this file).
 
-   Batch-1..4 decode is a read of the weights, so the matrix-vector product must stream them at
+   Batch-1 decode is a read of the weights, so the matrix-vector product must stream them at
    the memory's speed. Each matrix is repacked once into panels of P = 4 vectors of output rows,
    stored k-major: panel p holds w[p*P + j, k] at [k*P + j]. A panel is then one sequential
    stream, each step of k is four vector loads times a broadcast of x[k], and no horizontal sum
@@ -75,28 +75,30 @@ static inline __attribute__((always_inline)) void panel_tile(const float *restri
         for (int j = 0; j < 4; j++) vstore(tile + m * P + j * VL, acc[m][j]);
 }
 
-/* y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) (+ add[m, n]), m < M <= 4, with w packed by
+/* y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) (+ add[m, n]), m < M, with w packed by
    pd_pack_f32; x, y, add row-major and contiguous. */
 void pd_gemv_packed_f32(const float *restrict x, const float *restrict wp, const float *restrict bias,
                         const float *add, float *y, long M, long N, long K) { /* y may be add (in place) */
     float tile[4 * P];
-    if (M <= 0) return;
     for (long n0 = 0; n0 < N; n0 += P) {
         const float *panel = wp + n0 * K;
-        switch (M) {
-            case 1: panel_tile(x, K, panel, K, tile, 1); break;
-            case 2: panel_tile(x, K, panel, K, tile, 2); break;
-            case 3: panel_tile(x, K, panel, K, tile, 3); break;
-            default: panel_tile(x, K, panel, K, tile, 4); break;
-        }
         long width = N - n0 < P ? N - n0 : P;
-        for (long m = 0; m < M; m++)
-            for (long j = 0; j < width; j++) {
-                float v = tile[m * P + j];
-                if (bias) v += bias[n0 + j];
-                if (add) v += add[m * N + n0 + j];
-                y[m * N + n0 + j] = v;
+        for (long m0 = 0; m0 < M; m0 += 4) { /* rows past the first four find the panel in cache */
+            long rows = M - m0 < 4 ? M - m0 : 4;
+            switch (rows) {
+                case 1: panel_tile(x + m0 * K, K, panel, K, tile, 1); break;
+                case 2: panel_tile(x + m0 * K, K, panel, K, tile, 2); break;
+                case 3: panel_tile(x + m0 * K, K, panel, K, tile, 3); break;
+                default: panel_tile(x + m0 * K, K, panel, K, tile, 4); break;
             }
+            for (long m = 0; m < rows; m++)
+                for (long j = 0; j < width; j++) {
+                    float v = tile[m * P + j];
+                    if (bias) v += bias[n0 + j];
+                    if (add) v += add[(m0 + m) * N + n0 + j];
+                    y[(m0 + m) * N + n0 + j] = v;
+                }
+        }
     }
 }
 
@@ -221,7 +223,7 @@ long pd_decode_attention_f32(const float *restrict q, long q_stride, const float
     return 0;
 }
 
-/* One decoder layer of a decode step at M <= 4 rows, every row a decode (engine/layers.py's
+/* One decoder layer of a decode step at a few rows (the GEMV's), every row a decode (engine/layers.py's
    DecoderLayer in one call, the same kernels in the same order, so the same numbers):
    x += o_proj(attention(rope(qkv(norm1(x))))); x += down(silu_mul(gate_up(norm2(x)))). */
 typedef struct {

@@ -1,5 +1,5 @@
 """Native kernels for CPU fp32 decode steps (engine/kernels.c): the matrix-vector product at batch
-1-4 over panel-packed weights, decode attention over the paged cache, and at a few rows RMSNorm,
+1-16 over panel-packed weights, decode attention over the paged cache, and at a few rows RMSNorm,
 rotary and silu·mul (torch composites of 3-5 ops each, whose per-op cost, not their bytes, is
 what they spend at one row).
 
@@ -36,7 +36,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 4  # batch sizes the GEMV takes; larger ones go to oneDNN (compute, not bandwidth, then)
+MAX_ROWS = 16  # rows the packed GEMV takes: ahead of oneDNN up to ~24 rows here, behind it from ~32 (BENCHMARKS.md §1)
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-lm"]
 

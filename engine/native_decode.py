@@ -1,4 +1,4 @@
-"""NativeDecode: an all-decode step at a few rows (batch 1-4 on CPU fp32) run one native call per
+"""NativeDecode: an all-decode step at a few rows (batch 1-16 on CPU fp32) run one native call per
 decoder layer (engine/kernels.c `pd_decode_layer_f32`) instead of ~10 torch/ctypes calls.
 
 At batch 1 the step is one read of the weights (~0.5 ms of it per SmolLM2 layer), and the calls

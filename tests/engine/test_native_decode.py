@@ -34,11 +34,11 @@ def _decode_logits(engine: Engine, lens: list[int]) -> torch.Tensor:
             engine.free(r)
 
 
-@pytest.mark.parametrize("lens", [[9], [3, 30], [5, 17, 41, 2]])
+@pytest.mark.parametrize("lens", [[9], [3, 30], [5, 17, 41, 2], [4 + 3 * i for i in range(16)]])
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir"])
 def test_fused_layer_equals_per_op_paths(model: str, lens: list[int], request: pytest.FixtureRequest,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batch 1-4 decode: one native call per layer gives bitwise the per-op native kernels' logits,
+    """Batch 1-16 decode: one native call per layer gives bitwise the per-op native kernels' logits,
     and the torch path's (reference attention, oneDNN / F.linear) within fp32 rounding."""
     if kernels.load() is None:
         pytest.skip(f"native kernels unavailable: {kernels.load_error()}")
