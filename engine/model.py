@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.kernels import Kernels
 from pdserve.engine.kv_cache import KVPool
 from pdserve.engine.layers import DecoderLayer, RMSNorm, StepContext
 from pdserve.engine.matmul import Matmul
@@ -88,6 +89,19 @@ class LlamaForCausalLM(nn.Module):
             self.linear = Matmul(positions.device, dtype, self.native_kernels)
         cos, sin = self.rope.tables(positions, dtype)
         return StepContext(cos, sin, meta, self.linear)
+
+    def pack_for_native(self, k: Kernels) -> None:
+        """Fuse q/k/v and gate/up and repack every matrix the native GEMV reads (engine/kernels.py)
+        now, at start-up, rather than in the first small step (~0.3 s for SmolLM2; the packed copies
+        take as much memory again as the matrices)."""
+        for layer in self.model.layers.values():
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.fuse()
+            mlp.fuse()
+            for w in (attn.qkv_weight, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight):
+                k.packed(w)
+        if self.lm_head is not None:
+            k.packed(self.lm_head.weight)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.lm_head is not None, "logits are computed on the last pipeline stage only"

@@ -35,6 +35,8 @@ class ModelRunner:
         self.native = kernels.load() if cpu32 and model.native_kernels else None
         self.native_fallback = cpu32 and model.native_kernels and self.native is None
         self.num_fallback_steps = 0  # steps run without the native kernels where they were wanted
+        if self.native is not None and next(model.parameters()).dtype == torch.float32:
+            model.pack_for_native(self.native)
         # The loaded model, tokenizer and libraries are hundreds of thousands of long-lived objects;
         # moved out of the collector's generations, a step's garbage collections no longer walk them
         # (~5% of a batch-1 decode step here before; vLLM freezes after start-up too).
