@@ -29,6 +29,11 @@ Two backends run the decode rows (`build_metadata(..., backend=)`):
     and reused by every layer. At 16 decodes of contexts 32-393 this is ~2x the grouped gather +
     SDPA below per layer; flex_attention with a block mask measured 11x slower on CPU, with a
     1.2 s mask build per step (BENCHMARKS.md §1).
+    Where the native kernels build (CPU fp32, engine/kernels.py), the decode rows instead go to
+    one native call per layer that walks the block tables itself (K row, then V row of each cached
+    token, read once, in place) and, when every row is a decode, also writes the step's K/V: no
+    pattern to build, and none of the sparse ops' ~30 µs of dispatch per layer. The composite
+    above is what runs where the kernels cannot be built (counted: ModelRunner.num_fallback_steps).
   - "reference" (any device): the groups above, gathered into a contiguous buffer per layer and
     run through SDPA with a padding mask. It is the oracle the tests hold "paged" to.
 

@@ -2,8 +2,9 @@
 decoder layer (engine/kernels.c `pd_decode_layer_f32`) instead of ~10 torch/ctypes calls.
 
 At batch 1 the step is one read of the weights (~0.5 ms of it per SmolLM2 layer), and the calls
-around each matmul (tensor allocation, dispatch, argument checks) cost tens of microseconds per
-layer in Python: enough to take a decode step from ~1.1x to ~1.3x the weight read. The layer runs
+around each kernel (tensor allocation, dispatch, argument checks) cost tens of microseconds per
+layer in Python: a batch-1 SmolLM2 step measured 1.27x the weight read with them, 1.10x with the
+layer in one call (BENCHMARKS.md §1). The layer runs
 the same kernels in the same order as DecoderLayer.forward's native path, so it computes the
 same numbers (tests/engine/test_native_decode.py holds it to that path and to the torch one).
 """
