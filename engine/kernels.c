@@ -4,8 +4,8 @@
    the memory's speed. Each matrix is repacked once into panels of P = 4 vectors of output rows,
    stored k-major: panel p holds w[p*P + j, k] at [k*P + j]. A panel is then one sequential
    stream, each step of k is four vector loads times a broadcast of x[k], and no horizontal sum
-   is left at the end (the row-major loop it replaces paid one per output: ~1.2x a reduction over
-   the same bytes against ~1.03x here; BENCHMARKS.md §1). */
+   is left at the end (the row-major loop it replaces paid one per output: ~1.3x a reduction over
+   the same bytes, against ~1.02-1.1x here; BENCHMARKS.md §1). */
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
