@@ -60,7 +60,7 @@ class PagedDecode:
     pattern: torch.Tensor | None = None  # sparse CSR (n * h_q, num_slots * h_kv), values all zero
     crow: torch.Tensor | None = None  # (n * h_q + 1,) the pattern's row offsets
     col: torch.Tensor | None = None  # (nnz,) its column indices
-    pos: torch.Tensor | None = None  # (nnz,) index of each pattern entry in the (n * h_q, max_ctx) buffer; None: no padding
+    pos: torch.Tensor | None = None  # (nnz,) each entry's index in the (n * h_q, max_ctx) buffer; None: no padding
     scores: torch.Tensor | None = None  # (n * h_q, max_ctx) softmax workspace reused by every layer
 
 

@@ -20,6 +20,11 @@
 #define P (4 * VL) /* output rows per panel */
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 
+#ifdef PD_MVEC /* glibc's vector expf (libmvec), declared as math.h does under -ffast-math: the
+                  silu and softmax loops then call it 16 lanes at a time (~7x less time for silu) */
+float expf(float) __attribute__((simd("notinbranch")));
+#endif
+
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf vbroadcast(float s) { return (vf){0} + s; }
@@ -208,7 +213,9 @@ long pd_decode_attention_f32(const float *restrict q, long q_stride, const float
         for (long h = 0; h < Hq; h++) {
             float *p = sc + h * c, mx = -INFINITY, sum = 0.f;
             for (long j = 0; j < c; j++) mx = p[j] > mx ? p[j] : mx;
-            for (long j = 0; j < c; j++) sum += (p[j] = expf(p[j] - mx));
+            for (long j = 0; j < c; j++) p[j] = expf(p[j] - mx);
+#pragma omp simd reduction(+ : sum)
+            for (long j = 0; j < c; j++) sum += p[j];
             float inv = 1.0f / sum;
             for (long j = 0; j < c; j++) p[j] *= inv;
         }

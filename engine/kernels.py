@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # rows the packed GEMV takes: ahead of oneDNN up to ~24 rows here, behind it from ~32 (BENCHMARKS.md §1)
 _SOURCE = Path(__file__).with_name("kernels.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-lm"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
+_EXTRA_FLAGS = ([["-DPD_MVEC", "-lmvec", "-lm"]] if platform.machine() in ("x86_64", "AMD64") else []) + [["-lm"]]
 
 _lock = threading.Lock()
 _loaded: object = False  # False: not tried yet; None: unavailable; else Kernels
@@ -62,8 +63,8 @@ def _build(cache: Path) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     source = _SOURCE.read_text()
-    key = hashlib.sha256("\0".join([source, " ".join(_FLAGS), cc, platform.machine(), _cpu_signature()])
-                         .encode()).hexdigest()[:16]
+    parts = [source, " ".join(_FLAGS), repr(_EXTRA_FLAGS), cc, platform.machine(), _cpu_signature()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     lib = cache / f"pd_kernels_{key}.so"
     if lib.exists():
         return lib
@@ -71,8 +72,11 @@ def _build(cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
         src.write_text(source)
-        done = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, timeout=120)
-        if done.returncode != 0:
+        for extra in _EXTRA_FLAGS:  # with glibc's vector math where it links, else without
+            done = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), *extra], capture_output=True, timeout=120)
+            if done.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{cc} failed: {done.stderr.decode(errors='replace')[-500:]}")
         os.replace(out, lib)  # atomic: concurrent builders each install a complete file
     return lib

@@ -73,8 +73,10 @@ class NativeDecode:
             attn.fuse()
         if not mlp.is_fused():
             mlp.fuse()
+        assert k_cache.is_contiguous() and v_cache.is_contiguous(), "the native layer reads (slots, h_kv, d) caches"
         self.st.block_size = k_cache.shape[1]
-        ly = _Layer(norm1=layer.input_layernorm.weight.data_ptr(), norm2=layer.post_attention_layernorm.weight.data_ptr(),
+        ly = _Layer(norm1=layer.input_layernorm.weight.data_ptr(),
+                    norm2=layer.post_attention_layernorm.weight.data_ptr(),
                     qkv=k.packed(attn.qkv_weight).data_ptr(),
                     qkv_bias=None if attn.qkv_bias is None else attn.qkv_bias.data_ptr(),
                     o=k.packed(attn.o_proj.weight).data_ptr(), gate_up=k.packed(mlp.gate_up_weight).data_ptr(),
