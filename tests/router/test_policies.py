@@ -20,7 +20,7 @@ REQ = GenerateRequest(RequestId("r"), (1, 2, 3))
 def stats(wid: str, *, tokens: int = 0, running: int = 0, waiting: int = 0, free: int = 100,
           hit: int = 0) -> WorkerStats:
     return WorkerStats(wid, num_running=running, num_waiting=waiting, num_free_blocks=free, num_total_blocks=100,
-                       outstanding_tokens=tokens, prefix_hit_tokens=hit)
+                       outstanding_tokens=tokens, expected_hit_tokens=hit)
 
 
 def test_prefill_picks_least_outstanding_tokens() -> None:
