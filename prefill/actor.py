@@ -5,19 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import ray
-import torch
 
-from pdserve.actor_shell import WorkerShell
 from pdserve.config import ServingConfig
-from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
 from pdserve.kvtransfer.reach import Endpoint, endpoints
+from pdserve.prefill.build import build_prefill_worker
 from pdserve.prefill.early_handles import EarlyHandles
-from pdserve.prefill.worker import PrefillWorker
-from pdserve.steploop import deliver_threadsafe
+from pdserve.runtime.lockstep import LockStep
+from pdserve.runtime.shell import WorkerShell
+from pdserve.runtime.step_loop import deliver_threadsafe
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput
 
 if TYPE_CHECKING:
@@ -32,21 +31,10 @@ class PrefillActor(WorkerShell):
         self._waiting: dict[RequestId, asyncio.Future[PrefillResult]] = {}
         self._exported = EarlyHandles()
 
-    def _build_worker(self, init_method: str) -> Any:
-        if self.ranks.world_size > 1:
-            from pdserve.prefill.ranks import build_prefill_rank
-
-            return build_prefill_rank(self.cfg, self.worker_id, self.ranks, init_method, self.listen)
-        from pdserve.kvtransfer.factories import make_sender
-
-        cfg = self.cfg
-        torch.set_num_threads(cfg.engine.num_threads)
-        engine = Engine.from_config(cfg.model, cfg.engine)
-        sender = make_sender(cfg.kvtransfer, engine.pool, engine.allocator, listen=self.listen)
-        worker = PrefillWorker(engine, cfg.prefill.max_num_seqs, cfg.prefill.max_num_batched_tokens,
-                               sender, worker_id=self.worker_id)
-        if cfg.layerwise_kv:
-            worker.stream_exports(lambda handles: deliver_threadsafe(self._loop, self._exported.handles, handles))
+    def _build_worker(self, init_method: str) -> LockStep:
+        worker = build_prefill_worker(self.cfg, self.worker_id, self.ranks, init_method, self.listen)
+        if self.cfg.layerwise_kv:  # tp × pp = 1: hand each KV handle out before its forward
+            worker.worker.stream_exports(lambda hs: deliver_threadsafe(self._loop, self._exported.handles, hs))
         return worker
 
     def _on_outputs(self, results: list[PrefillResult]) -> None:
@@ -87,5 +75,4 @@ class PrefillActor(WorkerShell):
     async def kv_endpoints(self) -> list[Endpoint]:
         """The socket endpoints decode instances dial to pull this instance's KV (every rank's)."""
         await self.start()
-        sender = getattr(self.worker, "worker", self.worker).sender  # through LockStep on tp × pp
-        return endpoints(self.worker_id, self.node_ip, sender.addresses)
+        return endpoints(self.worker_id, self.node_ip, self.worker.worker.sender.addresses)
