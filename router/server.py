@@ -144,8 +144,7 @@ def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, c
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        pools = {p.role: {"healthy": len(p.healthy()), "total": len(p.instances)}
-                 for p in (router.prefill, router.decode)}
+        pools = {p.role: p.counts() for p in (router.prefill, router.decode)}  # instances per state
         ok = bool(router.decode.healthy()) and (router.mode == "colocated" or bool(router.prefill.healthy()))
         return JSONResponse({"status": "ok" if ok else "unavailable", "mode": router.mode, **pools},
                             status_code=200 if ok else 503)
