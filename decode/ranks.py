@@ -29,7 +29,7 @@ class AgreedReceiver:
         self.receiver = receiver
         self._xfers: dict[int, TransferId] = {}  # undecided pulls: key -> this rank's transfer
         self._decided: dict[int, Outcome] = {}
-        self._nbytes: dict[int, int] = {}  # of decided DONE pulls: this rank's share only
+        self._nbytes: dict[int, int] = {}  # of decided DONE pulls: every rank's share, summed
         self._seq = 0
 
     def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> int:
@@ -55,11 +55,12 @@ class AgreedReceiver:
     def close(self) -> None:
         self.receiver.close()
 
-    def local_report(self) -> dict[int, Outcome]:
-        out = {k: self.receiver.poll(x) for k, x in self._xfers.items()}
+    def local_report(self) -> dict[int, tuple[TransferStatus, str | None, int]]:
+        """Per ended pull: this rank's outcome and the bytes its share received."""
+        out = {k: (*self.receiver.poll(x), self.receiver.nbytes(x)) for k, x in self._xfers.items()}
         return {k: o for k, o in out.items() if o[0].terminal}
 
-    def agree(self, reports: list[dict[int, Outcome]]) -> None:
+    def agree(self, reports: list[dict[int, tuple[TransferStatus, str | None, int]]]) -> None:
         for key in sorted(self._xfers):  # the same keys on every rank: pulls and aborts are replayed
             seen = [r.get(key) for r in reports]
             failed = [o for o in seen if o is not None and o[0] is TransferStatus.FAILED]
@@ -67,7 +68,8 @@ class AgreedReceiver:
                 self.receiver.abort(self._xfers.pop(key))  # no-op where it already ended
                 self._decided[key] = (TransferStatus.FAILED, failed[0][1])
             elif all(o is not None for o in seen):
-                self._nbytes[key] = self.receiver.nbytes(self._xfers.pop(key))
+                del self._xfers[key]
+                self._nbytes[key] = sum(o[2] for o in seen if o is not None)  # the whole KV: all ranks' shares
                 self._decided[key] = (TransferStatus.DONE, None)
 
 
