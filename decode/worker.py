@@ -21,6 +21,7 @@ from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from pdserve.decode.scheduler import DecodeScheduler, Policy
+from pdserve import faultpoints
 from pdserve.engine.engine import Engine, failed_step_outputs
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.types import GenerateRequest, RequestId, StepOutput, StepRecord, WorkerStats
@@ -117,6 +118,7 @@ class DecodeWorker:
             outputs = self.engine.step(batch)
         except Exception as e:  # noqa: BLE001 - contained: the batch's requests fail, the worker lives on
             return failures + self._fail_batch([c.request.request_id for c in batch.chunks], e)
+        faultpoints.reached("decode.step", outputs)
         return failures + [self._finish_output(o) for o in outputs]
 
     def _fail_batch(self, request_ids: list[RequestId], e: Exception) -> list[StepOutput]:
@@ -159,6 +161,7 @@ class DecodeWorker:
             pull.transfer = self.receiver.pull(h, list(r.block_table))
             pull.started_s = self.clock()
             self._pulling[r.request_id] = pull
+            faultpoints.reached("decode.pull", (r,))  # chaos (pdserve/faultpoints.py): a no-op unless armed
 
     def _poll_pulls(self) -> list[StepOutput]:
         """Move landed pulls to running; a failed one is recomputed, or (on_failure=fail) ended with

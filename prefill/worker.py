@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from pdserve import faultpoints
 from pdserve.engine.engine import Engine, failed_step_outputs
 from pdserve.engine.request import Request
 from pdserve.prefill.scheduler import PrefillScheduler
@@ -46,6 +47,7 @@ class PrefillWorker:
         self._submitted_s[r.request_id] = self.clock() if received_s is None else received_s
         self.scheduler.add(r)
         self.idle = False
+        faultpoints.reached("prefill.waiting", (r,))  # chaos (pdserve/faultpoints.py): a no-op unless armed
 
     def abort(self, request_id: RequestId) -> bool:
         """Drop a queued request, or release the KV of one already exported (nobody will pull it)."""
@@ -73,6 +75,7 @@ class PrefillWorker:
         now = self.clock()
         for c in batch.chunks:
             self._started_s.setdefault(c.request.request_id, now)
+        faultpoints.reached("prefill.forward", batch.chunks)
         try:
             outputs = self.engine.step(batch)
         except Exception as e:  # noqa: BLE001 - contained: the batch's requests fail, the worker lives on

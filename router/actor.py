@@ -28,6 +28,7 @@ from ray.exceptions import (
     TaskCancelledError,
 )
 
+from pdserve import faultpoints
 from pdserve.config import ServingConfig
 from pdserve.router.core import Router
 from pdserve.router.openai_api import ModelCard
@@ -73,7 +74,11 @@ class RayPrefillClient:
         self.worker_id, self.actor = worker_id, actor
 
     async def prefill(self, req: GenerateRequest) -> PrefillResult:
-        return await _call(self.worker_id, self.actor.prefill.remote(req))
+        await faultpoints.areached("router.queued", (req,))  # chaos windows: no-ops unless armed
+        result: PrefillResult = await _call(self.worker_id, self.actor.prefill.remote(req))
+        if result.handle is not None:
+            await faultpoints.areached("router.prefilled", (req,))
+        return result
 
     async def abort(self, request_id: RequestId) -> None:
         await _call(self.worker_id, self.actor.abort.remote(request_id))
@@ -90,7 +95,10 @@ class RayDecodeClient:
         try:
             stream: Any = self.actor.generate.options(num_returns="streaming").remote(req, handle)
             async for ref in stream:
-                yield await _call(self.worker_id, ref)
+                out: StepOutput = await _call(self.worker_id, ref)
+                if out.finished:
+                    await faultpoints.areached("router.finished", (out,))
+                yield out
         except _DEAD as e:  # raised by the stream itself, between items
             raise worker_error(self.worker_id, e) from e
 
