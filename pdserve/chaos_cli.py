@@ -71,7 +71,8 @@ def _lifecycle(args: argparse.Namespace) -> list[Cell]:
 
     max_tokens = 12
     llm = LLM(args.model, device="cpu", num_threads=1)
-    reference = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)[0].text
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    reference = llm.generate([PROMPT], params, use_tqdm=False)[0].text
     del llm
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": SETUP_HOOK})

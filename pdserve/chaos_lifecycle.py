@@ -144,7 +144,8 @@ class LifecycleRig:
             return f"router not serving: {type(e).__name__}"
         if pending:
             return f"the router still holds {pending} requests"
-        broken = {role: health[role] for role in ("prefill", "decode") if health[role]["healthy"] != health[role]["total"]}
+        broken = {role: health[role] for role in ("prefill", "decode")
+                  if health[role]["healthy"] != health[role]["total"]}
         if health.get("status") != "ok" or broken:
             return f"pools not whole: {broken or health}"
         outcome = await self._stream()

@@ -72,7 +72,8 @@ def test_killed_router_serves_again_within_15_s(ray_cluster: None) -> None:
         assert any(ok and at > back for at, ok in outcomes) or _complete(deployment.url, "hi").status_code == 200
         health = httpx.get(f"{deployment.url}/health", timeout=10).json()
         whole = {"healthy": 1, "unavailable": 0, "dead": 0, "total": 1}
-        assert health["status"] == "ok" and health["prefill"] == whole and health["decode"] == whole, health  # re-registered
+        # every instance re-registered
+        assert health["status"] == "ok" and health["prefill"] == whole and health["decode"] == whole, health
         assert ray.get(deployment.router.num_pending.remote(), timeout=10) == 0
     finally:
         load_stop.set()
