@@ -68,10 +68,14 @@ class LifecycleRig:
                                             daemon=True)
         self._supervisor.start()
         self.workers = {**self.dep.prefill, **self.dep.decode}
-        outcome = asyncio.run(self._stream())
-        if outcome != "exact":
-            raise RuntimeError(f"chaos: the deployment does not serve the greedy text before any fault: {outcome}")
-        self.baseline = asyncio.run(self._free_blocks())
+        try:
+            outcome = asyncio.run(self._stream())
+            if outcome != "exact":
+                raise RuntimeError(f"chaos: the deployment does not serve the greedy text before any fault: {outcome}")
+            self.baseline = asyncio.run(self._free_blocks())
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self._stop.set()
@@ -85,7 +89,7 @@ class LifecycleRig:
         await self.coordinator.arm.remote(cell.window, NTH.get(cell.window, 1))
         start = time.monotonic()
         client = asyncio.ensure_future(self._stream())
-        hit = await self.coordinator.wait_reached.remote(60.0)
+        hit, fault_s = await self.coordinator.wait_reached.remote(60.0), 0.0
         if hit is None:
             cell.reason = f"the window {cell.window} was never reached"
         else:
