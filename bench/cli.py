@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 
 from pdserve.bench.units import duration_arg
+from pdserve.config import SLOConfig
 
-# Defaults match pdserve.config.SLOConfig.
-DEFAULT_TTFT_S, DEFAULT_TPOT_S, DEFAULT_ATTAINMENT = 1.0, 0.2, 0.9
+DEFAULT_SLO = SLOConfig()  # the serving config's defaults
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -73,12 +73,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="req/s of the first point when searching the goodput (doubled or halved from there)")
     p.add_argument("--search-steps", type=int, default=3, help="bisection steps after bracketing the goodput")
     p.add_argument("--ttft", type=duration_arg, default=None,
-                   help=f"TTFT SLO, e.g. 1s or 250ms; plain numbers are seconds (default: {DEFAULT_TTFT_S:g}s)")
+                   help=f"TTFT SLO, e.g. 1s or 250ms; plain numbers are seconds (default: {DEFAULT_SLO.ttft_s:g}s)")
     p.add_argument("--tpot", type=duration_arg, default=None,
-                   help=f"TPOT SLO, e.g. 100ms; plain numbers are seconds (default: {DEFAULT_TPOT_S * 1e3:g}ms)")
+                   help=f"TPOT SLO, e.g. 100ms; plain numbers are seconds (default: {DEFAULT_SLO.tpot_s * 1e3:g}ms)")
     p.add_argument("--slo-from-unloaded", nargs=2, type=float, default=None, metavar=("TTFT_X", "TPOT_X"),
                    help="set the SLOs to these multiples of the median unloaded TTFT and TPOT (measured first)")
-    p.add_argument("--attainment", type=_fraction, default=DEFAULT_ATTAINMENT,
+    p.add_argument("--attainment", type=_fraction, default=DEFAULT_SLO.attainment,
                    help="share of requests that must meet both SLOs: 0.9 or 90 (default: 90%%)")
     p.add_argument("--gpus", type=float, default=None,
                    help="GPUs (or CPU instances) of the deployment, for per-GPU goodput (default: what a pdserve "
@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     from pdserve.bench.quick import slo_from_unloaded
     from pdserve.bench.runner import BenchConfig, run_rates, save, search_goodput
 
-    from pdserve.bench.deployment import served_model
+    from pdserve.bench.served_model import served_model
     from pdserve.bench.units import fmt_duration
 
     if args.url is None:
@@ -145,8 +145,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _slo(args: argparse.Namespace):
-    from pdserve.bench.metrics import SLO
-
     ttft, tpot = args.ttft, args.tpot
     for item in args.goodput or ():
         key, _, value = item.partition(":")
@@ -160,7 +158,7 @@ def _slo(args: argparse.Namespace):
             tpot = ms / 1e3
         else:
             raise ValueError(f"--goodput: unknown SLO {key!r} (ttft and tpot are supported)")
-    return SLO(ttft or DEFAULT_TTFT_S, tpot or DEFAULT_TPOT_S, args.attainment)
+    return SLOConfig(ttft or DEFAULT_SLO.ttft_s, tpot or DEFAULT_SLO.tpot_s, args.attainment)
 
 
 def _build_workload(args: argparse.Namespace, model: str | None):
@@ -187,12 +185,11 @@ def _lengths(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from pdserve.bench.compare import compare
-    from pdserve.bench.metrics import SLO
     from pdserve.bench.results import read_results
 
     slo = None
     if args.ttft is not None or args.tpot is not None or args.slo_scale != 1.0:
-        base = SLO(**read_results(args.dirs[0]).summary["slo"])
-        slo = SLO(args.ttft or base.ttft_s, args.tpot or base.tpot_s, base.attainment).scaled(args.slo_scale)
+        base = SLOConfig(**read_results(args.dirs[0]).summary["slo"])
+        slo = SLOConfig(args.ttft or base.ttft_s, args.tpot or base.tpot_s, base.attainment).scaled(args.slo_scale)
     print(compare(args.dirs, args.output_dir, args.at_rate, slo, args.slo_scale))
     return 0

@@ -47,7 +47,8 @@ class Endpoint:
         if self.model:
             body["model"] = self.model
         if self.chat:
-            body["messages"] = [{"role": "user", "content": req.prompt}]
+            body["messages"] = ([{"role": role, "content": text} for role, text in req.messages]
+                                or [{"role": "user", "content": req.prompt}])
         else:
             body["prompt"] = req.prompt
         return body
@@ -57,20 +58,23 @@ class Endpoint:
 
 
 async def send_request(session: aiohttp.ClientSession, endpoint: Endpoint, req: WorkloadRequest,
-                       record: RequestRecord, arrival: float, timeout_s: float) -> None:
-    """Send `req` now and fill `record`; `arrival` is its scheduled perf_counter() time."""
+                       record: RequestRecord, arrival: float, timeout_s: float) -> str:
+    """Send `req` now and fill `record`; `arrival` is its scheduled perf_counter() time. Returns
+    the generated text ("" for a failed request)."""
     sent = time.perf_counter()
     record.send_delay_s = sent - arrival
+    text: list[str] = []
     try:
-        await asyncio.wait_for(_stream(session, endpoint, req, record, sent), timeout_s)
+        await asyncio.wait_for(_stream(session, endpoint, req, record, sent, text), timeout_s)
     except asyncio.TimeoutError:
         _fail(record, f"timeout after {timeout_s:g}s")
     except (aiohttp.ClientError, OSError, ValueError) as e:
         _fail(record, f"{type(e).__name__}: {e}")
+    return "".join(text) if record.ok else ""
 
 
 async def _stream(session: aiohttp.ClientSession, endpoint: Endpoint, req: WorkloadRequest,
-                  record: RequestRecord, sent: float) -> None:
+                  record: RequestRecord, sent: float, text: list[str]) -> None:
     async with session.post(endpoint.url, json=endpoint.payload(req), headers=endpoint.headers()) as resp:
         if resp.status != 200:
             body = (await resp.text())[:300].replace("\n", " ")
@@ -99,6 +103,7 @@ async def _stream(session: aiohttp.ClientSession, endpoint: Endpoint, req: Workl
             if isinstance(chunk.get(TIMINGS_FIELD), dict):
                 record.server_timings = {k: float(v) for k, v in chunk[TIMINGS_FIELD].items()
                                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            text.extend(_texts(chunk, endpoint.chat))
             if _has_token(chunk, endpoint.chat):
                 now = time.perf_counter()
                 if last is None:
@@ -119,6 +124,13 @@ def _has_token(chunk: dict, chat: bool) -> bool:
         elif "text" in choice:
             return True
     return False
+
+
+def _texts(chunk: dict, chat: bool) -> list[str]:
+    choices = chunk.get("choices") or ()
+    if chat:
+        return [(c.get("delta") or {}).get("content") or "" for c in choices]
+    return [c.get("text") or "" for c in choices]
 
 
 def _fail(record: RequestRecord, reason: str) -> None:

@@ -13,23 +13,24 @@ from pathlib import Path
 
 from pdserve.bench import plots
 from pdserve.bench.goodput import Goodput, goodput_from_curve
-from pdserve.bench.metrics import SLO, attainment, min_slo_scale
+from pdserve.bench.metrics import attainment, describe_slo, min_slo_scale
 from pdserve.bench.results import RunData, read_results
 from pdserve.bench.runner import cdf_series, slo_curve
 from pdserve.bench.units import fmt_duration
+from pdserve.config import SLOConfig
 
 
 def compare(dirs: Sequence[str | Path], out_dir: str | Path, at_rate: float | None = None,
-            slo: SLO | None = None, slo_scale: float = 1.0) -> str:
+            slo: SLOConfig | None = None, slo_scale: float = 1.0) -> str:
     """Write compare.json and three overlay plots into `out_dir`; return the comparison table.
     `slo` replaces every run's own SLO when given; `slo_scale` is what it was scaled by (for titles)."""
     runs = [read_results(d) for d in dirs]
-    slos = [slo or SLO(**r.summary["slo"]) for r in runs]
+    slos = [slo or SLOConfig(**r.summary["slo"]) for r in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     curves = [_curve(r, s) for r, s in zip(runs, slos)]
     target = slos[0].attainment
-    sub = slos[0].describe(slo_scale) if len(set(slos)) == 1 else f"each run's own SLOs (scale {slo_scale:g}x)"
+    sub = describe_slo(slos[0], slo_scale) if len(set(slos)) == 1 else f"each run's own SLOs (scale {slo_scale:g}x)"
     plots.plot_attainment([(r.label, c) for r, c in zip(runs, curves)], target, out / "attainment.png", subtitle=sub)
     if at_rate is None:
         at_rate = min(max((x for x, _ in c), default=0.0) for c in curves)
@@ -56,7 +57,7 @@ def compare(dirs: Sequence[str | Path], out_dir: str | Path, at_rate: float | No
     return _table(rows, at_rate)
 
 
-def _curve(run: RunData, slo: SLO) -> list[tuple[float, float]]:
+def _curve(run: RunData, slo: SLOConfig) -> list[tuple[float, float]]:
     """(per-GPU rate, joint attainment) per measured rate, from the records when present."""
     gpus = run.summary["gpus"]
     if run.records:

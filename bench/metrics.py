@@ -13,48 +13,33 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from pdserve.bench.record import RequestRecord
+from pdserve.bench.units import fmt_duration
+from pdserve.config import SLOConfig
 
 PERCENTILES = (50, 90, 99)
 _EPS = 1e-9
 
 
-@dataclass(frozen=True)
-class SLO:
-    ttft_s: float
-    tpot_s: float
-    attainment: float = 0.9  # target share of requests meeting both
-
-    def __post_init__(self) -> None:
-        if not (self.ttft_s > 0 and self.tpot_s > 0):
-            raise ValueError(f"slo: ttft and tpot must be > 0, got {self.ttft_s}, {self.tpot_s}")
-        if not 0 < self.attainment <= 1:
-            raise ValueError(f"attainment: must be in (0, 1], got {self.attainment}")
-
-    def scaled(self, scale: float) -> SLO:
-        return replace(self, ttft_s=self.ttft_s * scale, tpot_s=self.tpot_s * scale)
-
-    def describe(self, scale: float = 1.0) -> str:
-        """`TTFT <= 250 ms, TPOT <= 50 ms for 90% (SLO scale 1x)`; `scale` says how these SLOs
-        relate to the ones a run was made with."""
-        from pdserve.bench.units import fmt_duration
-
-        return (f"TTFT <= {fmt_duration(self.ttft_s)}, TPOT <= {fmt_duration(self.tpot_s)} for "
-                f"{100 * self.attainment:g}% (SLO scale {scale:g}x)")
+def describe_slo(slo: SLOConfig, scale: float = 1.0) -> str:
+    """`TTFT <= 250 ms, TPOT <= 50 ms for 90% (SLO scale 1x)`; `scale` says how these SLOs
+    relate to the ones a run was made with."""
+    return (f"TTFT <= {fmt_duration(slo.ttft_s)}, TPOT <= {fmt_duration(slo.tpot_s)} for "
+            f"{100 * slo.attainment:g}% (SLO scale {scale:g}x)")
 
 
-def meets(record: RequestRecord, slo: SLO) -> bool:
+def meets(record: RequestRecord, slo: SLOConfig) -> bool:
     if not record.ok or record.ttft_s is None:
         return False
     tpot = record.tpot_s
     return record.ttft_s <= slo.ttft_s and (tpot is None or tpot <= slo.tpot_s)
 
 
-def attainment(records: Sequence[RequestRecord], slo: SLO) -> float:
+def attainment(records: Sequence[RequestRecord], slo: SLOConfig) -> float:
     """Share of all requests (failed included) meeting both SLOs; 0 for no requests."""
     return sum(meets(r, slo) for r in records) / len(records) if records else 0.0
 
 
-def slo_scale_needed(record: RequestRecord, slo: SLO) -> float:
+def slo_scale_needed(record: RequestRecord, slo: SLOConfig) -> float:
     """The smallest scale s such that the request meets slo.scaled(s); inf if it failed."""
     if not record.ok or record.ttft_s is None:
         return math.inf
@@ -62,7 +47,7 @@ def slo_scale_needed(record: RequestRecord, slo: SLO) -> float:
     return max(record.ttft_s / slo.ttft_s, 0.0 if tpot is None else tpot / slo.tpot_s)
 
 
-def min_slo_scale(records: Sequence[RequestRecord], slo: SLO) -> float:
+def min_slo_scale(records: Sequence[RequestRecord], slo: SLOConfig) -> float:
     """Smallest scale s at which attainment(records, slo.scaled(s)) >= slo.attainment: the
     k-th smallest per-request need, k = ceil(target * N). inf when too many requests failed."""
     if not records:
@@ -103,7 +88,7 @@ class RunSummary:
         return asdict(self)
 
 
-def summarize(records: Sequence[RequestRecord], slo: SLO, rate: float, duration_s: float) -> RunSummary:
+def summarize(records: Sequence[RequestRecord], slo: SLOConfig, rate: float, duration_s: float) -> RunSummary:
     done = [r for r in records if r.ok]
     tpots = [t for r in done if (t := r.tpot_s) is not None]
     duration = max(duration_s, _EPS)

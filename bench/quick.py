@@ -12,12 +12,12 @@ import numpy as np
 
 from pdserve.bench.client import Endpoint
 from pdserve.bench.loadgen import LoadConfig, run_load
-from pdserve.bench.metrics import SLO
-from pdserve.bench.units import fmt_duration
 from pdserve.bench.record import RequestRecord
 from pdserve.bench.runner import BenchConfig, BenchResult, extend_range, run_rates, save
 from pdserve.bench.tokenizer import load_tokenizer
+from pdserve.bench.units import fmt_duration
 from pdserve.bench.workload import WorkloadRequest, WorkloadSpec, build_workload
+from pdserve.config import SLOConfig
 
 
 def unloaded_records(endpoint: Endpoint, workload: Sequence[WorkloadRequest], num_requests: int = 5,
@@ -52,9 +52,9 @@ def latency_quantile(records: Sequence[RequestRecord], q: float) -> tuple[float,
 
 
 def slo_from_unloaded(endpoint: Endpoint, workload: Sequence[WorkloadRequest], ttft_factor: float,
-                      tpot_factor: float, attainment: float = 0.9) -> SLO:
+                      tpot_factor: float, attainment: float = 0.9) -> SLOConfig:
     ttft, tpot = unloaded_latency(endpoint, workload)
-    return SLO(ttft * ttft_factor, tpot * tpot_factor, attainment)
+    return SLOConfig(ttft * ttft_factor, tpot * tpot_factor, attainment)
 
 
 # The quick benchmark's SLOs: these multiples of the unloaded latency that `attainment` of its
@@ -68,13 +68,13 @@ QUICK_RATE_FACTORS = (0.5, 1.0, 2.0)
 
 def quick_benchmark(url: str, model: str | None = None, tokenizer: str | None = None,
                     rates: Sequence[float] | None = None, num_requests: int = 20,
-                    slo: SLO | None = None, gpus: float | None = None, out_dir: str | Path | None = None,
+                    slo: SLOConfig | None = None, gpus: float | None = None, out_dir: str | Path | None = None,
                     log: Callable[[str], None] = print) -> BenchResult:
     """A small ShareGPT run (prompts <= 256 tokens, outputs <= 32) at a few rates. Unless given,
     SLOs and rates come from the same requests sent one at a time first (QUICK_SLO_FACTORS,
     QUICK_RATE_FACTORS; when the goodput lies outside them, one point at half the lowest or twice
     the highest is added), and `gpus` from the server's /v1/models; the tokenizer defaults to the model's. Prints (through `log`) and returns the goodput table. Call it from synchronous code."""
-    from pdserve.bench.deployment import served_model
+    from pdserve.bench.served_model import served_model
 
     served = served_model(url)
     gpus = gpus or served.num_gpus or 1.0
@@ -88,7 +88,7 @@ def quick_benchmark(url: str, model: str | None = None, tokenizer: str | None = 
         attain = slo.attainment if slo else 0.9
         if slo is None:
             ttft, tpot = latency_quantile(unloaded, attain)
-            slo = SLO(ttft * QUICK_SLO_FACTORS[0], tpot * QUICK_SLO_FACTORS[1], attain)
+            slo = SLOConfig(ttft * QUICK_SLO_FACTORS[0], tpot * QUICK_SLO_FACTORS[1], attain)
             log(f"SLOs: TTFT <= {fmt_duration(slo.ttft_s)}, TPOT <= {fmt_duration(slo.tpot_s)} "
                 f"({QUICK_SLO_FACTORS[0]:g}x, {QUICK_SLO_FACTORS[1]:g}x the unloaded p{100 * attain:g})")
         if rates is None:

@@ -17,9 +17,10 @@ from pathlib import Path
 from pdserve.bench.client import Endpoint
 from pdserve.bench.goodput import Goodput, goodput_from_curve, slo_scale_curve
 from pdserve.bench.loadgen import LoadConfig, LoadResult, run_load
-from pdserve.bench.metrics import SLO, RunSummary, slo_scale_needed, summarize
+from pdserve.bench.metrics import RunSummary, describe_slo, slo_scale_needed, summarize
 from pdserve.bench.units import fmt_duration
 from pdserve.bench.workload import WorkloadRequest
+from pdserve.config import SLOConfig
 
 SLO_SCALES = tuple(round(0.1 * i, 1) for i in range(50, 0, -1))  # 5.0, 4.9, ..., 0.1
 
@@ -27,7 +28,7 @@ SLO_SCALES = tuple(round(0.1 * i, 1) for i in range(50, 0, -1))  # 5.0, 4.9, ...
 @dataclass(frozen=True)
 class BenchConfig:
     endpoint: Endpoint
-    slo: SLO
+    slo: SLOConfig
     gpus: float = 1.0  # GPUs (or GPU-equivalents) of the deployment, for per-GPU goodput
     load: LoadConfig = field(default_factory=lambda: LoadConfig(rate=1.0))  # rate is set per point
     warmup: int = 1  # unmeasured sequential requests before the first point
@@ -163,7 +164,7 @@ def save(result: BenchResult, out_dir: str | Path, workload: Sequence[WorkloadRe
     out = write_results(out_dir, summary, {r.rate: r.records for r, _ in result.points},
                         [w.lengths() for w in workload])
     series = [(f"{r.rate / cfg.gpus:.3g} req/s/GPU", r.records) for r, _ in result.points]
-    sub = f"{summary['label']}, {cfg.gpus:g} GPUs; {cfg.slo.describe()}"
+    sub = f"{summary['label']}, {cfg.gpus:g} GPUs; {describe_slo(cfg.slo)}"
     plots.plot_attainment([(summary["label"], [(s.rate / cfg.gpus, s.attainment) for _, s in result.points])],
                           cfg.slo.attainment, out / "attainment.png", subtitle=sub)
     plots.plot_latency_cdfs(cdf_series(series), cfg.slo.ttft_s, cfg.slo.tpot_s, out / "latency_cdf.png",
@@ -178,7 +179,7 @@ def cdf_series(series: Sequence[tuple[str, Sequence]]) -> list[tuple[str, list[f
              [t for r in records if (t := r.tpot_s) is not None]) for label, records in series]
 
 
-def slo_curve(records: Sequence, slo: SLO) -> list[tuple[float, float]]:
+def slo_curve(records: Sequence, slo: SLOConfig) -> list[tuple[float, float]]:
     return slo_scale_curve([slo_scale_needed(r, slo) for r in records], SLO_SCALES)
 
 

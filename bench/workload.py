@@ -25,6 +25,7 @@ class WorkloadRequest:
     prompt: str
     prompt_len: int  # tokens of `prompt` under the served model's tokenizer
     output_len: int  # tokens to generate (max_tokens with ignore_eos)
+    messages: tuple[tuple[str, str], ...] = ()  # chat: (role, content) pairs sent instead of `prompt`
 
     def lengths(self) -> RequestLengths:
         return RequestLengths(self.prompt_len, self.output_len)

@@ -143,10 +143,12 @@ def _hf(path: str, engine: Any) -> Any:
 
 
 def _generate(engine: Any, prompts: list[list[int]], n: int, policy: str, budget: int) -> list[list[int]]:
+    from pdserve.decode.scheduler import DecodeOptions
     from pdserve.decode.worker import DecodeWorker
     from pdserve.types import GenerateRequest, RequestId, SamplingParams
 
-    worker = DecodeWorker(engine, policy, max_num_seqs=64, max_num_batched_tokens=budget)  # type: ignore[arg-type]
+    options = DecodeOptions(policy, max_num_seqs=64, max_num_batched_tokens=budget)  # type: ignore[arg-type]
+    worker = DecodeWorker(engine, options)
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     return worker.run_to_completion([GenerateRequest(RequestId(f"r{i}"), tuple(p), params)
                                      for i, p in enumerate(prompts)])
@@ -261,6 +263,7 @@ def check_launches(models: dict[str, str], device: str) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from pdserve.decode.scheduler import DecodeOptions
     from pdserve.decode.worker import DecodeWorker
     from pdserve.types import GenerateRequest, RequestId, SamplingParams
 
@@ -270,7 +273,7 @@ def check_launches(models: dict[str, str], device: str) -> dict[str, Any]:
     for label, params in (("greedy", SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
                           ("top_p_seeded", SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=8,
                                                           ignore_eos=True))):
-        worker = DecodeWorker(engine, "prefill_priority", max_num_seqs=64, max_num_batched_tokens=4096)
+        worker = DecodeWorker(engine, DecodeOptions("prefill_priority", max_num_seqs=64, max_num_batched_tokens=4096))
         for i, p in enumerate(_prompts(engine.model_config.vocab_size, [32] * 16)):
             worker.submit(GenerateRequest(RequestId(f"{label}{i}"), tuple(p), params))
         for _ in range(3):
@@ -431,6 +434,7 @@ def check_decode_speed(models: dict[str, str], device: str) -> dict[str, Any]:
     import torch
     from transformers import DynamicCache
 
+    from pdserve.decode.scheduler import DecodeOptions
     from pdserve.decode.worker import DecodeWorker
     from pdserve.types import GenerateRequest, RequestId, SamplingParams
 
@@ -442,7 +446,7 @@ def check_decode_speed(models: dict[str, str], device: str) -> dict[str, Any]:
     res: dict[str, Any] = {"model_gb": round(nbytes / 1e9, 2)}
     for b in (1, 16, 64):
         prompts = _prompts(engine.model_config.vocab_size, [64] * b)
-        worker = DecodeWorker(engine, "prefill_priority", max_num_seqs=b, max_num_batched_tokens=64 * b)
+        worker = DecodeWorker(engine, DecodeOptions("prefill_priority", max_num_seqs=b, max_num_batched_tokens=64 * b))
         for i, p in enumerate(prompts):
             worker.submit(GenerateRequest(RequestId(f"b{b}-{i}"), tuple(p),
                                           SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)))

@@ -33,11 +33,11 @@ from pathlib import Path
 
 from pdserve.bench.client import Endpoint
 from pdserve.bench.loadgen import LoadConfig, run_load
-from pdserve.bench.metrics import SLO
 from pdserve.bench.quick import median_latency, unloaded_records
 from pdserve.bench.runner import BenchConfig, run_rates, save
 from pdserve.bench.tokenizer import load_tokenizer
 from pdserve.bench.workload import WorkloadRequest, WorkloadSpec, build_workload
+from pdserve.config import SLOConfig
 from pdserve.config import EngineConfig, PoolConfig, RouterConfig, ServingConfig
 
 SYSTEMS = {
@@ -151,7 +151,7 @@ def main() -> None:
                                                 "tpot_scale": args.tpot_scale, "unloaded_requests": unloaded},
                                                indent=2))
             base = json.loads(slo_file.read_text())
-            slo = SLO(base["unloaded_ttft_s"] * args.ttft_scale, base["unloaded_tpot_s"] * args.tpot_scale, 0.9)
+            slo = SLOConfig(base["unloaded_ttft_s"] * args.ttft_scale, base["unloaded_tpot_s"] * args.tpot_scale, 0.9)
             bench = BenchConfig(endpoint, slo, gpus=2.0, load=LoadConfig(rate=1.0, seed=args.seed, progress=False),
                                 warmup=2, label=name)
             t0 = time.perf_counter()

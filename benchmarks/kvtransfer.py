@@ -1,14 +1,16 @@
 """KV-transfer benchmark on SmolLM2-135M: codec ratio / speed / quality, transport efficiency, TTFT.
 
     python benchmarks/kvtransfer.py [--docs 8] [--context 512] [--continuation 256] [--skip-quality]
+                                    [--transports-only]
 
 Codecs: bytes on the wire (frame headers and chunk prefixes included) vs raw fp32 and vs the
 bf16-equivalent bytes; encode/decode GB/s of fp32 cache bytes on this CPU (one thread); quality
 teacher-forced over real ShareGPT text: the context's KV goes through the codec, then the
 continuation runs on top of it; top-1 agreement and mean KL(p_raw || p_codec) per continuation token.
 Transports: a 64 MiB KV pull through KVSender/KVReceiver (raw codec) vs the same transport moving
-64 MiB of plain 4 MiB chunks in the same run. TTFT: exposed transfer time after a 1024-token
-prefill, with the pull starting after prefill vs streaming layer by layer during it.
+64 MiB of plain 4 MiB chunks in the same run; torch both as wire bytes and over its tensor lane.
+TTFT: exposed transfer time after a 1024-token prefill, with the pull starting after prefill vs
+streaming layer by layer during it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pdserve.engine.kv_cache import BlockAllocator, KVLayout, KVPool
 from pdserve.engine.request import RequestStatus
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.codecs import CODEC_NAMES, get_codec
-from pdserve.kvtransfer.connector import make_receiver, make_sender, make_transport
+from pdserve.kvtransfer.factories import make_receiver, make_sender, make_transport
 from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.reshard import gather_slab, scatter_slab, token_slots
 from pdserve.kvtransfer.types import TransferId, TransferStatus
@@ -102,7 +104,7 @@ def codec_quality(eng: Engine, docs: list[list[int]], ctx: int) -> None:
 
 
 def _plain_gbps(name: str, nbytes: int) -> float:
-    tx, rx = make_transport(name, LOCAL), make_transport(name, LOCAL, serve=False)
+    tx, rx = make_transport(name, LOCAL).start(), make_transport(name, LOCAL, serve=False).start()
     payload = [bytes(4 << 20) for _ in range(nbytes // (4 << 20))]
     best = float("inf")
     for i in range(3):
@@ -121,25 +123,28 @@ def transports(nbytes: int = 64 << 20) -> None:
     lay = KVLayout(30, 3, 64, 16)  # SmolLM2-135M, fp32
     n = nbytes // lay.bytes_per_token
     print(f"\n## Transports (64 MiB = {n} tokens of SmolLM2 KV, raw codec, localhost)")
-    print("| transport | plain bytes GB/s | KV pull GB/s | effective / plain |")
-    print("|---|---|---|---|")
-    for name in ("loopback", "grpc", "torch"):
-        plain = _plain_gbps(name, nbytes)
-        cfg = KVTransferConfig(transport=name, codec="raw", timeout_s=60)
+    print("| transport | plain bytes GB/s | KV pull GB/s | effective / plain | CPU ms per pull (both ends) |")
+    print("|---|---|---|---|---|")
+    plains: dict[str, float] = {}
+    for name, lane in (("loopback", "auto"), ("grpc", "auto"), ("torch", "off"), ("torch", "auto")):
+        plain = plains[name] = plains.get(name) or _plain_gbps(name, nbytes)
+        cfg = KVTransferConfig(transport=name, codec="raw", timeout_s=60, tensor_lane=lane)  # type: ignore[arg-type]
         sp, dp = KVPool(lay, lay.num_blocks_for(n) + 1), KVPool(lay, lay.num_blocks_for(n) + 1)
         sp.kv.normal_()
         sa = BlockAllocator(sp.num_blocks)
         tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
         blocks = sa.allocate(lay.num_blocks_for(n))
-        best = float("inf")
-        for i in range(3):
+        best, cpu = float("inf"), float("inf")
+        for i in range(4):  # the first pull forms the torch pair (and its lane): not counted
             h = tx.export(f"r{i}", blocks, n)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             x = rx.pull(h, blocks)
             assert rx.wait(x, 120) is TransferStatus.DONE, rx.poll(x)
-            best = min(best, time.perf_counter() - t0)
+            if i:
+                best, cpu = min(best, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
         kv = n * lay.bytes_per_token / best / 1e9
-        print(f"| {name} | {plain:.2f} | {kv:.2f} | {kv / plain:.2f} |")
+        label = name if name != "torch" else f"torch ({'gloo, wire bytes' if lane == 'off' else 'gloo tensor lane'})"
+        print(f"| {label} | {plain:.2f} | {kv:.2f} | {kv / plain:.2f} | {cpu * 1e3:.0f} |")
         rx.close()
         tx.close()
 
@@ -185,8 +190,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--continuation", type=int, default=256)
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--transports-only", action="store_true", help="only the transport table (no model, no data)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.transports_only:
+        return transports()
     eng = Engine.from_config("smollm2-135m", EngineConfig(kv_cache_memory_gb=0.5, max_model_len=2048))
     docs = sharegpt_texts(args.docs, max(args.context + args.continuation, 1024), eng.tokenizer)
     if not args.skip_quality:

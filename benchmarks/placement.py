@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from pdserve.placement.deployment import Deployment
+from pdserve.placement.sim_deployment import SimDeployment
 from pdserve.placement.hardware import load_gpu
 from pdserve.placement.latency import instance_latency
 from pdserve.placement.model_spec import load_model
@@ -26,9 +26,9 @@ def sim_speed(n: int) -> None:
     p, d = instance_latency(src, model, gpu, 2, 1), instance_latency(src, model, gpu, 1, 1)
     xfer = TransferModel(kv_bytes_per_token=model.kv_bytes_per_token, bytes_per_s=300e9)
     trace = sharegpt_like().trace(n, seed=0)
-    cases = [("disaggregated 1×P TP2 + 2×D TP1", Deployment(prefill=(p,), decode=(d, d), transfer=xfer), 7.0),
-             ("colocated TP2 prefill-priority", Deployment(mode="colocated", prefill=(p,)), 2.5),
-             ("colocated TP2 chunked", Deployment(mode="colocated", prefill=(p,), colocated_policy="chunked"), 2.0)]
+    cases = [("disaggregated 1×P TP2 + 2×D TP1", SimDeployment(prefill=(p,), decode=(d, d), transfer=xfer), 7.0),
+             ("colocated TP2 prefill-priority", SimDeployment(mode="colocated", prefill=(p,)), 2.5),
+             ("colocated TP2 chunked", SimDeployment(mode="colocated", prefill=(p,), colocated_policy="chunked"), 2.0)]
     print(f"| case | rate (req/s) | joint attainment | sim req/s (wall) | sim req/s (CPU) |\n|---|---|---|---|---|")
     for name, dep, rate in cases:
         w, c = time.perf_counter(), time.process_time()

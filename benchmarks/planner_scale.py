@@ -12,7 +12,7 @@ import resource
 import subprocess
 import time
 
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.goodput import goodput
 from pdserve.placement.hardware import ClusterSpec, load_gpu
@@ -41,7 +41,7 @@ def plan_time(nodes: int, jobs: int) -> None:
 def sim_speed(n: int) -> None:
     gpu = load_gpu("h100")
     spec = SearchSpec(model=load_model("llama-3-8b"), cluster=ClusterSpec(num_nodes=1, gpus_per_node=8, gpu=gpu),
-                      source=Roofline(gpu=gpu), workload=sharegpt_like(), slo=SLO(ttft_s=0.5, tpot_s=0.05))
+                      source=Roofline(gpu=gpu), workload=sharegpt_like(), slo=SLOConfig(ttft_s=0.5, tpot_s=0.05))
     lat = phase_latencies(spec, spec.source)
     trace = spec.workload.trace(n, seed=0)
     p, d = PhaseConfig(1, 1), PhaseConfig(2, 1)

@@ -25,7 +25,7 @@ from pdserve.config import ServingConfig
 from pdserve.router.core import Router
 from pdserve.router.openai_api import ModelCard
 from pdserve.router.server import build_app
-from pdserve.types import GenerateRequest, PrefillResult, StepOutput, WorkerStats
+from pdserve.types import GenerateRequest, LatencyBreakdown, PrefillResult, StepOutput, WorkerStats
 
 
 class InstantPrefill:
@@ -33,7 +33,7 @@ class InstantPrefill:
         self.worker_id = worker_id
 
     async def prefill(self, req: GenerateRequest) -> PrefillResult:
-        return PrefillResult(StepOutput(req.request_id, (1,), " a", timings={"queue_s": 0.0, "prefill_s": 0.0}),
+        return PrefillResult(StepOutput(req.request_id, (1,), " a", latency=LatencyBreakdown()),
                              handle=object())  # type: ignore[arg-type]
 
     async def abort(self, request_id: str) -> None: ...

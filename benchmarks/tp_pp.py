@@ -33,9 +33,10 @@ def _requests(engine: Engine) -> list[GenerateRequest]:
 
 
 def _run(engine: Engine) -> tuple[dict[str, list[int]], float]:
+    from pdserve.decode.scheduler import DecodeOptions
     from pdserve.decode.worker import DecodeWorker
 
-    worker = DecodeWorker(engine, "prefill_priority", max_num_seqs=8, max_num_batched_tokens=2048)
+    worker = DecodeWorker(engine, DecodeOptions("prefill_priority", max_num_seqs=8, max_num_batched_tokens=2048))
     for r in _requests(engine):
         worker.submit(r)
     out: dict[str, list[int]] = {}

@@ -17,6 +17,7 @@ import torch
 
 from pdserve.actor_shell import WorkerShell
 from pdserve.config import ServingConfig
+from pdserve.decode.scheduler import decode_options
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
@@ -44,13 +45,11 @@ class DecodeActor(WorkerShell):
         torch.set_num_threads(cfg.engine.num_threads)
         engine = Engine.from_config(cfg.model, cfg.engine)
         receiver = None
-        policy = cfg.colocated_policy if cfg.mode == "colocated" else "decode"
         if cfg.mode == "disaggregated":
-            from pdserve.kvtransfer.connector import make_receiver
+            from pdserve.kvtransfer.factories import make_receiver
 
             receiver = make_receiver(cfg.kvtransfer, engine.pool, listen=self.listen)
-        return DecodeWorker(engine, policy, cfg.decode.max_num_seqs, cfg.decode.max_num_batched_tokens,
-                            receiver=receiver, worker_id=self.worker_id, on_failure=cfg.kvtransfer.on_failure)
+        return DecodeWorker(engine, decode_options(cfg), receiver=receiver, worker_id=self.worker_id)
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:
         for out in outputs:

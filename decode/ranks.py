@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from pdserve.config import ServingConfig
+from pdserve.decode.scheduler import decode_options
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.pipeline import RankLayout
-from pdserve.kvtransfer.connector import KVReceiver, Listen, make_receiver
+from pdserve.kvtransfer.factories import KVReceiver, Listen, make_receiver
 from pdserve.kvtransfer.types import KVHandle, TransferId, TransferStatus
 from pdserve.lockstep import LockStep, load_rank_engine, rank_spans
 
@@ -84,7 +85,5 @@ def build_decode_rank(cfg: ServingConfig, worker_id: str, ranks: RankLayout, ini
         receiver = AgreedReceiver(make_receiver(cfg.kvtransfer, engine.pool, listen=listen, layers=layers,
                                                 heads=heads))
         agreements.append(receiver)
-    policy = cfg.colocated_policy if cfg.mode == "colocated" else "decode"
-    worker = DecodeWorker(engine, policy, cfg.decode.max_num_seqs, cfg.decode.max_num_batched_tokens,
-                          receiver=receiver, worker_id=worker_id, on_failure=cfg.kvtransfer.on_failure)
+    worker = DecodeWorker(engine, decode_options(cfg), receiver=receiver, worker_id=worker_id)
     return LockStep(worker, agreements, ranks)

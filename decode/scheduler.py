@@ -1,8 +1,16 @@
-"""DecodeScheduler: continuous batching for the decode role, and the colocated policies.
+"""DecodeScheduler: the decode role's queues and the life of each request in them (and the colocated
+policies). The worker around it only wires the engine and the KV receiver to it.
 
-Queues: `waiting` holds requests that need (re)computing here — colocated arrivals, pulls that
-failed, preempted requests — and `running` holds requests whose KV is complete up to their last
-token. Policies (what colocated serving compares against):
+Queues (each request is in exactly one, indexed by id in `requests`):
+
+  awaiting_kv   its KV waits on a prefill instance. Admitted FCFS (`admit_pulls`) while a sequence
+                slot and its blocks are free, keeping one block per running request in reserve;
+                then it holds its blocks and its pull runs until `pull_done` / `pull_failed`.
+  waiting       to be (re)computed here: colocated arrivals, failed pulls to recompute, preempted.
+  running       KV complete up to the last token; one token per step.
+
+`max_num_seqs` bounds running + pulling requests together. Policies (what colocated serving
+compares against):
 
   decode            disaggregated decode: running requests step one token each; `waiting` only
                     holds recomputes, which are chunked in after the decodes.
@@ -12,27 +20,76 @@ token. Policies (what colocated serving compares against):
 
 When a running request cannot get a block for its next token, the newest running request is
 preempted by recompute: its blocks are freed and it goes back to the front of `waiting`.
+`update` (after each engine step) appends the sampled tokens, applies the stop conditions, and
+finishes the requests that ended: blocks freed, out of every queue.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Literal
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Literal, get_args
 
+from pdserve.config import OnFailure, ServingConfig
 from pdserve.engine.batch import Batch, Chunk
 from pdserve.engine.engine import Engine
-from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.request import Request, RequestStatus, append_token
+from pdserve.types import FinishReason, LatencyBreakdown, PullOutcome, RequestId, StepOutput
 
 Policy = Literal["decode", "prefill_priority", "chunked"]
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a decode instance schedules: `policy`, at most `max_num_seqs` requests running or
+    pulling, `max_num_batched_tokens` per step, and what a failed KV pull does (`on_failure`:
+    recompute the prompt here, or fail the request). Raises ValueError naming a bad field."""
+
+    policy: Policy = "decode"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    on_failure: OnFailure = "recompute"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("policy", Policy), ("on_failure", OnFailure)):
+            if getattr(self, name) not in get_args(allowed):
+                raise ValueError(f"{name}: must be one of {get_args(allowed)}, got {getattr(self, name)!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {getattr(self, name)!r}")
+
+
+def decode_options(cfg: ServingConfig) -> DecodeOptions:
+    """A serving config's decode scheduling: the colocated policy in colocated mode, else "decode"."""
+    policy = cfg.colocated_policy if cfg.mode == "colocated" else "decode"
+    return DecodeOptions(policy, cfg.decode.max_num_seqs, cfg.decode.max_num_batched_tokens, cfg.kvtransfer.on_failure)
+
+
 class DecodeScheduler:
-    def __init__(self, engine: Engine, policy: Policy, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.engine, self.policy = engine, policy
-        self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
+    def __init__(self, engine: Engine, options: DecodeOptions) -> None:
+        self.engine, self.options = engine, options
+        self.policy, self.max_num_seqs = options.policy, options.max_num_seqs
+        self.token_budget = options.max_num_batched_tokens
+        self.requests: dict[RequestId, Request] = {}
+        self.awaiting_kv: deque[Request] = deque()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.kv_pulls: Counter[str] = Counter()  # by outcome: ok, failed, timed_out, recomputed
+        self.kv_pull_nbytes = 0  # bytes received by pulls that completed
+
+    # ---- arrivals and departures -----------------------------------------------------------
+
+    def add(self, req: Request, now: float) -> None:
+        """Take a new request (its `kv_handle` set when its KV is to be pulled), queued from `now`."""
+        assert req.request_id not in self.requests, req.request_id
+        self.requests[req.request_id] = req
+        req.queued_s = now
+        if req.kv_handle is None:
+            self.add_waiting(req)
+        else:
+            req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+            self.awaiting_kv.append(req)
 
     def add_waiting(self, req: Request, front: bool = False) -> None:
         req.status = RequestStatus.WAITING
@@ -42,24 +99,100 @@ class DecodeScheduler:
         req.status = RequestStatus.RUNNING
         self.running.append(req)
 
-    def remove(self, req: Request) -> None:
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """End `req` here: out of every queue and the index, blocks freed (abort a running pull first)."""
+        for queue in (self.running, self.waiting, self.awaiting_kv):
+            if req in queue:
+                queue.remove(req)
+        self.requests.pop(req.request_id, None)
+        self.engine.free(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.requests)
 
-    def schedule(self) -> Batch:
+    # ---- KV pulls --------------------------------------------------------------------------
+
+    def pulling(self) -> list[Request]:
+        """Requests whose pull runs: admitted (blocks given) and not landed yet."""
+        return [r for r in self.awaiting_kv if r.block_table]
+
+    def admit_pulls(self, now: float) -> list[Request]:
+        """FCFS: give destination blocks to the requests whose pull may start now (back-pressure:
+        the rest keep their KV pinned on prefill). The caller starts each pull."""
+        admitted: list[Request] = []
+        num_seqs = len(self.running) + len(self.pulling())
+        for req in self.awaiting_kv:
+            if req.block_table:
+                continue
+            # one block per running request in reserve, so a pull does not force a preemption
+            need = self.engine.blocks_needed(req, req.kv_handle.num_tokens) + len(self.running)
+            if num_seqs >= self.max_num_seqs or not self.engine.allocator.can_allocate(need):
+                break
+            assert self.engine.ensure_blocks(req, req.kv_handle.num_tokens)
+            req.pull_started_s = now
+            admitted.append(req)
+            num_seqs += 1
+        return admitted
+
+    def pull_done(self, req: Request, landed_s: float, nbytes: int) -> None:
+        """The KV landed at `landed_s`: the request runs from its pulled tokens on."""
+        self.awaiting_kv.remove(req)
+        self.kv_pulls["ok"] += 1
+        self.kv_pull_nbytes += nbytes
+        req.latency += self._pull_latency(req, landed_s, "ok", nbytes)
+        req.num_computed_tokens, req.kv_transfer = req.kv_handle.num_tokens, None
+        self.add_running(req)
+
+    def pull_failed(self, req: Request, outcome: PullOutcome, error: str | None, now: float) -> StepOutput | None:
+        """The pull ended without the KV: recompute the prompt here (counted, flagged in the
+        request's latency), or with on_failure=fail end the request with the error output returned."""
+        self.awaiting_kv.remove(req)
+        self.kv_pulls[outcome] += 1
+        req.latency += self._pull_latency(req, now, outcome, None)
+        req.kv_transfer = None
+        if self.options.on_failure == "fail":
+            self.finish(req, "error")
+            return StepOutput(req.request_id, (), "", "error", error=f"KV transfer failed: {error}")
+        self.kv_pulls["recomputed"] += 1
+        req.latency += LatencyBreakdown(kv_recomputed=True)
+        req.num_computed_tokens, req.queued_s, req.scheduled_s = 0, now, None
+        self.add_waiting(req)
+        return None
+
+    @staticmethod
+    def _pull_latency(req: Request, ended_s: float, outcome: PullOutcome, nbytes: int | None) -> LatencyBreakdown:
+        started = req.pull_started_s if req.pull_started_s is not None else ended_s
+        return LatencyBreakdown(decode_queue_s=started - req.queued_s, transfer_s=max(0.0, ended_s - started),
+                                transfer_bytes=nbytes, kv_pull=outcome)
+
+    # ---- steps -----------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> Batch:
+        """The next step's batch under the policy; stamps each request's first run at `now`."""
         if self.policy == "prefill_priority":
-            prefills = self._schedule_prefills(self.token_budget, chunk=False)
-            if prefills:
-                return Batch(tuple(prefills))
-            return Batch(tuple(self._schedule_decodes()))
-        decodes = self._schedule_decodes()
-        budget = self.token_budget - len(decodes)
-        return Batch(tuple(decodes + self._schedule_prefills(budget, chunk=True)))
+            chunks = self._schedule_prefills(self.token_budget, chunk=False) or self._schedule_decodes()
+        else:
+            decodes = self._schedule_decodes()
+            chunks = decodes + self._schedule_prefills(self.token_budget - len(decodes), chunk=True)
+        for c in chunks:
+            if c.request.scheduled_s is None:
+                c.request.scheduled_s = now
+        return Batch(tuple(chunks))
+
+    def update(self, sampled: list[tuple[Request, int]], now: float) -> list[StepOutput]:
+        """After `engine.step`: append each sampled token, apply the stop conditions, finish the
+        requests that ended. The first output of a request carries its latency on this instance."""
+        outputs = []
+        for req, token in sampled:
+            out = append_token(req, token, self.engine.eos_token_ids, self.engine.max_model_len)
+            latency = req.first_latency(now)
+            if latency is not None:
+                out = StepOutput(out.request_id, out.token_ids, out.text, out.finish_reason, latency=latency)
+            if out.finished:
+                self.finish(req, req.finish_reason or "stop")
+            outputs.append(out)
+        return outputs
 
     def _schedule_decodes(self) -> list[Chunk]:
         chunks: list[Chunk] = []
@@ -78,14 +211,18 @@ class DecodeScheduler:
     def _schedule_prefills(self, budget: int, chunk: bool) -> list[Chunk]:
         """FCFS over `waiting` while budget, sequence slots and blocks last."""
         chunks: list[Chunk] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        num_pulling = len(self.pulling())
+        while self.waiting and budget > 0 and len(self.running) + num_pulling < self.max_num_seqs:
             req = self.waiting[0]
+            reused = self.engine.reuse_prefix(req)
             n = req.num_uncomputed_tokens
             if n > budget and chunk:
                 n = budget
             elif n > budget and chunks:
+                if reused:
+                    self.engine.free(req)  # a waiting request holds no cached blocks
                 break  # whole-prompt policy: a lone over-budget prompt still runs, alone
-            if not self.engine.ensure_blocks(req, req.num_computed_tokens + n):
+            if not self._ensure_blocks(req, req.num_computed_tokens + n, reused):
                 break
             self.waiting.popleft()
             chunks.append(Chunk(req, n))
@@ -98,11 +235,25 @@ class DecodeScheduler:
                 break
         return chunks
 
+    def _ensure_blocks(self, req: Request, num_tokens: int, reused: int) -> bool:
+        """Blocks for the head of `waiting`. If memory is short and nothing runs (nothing will free
+        blocks), the other waiting requests give up theirs (partial chunks, reused prefixes) and are
+        recomputed later; a reused prefix is dropped when its request cannot start now."""
+        if self.engine.ensure_blocks(req, num_tokens):
+            return True
+        holders = [r for r in self.waiting if r is not req and r.block_table]
+        if not self.running and holders:
+            for r in holders:
+                self.engine.free(r)
+                self.num_preemptions += 1
+            if self.engine.ensure_blocks(req, num_tokens):
+                return True
+        if reused:
+            self.engine.free(req)
+        return False
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.engine.free(req)
         self.add_waiting(req, front=True)
         self.num_preemptions += 1
-
-    def finished(self, req: Request) -> None:
-        self.remove(req)

@@ -1,9 +1,11 @@
 """Engine: model + paged KV cache + sampler, advancing requests one scheduled batch at a time.
 
-Both roles run this class. It does not decide what runs (schedulers in prefill/ and decode/ do,
-through `ensure_blocks` and `step(batch)`); it runs the batch, samples, applies stop conditions,
-and frees the blocks of requests that finish. A request whose KV arrives from elsewhere is
-admitted with `adopt()` and continues exactly as if this engine had computed it.
+Both roles run this class. It does not decide what runs, nor when a request ends: the schedulers
+in prefill/ and decode/ do (they give blocks through `ensure_blocks`, run `step(batch)`, then
+append the sampled tokens, apply the stop conditions and free the blocks of the requests that
+ended, with `engine.request.append_token` and `free`). A request whose KV arrives from elsewhere
+gets its blocks and `num_computed_tokens` set by the decode scheduler and continues exactly as if
+this engine had computed it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pdserve.config import EngineConfig
 from pdserve.engine.batch import Batch
 from pdserve.engine.device import bind_thread, checkpoint_dtype, resolve_device_dtype
 from pdserve.engine.kv_cache import BlockAllocator, KVLayout, KVPool, num_blocks_for_budget
+from pdserve.engine.prefix_cache import PrefixCachingAllocator
 from pdserve.engine.memory import num_blocks_from_device_memory
 from pdserve.engine.model import LayerHook, LlamaForCausalLM, ModelConfig, RotaryEmbedding
 from pdserve.engine.request import Request, RequestStatus
@@ -27,13 +30,15 @@ from pdserve.engine.sampler import sample
 from pdserve.engine.step_log import StepLog
 from pdserve.engine.tp import apply_tp
 from pdserve.engine.weights import load_checkpoint
-from pdserve.types import FinishReason, GenerateRequest, RequestId, StepOutput, StepRecord
+from pdserve.prefix_keys import chain_keys
+from pdserve.types import GenerateRequest, RequestId, StepOutput, StepRecord
 
 
 class Engine:
     def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, tokenizer: Any = None,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), cache_namespace: str = "") -> None:
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.cache_namespace = cache_namespace  # the model's identity: prefix-cache keys of other models differ
         self.model_config: ModelConfig = model.config
         self.eos_token_ids = eos_token_ids
         self.device = next(model.parameters()).device
@@ -51,7 +56,7 @@ class Engine:
         else:
             num_blocks = num_blocks_for_budget(self.layout, int(cfg.kv_cache_memory_gb * 1e9))
         self.pool = KVPool(self.layout, num_blocks, self.device)
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = self._new_allocator(num_blocks)
         self.runner = ModelRunner(model, self.pool, cfg.attention_backend)
         if cfg.cuda_graphs and self.device.type == "cuda":
             self.runner.enable_decode_graphs(self.max_model_len)
@@ -65,7 +70,7 @@ class Engine:
         """Load `model` (a name or an HF directory); TP/PP ranks use PipelineEngine.load instead."""
         cfg = cfg or EngineConfig()
         net, tokenizer, eos = load_model(model, cfg, layer_range)
-        return cls(net, cfg, tokenizer, eos)
+        return cls(net, cfg, tokenizer, eos, cache_namespace=model)
 
     def resize_pool(self, num_blocks: int) -> None:
         """Reallocate the KV cache with `num_blocks` blocks (before any request holds one): the
@@ -75,8 +80,11 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.pool = KVPool(self.layout, num_blocks, self.device)
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = self._new_allocator(num_blocks)
         self.runner.pool = self.pool
+
+    def _new_allocator(self, num_blocks: int) -> BlockAllocator:
+        return PrefixCachingAllocator(num_blocks) if self.cfg.enable_prefix_caching else BlockAllocator(num_blocks)
 
     # ---- admission -------------------------------------------------------------------------
 
@@ -103,6 +111,34 @@ class Engine:
                 # holder already emitted the text, so it is dropped here
         return r
 
+    def reuse_prefix(self, req: Request) -> int:
+        """Start a request that holds no blocks on the longest cached prefix of its tokens: take a
+        reference on those blocks and count them computed. At least one token is left to compute (its
+        logits sample the next token). Returns the tokens reused (0 without prefix caching, or when
+        the rest of the request would not fit next to the reused blocks)."""
+        alloc = self.allocator
+        if not isinstance(alloc, PrefixCachingAllocator) or req.block_table or req.num_computed_tokens:
+            return 0
+        bs = self.layout.block_size
+        keys = chain_keys(req.all_token_ids[:req.num_tokens - 1], bs, self.cache_namespace, req.block_keys)
+        hits = alloc.lookup(keys)
+        if not hits or not alloc.can_allocate(alloc.num_unreferenced(hits) + self.blocks_needed(req, req.num_tokens)
+                                              - len(hits)):
+            return 0
+        alloc.acquire(hits)
+        req.block_table = list(hits)
+        req.num_computed_tokens = len(hits) * bs
+        req.num_prefix_hit_tokens = max(req.num_prefix_hit_tokens, min(req.num_computed_tokens, req.num_prompt_tokens))
+        return req.num_computed_tokens
+
+    def _register_computed(self, req: Request) -> None:
+        """Key the full blocks whose KV is now computed, so later prompts can reuse them."""
+        alloc = self.allocator
+        if isinstance(alloc, PrefixCachingAllocator):
+            keys = chain_keys(req.all_token_ids[:req.num_computed_tokens], self.layout.block_size,
+                              self.cache_namespace, req.block_keys)
+            alloc.register(req.block_table[:len(keys)], keys)
+
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
         """Extra blocks `req` needs for its table to cover `num_tokens` tokens."""
         return max(0, self.layout.num_blocks_for(num_tokens) - len(req.block_table))
@@ -117,8 +153,10 @@ class Engine:
 
     # ---- execution -------------------------------------------------------------------------
 
-    def step(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[StepOutput]:
-        """Run one forward over `batch`; return one StepOutput per chunk that sampled."""
+    def step(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[tuple[Request, int]]:
+        """Run one forward over `batch` and move each chunk's `num_computed_tokens` on; return
+        (request, sampled token) for each chunk that sampled, in batch order. `layer_hook(layer)`
+        runs after each layer's KV is written (layer-wise KV streaming)."""
         for c in batch.chunks:
             assert c.request.status is RequestStatus.RUNNING, f"{c.request.request_id} is {c.request.status}"
             assert len(c.request.block_table) * self.layout.block_size >= c.request.num_computed_tokens + c.num_tokens
@@ -134,7 +172,8 @@ class Engine:
         self.num_step_tokens += batch.num_tokens
         for c in batch.chunks:
             c.request.num_computed_tokens += c.num_tokens
-        return [self._append(r, t) for r, t in zip(sampling, tokens)]
+            self._register_computed(c.request)
+        return list(zip(sampling, tokens, strict=True))
 
     def execute(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[int]:
         """The forward and the sampling: one token per sampling chunk. Pipeline/TP ranks override this."""
@@ -142,27 +181,8 @@ class Engine:
         sampling = [c for c in batch.chunks if c.samples]
         return sample(logits, [c.request.sampling for c in sampling], [c.request.num_tokens for c in sampling])
 
-    def _append(self, req: Request, token: int) -> StepOutput:
-        req.output_token_ids.append(token)
-        text, hit_stop = req.detokenizer.add([token]) if req.detokenizer is not None else ("", False)
-        reason: FinishReason | None = None
-        sp = req.sampling
-        if hit_stop or token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
-            reason = "stop"
-        elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            if req.detokenizer is not None and not hit_stop:
-                text += req.detokenizer.flush()  # text held back for a stop string that never came
-            self.finish(req, reason)
-        return StepOutput(req.request_id, (token,), text, reason)
-
-    def finish(self, req: Request, reason: FinishReason) -> None:
-        """Mark finished and release this engine's reference to the request's blocks."""
-        req.status, req.finish_reason = RequestStatus.FINISHED, reason
-        self.free(req)
-
     def free(self, req: Request) -> None:
+        """Release the request's reference to its blocks (a KV export keeps its own)."""
         self.allocator.free(req.block_table)
         req.block_table = []
         req.num_computed_tokens = 0

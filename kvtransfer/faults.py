@@ -45,8 +45,15 @@ class FaultyTransport:
         self.num_faults = 0  # sends the fault hit
         self._closed = threading.Event()
 
+    def start(self) -> FaultyTransport:
+        self.inner.start()
+        return self
+
     def endpoint(self) -> str:
         return self.inner.endpoint()
+
+    def tensor_lane(self, peer: str) -> str | None:
+        return None  # faults hit wire chunks: the sender sends bytes even where the inner transport has a lane
 
     def connect_info(self, peer: str) -> str:
         return self.inner.connect_info(peer)

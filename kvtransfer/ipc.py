@@ -88,6 +88,11 @@ class CudaIpcPair:
                 self.store.get(f"a{s}")  # the receiver has copied: the memory may be reused
                 self.store.delete_key(f"a{s}")
 
+    def post_send(self, tensors: Sequence[torch.Tensor]) -> list[Any]:
+        """`send` (an IPC send completes when the receiver has copied): nothing left to wait for."""
+        self.send(tensors)
+        return []
+
     def recv(self, out: Sequence[torch.Tensor]) -> None:
         with self.lock:
             torch.cuda.set_device(self.device)

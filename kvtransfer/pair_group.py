@@ -24,7 +24,8 @@ _SENDER, _RECEIVER = 0, 1
 
 class GroupPair:
     def __init__(self, store: dist.Store, is_receiver: bool, device: torch.device, timeout_s: float,
-                 lock: threading.RLock) -> None:
+                 lock: threading.RLock, host: str | None = None) -> None:
+        """`host`: the local address gloo binds (None: the hostname's address)."""
         self.device, self.lock = torch.device(device), lock
         self.rank = _RECEIVER if is_receiver else _SENDER
         self.name = "nccl" if self.device.type == "cuda" else "gloo"
@@ -36,15 +37,26 @@ class GroupPair:
             opts._timeout = timeout
             self.pg: dist.ProcessGroup = dist.ProcessGroupNCCL(prefix, self.rank, 2, opts)
         else:
-            self.pg = dist.ProcessGroupGloo(prefix, self.rank, 2, timeout)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host) if host
+                             else dist.ProcessGroupGloo.create_default_device()]
+            self.pg = dist.ProcessGroupGloo(prefix, self.rank, 2, opts)
 
     def send(self, tensors: Sequence[torch.Tensor]) -> None:
-        self._run(tensors, lambda t, i: self.pg.send([t], _RECEIVER, i))
+        for w in self.post_send(tensors):
+            w.wait()  # NCCL: the current stream now waits for the transfer
+
+    def post_send(self, tensors: Sequence[torch.Tensor]) -> list[dist.Work]:
+        """Post the sends and return at once; the tensors must stay alive and unchanged until every
+        returned work's `wait()` returned. Sends posted by successive calls arrive in order."""
+        return self._post(tensors, lambda t, i: self.pg.send([t], _RECEIVER, i))
 
     def recv(self, out: Sequence[torch.Tensor]) -> None:
-        self._run(out, lambda t, i: self.pg.recv([t], _SENDER, i))
+        for w in self._post(out, lambda t, i: self.pg.recv([t], _SENDER, i)):
+            w.wait()
 
-    def _run(self, tensors: Sequence[torch.Tensor], post: object) -> None:
+    def _post(self, tensors: Sequence[torch.Tensor], post: object) -> list[dist.Work]:
         for t in tensors:
             if t.device != self.device and not (t.device.type == self.device.type == "cpu"):
                 raise ValueError(f"{self.name} pair on {self.device}: tensor on {t.device}")
@@ -54,9 +66,8 @@ class GroupPair:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             works = [post(t, i) for i, t in enumerate(tensors)]  # type: ignore[operator]
-            for w in works:
-                w.wait()  # NCCL: the current stream now waits for the transfer
         self.num_transfers += 1
+        return works
 
     def close(self) -> None:
         pg, self.pg = getattr(self, "pg", None), None  # type: ignore[assignment]

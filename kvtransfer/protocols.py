@@ -1,15 +1,18 @@
-"""The two seams of the KV-transfer layer: `KVCodec` (pure tensor math) and `Transport` (moves bytes).
+"""The seams of the KV-transfer layer: `KVCodec` (pure tensor math), `Transport` (moves chunks),
+and the two ends a worker sees, `KVSource` (prefill) and `KVSink` (decode), over `BlockRefs`.
 
 Layering (vLLM v0 kv_pipe -> connector): a codec turns one layer's token-major KV slab into parts
 and back; wire.py frames parts into checksummed chunks; a transport moves chunks between two
-endpoints and knows nothing of KV; connector.py (KVSender/KVReceiver) is the only composite.
+endpoints and knows nothing of KV; KVSender/KVReceiver (sender.py, receiver.py) are the only
+composites, built by factories.py. Workers depend on `KVSource`/`KVSink` only, so a rank wrapper
+(or a test double) that has these methods plugs in without a cast.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Protocol, Sequence, TypeVar, runtime_checkable
 
-from pdserve.kvtransfer.types import TransferId, TransferStatus
+from pdserve.kvtransfer.types import HandleId, KVHandle, PeerAddr, TransferId, TransferStatus
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +65,8 @@ class Transfer(Protocol):
 
 
 ChunkSink = Callable[[memoryview], None]
+"""Receives a transfer's chunks in order. A transport with a tensor lane (`Transport.tensor_lane`)
+may instead hand it a whole decoded `wire.Frame` whose parts are already on the receiver's device."""
 
 
 class Transport(Protocol):
@@ -69,13 +74,24 @@ class Transport(Protocol):
 
     Both ends call: the sender `send`, the receiver `recv` (in either order). `peer` is an opaque
     string: on `recv` the sender's `endpoint()`, on `send` the receiver's `connect_info(...)`. The
-    control message that carries them is the connector's business, not the transport's.
+    control message that carries them is KVSender/KVReceiver's business, not the transport's.
     """
 
     name: str
 
+    def start(self) -> Transport:
+        """Open what the transport listens on (a server, a store); returns self. The constructor
+        opens nothing. Idempotent; KVSender/KVReceiver.start() call it for the transport they own."""
+        ...
+
     def endpoint(self) -> str:
-        """What a receiver passes as `peer` to reach this sender ("" if the transport needs none)."""
+        """What a receiver passes as `peer` to reach this sender ("" if the transport needs none).
+        Valid after `start()`."""
+        ...
+
+    def tensor_lane(self, peer: str) -> str | None:
+        """How `send` to `peer` (a receiver's `connect_info`) carries `wire.TensorFrame`s as tensors:
+        "gloo", "nccl" or "ipc"; None when it carries bytes only (the sender then sends wire chunks)."""
         ...
 
     def connect_info(self, peer: str) -> str:
@@ -99,4 +115,87 @@ class Transport(Protocol):
     def close(self) -> None:
         """Fail every unfinished transfer and release sockets/threads. Idempotent; calls after close
         return transfers that are already FAILED."""
+        ...
+
+
+@runtime_checkable
+class BlockRefs(Protocol):
+    """The allocator view a KV source needs: reference counts on KV block ids (`engine.kv_cache.BlockAllocator`,
+    or a rank's recording wrapper). `fork` adds one reference per id, `free` drops one; a block is
+    reused once its count reaches 0. Both are called only from the step-loop thread."""
+
+    def fork(self, block_ids: Sequence[int]) -> None: ...
+
+    def free(self, block_ids: Sequence[int]) -> None: ...
+
+
+@runtime_checkable
+class KVSource(Protocol):
+    """The prefill end of transfers (`KVSender`, and rank wrappers of it). Every method runs on the
+    worker's step-loop thread and never blocks on the network."""
+
+    @property
+    def addresses(self) -> list[PeerAddr]:
+        """Where receivers reach this source: one entry per rank whose KV it exports."""
+        ...
+
+    def export(self, request_id: str, block_ids: list[int], num_tokens: int, *, handle_id: str | None = None,
+               streaming: bool = False, prefill_s: float | None = None) -> KVHandle:
+        """Pin `block_ids` (they hold `num_tokens` tokens' KV, in token order) for receivers to pull.
+        `streaming=True`: exported before the forward that writes them; layer i is pullable after
+        `layer_hook(i)` or `mark_ready`. Returns the handle the router passes to decode."""
+        ...
+
+    def layer_hook(self, layer: int) -> None:
+        """The forward has written global `layer` of every streaming export (runner callback)."""
+        ...
+
+    def mark_ready(self, handle_id: str) -> None:
+        """Every layer of `handle_id` is in the pool (a streaming export whose forward ended)."""
+        ...
+
+    def release(self, handle_id: str) -> None:
+        """Nobody will pull `handle_id` (the request ended at prefill); its blocks free at `poll`."""
+        ...
+
+    def poll(self) -> list[HandleId]:
+        """Free the blocks of exports released by every receiver or past their lease; returns them."""
+        ...
+
+    def close(self) -> None:
+        """Stop serving, cancel sends, close the transport. Idempotent."""
+        ...
+
+
+XferKey = TypeVar("XferKey", bound=Hashable)
+
+
+@runtime_checkable
+class KVSink(Protocol[XferKey]):
+    """The decode end of transfers (`KVReceiver` is a `KVSink[TransferId]`; a rank wrapper that keys
+    pulls by its own counter is a `KVSink[int]`). Never blocks on the network."""
+
+    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> XferKey:
+        """Start moving `handle`'s KV into `dst_block_ids` (allocated and owned by the caller, enough
+        for `handle.num_tokens`). Remote trouble is a FAILED transfer, never an exception."""
+        ...
+
+    def poll(self, xfer: XferKey) -> tuple[TransferStatus, str | None]:
+        """(status, error); error is set once FAILED. An unknown id is FAILED."""
+        ...
+
+    def ended_s(self, xfer: XferKey) -> float | None:
+        """time.monotonic() when `xfer` became terminal; None while it runs."""
+        ...
+
+    def nbytes(self, xfer: XferKey) -> int:
+        """Bytes received for `xfer` so far (codec output plus framing)."""
+        ...
+
+    def abort(self, xfer: XferKey) -> None:
+        """FAILED("aborted") unless terminal; once it returns nothing writes the destination blocks."""
+        ...
+
+    def close(self) -> None:
+        """Abort every transfer and close the transport. Idempotent."""
         ...

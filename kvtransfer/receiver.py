@@ -24,9 +24,10 @@ from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.at_exit import close_at_exit, forget
 from pdserve.kvtransfer.codecs import get_codec
 from pdserve.kvtransfer.controller import CodecController
+from pdserve.kvtransfer.options import ReceiverOptions
 from pdserve.kvtransfer.protocols import Transport
 from pdserve.kvtransfer.reshard import Piece, plan_pulls, scatter_slab, token_slots
-from pdserve.kvtransfer.rpc import Channels, TLSFiles
+from pdserve.kvtransfer.rpc import Channels
 from pdserve.kvtransfer.transfer import TransferState
 from pdserve.kvtransfer.types import KVHandle, Span, TransferId, TransferStatus
 
@@ -41,28 +42,39 @@ class _Pull:
     started_s: float = field(default_factory=time.monotonic)
     pieces: list[Piece] = field(default_factory=list)
     subs: list[TransferState] = field(default_factory=list)
+    sinks: list[_FrameSink] = field(default_factory=list)
     write_lock: threading.Lock = field(default_factory=threading.Lock)  # held while writing the pool
 
 
 class KVReceiver:
-    def __init__(self, pool: KVPool, transport: Transport, *, timeout_s: float, codec: str = "raw",
-                 layers: Span | None = None, heads: Span | None = None, tls: TLSFiles | None = None,
+    """The decode end (`protocols.KVSink`). The constructor opens nothing; `start()` starts the
+    transport (factories.make_receiver does both); control channels open on first use."""
+
+    def __init__(self, pool: KVPool, transport: Transport, options: ReceiverOptions,
                  controller: CodecController | None = None) -> None:
-        """`layers`/`heads`: the global spans this rank's pool holds (default: the whole pool)."""
         lay = pool.layout
-        self.pool, self.transport, self.timeout_s = pool, transport, timeout_s
-        self.codec, self.controller = codec, controller or CodecController()
-        self.layers = layers or Span(0, lay.num_layers)
-        self.heads = heads or Span(0, lay.num_kv_heads)
+        self.pool, self.transport, self.options = pool, transport, options
+        self.timeout_s, self.codec, self.controller = options.timeout_s, options.codec, controller or CodecController()
+        self.layers = options.layers or Span(0, lay.num_layers)
+        self.heads = options.heads or Span(0, lay.num_kv_heads)
         assert len(self.layers) == lay.num_layers and len(self.heads) == lay.num_kv_heads, "spans != pool"
-        self._channels = Channels(tls)
+        self._channels = Channels(options.tls)
         self._pulls: OrderedDict[TransferId, _Pull] = OrderedDict()
         self._lock = threading.Lock()
-        self._exit_token = close_at_exit(self, KVReceiver.close)
+        self._exit_token: int | None = None
+
+    def start(self) -> KVReceiver:
+        """Start the transport. Idempotent; returns self."""
+        if self._exit_token is None:
+            self.transport.start()
+            self._exit_token = close_at_exit(self, KVReceiver.close)
+        return self
 
     def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> TransferId:
         """Start moving `handle`'s KV (this rank's layers x heads) into `dst_block_ids`, which the
         caller owns throughout. Never raises for remote trouble: a bad handle is a FAILED transfer."""
+        if self._exit_token is None:
+            raise RuntimeError("KVReceiver: call start() first")
         xfer = TransferId(uuid.uuid4().hex)
         codec = self.codec if self.codec != "auto" else self.controller.choose(handle, self.pool.layout)
         p = _Pull(TransferState(xfer), handle, codec)
@@ -99,6 +111,13 @@ class KVReceiver:
         p = self._pulls.get(xfer)
         return sum(s.nbytes for s in p.subs) if p is not None else 0
 
+    def tensor_frames(self, xfer: TransferId) -> int:
+        """Frames (one per layer and piece) that arrived over the transport's tensor lane, as device
+        tensors; the rest came as wire bytes. Visible per transfer, so a path that did not take the
+        lane is never silent."""
+        p = self._pulls.get(xfer)
+        return sum(k.tensor_frames for k in p.sinks) if p is not None else 0
+
     def wait(self, xfer: TransferId, timeout_s: float | None = None) -> TransferStatus:
         p = self._pulls.get(xfer)
         return p.state.wait(timeout_s) if p is not None else TransferStatus.FAILED
@@ -121,7 +140,8 @@ class KVReceiver:
             self.abort(p.state.xfer)
         self._channels.close()
         self.transport.close()
-        forget(self._exit_token)
+        if self._exit_token is not None:
+            forget(self._exit_token)
 
     # ---- background ------------------------------------------------------------------------------
 
@@ -145,7 +165,7 @@ class KVReceiver:
 
     def _pull_pieces(self, p: _Pull, dst: list[int], started: list[tuple[Piece, TransferId]]) -> None:
         slots = token_slots(dst, self.pool.layout.block_size, p.handle.num_tokens, self.pool.device)
-        sinks: list[_FrameSink] = []
+        sinks = p.sinks
         for i, piece in enumerate(p.pieces):
             sub_xfer = TransferId(f"{p.state.xfer}.{i}")
             peer = piece.shard.peer.data
@@ -221,13 +241,21 @@ class _FrameSink:
         self.rx, self.p, self.piece, self.slots = rx, p, piece, slots
         self.reader = wire.FrameReader()
         self.next_layer = piece.layers.start
+        self.tensor_frames = 0  # frames that came over a tensor lane (no host bytes)
 
     @property
     def complete(self) -> bool:
         return self.next_layer == self.piece.layers.stop and self.reader.idle
 
-    def __call__(self, chunk: memoryview) -> None:
-        frame = self.reader.feed(chunk)
+    def __call__(self, chunk: memoryview | wire.Frame) -> None:
+        """A wire chunk, or a whole frame from a tensor lane (its parts already on the pool's device)."""
+        if isinstance(chunk, wire.Frame):
+            if not self.reader.idle:
+                raise wire.WireError("a tensor frame inside a byte frame")
+            self.tensor_frames += 1
+            frame: wire.Frame | None = chunk
+        else:
+            frame = self.reader.feed(chunk)
         if frame is None:
             return
         h, piece = self.p.handle, self.piece

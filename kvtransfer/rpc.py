@@ -1,4 +1,4 @@
-"""gRPC plumbing shared by the gRPC transport and the connector's control service: servers bound
+"""gRPC plumbing shared by the gRPC transport and the senders' control service: servers bound
 to a free port, cached client channels, optional TLS."""
 
 from __future__ import annotations

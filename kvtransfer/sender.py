@@ -15,16 +15,16 @@ from typing import Callable, Iterator
 
 import grpc
 
-from pdserve.engine.kv_cache import BlockAllocator, KVPool
+from pdserve.engine.kv_cache import KVPool
 from pdserve.kvtransfer import kvtransfer_pb2 as pb
 from pdserve.kvtransfer import kvtransfer_pb2_grpc as pb_grpc
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.at_exit import close_at_exit, forget
 from pdserve.kvtransfer.codecs import get_codec
-from pdserve.kvtransfer.listen import Listen
-from pdserve.kvtransfer.protocols import KVCodec, Transport
+from pdserve.kvtransfer.options import SenderOptions
+from pdserve.kvtransfer.protocols import BlockRefs, KVCodec, Transport
 from pdserve.kvtransfer.reshard import gather_slab, token_slots
-from pdserve.kvtransfer.rpc import TLSFiles, start_server
+from pdserve.kvtransfer.rpc import RpcServer, start_server
 from pdserve.kvtransfer.staging import HostStager, LayerEvents
 from pdserve.kvtransfer.transfer import TransferState
 from pdserve.kvtransfer.types import HandleId, KVHandle, KVShard, PeerAddr, Span, TransferId
@@ -40,34 +40,66 @@ class _Export:
     sends: dict[TransferId, TransferState] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Pick:
+    """What one send reads (global spans), how it encodes, and whether frames travel as tensors."""
+
+    layers: Span
+    heads: Span
+    codec: KVCodec
+    tensors: bool
+
+
 class KVSender:
-    def __init__(self, pool: KVPool, allocator: BlockAllocator, transport: Transport, *, lease_s: float,
-                 timeout_s: float, listen: Listen, layers: Span | None = None,
-                 heads: Span | None = None, tls: TLSFiles | None = None,
+    """The prefill end (`protocols.KVSource`). The constructor opens nothing; `start()` starts the
+    transport and the control service (factories.make_sender does both)."""
+
+    def __init__(self, pool: KVPool, allocator: BlockRefs, transport: Transport, options: SenderOptions,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """`layers`/`heads`: the global spans this rank's pool holds (default: the whole pool)."""
         lay = pool.layout
-        self.pool, self.allocator, self.transport = pool, allocator, transport
-        self.lease_s, self.timeout_s, self.clock = lease_s, timeout_s, clock
-        self.layers = layers or Span(0, lay.num_layers)
-        self.heads = heads or Span(0, lay.num_kv_heads)
+        self.pool, self.allocator, self.transport, self.options = pool, allocator, transport, options
+        self.lease_s, self.timeout_s, self.clock = options.lease_s, options.timeout_s, clock
+        self.layers = options.layers or Span(0, lay.num_layers)
+        self.heads = options.heads or Span(0, lay.num_kv_heads)
         assert len(self.layers) == lay.num_layers and len(self.heads) == lay.num_kv_heads, "spans != pool"
-        self.total_layers, self.total_heads = self.layers.stop, self.heads.stop  # grown by with_model_shape
+        self.total_layers = options.model_layers or self.layers.stop
+        self.total_heads = options.model_heads or self.heads.stop
         self._exports: dict[HandleId, _Export] = {}
         self._cond = threading.Condition()
         # CUDA: gather/encode/D2H on a side stream after the layer's event, into pinned memory
         self._events, self._stager = LayerEvents(pool.device, lay.num_layers), HostStager(pool.device)
-        self._server, control = start_server(listen, tls, [(pb_grpc.add_KVControlServicer_to_server,
-                                                          _ControlService(self))])
-        self.address = PeerAddr(control=control, data=transport.endpoint())
-        self._exit_token = close_at_exit(self, KVSender.close)
+        self._server: RpcServer | None = None
+        self._address: PeerAddr | None = None
+        self._exit_token: int | None = None
+
+    def start(self) -> KVSender:
+        """Start the transport and serve the control RPCs on `options.listen`. Idempotent; returns self."""
+        if self._server is None:
+            try:
+                self.transport.start()
+                self._server, control = start_server(self.options.listen, self.options.tls, [
+                    (pb_grpc.add_KVControlServicer_to_server, _ControlService(self))])
+            except BaseException:  # no port, unreadable TLS files: leave nothing half-open
+                self.transport.close()
+                raise
+            self._address = PeerAddr(control=control, data=self.transport.endpoint())
+            self._exit_token = close_at_exit(self, KVSender.close)
+        return self
+
+    @property
+    def address(self) -> PeerAddr:
+        """Where receivers reach this sender (after `start()`)."""
+        if self._address is None:
+            raise RuntimeError("KVSender: call start() first")
+        return self._address
 
     @property
     def addresses(self) -> list[PeerAddr]:
         return [self.address]
 
     def with_model_shape(self, num_layers: int, num_kv_heads: int) -> KVSender:
-        """Declare the whole model's size when this rank holds only a shard of it (TP/PP)."""
+        """Declare the whole model's size when this rank holds only a shard of it (TP/PP); the same as
+        `SenderOptions.model_layers`/`model_heads`."""
         self.total_layers, self.total_heads = num_layers, num_kv_heads
         return self
 
@@ -140,9 +172,11 @@ class KVSender:
                 e.cells_left.clear()
         for s in sends:
             s.cancel("sender closed")
-        self._server.stop(grace=None).wait(5.0)
+        if self._server is not None:
+            self._server.stop(grace=None).wait(5.0)
         self.transport.close()
-        forget(self._exit_token)
+        if self._exit_token is not None:
+            forget(self._exit_token)
 
     # ---- control side (gRPC threads) -----------------------------------------------------------
 
@@ -157,11 +191,12 @@ class KVSender:
                 return "requested span is outside this shard"
             try:
                 codec = get_codec(req.codec)
+                lane = self.transport.tensor_lane(req.transport_info)
             except ValueError as err:
                 return str(err)
             xfer = TransferId(req.xfer_id)
-            state = self.transport.send(xfer, self._frames(e, xfer, layers, heads, codec), req.transport_info,
-                                        self.timeout_s)
+            frames = self._frames(e, xfer, _Pick(layers, heads, codec, lane is not None))
+            state = self.transport.send(xfer, frames, req.transport_info, self.timeout_s)
             e.sends[xfer] = state
             e.deadline = max(e.deadline, self.clock() + self.lease_s)
         state.on_end(lambda: self._send_ended(e, xfer))
@@ -186,11 +221,11 @@ class KVSender:
         for s in states:
             s.cancel("aborted by the receiver")
 
-    def _frames(self, e: _Export, xfer: TransferId, layers: Span, heads: Span, codec: KVCodec
-                ) -> Iterator[bytes]:
-        """Wire chunks of one frame per layer, each produced once its layer is in the pool; stops
-        as soon as the send ends (abort, timeout) so the blocks are never read after release."""
-        h = e.handle
+    def _frames(self, e: _Export, xfer: TransferId, pick: _Pick) -> Iterator[bytes | wire.TensorFrame]:
+        """One frame per layer, each produced once its layer is in the pool: wire chunks, or one
+        `TensorFrame` whose parts stay on the pool's device when the transport has a tensor lane.
+        Stops as soon as the send ends (abort, timeout) so the blocks are never read after release."""
+        h, layers, heads, codec = e.handle, pick.layers, pick.heads, pick.codec
         slots = token_slots(e.shard.block_ids, self.pool.layout.block_size, h.num_tokens, self.pool.device)
         local_heads = slice(heads.start - self.heads.start, heads.stop - self.heads.start)
         for layer in range(layers.start, layers.stop):
@@ -200,10 +235,14 @@ class KVSender:
                     raise TimeoutError(f"layer {layer} was never written")
                 if xfer not in e.sends:
                     return
-            parts = self._stager.to_host(self._events.get(local), lambda: codec.encode(
+            stage = self._stager.on_device if pick.tensors else self._stager.to_host
+            parts = stage(self._events.get(local), lambda: codec.encode(
                 gather_slab(self.pool, local, slots, local_heads)))  # slab (2, T, heads, D)
             shape = (2, h.num_tokens, len(heads), self.pool.layout.head_dim)
-            yield from wire.encode_frame(codec.name, self.pool.kv.dtype, shape, layer, heads.start, parts)
+            if pick.tensors:
+                yield wire.tensor_frame(codec.name, self.pool.kv.dtype, shape, layer, heads.start, parts)
+            else:
+                yield from wire.encode_frame(codec.name, self.pool.kv.dtype, shape, layer, heads.start, parts)
 
 
 class _ControlService(pb_grpc.KVControlServicer):

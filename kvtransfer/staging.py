@@ -8,7 +8,8 @@ copied KV on that same stream, each layer's copy would wait for every kernel alr
     transfer thread side stream waits for that event only, gathers + encodes there, copies each
                     part into pinned host memory (non_blocking), then waits for the side stream
 
-so the copy overlaps the next layers' compute. Off CUDA both are no-ops and parts stay as they are.
+so the copy overlaps the next layers' compute. With a tensor lane (`on_device`) the parts stay on the
+GPU and only the gather + encode runs on the side stream. Off CUDA both are no-ops.
 """
 
 from __future__ import annotations
@@ -42,19 +43,29 @@ class HostStager:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def to_host(self, event: torch.cuda.Event | None, produce: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        return self._run(event, produce, to_host=True)
+
+    def on_device(self, event: torch.cuda.Event | None, produce: Callable[[], list[torch.Tensor]]
+                  ) -> list[torch.Tensor]:
+        """`produce()` on the side stream after `event`, its parts left where they are (a tensor lane
+        sends them from the device) and complete when this returns. Off CUDA: `produce()`."""
+        return self._run(event, produce, to_host=False)
+
+    def _run(self, event: torch.cuda.Event | None, produce: Callable[[], list[torch.Tensor]],
+             to_host: bool) -> list[torch.Tensor]:
         if self.stream is None:
             return produce()
         with torch.cuda.stream(self.stream):
             if event is not None:
                 self.stream.wait_event(event)
             parts = produce()
-            host = []
-            for p in parts:
-                if p.device.type == "cuda":
-                    pinned = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
-                    pinned.copy_(p, non_blocking=True)
-                    host.append(pinned)
-                else:
-                    host.append(p)
-        self.stream.synchronize()  # the parts are on the host, and the pool was read, before any release
-        return host
+            if to_host:
+                parts = [_pinned_copy(p) if p.device.type == "cuda" else p for p in parts]
+        self.stream.synchronize()  # the parts are complete (on the host if asked), and the pool was read
+        return parts
+
+
+def _pinned_copy(p: torch.Tensor) -> torch.Tensor:
+    pinned = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+    pinned.copy_(p, non_blocking=True)
+    return pinned

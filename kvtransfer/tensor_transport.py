@@ -14,7 +14,8 @@ only payload moves. Two kinds, chosen by where the pair sits and what it holds:
             receiver maps it and copies device to device; handles travel as JSON over the pair's
             store, never pickle (ipc.py)
 
-The byte `Transport`s (grpc, torch over gloo) stay the portable path across nodes and hosts.
+The torch byte `Transport` opens one of these per pair as its tensor lane (`kvtransfer.tensor_lane`,
+torch_link.py), so KVSender/KVReceiver move KV tensors through it; grpc stays the portable path.
 
 NCCL ordering: a rank's step thread issues its own collectives (TP all-reduce, PP send/recv) on the
 same GPU. Two threads enqueueing NCCL kernels on different communicators in different orders on
@@ -33,6 +34,10 @@ import torch
 import torch.distributed as dist
 
 TensorTransportKind = Literal["group", "ipc"]
+COLLECTIVE_LOCK = threading.RLock()
+"""The process's lock for enqueueing NCCL work: the torch transport's NCCL lanes post under it, and a
+step thread that issues its own NCCL collectives (TP all-reduce, PP send/recv) should hold it while
+it enqueues them, so the two never interleave half-posted operations on one GPU."""
 
 
 class TensorTransport(Protocol):
@@ -42,6 +47,11 @@ class TensorTransport(Protocol):
 
     def send(self, tensors: Sequence[torch.Tensor]) -> None:
         """Deliver `tensors` to the peer's next `recv`, in order."""
+        ...
+
+    def post_send(self, tensors: Sequence[torch.Tensor]) -> list[dist.Work]:
+        """Start `send` and return what to wait on (the tensors stay untouched until then); an empty
+        list when the call already completed the send. Lets a caller keep several sends in flight."""
         ...
 
     def recv(self, out: Sequence[torch.Tensor]) -> None:
@@ -60,12 +70,13 @@ def pair_store(host: str, port: int, is_receiver: bool, timeout_s: float) -> dis
 
 
 def open_pair(kind: TensorTransportKind, store: dist.Store, is_receiver: bool, device: torch.device,
-              timeout_s: float, lock: threading.RLock | None = None) -> TensorTransport:
-    """One end of a pair of `kind` for tensors on `device` (the two ends call it with the same store)."""
+              timeout_s: float, lock: threading.RLock | None = None, host: str | None = None) -> TensorTransport:
+    """One end of a pair of `kind` for tensors on `device` (the two ends call it with the same store).
+    `host`: the local address a gloo group binds (None: whatever the hostname resolves to)."""
     from pdserve.kvtransfer.ipc import CudaIpcPair
     from pdserve.kvtransfer.pair_group import GroupPair
 
     lock = lock or threading.RLock()
     if kind == "ipc":
         return CudaIpcPair(store, is_receiver, device, timeout_s, lock)
-    return GroupPair(store, is_receiver, device, timeout_s, lock)
+    return GroupPair(store, is_receiver, device, timeout_s, lock, host)

@@ -8,7 +8,6 @@ never mistaken for a complete one.
 
 from __future__ import annotations
 
-import threading
 from typing import Iterable, Iterator
 
 import grpc
@@ -19,7 +18,8 @@ from pdserve.kvtransfer.at_exit import close_at_exit, forget
 from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.outbox import Outbox, stream
 from pdserve.kvtransfer.protocols import ChunkSink
-from pdserve.kvtransfer.rpc import Channels, TLSFiles, start_server
+from pdserve.kvtransfer.pull_transport import PullTransport
+from pdserve.kvtransfer.rpc import Channels, RpcServer, TLSFiles, start_server
 from pdserve.kvtransfer.transfer import TransferState, failed
 from pdserve.kvtransfer.types import TransferId, TransferStatus
 
@@ -47,52 +47,41 @@ class _DataService(pb_grpc.KVDataServicer):
             context.abort(grpc.StatusCode.ABORTED, parked.state.error or "sender failed")
 
 
-class GrpcTransport:
+class GrpcTransport(PullTransport):
     name = "grpc"
 
     def __init__(self, listen: Listen, tls: TLSFiles | None = None, serve: bool = True) -> None:
-        """`serve=False` for a receive-only end (decode workers need no server)."""
-        self._outbox = Outbox()
+        """`serve=False` for a receive-only end (decode workers need no server). Opens nothing."""
+        super().__init__()
+        self.listen, self.tls, self.serve = listen, tls, serve
         self._channels = Channels(tls)
-        self._server, self._endpoint = (start_server(listen, tls, [(pb_grpc.add_KVDataServicer_to_server,
-                                                                  _DataService(self._outbox))])
-                                        if serve else (None, ""))
-        self._closed = False
-        self._calls: dict[TransferId, TransferState] = {}
-        self._lock = threading.Lock()
-        self._pulls: set[threading.Thread] = set()
-        self._exit_token = close_at_exit(self, GrpcTransport.close)
+        self._server: RpcServer | None = None
+        self._endpoint = ""
+        self._exit_token: int | None = None
+
+    def start(self) -> GrpcTransport:
+        """Serve the KVData service on `listen` (when `serve`). Idempotent; returns self."""
+        if self._exit_token is None:
+            if self.serve:
+                self._server, self._endpoint = start_server(self.listen, self.tls, [
+                    (pb_grpc.add_KVDataServicer_to_server, _DataService(self._outbox))])
+            self._exit_token = close_at_exit(self, GrpcTransport.close)
+        return self
 
     def endpoint(self) -> str:
         return self._endpoint
 
-    def connect_info(self, peer: str) -> str:
-        return ""
-
     def send(self, xfer: TransferId, chunks: Iterable[bytes | memoryview], peer: str,
              timeout_s: float) -> TransferState:
         if self._server is None:
-            return failed(xfer, "this grpc transport does not serve (serve=False)")
+            return failed(xfer, "this grpc transport does not serve (serve=False, or not started)")
         return self._outbox.put(xfer, chunks, timeout_s)
-
-    def recv(self, xfer: TransferId, peer: str, sink: ChunkSink, timeout_s: float) -> TransferState:
-        with self._lock:
-            if self._closed:
-                return failed(xfer, "transport closed")
-            state = TransferState(xfer)
-            self._calls[xfer] = state
-        state.on_end(lambda: self._forget(xfer))
-        state.arm(timeout_s)
-        t = threading.Thread(target=self._pull, args=(state, peer, sink, timeout_s), daemon=True,
-                             name=f"grpc-recv-{xfer}")
-        with self._lock:
-            self._pulls.add(t)
-        t.start()
-        return state
 
     def _pull(self, state: TransferState, peer: str, sink: ChunkSink, timeout_s: float) -> None:
         stub = pb_grpc.KVDataStub(self._channels.get(peer))
-        call = stub.Pull(pb.PullData(xfer_id=state.xfer), timeout=timeout_s)
+        # the call outlives the transfer's own deadline a little, so a send that never comes is the
+        # armed timer's "timed out" (as on loopback), not a race with gRPC's DEADLINE_EXCEEDED
+        call = stub.Pull(pb.PullData(xfer_id=state.xfer), timeout=timeout_s + 0.25)
         state.on_end(call.cancel)  # abort / timeout / close unblock the iteration below
         try:
             for msg in call:
@@ -103,28 +92,17 @@ class GrpcTransport:
             state.fail(f"grpc {e.code().name}: {e.details()}")
         except Exception as e:  # the sink rejected a chunk (e.g. checksum mismatch)
             state.fail(f"{type(e).__name__}: {e}")
-        finally:
-            with self._lock:
-                self._pulls.discard(threading.current_thread())
         state.finish()
 
-    def _forget(self, xfer: TransferId) -> None:
-        with self._lock:
-            self._calls.pop(xfer, None)
-
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            calls, pulls = list(self._calls.values()), list(self._pulls)
-        for s in calls:
-            s.fail("transport closed")  # cancels the call: its pull thread leaves the stream
-        self._outbox.close()
+        pulls = self._close_receives()  # each call is cancelled: its pull thread leaves the stream
+        if pulls is None:
+            return
         if self._server is not None:
             self._server.stop(grace=None).wait(_CLOSE_S)
         for t in pulls:
             if t.ident is not None:  # not yet started: it starts on a failed state and leaves at once
                 t.join(_CLOSE_S)
         self._channels.close()
-        forget(self._exit_token)
+        if self._exit_token is not None:
+            forget(self._exit_token)

@@ -13,7 +13,8 @@ from typing import Iterable
 
 from pdserve.kvtransfer.outbox import Outbox, stream
 from pdserve.kvtransfer.protocols import ChunkSink
-from pdserve.kvtransfer.transfer import TransferState, failed
+from pdserve.kvtransfer.pull_transport import PullTransport
+from pdserve.kvtransfer.transfer import TransferState
 from pdserve.kvtransfer.types import TransferId, TransferStatus
 
 
@@ -40,38 +41,26 @@ class LoopbackHub:
 PROCESS_HUB = LoopbackHub()  # endpoints are unique names, so sharing it across tests is harmless
 
 
-class LoopbackTransport:
+class LoopbackTransport(PullTransport):
     name = "loopback"
 
     def __init__(self, hub: LoopbackHub = PROCESS_HUB) -> None:
+        super().__init__()
         self.hub = hub
-        self._outbox = Outbox()
-        self._endpoint = hub.register(self._outbox)
-        self._closed = False
-        self._recvs: set[TransferState] = set()
-        self._lock = threading.Lock()
+        self._endpoint = ""
+
+    def start(self) -> LoopbackTransport:
+        """Register this end's outbox in the hub (its endpoint). Idempotent."""
+        if not self._endpoint:
+            self._endpoint = self.hub.register(self._outbox)
+        return self
 
     def endpoint(self) -> str:
         return self._endpoint
 
-    def connect_info(self, peer: str) -> str:
-        return ""
-
     def send(self, xfer: TransferId, chunks: Iterable[bytes | memoryview], peer: str,
              timeout_s: float) -> TransferState:
         return self._outbox.put(xfer, chunks, timeout_s)
-
-    def recv(self, xfer: TransferId, peer: str, sink: ChunkSink, timeout_s: float) -> TransferState:
-        with self._lock:
-            if self._closed:
-                return failed(xfer, "transport closed")
-            state = TransferState(xfer)
-            self._recvs.add(state)
-        state.on_end(lambda: self._forget(state))
-        state.arm(timeout_s)
-        threading.Thread(target=self._pull, args=(state, peer, sink, timeout_s), daemon=True,
-                         name=f"loopback-recv-{xfer}").start()
-        return state
 
     def _pull(self, state: TransferState, peer: str, sink: ChunkSink, timeout_s: float) -> None:
         outbox = self.hub.lookup(peer)
@@ -99,17 +88,6 @@ class LoopbackTransport:
             state.fail(parked.state.error or "sender failed")
         state.finish()
 
-    def _forget(self, state: TransferState) -> None:
-        with self._lock:
-            self._recvs.discard(state)
-
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            recvs = list(self._recvs)
-        self._outbox.close()
-        self.hub.unregister(self._endpoint)
-        for s in recvs:
-            s.fail("transport closed")
+        if self._close_receives() is not None and self._endpoint:
+            self.hub.unregister(self._endpoint)

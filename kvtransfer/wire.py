@@ -71,22 +71,84 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
+def _header(codec: str, dtype: torch.dtype, shape: Sequence[int], layer: int, head_start: int,
+            parts: Sequence[torch.Tensor], nbytes: Sequence[int]) -> pb.FrameHeader:
+    specs = [pb.TensorSpec(dtype=dtype_name(p.dtype), shape=list(p.shape), nbytes=n) for p, n in zip(parts, nbytes)]
+    return pb.FrameHeader(version=VERSION, codec=codec, dtype=dtype_name(dtype), shape=list(shape), layer=layer,
+                          head_start=head_start, parts=specs, body_nbytes=sum(nbytes),
+                          num_chunks=sum(math.ceil(n / MAX_DATA) for n in nbytes))
+
+
 def encode_frame(codec: str, dtype: torch.dtype, shape: Sequence[int], layer: int, head_start: int,
                  parts: Sequence[torch.Tensor]) -> Iterator[bytes]:
     """Chunks of one frame, produced lazily (a 64 MiB slab never sits on the wire twice)."""
     views = [_as_bytes(p) for p in parts]
-    specs = [pb.TensorSpec(dtype=dtype_name(p.dtype), shape=list(p.shape), nbytes=len(v))
-             for p, v in zip(parts, views)]
-    header = pb.FrameHeader(version=VERSION, codec=codec, dtype=dtype_name(dtype), shape=list(shape),
-                            layer=layer, head_start=head_start, parts=specs,
-                            body_nbytes=sum(len(v) for v in views),
-                            num_chunks=sum(math.ceil(len(v) / MAX_DATA) for v in views))
+    header = _header(codec, dtype, shape, layer, head_start, parts, [len(v) for v in views])
     yield _chunk(0, header.SerializeToString())
     seq = 1
     for v in views:
         for off in range(0, len(v), MAX_DATA):
             yield _chunk(seq, v[off:off + MAX_DATA])
             seq += 1
+
+
+@dataclass(frozen=True)
+class TensorFrame:
+    """A frame for a transport's tensor lane: the serialized `FrameHeader` (as in chunk 0 of the byte
+    wire) and the codec's parts as tensors, which travel as they are (no host copy, no crc: the lane,
+    gloo or NCCL over TCP/NVLink/IB, or CUDA IPC, delivers them intact or fails)."""
+
+    header: bytes
+    parts: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(p.numel() * p.element_size() for p in self.parts)
+
+
+def tensor_frame(codec: str, dtype: torch.dtype, shape: Sequence[int], layer: int, head_start: int,
+                 parts: Sequence[torch.Tensor]) -> TensorFrame:
+    """The frame of `encode_frame` for a tensor lane; parts are made contiguous (on their device)."""
+    parts = [p.contiguous() for p in parts]
+    nbytes = [p.numel() * p.element_size() for p in parts]
+    return TensorFrame(_header(codec, dtype, shape, layer, head_start, parts, nbytes).SerializeToString(), parts)
+
+
+def lane_buffers(header: bytes, device: torch.device) -> tuple[pb.FrameHeader, list[torch.Tensor]]:
+    """The checked header of a tensor-lane frame and empty tensors on `device` for its parts."""
+    h, _ = parse_header(header)
+    return h, [torch.empty(tuple(p.shape), dtype=parse_dtype(p.dtype), device=device) for p in h.parts]
+
+
+def lane_frame(h: pb.FrameHeader, parts: list[torch.Tensor]) -> Frame:
+    """The `Frame` a tensor lane received (parts filled by the lane, on the receiver's device)."""
+    return Frame(h.codec, parse_dtype(h.dtype), tuple(h.shape), h.layer, h.head_start, parts)
+
+
+def parse_header(data: memoryview | bytes) -> tuple[pb.FrameHeader, list[int]]:
+    """A frame header, checked (version, dtype, slab shape, part sizes); returns it and each part's
+    byte size. Raises WireError."""
+    if len(data) > _MAX_HEADER:
+        raise WireError("frame header too large")
+    h = pb.FrameHeader()
+    try:
+        h.ParseFromString(bytes(data))
+    except Exception as e:  # protobuf raises its own DecodeError
+        raise WireError(f"bad frame header: {e}") from None
+    if h.version != VERSION:
+        raise WireError(f"frame version {h.version}, this build reads {VERSION}")
+    parse_dtype(h.dtype)
+    if len(h.shape) != 4 or h.shape[0] != 2 or min(h.shape) < 0:
+        raise WireError(f"bad slab shape {list(h.shape)}")
+    sizes = []
+    for p in h.parts:
+        n = math.prod(p.shape) * parse_dtype(p.dtype).itemsize
+        if n != p.nbytes or min(p.shape, default=0) < 0:
+            raise WireError(f"part {p.dtype}{list(p.shape)} says {p.nbytes} bytes, expected {n}")
+        sizes.append(n)
+    if sum(sizes) != h.body_nbytes or sum(math.ceil(n / MAX_DATA) for n in sizes) != h.num_chunks:
+        raise WireError("frame header sizes are inconsistent")
+    return h, sizes
 
 
 def frame_nbytes(part_nbytes: Sequence[int], header_nbytes: int = 0) -> int:
@@ -135,26 +197,7 @@ class FrameReader:
         return data
 
     def _start(self, data: memoryview) -> None:
-        if len(data) > _MAX_HEADER:
-            raise WireError("frame header too large")
-        h = pb.FrameHeader()
-        try:
-            h.ParseFromString(bytes(data))
-        except Exception as e:  # protobuf raises its own DecodeError
-            raise WireError(f"bad frame header: {e}") from None
-        if h.version != VERSION:
-            raise WireError(f"frame version {h.version}, this build reads {VERSION}")
-        parse_dtype(h.dtype)
-        if len(h.shape) != 4 or h.shape[0] != 2 or min(h.shape) < 0:
-            raise WireError(f"bad slab shape {list(h.shape)}")
-        sizes = []
-        for p in h.parts:
-            n = math.prod(p.shape) * parse_dtype(p.dtype).itemsize
-            if n != p.nbytes or min(p.shape, default=0) < 0:
-                raise WireError(f"part {p.dtype}{list(p.shape)} says {p.nbytes} bytes, expected {n}")
-            sizes.append(n)
-        if sum(sizes) != h.body_nbytes or sum(math.ceil(n / MAX_DATA) for n in sizes) != h.num_chunks:
-            raise WireError("frame header sizes are inconsistent")
+        h, sizes = parse_header(data)
         self._header, self._parts = h, [np.empty(n, np.uint8) for n in sizes]
         self._part, self._off = 0, 0
         self._skip_empty_parts()
@@ -180,7 +223,7 @@ class FrameReader:
         if h is None or self._part < len(self._parts):
             return None
         parts = [_tensor(buf, parse_dtype(p.dtype), tuple(p.shape)) for buf, p in zip(self._parts, h.parts)]
-        frame = Frame(h.codec, parse_dtype(h.dtype), tuple(h.shape), h.layer, h.head_start, parts)
+        frame = lane_frame(h, parts)
         self._header, self._parts, self._seq = None, [], 0
         return frame
 

@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.config import EngineConfig, KVTransferConfig
+from pdserve.decode.scheduler import DecodeOptions
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
-from pdserve.kvtransfer.connector import make_receiver, make_sender, make_transport
+from pdserve.kvtransfer.factories import make_receiver, make_sender, make_transport
 from pdserve.kvtransfer.faults import FAULT_KINDS, FaultyTransport, KVFault
 from pdserve.kvtransfer.listen import Listen
 from pdserve.prefill.worker import PrefillWorker
@@ -60,7 +61,7 @@ class ChaosRig:
         return tuple(self.tokenizer.encode(prompt)) if self.tokenizer else tuple(b % 100 + 3 for b in prompt.encode())
 
     def _colocated(self, prompt: str) -> tuple[list[int], str]:
-        worker = DecodeWorker(self.decode_engine, "prefill_priority", 8, 1024)
+        worker = DecodeWorker(self.decode_engine, DecodeOptions("prefill_priority", 8, 1024))
         worker.submit(GenerateRequest(RequestId("ref"), self.encode(prompt), self.params))
         ids, text = [], ""
         while worker.has_work():
@@ -76,7 +77,8 @@ class ChaosRig:
         faulty = FaultyTransport(make_transport(self.kv.transport, self.listen), fault_spec)
         sender = make_sender(self.kv, pe.pool, pe.allocator, listen=self.listen, transport=faulty)
         receiver = make_receiver(self.kv, de.pool, listen=self.listen)
-        prefill, decode = PrefillWorker(pe, 8, 1024, sender), DecodeWorker(de, "decode", 8, 1024, receiver=receiver)
+        prefill = PrefillWorker(pe, 8, 1024, sender)
+        decode = DecodeWorker(de, DecodeOptions("decode", 8, 1024), receiver=receiver)
         try:
             self._drive(cell, prefill, decode)
             if not cell.reason and not faulty.num_faults:

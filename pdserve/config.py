@@ -21,8 +21,8 @@ ColocatedPolicy = Literal["prefill_priority", "chunked"]
 TransportName = Literal["loopback", "grpc", "torch"]
 OnFailure = Literal["recompute", "fail"]
 CodecName = Literal["auto", "raw", "int8", "fp8", "int4", "int4_zstd"]
-PrefillPolicyName = Literal["least_tokens", "round_robin"]
-DecodePolicyName = Literal["least_kv", "round_robin"]
+PrefillPolicyName = Literal["least_tokens", "cache_aware", "round_robin"]
+DecodePolicyName = Literal["least_kv", "cache_aware", "round_robin"]
 
 
 class ConfigError(ValueError):
@@ -42,6 +42,7 @@ class EngineConfig:
     num_threads: int = 1  # torch threads per engine process; several engines share the box
     attention_backend: Literal["auto", "paged", "reference"] = "auto"  # auto: paged on CPU fp32, else reference
     cuda_graphs: bool = True  # on CUDA, replay decode steps as CUDA graphs (engine/cuda_graphs.py)
+    enable_prefix_caching: bool = False  # keep full blocks' KV for reuse by later prompts (engine/prefix_cache.py)
 
     def __post_init__(self) -> None:
         _positive(self, "block_size", "kv_cache_memory_gb", "max_model_len", "num_threads", "gpu_memory_utilization")
@@ -71,6 +72,25 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class KVTLSConfig:
+    """PEM files that turn on TLS for the KV channels: every KV control RPC and every gRPC data stream.
+    Each worker serves with `cert`/`key` and verifies its peers' certificates against `ca`. The paths
+    are read on the workers' nodes when their KV ends start (a missing file fails that start)."""
+
+    cert: str = ""  # this worker's certificate (chain), PEM
+    key: str = ""  # its private key, PEM
+    ca: str = ""  # the CA bundle that signed the peers' certificates, PEM (a self-signed cert is its own CA)
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key", "ca"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name}: must name a PEM file")
+
+
+TensorLane = Literal["auto", "off", "group", "ipc"]
+
+
+@dataclass(frozen=True)
 class KVTransferConfig:
     transport: TransportName = "grpc"
     codec: CodecName = "raw"
@@ -82,9 +102,16 @@ class KVTransferConfig:
     advertise_host: str | None = None  # what peers dial; None: bind_host (the node IP if bind_host is 0.0.0.0)
     port_range: str | None = None  # "20000-20999": KV listening ports (firewalled clusters); None: any free port
     connect_timeout_s: float = 5.0  # launch's reachability check of every prefill KV endpoint from each decode
+    tls: KVTLSConfig | None = None  # TLS on the control RPCs and the grpc transport's data; None: plaintext
+    tensor_lane: TensorLane = "auto"
+    """transport torch: how KV tensors travel between the pair. group: the pair's own process group,
+    NCCL between two GPUs, gloo between two CPU pools; ipc: CUDA IPC (both ends on one node's GPUs);
+    auto: group when both ends' pools are on the same device type, else bytes over gloo; off: bytes."""
 
     def __post_init__(self) -> None:
         _positive(self, "lease_s", "timeout_s", "connect_timeout_s")
+        if self.tls is not None and self.transport == "torch":
+            raise ConfigError("tls: the torch transport's data (gloo/NCCL) cannot be encrypted; use transport grpc")
         for name in ("bind_host", "advertise_host"):
             v = getattr(self, name)
             if v is not None and (not v.strip() or " " in v):
@@ -125,14 +152,24 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class SLOConfig:
+    """The latency targets, the one SLO type of the project: the serving config's `slo` section,
+    what `pdserve bench` scores requests against and what `pdserve plan` maximises goodput under.
+    A request meets it when its TTFT <= ttft_s and its TPOT <= tpot_s (a one-token output has no
+    TPOT); a run meets it when at least `attainment` of its requests do."""
+
     ttft_s: float = 1.0
     tpot_s: float = 0.2
     attainment: float = 0.9
+    """Target share of requests meeting both latency targets."""
 
     def __post_init__(self) -> None:
         _positive(self, "ttft_s", "tpot_s")
         if not 0 < self.attainment <= 1:
             raise ConfigError(f"attainment: must be in (0, 1], got {self.attainment}")
+
+    def scaled(self, scale: float) -> SLOConfig:
+        """Both latency targets × `scale` (DistServe's SLO scale), the attainment target kept."""
+        return dataclasses.replace(self, ttft_s=self.ttft_s * scale, tpot_s=self.tpot_s * scale)
 
 
 @dataclass(frozen=True)

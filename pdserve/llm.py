@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from pdserve.config import EngineConfig
+from pdserve.decode.scheduler import DecodeOptions
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
@@ -44,8 +45,8 @@ class LLM:
         self.max_model_len = cfg.max_model_len
         self.engine = Engine.from_config(model, cfg)
         self.tokenizer = self.engine.tokenizer
-        self._worker = DecodeWorker(self.engine, "prefill_priority", max_num_seqs, max_num_batched_tokens,
-                                    worker_id="llm")
+        options = DecodeOptions("prefill_priority", max_num_seqs, max_num_batched_tokens)
+        self._worker = DecodeWorker(self.engine, options, worker_id="llm")
         self._counter = 0
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None,

@@ -123,16 +123,18 @@ class LockStep:
     def leave(self) -> None:
         """Any rank, at exit once its step loop has stopped: one last collective that stops every
         rank's loop, so no rank is left blocked in the next one (a follower waiting for rank 0's
-        step would hold its process in gloo through interpreter exit). Bounded: a rank already gone
-        makes the collective fail at once, and nothing more is sent once the ranks agreed to stop."""
+        step would hold its process in gloo through interpreter exit), then destroys the process
+        group. Bounded: a rank already gone makes the collective fail at once, and nothing more is
+        sent once the ranks agreed to stop."""
         forget(self._exit_token)
-        if self.stopped:
-            return
-        try:
-            self._sync(stop=True)
-        except RuntimeError as e:  # a peer exited first: nobody is left to tell
-            log.debug("lock-step leave: %s", e)
-        self.stopped = True
+        if not self.stopped:
+            try:
+                self._sync(stop=True)
+            except RuntimeError as e:  # a peer exited first: nobody is left to tell
+                log.debug("lock-step leave: %s", e)
+            self.stopped = True
+        if self.ranks.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()  # its gloo threads end here, not in the interpreter's teardown
 
     def run_follower(self) -> None:
         assert self.ranks.rank != 0, "rank 0 is driven by its actor's step thread"

@@ -93,15 +93,17 @@ def _settled(rig: ChaosRig, baseline: dict[str, float], wait_s: float = 5.0) -> 
 def _disconnect_round(rig: ChaosRig, rng: random.Random) -> Cell:
     """A request whose client leaves after a few decode tokens: aborted on decode and released on
     prefill; every block on both sides must come back."""
+    from pdserve.decode.scheduler import DecodeOptions
     from pdserve.decode.worker import DecodeWorker
-    from pdserve.kvtransfer.connector import make_receiver, make_sender
+    from pdserve.kvtransfer.factories import make_receiver, make_sender
     from pdserve.prefill.worker import PrefillWorker
 
     cell = Cell("mid-decode", "disconnect")
     pe, de = rig.prefill_engine, rig.decode_engine
     sender = make_sender(rig.kv, pe.pool, pe.allocator, listen=rig.listen)
     receiver = make_receiver(rig.kv, de.pool, listen=rig.listen)
-    prefill, decode = PrefillWorker(pe, 8, 1024, sender), DecodeWorker(de, "decode", 8, 1024, receiver=receiver)
+    prefill = PrefillWorker(pe, 8, 1024, sender)
+    decode = DecodeWorker(de, DecodeOptions("decode", 8, 1024), receiver=receiver)
     try:
         rid, prompt = RequestId("soak"), rig.encode(rng.choice(["Tell me a story", "List three colours"]))
         prefill.submit(GenerateRequest(rid, prompt, rig.params))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, NewType
+from typing import TYPE_CHECKING, Literal, NewType, TypeVar
 
 if TYPE_CHECKING:
     from pdserve.kvtransfer.types import KVHandle
 
 RequestId = NewType("RequestId", str)
 FinishReason = Literal["stop", "length", "abort", "error"]
+PullOutcome = Literal["ok", "failed", "timed_out"]  # how a decode instance's KV pull ended
 SAMPLING_EPS = 1e-5  # temperatures below this sample greedily
 
 
@@ -107,14 +108,82 @@ class StepOutput:
     text: str = ""
     finish_reason: FinishReason | None = None
     error: str | None = None
-    # Worker-side latency breakdown, in seconds, on the request's first output from each role:
-    # prefill reports {"queue_s", "prefill_s"}; decode {"decode_queue_s", "transfer_s"} after a pull
-    # (waiting for an iteration boundary and KV memory, then the transfer), else {"queue_s", "prefill_s"}.
-    timings: dict[str, float] | None = None
+    # This instance's part of the request's latency, on the request's first output from it; the
+    # router's last output carries the whole request's (LatencyBreakdown.finalize).
+    latency: LatencyBreakdown | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyBreakdown:
+    """Where one request's time went, in seconds of the clock of whoever measured each part.
+
+    Workers report their own part on the request's first output from each instance: prefill
+    {prefill_queue_s, prefill_s}; decode after a pull {decode_queue_s (waiting for a sequence slot
+    and KV memory), transfer_s, transfer_bytes, kv_pull}; decode computing the prompt itself
+    (colocated, or a failed pull recomputed: `kv_recomputed`) {prefill_queue_s, prefill_s}. The
+    router adds the parts over roles and attempts (`+`) and fills the end-to-end figures with
+    `finalize` on the last output. `decode_queue_s` / `transfer_bytes` / `kv_pull` are None when no
+    pull was started / completed / attempted. Plain floats, ints, bools and strings only: it
+    crosses Ray's object store as is.
+    """
+
+    prefill_queue_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_queue_s: float | None = None
+    transfer_s: float = 0.0
+    transfer_bytes: int | None = None
+    kv_pull: PullOutcome | None = None
+    kv_recomputed: bool = False
+    decode_s: float = 0.0  # finalize: e2e less queues, prefill and transfer
+    ttft_s: float = 0.0  # finalize: arrival to first token (router clock)
+    e2e_s: float = 0.0  # finalize: arrival to last output (router clock)
+
+    @property
+    def queue_s(self) -> float:
+        """All queueing, both roles: with prefill_s, transfer_s and decode_s it sums to e2e_s."""
+        return self.prefill_queue_s + (self.decode_queue_s or 0.0)
+
+    def phases(self) -> dict[str, float]:
+        """The four phases end-to-end time splits into (they sum to e2e_s once finalized), seconds."""
+        return {"queue": self.queue_s, "prefill": self.prefill_s, "transfer": self.transfer_s, "decode": self.decode_s}
+
+    def __add__(self, other: LatencyBreakdown) -> LatencyBreakdown:
+        """Both parts (two roles, or two attempts): times and bytes add; the later pull outcome wins."""
+        return LatencyBreakdown(
+            self.prefill_queue_s + other.prefill_queue_s, self.prefill_s + other.prefill_s,
+            _add_opt(self.decode_queue_s, other.decode_queue_s), self.transfer_s + other.transfer_s,
+            _add_opt(self.transfer_bytes, other.transfer_bytes), other.kv_pull or self.kv_pull,
+            self.kv_recomputed or other.kv_recomputed, self.decode_s + other.decode_s,
+            self.ttft_s + other.ttft_s, self.e2e_s + other.e2e_s)
+
+    def finalize(self, ttft_s: float, e2e_s: float) -> LatencyBreakdown:
+        """The whole request's breakdown: decode_s is what the other parts leave of e2e_s (>= 0)."""
+        decode = max(0.0, e2e_s - self.queue_s - self.prefill_s - self.transfer_s)
+        return dataclasses.replace(self, decode_s=decode, ttft_s=ttft_s, e2e_s=e2e_s)
+
+    def to_json(self) -> dict[str, float]:
+        """The `pdserve_timings` object of the HTTP API: seconds by key (queue_s is all queueing,
+        decode_queue_s its decode share), plus transfer_bytes and kv_recomputed (1.0) when they apply."""
+        out = {"queue_s": self.queue_s, "prefill_s": self.prefill_s, "transfer_s": self.transfer_s,
+               "decode_s": self.decode_s, "ttft_s": self.ttft_s, "e2e_s": self.e2e_s}
+        if self.decode_queue_s is not None:
+            out["decode_queue_s"] = self.decode_queue_s
+        if self.transfer_bytes is not None:
+            out["transfer_bytes"] = float(self.transfer_bytes)
+        if self.kv_recomputed:
+            out["kv_recomputed"] = 1.0
+        return out
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _add_opt(a: _N | None, b: _N | None) -> _N | None:
+    return a if b is None else b if a is None else a + b
 
 
 @dataclass(frozen=True)
@@ -122,7 +191,8 @@ class StepRecord:
     """One engine step as it ran in serving: the input of an in-situ latency profile.
 
     Per chunk of the batch, `new_tokens` were computed on top of `cached_tokens` already in the
-    KV cache (a fresh prompt: cached 0; a decode: new 1). `duration_s` is the forward plus sampling,
+    KV cache (a fresh prompt: cached 0; a decode: new 1); the planner reads the step's shape from
+    them (pdserve/placement/steps.py). `duration_s` is the forward plus sampling,
     what the placement latency model predicts; `start_s` is wall-clock time (time.time()), so steps
     of different instances line up with each other and with a benchmark's request records.
     """
@@ -131,30 +201,6 @@ class StepRecord:
     duration_s: float
     new_tokens: tuple[int, ...]
     cached_tokens: tuple[int, ...]
-
-    @property
-    def kind(self) -> Literal["prefill", "decode", "mixed"]:
-        """prefill: only fresh prompts; decode: one new token per sequence on a cache; else mixed."""
-        if not any(self.cached_tokens):
-            return "prefill"
-        return "mixed" if self.prompt_chunks else "decode"
-
-    @property
-    def decode_contexts(self) -> list[int]:
-        """Context length (cached + the new token) of each decoding sequence: one new token on a cache."""
-        return [c + 1 for n, c in zip(self.new_tokens, self.cached_tokens) if n == 1 and c > 0]
-
-    @property
-    def prompt_chunks(self) -> list[tuple[int, int]]:
-        """(new, cached) of every chunk that is prompt work: a fresh prompt or a piece of one."""
-        return [(n, c) for n, c in zip(self.new_tokens, self.cached_tokens) if not (n == 1 and c > 0)]
-
-    @property
-    def prompt_work(self) -> tuple[int, int]:
-        """(prompt tokens, their attention Σ s·(2d + s) for s new tokens on d cached): the x1, x2 of
-        the latency model's prompt term."""
-        chunks = self.prompt_chunks
-        return sum(n for n, _ in chunks), sum(n * (2 * c + n) for n, c in chunks)
 
     def to_json(self) -> dict:
         return {"start_s": self.start_s, "duration_s": self.duration_s,
@@ -187,6 +233,7 @@ class WorkerStats:
     num_free_blocks: int = 0
     num_total_blocks: int = 1
     outstanding_tokens: int = 0  # prompt tokens queued or running (prefill's policy input)
+    prefix_hit_tokens: int = 0  # tokens of the request being dispatched the router believes cached here
     healthy: bool = True
     # Engine time as the serving path sees it (cumulative since start): busy_s / num_steps is the
     # mean step time inside the actor, the figure to hold a latency profile against.

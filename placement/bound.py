@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pdserve.placement.deployment import Deployment
+from pdserve.placement.sim_deployment import SimDeployment
 from pdserve.placement.hardware import GPUSpec
 from pdserve.placement.latency import InstanceLatency
 from pdserve.placement.model_spec import ModelSpec
@@ -61,12 +61,12 @@ def prefill_tokens_per_s(inst: InstanceLatency, budget: int, st: LengthStats) ->
     return max(s / inst.prefill_stage_s(s, s * st.prefill_sq_per_token) for s in sizes if s >= st.min_prompt)
 
 
-def max_batch(dep: Deployment, inst: InstanceLatency, st: LengthStats) -> int:
+def max_batch(dep: SimDeployment, inst: InstanceLatency, st: LengthStats) -> int:
     """Largest decode batch of one instance: the sequence limit or what its KV memory holds."""
     return max(1, min(dep.max_num_seqs, dep.decode_capacity(inst) // st.min_need))
 
 
-def decode_tokens_per_s(dep: Deployment, inst: InstanceLatency, lanes: int, st: LengthStats) -> float:
+def decode_tokens_per_s(dep: SimDeployment, inst: InstanceLatency, lanes: int, st: LengthStats) -> float:
     """Most output tokens/s of one instance: `lanes` micro-batches sharing `max_batch` evenly,
     at the trace's mean decode context (Σctx of a full batch averages B × that in steady state, and
     iteration time is linear in Σctx). Exact for the linear form (throughput concave in B)."""
@@ -76,7 +76,7 @@ def decode_tokens_per_s(dep: Deployment, inst: InstanceLatency, lanes: int, st: 
     return lanes * best
 
 
-def service_bound(dep: Deployment, trace: Trace) -> float:
+def service_bound(dep: SimDeployment, trace: Trace) -> float:
     """Highest rate (req/s) the deployment's latency model can sustain; see the module doc."""
     st = LengthStats.of(trace)
     colocated = dep.mode == "colocated"
@@ -97,7 +97,7 @@ def service_bound(dep: Deployment, trace: Trace) -> float:
     return min(prefill, decode, link)
 
 
-def hardware_bound(dep: Deployment, trace: Trace, model: ModelSpec, gpu: GPUSpec,
+def hardware_bound(dep: SimDeployment, trace: Trace, model: ModelSpec, gpu: GPUSpec,
                    decode_gpu: GPUSpec | None = None) -> float:
     """Highest rate (req/s) the GPUs could serve at full FLOP and HBM utilisation; see the module
     doc. `decode_gpu`: the decode (and colocated) instances' GPU, when it differs."""

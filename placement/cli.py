@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 from pdserve.bench.units import duration_arg as duration  # one parser of "500ms"/"1s" for every CLI
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.config import ServingConfig
 from pdserve.placement import profile_cli
+from pdserve.placement.candidates import Unit
 from pdserve.placement.cluster_file import ClusterFile, load_cluster_file
 from pdserve.placement.explain import explain, format_explanation
-from pdserve.placement.candidates import Unit
 from pdserve.placement.hardware import ClusterSpec, load_gpu
 from pdserve.placement.latency import LatencySource
 from pdserve.placement.model_spec import load_model
@@ -23,10 +23,10 @@ from pdserve.placement.profile_file import PUBLISHED, load_profile
 from pdserve.placement.roofline import Roofline
 from pdserve.placement.search import SearchResult, SearchSpec, search
 from pdserve.placement.simulate_cli import add_simulate_parser
-from pdserve.placement.workload import load_workload
+from pdserve.placement.workload import DATASET_SAMPLES, FALLBACK_TOKENIZER, load_workload, planning_tokenizer
 
 DEFAULTS = dict(gpu="a100-80g (or the profile's device, or cluster.yaml's instance type)", nodes=1, gpus_per_node=8, inter_node_gbps=100.0, workload="sharegpt-like",
-                tokenizer="smollm2-135m", num_requests=1000, seed=0, prefill_token_budget=4096, max_num_seqs=512)
+                tokenizer=None, num_requests=1000, seed=0, prefill_token_budget=4096, max_num_seqs=512)
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -79,7 +79,8 @@ def add_inputs(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--workload", default=d.get("workload"),
                    help=f"sharegpt-like (offline), sharegpt | humaneval | longbench (as pdserve bench) or a lengths file ({default('workload')})")
     p.add_argument("--tokenizer", default=d.get("tokenizer"),
-                   help=f"tokenizer for named workloads: HF directory, tokenizer.json or pdserve model ({default('tokenizer')})")
+                   help="tokenizer for named workloads: HF directory, tokenizer.json or pdserve model (default: the "
+                        f"planned model's own when pdserve can load it, else {FALLBACK_TOKENIZER}'s, said in the output)")
     p.add_argument("--num-requests", type=int, default=d.get("num_requests"),
                    help=f"requests per simulation, at least; decode simulations use 4 per batch slot ({default('num_requests')})")
     p.add_argument("--seed", type=int, default=d.get("seed"), help=f"trace seed ({default('seed')})")
@@ -122,10 +123,13 @@ def _profile_gpu(profile: str) -> str | None:
     return "cpu" if load_profile(profile).device == "cpu" else None
 
 
-def search_spec(args: argparse.Namespace, model_name: str, slo: SLO, **kw: object) -> tuple[SearchSpec, ClusterFile | None]:
+def search_spec(args: argparse.Namespace, model_name: str, slo: SLOConfig, **kw: object) -> tuple[SearchSpec, ClusterFile | None]:
     model = load_model(model_name)
     cluster, source, colocated, cluster_file = inputs(args)
-    workload = load_workload(args.workload, args.tokenizer, model.max_model_len)
+    tokenizer, note = planning_tokenizer(model_name, args.tokenizer)
+    workload = load_workload(args.workload, tokenizer, model.max_model_len)
+    if note and args.workload in DATASET_SAMPLES:
+        print(f"note: {note}", file=sys.stderr)
     spec = SearchSpec(model=model, cluster=cluster, source=source, colocated_source=colocated,
                       decode_source=decode_source(cluster, source), workload=workload,
                       slo=slo, num_requests=args.num_requests, seed=args.seed,
@@ -138,7 +142,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if not args.model:
         raise ValueError("plan: --model is required")
     spec, cluster_file = search_spec(
-        args, args.model, SLO(ttft_s=args.ttft, tpot_s=args.tpot, attainment=args.attainment),
+        args, args.model, SLOConfig(ttft_s=args.ttft, tpot_s=args.tpot, attainment=args.attainment),
         target_rate=args.rate, codec=args.codec, affinity=args.affinity,
         include_colocated=not args.no_colocated, jobs=args.jobs)
     c = spec.cluster

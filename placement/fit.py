@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pdserve.placement.latency import Coeffs, Curve, PhaseProfile
+from pdserve.placement.steps import decode_contexts, prompt_work, step_kind
 from pdserve.placement.transfer import TransferModel
 from pdserve.types import StepRecord
 
@@ -134,17 +135,16 @@ def fit_steps(steps: Iterable[StepRecord], large_batch_threshold: int = 95,
     costs what the step took beyond `D(B) + b'·Σctx` (what `PhaseProfile.prefill_extra_s` adds in
     the simulator's chunked-prefill step). Fitted on relative error of the whole step."""
     steps = [s for s in steps if s.duration_s > 0]
-    dec = [DecodeSample(tuple(s.decode_contexts), s.duration_s) for s in steps if s.kind == "decode"]
-    prompt = [s for s in steps if s.kind != "decode"]
+    kinds = [step_kind(s) for s in steps]
+    dec = [DecodeSample(tuple(decode_contexts(s)), s.duration_s) for s, k in zip(steps, kinds) if k == "decode"]
+    prompt = [s for s, k in zip(steps, kinds) if k != "decode"]
     if len(prompt) < 3 or len(dec) < 3:
         raise ValueError(f"fit: need >= 3 steps with prompt tokens and >= 3 decode steps, got {len(prompt)} and {len(dec)}")
     profile, reports = _fit_decode_regimes(dec, large_batch_threshold, min_samples_per_key)
     rows, y, total = [], [], []
-    for s in steps:
-        if s.kind == "decode":
-            continue
-        ctx = s.decode_contexts
-        rows.append((0.0 if ctx else 1.0, *s.prompt_work))
+    for s in prompt:
+        ctx = decode_contexts(s)
+        rows.append((0.0 if ctx else 1.0, *prompt_work(s)))
         y.append(s.duration_s - (profile.decode_s(sum(ctx), len(ctx)) if ctx else 0.0))
         total.append(s.duration_s)
     design, t = np.asarray(rows), np.asarray(total)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.placement.bound import LengthStats, max_batch, service_bound
-from pdserve.placement.deployment import Deployment, SimResult
+from pdserve.placement.sim_deployment import SimDeployment, SimResult
 from pdserve.placement.simulator import simulate
 from pdserve.placement.workload import Trace
 
@@ -31,7 +31,7 @@ MAX_LOAD = 0.9
 what a long run sustains (BENCHMARKS.md: the 10×-trace check)."""
 
 
-def attained(slo: SLO, result: SimResult, metric: Metric = "joint") -> float:
+def attained(slo: SLOConfig, result: SimResult, metric: Metric = "joint") -> float:
     """Share of simulated requests meeting `slo` (both SLOs, or only one of them for a phase alone)."""
     if metric == "ttft":
         return result.ttft_attainment(slo.ttft_s)
@@ -40,7 +40,7 @@ def attained(slo: SLO, result: SimResult, metric: Metric = "joint") -> float:
     return result.attainment(slo.ttft_s, slo.tpot_s)
 
 
-def steady_len(dep: Deployment, trace: Trace, base: int) -> int:
+def steady_len(dep: SimDeployment, trace: Trace, base: int) -> int:
     """Requests a simulation of `dep` needs to reach steady state: at least `base`, and
     `STEADY_FACTOR` times the requests its decode batches hold at once (a trace shorter than
     that never fills them, and a burst looks sustainable) up to `MAX_REQUESTS`. A prefill
@@ -58,7 +58,7 @@ def counted(result: SimResult) -> SimResult:
     return SimResult(result.ttft_s[k:], result.tpot_s[k:]) if k else result
 
 
-def goodput(dep: Deployment, trace: Trace, slo: SLO, metric: Metric = "joint",
+def goodput(dep: SimDeployment, trace: Trace, slo: SLOConfig, metric: Metric = "joint",
             rel_tol: float = 0.02, max_rate: float | None = None, near: float | None = None) -> float:
     """Max rate (req/s) with attainment >= slo.attainment, within `rel_tol`, and at most
     `MAX_LOAD` × `service_bound` (and `max_rate`, e.g. `bound.hardware_bound`); 0 if even a tiny rate fails

@@ -17,7 +17,7 @@ from pdserve.config import PlacementConfig, PoolConfig, ServingConfig, SLOConfig
 from pdserve.placement.candidates import Unit
 from pdserve.placement.packing import pack
 from pdserve.placement.cluster_file import ClusterFile
-from pdserve.placement.deployment import CHUNK_SIZE
+from pdserve.placement.sim_deployment import CHUNK_SIZE
 from pdserve.placement.deploy import kv_cache_memory_gb, pool_pins, servable_model, transport_for
 from pdserve.placement.search import Scored, SearchSpec
 

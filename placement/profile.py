@@ -16,7 +16,6 @@ from pathlib import Path
 from pdserve.placement.fit import DecodeSample, FitReport, PrefillSample, fit_profile
 from pdserve.placement.latency import PhaseProfile
 from pdserve.placement.profile_file import profile_to_json
-from pdserve.types import StepRecord
 
 BATCH_SIZES = (1, 2, 3, 4, 8, 16, 32, 64, 96, 128, 160, 192)
 LENGTHS = (4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 768, 1024, 1536, 2020)
@@ -83,19 +82,6 @@ def measure(grid: Grid, time_prefill: Timer, time_decode: Timer,
         if progress:
             progress(len(prefill_points) + i + 1, total)
     return pre, dec
-
-
-def read_step_log(path: str | Path) -> dict[str, list[StepRecord]]:
-    """A JSON-lines step log ({"worker", **StepRecord.to_json()}, other keys ignored), by worker."""
-    logs: dict[str, list[StepRecord]] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                d = json.loads(line)
-                logs.setdefault(str(d.get("worker", "")), []).append(StepRecord.from_json(d))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: not a step record ({e})") from None
-    return logs
 
 
 def fit_and_write(path: str | Path, model_key: str, tp: int, prefill: Sequence[PrefillSample],

@@ -15,19 +15,19 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.placement.bound import hardware_bound
 from pdserve.placement.candidates import (PhaseConfig, Unit, colocated_units, low_affinity_units,
                                           phase_configs, ratio_units)
-from pdserve.placement.deployment import Deployment
+from pdserve.placement.sim_deployment import SimDeployment
 from pdserve.placement.goodput import MAX_REQUESTS, Metric, attained, counted, goodput, steady_len
-from pdserve.placement.simulator import simulate
 from pdserve.placement.hardware import ClusterSpec
 from pdserve.placement.latency import InstanceLatency, LatencySource, instance_latency
 from pdserve.placement.model_spec import ModelSpec
 from pdserve.placement.packing import max_replicas
+from pdserve.placement.simulator import simulate
 from pdserve.placement.transfer import TransferModel
-from pdserve.placement.workload import Trace, Workload
+from pdserve.placement.workload import Trace, WorkloadLengths
 
 Progress = Callable[[int, int, str], None]
 CONFIRM_TOP = 2  # leading units re-checked on a longer trace (`_confirm`)
@@ -39,8 +39,8 @@ class SearchSpec:
     model: ModelSpec
     cluster: ClusterSpec
     source: LatencySource
-    workload: Workload
-    slo: SLO
+    workload: WorkloadLengths
+    slo: SLOConfig
     colocated_source: LatencySource | None = None  # default: `source` (pdserve runs one engine)
     decode_source: LatencySource | None = None  # decode nodes' source when their GPU differs; default `source`
     target_rate: float | None = None
@@ -135,7 +135,7 @@ def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
     return SearchResult(ranked, feasible, g, len(phase_jobs) + len(units), time.perf_counter() - started)
 
 
-def _confirm(spec: SearchSpec, scored: list[Scored], deps: dict[Unit, Deployment], trace: Trace,
+def _confirm(spec: SearchSpec, scored: list[Scored], deps: dict[Unit, SimDeployment], trace: Trace,
              progress: Progress | None) -> tuple[Scored, ...]:
     """Re-check the leading `CONFIRM_TOP` units with `CONFIRM_FACTOR` times their trace (up to the
     search's whole trace): one that misses the target there gets the goodput of the long trace
@@ -173,14 +173,14 @@ def phase_latencies(spec: SearchSpec, source: LatencySource, role: str = "prefil
     return out
 
 
-def _phase_deployment(spec: SearchSpec, role: str, il: InstanceLatency) -> Deployment:
+def _phase_deployment(spec: SearchSpec, role: str, il: InstanceLatency) -> SimDeployment:
     if role == "prefill":
-        return Deployment(prefill=(il,), phases="prefill", prefill_token_budget=spec.prefill_token_budget)
-    return Deployment(prefill=(), decode=(il,), phases="decode", max_num_seqs=spec.max_num_seqs,
+        return SimDeployment(prefill=(il,), phases="prefill", prefill_token_budget=spec.prefill_token_budget)
+    return SimDeployment(prefill=(), decode=(il,), phases="decode", max_num_seqs=spec.max_num_seqs,
                       decode_token_limit=spec.decode_token_limit)
 
 
-def deployment_of(spec: SearchSpec, unit: Unit) -> Deployment:
+def deployment_of(spec: SearchSpec, unit: Unit) -> SimDeployment:
     """`unit` with its latencies on the GPUs its instances run on; ValueError when one does not fit."""
     dlat = phase_latencies(spec, spec.decode_source or spec.source, "decode")
     lat = colocated_latencies(spec, dlat) if unit.decode is None else phase_latencies(spec, spec.source)
@@ -196,14 +196,14 @@ def colocated_latencies(spec: SearchSpec, dlat: dict[PhaseConfig, InstanceLatenc
 
 
 def unit_deployment(spec: SearchSpec, unit: Unit, lat: dict[PhaseConfig, InstanceLatency],
-                    dlat: dict[PhaseConfig, InstanceLatency] | None = None) -> Deployment:
+                    dlat: dict[PhaseConfig, InstanceLatency] | None = None) -> SimDeployment:
     """`lat`: prefill (or colocated) instances; `dlat`: decode instances (default `lat`)."""
     common = dict(prefill_token_budget=spec.prefill_token_budget, max_num_seqs=spec.max_num_seqs,
                   decode_token_limit=spec.decode_token_limit)
     if unit.decode is None:
-        return Deployment(mode="colocated", prefill=(lat[unit.prefill],), colocated_policy=unit.colocated_policy,
+        return SimDeployment(mode="colocated", prefill=(lat[unit.prefill],), colocated_policy=unit.colocated_policy,
                           **common)
-    return Deployment(prefill=(lat[unit.prefill],) * unit.num_prefill, decode=((dlat or lat)[unit.decode],) * unit.num_decode,
+    return SimDeployment(prefill=(lat[unit.prefill],) * unit.num_prefill, decode=((dlat or lat)[unit.decode],) * unit.num_decode,
                       transfer=transfer_model(spec.model, spec.cluster, unit, spec.codec), **common)
 
 
@@ -277,7 +277,7 @@ def _rank_key(spec: SearchSpec, s: Scored) -> tuple:
     return (-round(s.planned_goodput, 9), -s.per_gpu_goodput, s.num_gpus, s.unit.describe())
 
 
-Job = tuple[Deployment, Trace, SLO, Metric, float]
+Job = tuple[SimDeployment, Trace, SLOConfig, Metric, float]
 
 
 def search_trace(spec: SearchSpec) -> Trace:
@@ -285,12 +285,12 @@ def search_trace(spec: SearchSpec) -> Trace:
     return spec.workload.trace(max(spec.num_requests, MAX_REQUESTS), spec.seed)
 
 
-def job_trace(spec: SearchSpec, dep: Deployment, trace: Trace) -> Trace:
+def job_trace(spec: SearchSpec, dep: SimDeployment, trace: Trace) -> Trace:
     """As much of the search's trace as `dep` needs for steady state."""
     return trace.head(steady_len(dep, trace, spec.num_requests))
 
 
-def _job(spec: SearchSpec, dep: Deployment, trace: Trace, metric: Metric) -> Job:
+def _job(spec: SearchSpec, dep: SimDeployment, trace: Trace, metric: Metric) -> Job:
     trace = job_trace(spec, dep, trace)
     c = spec.cluster
     return dep, trace, spec.slo, metric, hardware_bound(dep, trace, spec.model, c.gpu, c.gpu_for("decode"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.config import ServingConfig
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.goodput import counted
@@ -44,7 +44,7 @@ def _fill_from_plan(args: argparse.Namespace, plan: Plan | None) -> None:
             setattr(args, name, recorded.get(name) if recorded.get(name) is not None else DEFAULTS.get(name))
 
 
-def _planned_spec(args: argparse.Namespace, plan: Plan, slo: SLO) -> SearchSpec | None:
+def _planned_spec(args: argparse.Namespace, plan: Plan, slo: SLOConfig) -> SearchSpec | None:
     """The plan's own hardware and latency source when no flag overrides them."""
     from pdserve.placement.cli import search_spec
 
@@ -81,7 +81,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     cfg, plan = load_serving(args.config)
     _fill_from_plan(args, plan)
-    slo = SLO(ttft_s=cfg.slo.ttft_s, tpot_s=cfg.slo.tpot_s, attainment=cfg.slo.attainment)
+    slo = cfg.slo
     codec = plan.codec if plan else (cfg.kvtransfer.codec if cfg.kvtransfer.codec != "auto" else "raw")
     spec = (_planned_spec(args, plan, slo) if plan else None) or search_spec(
         args, args.model or (plan.planned_for.get("model") if plan else None) or cfg.model, slo, codec=codec)[0]

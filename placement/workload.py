@@ -1,4 +1,4 @@
-"""Workloads for planning: (prompt_len, output_len) pairs, and seeded traces drawn from them.
+"""Workloads for planning: (prompt_len, output_len) pairs (`WorkloadLengths`), and seeded traces drawn from them.
 
 A `Trace` keeps arrival times at rate 1; `arrivals(rate)` scales them by 1/rate, so every rate and
 every candidate of a search sees the same requests in the same order (common random numbers).
@@ -9,19 +9,22 @@ prompt + output < 2048; mean 755.5 / 200.3 tokens).
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdserve.bench.arrivals import arrival_times
 from pdserve.bench.lengths import read_lengths
 from pdserve.bench.workload import WORKLOADS
 
 
 @dataclass(frozen=True)
-class Workload:
+class WorkloadLengths:
+    """A workload reduced to its token lengths: the (prompt_len, output_len) pairs a planning trace
+    resamples. `pdserve bench`'s workloads (real text, `pdserve.bench.workload`) reduce to one
+    through `load_workload`; a lengths file through `load_lengths`."""
+
     name: str
     prompt_lens: tuple[int, ...]
     output_lens: tuple[int, ...]
@@ -40,16 +43,21 @@ class Workload:
     def mean_output_len(self) -> float:
         return sum(self.output_lens) / len(self.output_lens)
 
+    def rescaled(self, mean_prompt_len: float, mean_output_len: float, name: str) -> WorkloadLengths:
+        """Every request stretched by one factor per side so the means become these: the same
+        requests counted in another tokenizer's tokens, when only that tokenizer's means are known
+        (e.g. a paper's statistics). Lengths stay >= 1."""
+        kp, ko = mean_prompt_len / self.mean_prompt_len, mean_output_len / self.mean_output_len
+        return WorkloadLengths(name, tuple(max(1, round(p * kp)) for p in self.prompt_lens),
+                               tuple(max(1, round(o * ko)) for o in self.output_lens))
+
     def trace(self, num_requests: int, seed: int = 0, cv: float = 1.0) -> Trace:
-        """Resample `num_requests` pairs; Gamma inter-arrivals with coefficient of variation `cv`
-        (1.0 = Poisson) at rate 1."""
+        """Resample `num_requests` pairs; arrivals at rate 1 from bench's arrival process
+        (`pdserve.bench.arrivals.arrival_times`: Gamma gaps with coefficient of variation `cv`,
+        1.0 = Poisson), the same process `pdserve bench` sends requests with."""
         rng = random.Random(seed)
         idx = [rng.randrange(len(self.prompt_lens)) for _ in range(num_requests)]
-        shape = 1.0 / (cv * cv)
-        t, times = 0.0, []
-        for _ in range(num_requests):
-            t += rng.gammavariate(shape, 1.0 / shape)
-            times.append(t)
+        times = arrival_times(num_requests, 1.0, cv, seed)
         return Trace(tuple(times), tuple(self.prompt_lens[i] for i in idx), tuple(self.output_lens[i] for i in idx))
 
 
@@ -73,7 +81,7 @@ class Trace:
         return [t * inv for t in self.unit_arrivals]
 
 
-def sharegpt_like(num: int = 20_000, seed: int = 0, max_total_len: int = 2048) -> Workload:
+def sharegpt_like(num: int = 20_000, seed: int = 0, max_total_len: int = 2048) -> WorkloadLengths:
     rng = random.Random(seed)
     prompts: list[int] = []
     outputs: list[int] = []
@@ -83,30 +91,16 @@ def sharegpt_like(num: int = 20_000, seed: int = 0, max_total_len: int = 2048) -
         if p + o < max_total_len:
             prompts.append(p)
             outputs.append(o)
-    return Workload("sharegpt-like", tuple(prompts), tuple(outputs))
+    return WorkloadLengths("sharegpt-like", tuple(prompts), tuple(outputs))
 
 
-def load_lengths(path: str | Path) -> Workload:
-    """bench's lengths file (JSON lines of {"prompt_len", "output_len"}, read by bench's reader),
-    a JSON list of such objects or of [prompt_len, output_len] pairs, or CSV with those two columns."""
-    path = Path(path)
-    text = path.read_text()
-    pairs: list[tuple[int, int]] = []
-    if path.suffix == ".csv":
-        for row in csv.DictReader(text.splitlines()):
-            pairs.append((int(row["prompt_len"]), int(row["output_len"])))
-    elif text.lstrip().startswith("["):
-        for i, row in enumerate(json.loads(text)):
-            try:
-                pairs.append((int(row["prompt_len"]), int(row["output_len"])) if isinstance(row, dict)
-                             else (int(row[0]), int(row[1])))
-            except (KeyError, IndexError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}: entry {i + 1} is not a (prompt_len, output_len) pair ({e!r})") from None
-    else:
-        pairs = [(r.prompt_len, r.output_len) for r in read_lengths(path)]
-    if not pairs:
+def load_lengths(path: str | Path) -> WorkloadLengths:
+    """A lengths file, read by bench's reader (`pdserve.bench.lengths.read_lengths`: JSON lines of
+    {"prompt_len", "output_len"}, a JSON list of such objects or pairs, or CSV with those columns)."""
+    items = read_lengths(path)
+    if not items:
         raise ValueError(f"{path}: no requests")
-    return Workload(path.stem, tuple(p for p, _ in pairs), tuple(o for _, o in pairs))
+    return WorkloadLengths(Path(path).stem, tuple(r.prompt_len for r in items), tuple(r.output_len for r in items))
 
 
 # distinct requests drawn from each of bench's datasets (traces resample them); the long-prompt
@@ -114,7 +108,28 @@ def load_lengths(path: str | Path) -> Workload:
 DATASET_SAMPLES = {"sharegpt": 1000, "humaneval": 164, "longbench": 100}
 
 
-def load_workload(name_or_path: str, tokenizer: str = "smollm2-135m", max_model_len: int = 2048) -> Workload:
+FALLBACK_TOKENIZER = "smollm2-135m"  # ships with pdserve's dependencies, so it is always there
+
+
+def planning_tokenizer(model: str, tokenizer: str | None = None) -> tuple[str, str | None]:
+    """The tokenizer to count a named workload's tokens with, and a note when it is not the planned
+    model's own. Token counts depend on the tokenizer (DistServe's HumanEval is 171 prompt / 98
+    output tokens under OPT's byte-level BPE, which spends a token per indentation space; SmolLM2's
+    merges them: 139 / 59), so planning a model with another model's lengths is said, not silent.
+    `tokenizer` given: it. Else the model's own when pdserve can load it (an HF directory with
+    tokenizer.json, or a model pdserve serves); else FALLBACK_TOKENIZER, with the note."""
+    if tokenizer:
+        return tokenizer, None
+    from pdserve.models import known_models
+
+    path = Path(model).expanduser()
+    if model.lower() in {m.lower() for m in known_models()} or (path / "tokenizer.json").is_file() or path.name == "tokenizer.json":
+        return model, None
+    return FALLBACK_TOKENIZER, (f"{model}'s tokenizer is not available here: workload lengths are counted in "
+                                f"{FALLBACK_TOKENIZER}'s tokens (pass --tokenizer with the model's tokenizer.json)")
+
+
+def load_workload(name_or_path: str, tokenizer: str = FALLBACK_TOKENIZER, max_model_len: int = 2048) -> WorkloadLengths:
     """`sharegpt-like` (offline, fitted to DistServe's ShareGPT statistics), one of bench's
     workloads (`sharegpt`, `humaneval`, `longbench`: real data tokenized with `tokenizer` and
     filtered as `pdserve bench` does), or a lengths file."""
@@ -126,7 +141,7 @@ def load_workload(name_or_path: str, tokenizer: str = "smollm2-135m", max_model_
 
         spec = WorkloadSpec(name_or_path, DATASET_SAMPLES[name_or_path], max_model_len=max_model_len)
         reqs = build_workload(spec, load_tokenizer(tokenizer))
-        return Workload(name_or_path, tuple(r.prompt_len for r in reqs), tuple(r.output_len for r in reqs))
+        return WorkloadLengths(name_or_path, tuple(r.prompt_len for r in reqs), tuple(r.output_len for r in reqs))
     if Path(name_or_path).is_file():
         return load_lengths(name_or_path)
     raise ValueError(f"--workload: {name_or_path!r} is none of sharegpt-like, {', '.join(WORKLOADS)} "

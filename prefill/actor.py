@@ -30,7 +30,7 @@ class PrefillActor(WorkerShell):
             from pdserve.prefill.ranks import build_prefill_rank
 
             return build_prefill_rank(self.cfg, self.worker_id, self.ranks, init_method, self.listen)
-        from pdserve.kvtransfer.connector import make_sender
+        from pdserve.kvtransfer.factories import make_sender
 
         cfg = self.cfg
         torch.set_num_threads(cfg.engine.num_threads)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pdserve.config import ServingConfig
 from pdserve.engine.kv_cache import BlockAllocator
 from pdserve.engine.pipeline import RankLayout
-from pdserve.kvtransfer.connector import KVSender, Listen, make_sender
+from pdserve.kvtransfer.factories import KVSender, Listen, make_sender
 from pdserve.kvtransfer.types import HandleId, KVHandle, KVShard, PeerAddr, Span
 from pdserve.lockstep import LockStep, load_rank_engine, rank_spans
 from pdserve.prefill.worker import PrefillWorker

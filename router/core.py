@@ -35,7 +35,7 @@ from pdserve.router.protocols import (
     RequestFailedError,
     WorkerDeadError,
 )
-from pdserve.types import GenerateRequest, RequestId, StepOutput
+from pdserve.types import GenerateRequest, LatencyBreakdown, RequestId, StepOutput
 
 if TYPE_CHECKING:
     from pdserve.kvtransfer.types import KVHandle
@@ -61,7 +61,7 @@ class _State:
     arrival_s: float
     output_ids: list[int] = field(default_factory=list)
     holders: list[tuple[Pool[Any], str]] = field(default_factory=list)  # every instance given the request
-    worker_timings: dict[str, float] = field(default_factory=dict)  # summed over roles and attempts
+    latency: LatencyBreakdown = field(default_factory=LatencyBreakdown)  # the workers' parts, all roles and attempts
     first_token_s: float | None = None
     finish_reason: str | None = None
     released: bool = False
@@ -214,33 +214,18 @@ class Router:
         return inst
 
     def _emit(self, st: _State, out: StepOutput) -> StepOutput:
-        """Record an output; the worker timings are folded into the breakdown on the last one."""
+        """Record an output; the workers' latency parts are folded into the breakdown on the last one."""
         now = self.clock()
         st.output_ids.extend(out.token_ids)
         if st.first_token_s is None and (out.token_ids or out.finished):
             st.first_token_s = now
-        for k, v in (out.timings or {}).items():
-            st.worker_timings[k] = st.worker_timings.get(k, 0.0) + v
+        if out.latency is not None:
+            st.latency += out.latency
         if not out.finished:
-            return out if out.timings is None else dataclasses.replace(out, timings=None)
+            return out if out.latency is None else dataclasses.replace(out, latency=None)
         st.finish_reason = out.finish_reason
-        return dataclasses.replace(out, timings=self._breakdown(st, now))
-
-    def _breakdown(self, st: _State, now: float) -> dict[str, float]:
-        w = st.worker_timings
-        e2e = now - st.arrival_s
-        # queue_s: all queueing, so the parts sum to e2e; decode_queue_s: its share after the first token
-        queue = w.get("queue_s", 0.0) + w.get("decode_queue_s", 0.0)
-        prefill, transfer = w.get("prefill_s", 0.0), w.get("transfer_s", 0.0)
         ttft = (st.first_token_s or now) - st.arrival_s
-        out = {"queue_s": queue, "prefill_s": prefill, "transfer_s": transfer,
-               "decode_s": max(0.0, e2e - queue - prefill - transfer), "ttft_s": ttft, "e2e_s": e2e}
-        if "decode_queue_s" in w:
-            out["decode_queue_s"] = w["decode_queue_s"]
-        for k in ("transfer_bytes", "kv_recomputed"):  # kv_recomputed: 1.0 when a failed pull was recomputed
-            if k in w:
-                out[k] = w[k]
-        return out
+        return dataclasses.replace(out, latency=st.latency.finalize(ttft, now - st.arrival_s))
 
     def _error(self, st: _State, message: str) -> StepOutput:
         return StepOutput(st.request.request_id, (), finish_reason="error", error=message)
@@ -267,7 +252,7 @@ class Router:
 
 class RequestStream:
     """The outputs of one admitted request. `aclose()` (or leaving `async with`) before the end aborts
-    it on every worker; the last output carries the latency breakdown in `timings`."""
+    it on every worker; the last output carries the request's LatencyBreakdown in `latency`."""
 
     def __init__(self, router: Router, st: _State) -> None:
         self.request_id = st.request.request_id

@@ -15,11 +15,12 @@ from prometheus_client.registry import Collector
 
 from pdserve.router.core import Router
 from pdserve.router.vllm_metrics import VllmGauges, VllmMetrics
+from pdserve.types import LatencyBreakdown
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds; wide because CPU instances are slow and GPU ones fast.
 _LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-# breakdown key prefix -> metric name
+# breakdown phase -> metric name
 _BREAKDOWN = {"queue": "queue", "prefill": "prefill", "transfer": "kv_transfer", "decode": "decode"}
 
 
@@ -51,25 +52,24 @@ class RouterMetrics:
                 r.register(VllmGauges(model_name, lambda: _instance_rows(router)))
 
     def observe_finish(self, finish_reason: str, num_prompt: int, num_output: int,
-                       timings: dict[str, float] | None) -> None:
+                       latency: LatencyBreakdown | None) -> None:
         if self.vllm is not None:
-            self.vllm.observe_finish(finish_reason, num_prompt, num_output, timings)
+            self.vllm.observe_finish(finish_reason, num_prompt, num_output, latency)
         self.requests.labels(finish_reason).inc()
         self.prompt_tokens.inc(num_prompt)
         self.generation_tokens.inc(num_output)
-        if not timings or finish_reason == "error":
+        if latency is None or finish_reason == "error":
             return
-        for p in _BREAKDOWN:
-            self.phase[p].observe(timings.get(f"{p}_s", 0.0))
-        decode_queue = timings.get("decode_queue_s")  # queue_s is both queues when the KV was pulled
-        self.phase_queue.labels("prefill").observe(max(0.0, timings.get("queue_s", 0.0) - (decode_queue or 0.0)))
-        if decode_queue is not None:
-            self.phase_queue.labels("decode").observe(decode_queue)
-        self.ttft.observe(timings["ttft_s"])
-        self.e2e.observe(timings["e2e_s"])
+        for phase, seconds in latency.phases().items():
+            self.phase[phase].observe(seconds)
+        self.phase_queue.labels("prefill").observe(latency.prefill_queue_s)
+        if latency.decode_queue_s is not None:  # the KV was pulled: the decode pool's wait
+            self.phase_queue.labels("decode").observe(latency.decode_queue_s)
+        self.ttft.observe(latency.ttft_s)
+        self.e2e.observe(latency.e2e_s)
         if num_output > 1:
-            self.tpot.observe((timings["e2e_s"] - timings["ttft_s"]) / (num_output - 1))
-        self.transfer_bytes.inc(timings.get("transfer_bytes", 0.0))
+            self.tpot.observe((latency.e2e_s - latency.ttft_s) / (num_output - 1))
+        self.transfer_bytes.inc(latency.transfer_bytes or 0)
 
     def observe_gap(self, gap_s: float, num_tokens: int) -> None:
         for _ in range(max(1, num_tokens)):

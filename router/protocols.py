@@ -88,7 +88,7 @@ class DecodeClient(Protocol):
         failure). `req.output_token_ids` holds every token the client has already received (in
         disaggregated mode, at least the first token from prefill); the instance continues after
         them and never emits them again, and `max_tokens` counts them. The first output carries
-        `timings` ({"decode_queue_s", "transfer_s"[, "transfer_bytes"]} or {"queue_s", "prefill_s"}).
+        the instance's part of the request's `latency` (a LatencyBreakdown: its pull, or its prefill).
         Iteration raises `WorkerDeadError` if the instance dies, at any point, including before the
         first output. Closing the iterator early does not abort the request: call `abort`.
         """

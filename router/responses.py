@@ -1,8 +1,8 @@
 """OpenAI response bodies and SSE chunks for completions and chat, built from the router's outputs.
 
 Extensions: the final streamed chunk (the one with `finish_reason`) carries `pdserve_timings`, the
-per-request latency breakdown in seconds; non-streaming responses carry it in the
-`x-pdserve-timings` header (`format_timings`).
+per-request LatencyBreakdown as JSON (`timings_json`, seconds); non-streaming responses carry it
+in the `x-pdserve-timings` header (`format_timings`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.router.openai_api import Kind
+from pdserve.types import LatencyBreakdown
 
 TIMINGS_HEADER = "x-pdserve-timings"
 TIMINGS_FIELD = "pdserve_timings"
@@ -69,6 +70,11 @@ def sse(obj: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def format_timings(timings: dict[str, float]) -> str:
-    """`queue_s=0.0012, prefill_s=0.0840, ...` for the response header."""
-    return ", ".join(f"{k}={v:.6g}" for k, v in timings.items())
+def timings_json(latency: LatencyBreakdown | None) -> dict[str, float] | None:
+    """The `pdserve_timings` object of a final chunk (LatencyBreakdown.to_json), None without one."""
+    return None if latency is None else latency.to_json()
+
+
+def format_timings(latency: LatencyBreakdown | None) -> str:
+    """`queue_s=0.0012, prefill_s=0.0840, ...` for the response header (empty without a breakdown)."""
+    return ", ".join(f"{k}={v:.6g}" for k, v in (timings_json(latency) or {}).items())

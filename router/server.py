@@ -30,8 +30,9 @@ from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from pdserve.router.protocols import InvalidRequestError
 from pdserve.router.openai_api import ApiError, ChatTokenizer, Kind, ModelCard, load_body, parse
 from pdserve.router.openapi import MODELS_RESPONSE, deployment_shape, generation_route
-from pdserve.router.responses import SSE_DONE, TIMINGS_FIELD, TIMINGS_HEADER, ResponseBuilder, format_timings, sse
-from pdserve.types import GenerateRequest, RequestId, StepOutput
+from pdserve.router.responses import (SSE_DONE, TIMINGS_FIELD, TIMINGS_HEADER, ResponseBuilder, format_timings, sse,
+                                      timings_json)
+from pdserve.types import GenerateRequest, LatencyBreakdown, RequestId, StepOutput
 
 MAX_BODY_BYTES = 16 << 20
 
@@ -57,12 +58,12 @@ class _Tally:
         self.parts.append(out.text)
         self.num_output += len(out.token_ids)
         if out.finished:
-            self.finish(out.finish_reason or "error", out.timings)
+            self.finish(out.finish_reason or "error", out.latency)
 
-    def finish(self, reason: str, timings: dict[str, float] | None = None) -> None:
+    def finish(self, reason: str, latency: LatencyBreakdown | None = None) -> None:
         if not self.done:
             self.done = True
-            self.metrics.observe_finish(reason, self.num_prompt, self.num_output, timings)
+            self.metrics.observe_finish(reason, self.num_prompt, self.num_output, latency)
 
 
 def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, card: ModelCard | None = None,
@@ -208,7 +209,7 @@ async def _events(stream: RequestStream, b: ResponseBuilder, tally: _Tally, dead
                 yield sse(_failed(out).body())
                 break
             if out.finished:
-                extra = {TIMINGS_FIELD: out.timings} | ({"usage": None} if include_usage else {})
+                extra = {TIMINGS_FIELD: timings_json(out.latency)} | ({"usage": None} if include_usage else {})
                 yield b.chunk(out.text or (None if chat else ""), out.finish_reason, extra=extra)
                 if include_usage:
                     yield b.usage_chunk(tally.num_output)
@@ -263,7 +264,7 @@ async def _complete(request: Request, stream: RequestStream, b: ResponseBuilder,
     if out is None or out.finish_reason in ("error", "abort"):
         raise _failed(out or StepOutput(stream.request_id, (), finish_reason="error", error="stream ended early"))
     body = b.response("".join(tally.parts), out.finish_reason or "stop", tally.num_output)
-    return JSONResponse(body, headers={TIMINGS_HEADER: format_timings(out.timings or {})})
+    return JSONResponse(body, headers={TIMINGS_HEADER: format_timings(out.latency)})
 
 
 async def _disconnected(request: Request) -> None:

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pdserve.types import LatencyBreakdown
+
 # Seconds; vLLM's own TTFT/ITL buckets are finer at the low end, ours also reach CPU latencies.
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
             20.0, 40.0, 80.0, 160.0)
@@ -48,19 +50,20 @@ class VllmMetrics:
                                ["model_name", "finished_reason"], registry=registry)
 
     def observe_finish(self, finish_reason: str, num_prompt: int, num_output: int,
-                       timings: dict[str, float] | None) -> None:
+                       latency: LatencyBreakdown | None) -> None:
         self.prompt_tokens.inc(num_prompt)
         self.generation_tokens.inc(num_output)
         if finish_reason in ("stop", "length"):
             self.success.labels(self.model_name, finish_reason).inc()
-        if not timings or finish_reason == "error":
+        if latency is None or finish_reason == "error":
             return
+        seconds = latency.phases()
         for key, h in self.phase.items():
-            h.observe(timings.get(f"{key}_s", 0.0))
-        self.ttft.observe(timings["ttft_s"])
-        self.e2e.observe(timings["e2e_s"])
+            h.observe(seconds[key])
+        self.ttft.observe(latency.ttft_s)
+        self.e2e.observe(latency.e2e_s)
         if num_output > 1:
-            self.request_tpot.observe((timings["e2e_s"] - timings["ttft_s"]) / (num_output - 1))
+            self.request_tpot.observe((latency.e2e_s - latency.ttft_s) / (num_output - 1))
 
     def observe_token_gap(self, gap_s: float) -> None:
         self.itl.observe(gap_s)

@@ -38,9 +38,12 @@ def test_rank0_exiting_first_stops_its_followers_cleanly() -> None:
 
 
 def test_both_ranks_exiting_together_exit_cleanly() -> None:
-    (rc0, out0, _), (rc1, out1, _) = _ranks(linger_s=(1.0, 1.0))
-    assert (rc0, rc1) == (0, 0) or ("a rank of this instance left it" in out0 and rc1 == 0), out0 + out1
-    assert "Connection closed by peer" not in out0 + out1, out0 + out1
+    """A race (either may leave first): 3 tries. Before, a try aborted now and then ("terminate called
+    without an active exception", -6: gloo's threads torn down in finalization) or died in gloo."""
+    for _ in range(3):
+        (rc0, out0, _), (rc1, out1, _) = _ranks(linger_s=(1.0, 1.0))
+        assert (rc0, rc1) == (0, 0) or ("a rank of this instance left it" in out0 and rc1 == 0), out0 + out1
+        assert "Connection closed by peer" not in out0 + out1, out0 + out1
 
 
 def test_a_follower_exiting_first_fails_rank0_by_design() -> None:

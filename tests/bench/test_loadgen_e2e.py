@@ -149,18 +149,18 @@ def test_quick_benchmark_calibrates_slos_and_prints_goodput(fake_server, tokeniz
 
 @pytest.mark.parametrize("fake_server", [SLOW_PREFILL], indirect=True)
 def test_quick_benchmark_derives_its_rates_and_extends_past_either_end(fake_server, tokenizer_dir: Path) -> None:
-    from pdserve.bench.metrics import SLO
+    from pdserve.config import SLOConfig
 
     lines: list[str] = []
     result = quick_benchmark(fake_server.url, tokenizer=str(tokenizer_dir), num_requests=6,
-                             slo=SLO(10.0, 10.0), log=lines.append)
+                             slo=SLOConfig(10.0, 10.0), log=lines.append)
     rates = [s.rate for _, s in result.points]  # 0.5x, 1x, 2x the one-at-a-time rate, then twice the highest
     assert len(rates) == 4 and rates[1] == pytest.approx(2 * rates[0], rel=0.01) == rates[2] / 2
     assert rates[3] == pytest.approx(2 * rates[2])  # the loose SLO was met even at 2x: one more point above
     assert any(line.startswith("rates:") for line in lines)
     assert result.goodput.bracket == "above_range" and result.config.gpus == 1.0  # echo server: no deployment
     impossible = quick_benchmark(fake_server.url, tokenizer=str(tokenizer_dir), num_requests=4,
-                                 slo=SLO(1e-4, 1e-4), log=lines.append)
+                                 slo=SLOConfig(1e-4, 1e-4), log=lines.append)
     low, *derived = [s.rate for _, s in impossible.points]  # one more point, at half the lowest derived
     assert len(derived) == 3 and low == pytest.approx(derived[0] / 2)
     assert impossible.goodput.bracket == "below_range" and impossible.goodput.lowest_rate == low
@@ -179,23 +179,24 @@ def test_client_queueing_is_kept_out_of_latency(fake_server) -> None:
 
 @pytest.mark.parametrize("fake_server", [EchoConfig(prefill_s=0.01, token_gap_s=0.001)], indirect=True)
 def test_a_servers_latency_breakdown_is_kept(fake_server) -> None:
-    from pdserve.bench.metrics import SLO, summarize
+    from pdserve.bench.metrics import summarize
+    from pdserve.config import SLOConfig
 
     work = [WorkloadRequest("hello", 1, 3), WorkloadRequest("bye", 1, 5)]
     result = asyncio.run(run_load(Endpoint(fake_server.url), work, LoadConfig(rate=100.0, progress=False)))
     assert result.records[1].server_timings == pytest.approx({"prefill_s": 0.01, "decode_s": 0.004})
-    mean = summarize(result.records, SLO(1, 1), 100.0, result.duration_s).server_timings_mean
+    mean = summarize(result.records, SLOConfig(1, 1), 100.0, result.duration_s).server_timings_mean
     assert mean == pytest.approx({"prefill_s": 0.01, "decode_s": 0.003})
 
 
 def test_run_rates_calls_back_after_the_warm_up_and_each_point(fake_server, tokenizer_dir: Path) -> None:
-    from pdserve.bench.metrics import SLO
     from pdserve.bench.runner import BenchConfig, run_rates
     from pdserve.bench.tokenizer import load_tokenizer
     from pdserve.bench.workload import WorkloadSpec, build_workload
+    from pdserve.config import SLOConfig
 
     workload = build_workload(WorkloadSpec("humaneval", 6, max_output_len=4), load_tokenizer(str(tokenizer_dir)))
-    cfg = BenchConfig(Endpoint(fake_server.url), SLO(1.0, 1.0), load=LoadConfig(rate=1.0, progress=False), warmup=1)
+    cfg = BenchConfig(Endpoint(fake_server.url), SLOConfig(1.0, 1.0), load=LoadConfig(rate=1.0, progress=False), warmup=1)
     seen: list[tuple[float | None, int]] = []  # (rate, requests the server had seen by then)
     result = run_rates(cfg, workload, [1000, 50], log=lambda _: None,
                        after=lambda rate: seen.append((rate, len(fake_server.config.seen))))

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.bench.metrics import SLO
+from pdserve.bench.metrics import describe_slo
 from pdserve.bench.plots import plot_slo_scale, slo_scale_span
+from pdserve.config import SLOConfig
 
 
 def test_slo_scale_span_frames_the_moving_part_and_scale_one() -> None:
@@ -30,7 +31,7 @@ def test_slo_scale_plot_is_written_with_its_slos_in_the_title(tmp_path: Path, mo
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
-    sub = SLO(0.25, 0.05).describe(scale=0.5)
+    sub = describe_slo(SLOConfig(0.25, 0.05), scale=0.5)
     path = plot_slo_scale([("a", [(1.0, 1.0), (0.5, 0.2)])], 0.9, tmp_path / "s.png", subtitle=sub)
     assert path.stat().st_size > 1000
     assert titles == ["Attainment as the SLOs tighten\nTTFT <= 250 ms, TPOT <= 50 ms for 90% (SLO scale 0.5x)"]

@@ -8,8 +8,9 @@ import math
 import pytest
 
 from pdserve.bench.goodput import goodput_from_curve, slo_scale_curve
-from pdserve.bench.metrics import SLO, attainment, meets, min_slo_scale, slo_scale_needed, summarize
+from pdserve.bench.metrics import attainment, meets, min_slo_scale, slo_scale_needed, summarize
 from pdserve.bench.record import RequestRecord
+from pdserve.config import SLOConfig
 
 
 def rec(ttft: float | None, e2e: float | None, tokens: int, ok: bool = True, wanted: int | None = None) -> RequestRecord:
@@ -25,15 +26,15 @@ def test_tpot_is_decode_time_over_tokens_after_the_first() -> None:
 def test_one_output_token_has_no_tpot_and_meets_any_tpot_slo() -> None:
     one = rec(0.1, 0.1, 1)
     assert one.tpot_s is None
-    assert meets(one, SLO(ttft_s=0.2, tpot_s=1e-9))
-    assert not meets(one, SLO(ttft_s=0.05, tpot_s=1.0))
-    assert slo_scale_needed(one, SLO(0.2, 0.01)) == pytest.approx(0.5)
-    s = summarize([one, rec(0.1, 0.5, 5)], SLO(1, 1), rate=1.0, duration_s=1.0)
+    assert meets(one, SLOConfig(ttft_s=0.2, tpot_s=1e-9))
+    assert not meets(one, SLOConfig(ttft_s=0.05, tpot_s=1.0))
+    assert slo_scale_needed(one, SLOConfig(0.2, 0.01)) == pytest.approx(0.5)
+    s = summarize([one, rec(0.1, 0.5, 5)], SLOConfig(1, 1), rate=1.0, duration_s=1.0)
     assert s.tpot_s["mean"] == pytest.approx(0.1)  # only the 5-token request has a TPOT
 
 
 def test_joint_attainment_needs_both_slos() -> None:
-    slo = SLO(ttft_s=0.2, tpot_s=0.05)
+    slo = SLOConfig(ttft_s=0.2, tpot_s=0.05)
     trace = [rec(0.1, 0.26, 5),  # both ok (tpot 0.04)
              rec(0.3, 0.36, 3),  # ttft miss
              rec(0.1, 1.1, 11),  # tpot 0.1 miss
@@ -46,29 +47,29 @@ def test_joint_attainment_needs_both_slos() -> None:
 
 
 def test_failed_requests_are_misses_and_stay_in_the_denominator() -> None:
-    slo = SLO(1.0, 1.0)
+    slo = SLOConfig(1.0, 1.0)
     trace = [rec(0.1, 0.2, 3)] * 3 + [rec(None, None, 0, ok=False), rec(0.1, 0.2, 3, ok=False)]
     s = summarize(trace, slo, rate=1.0, duration_s=5.0)
     assert (s.num_requests, s.num_ok, s.num_failed) == (5, 3, 2)
     assert s.attainment == pytest.approx(0.6)
     assert s.ttft_s["p50"] == pytest.approx(0.1)  # latencies only over completed requests
     assert math.isinf(slo_scale_needed(trace[-1], slo))
-    assert math.isinf(min_slo_scale(trace, SLO(1.0, 1.0, attainment=0.9)))  # 2 of 5 failed
-    assert min_slo_scale(trace, SLO(1.0, 1.0, attainment=0.6)) == pytest.approx(0.1)
+    assert math.isinf(min_slo_scale(trace, SLOConfig(1.0, 1.0, attainment=0.9)))  # 2 of 5 failed
+    assert min_slo_scale(trace, SLOConfig(1.0, 1.0, attainment=0.6)) == pytest.approx(0.1)
 
 
 def test_all_failed_run_has_no_latencies() -> None:
-    s = summarize([rec(None, None, 0, ok=False)] * 4, SLO(1, 1), rate=1.0, duration_s=1.0)
+    s = summarize([rec(None, None, 0, ok=False)] * 4, SLOConfig(1, 1), rate=1.0, duration_s=1.0)
     assert s.attainment == 0 and s.num_failed == 4 and s.ttft_s["p90"] is None
 
 
 def test_short_responses_are_flagged() -> None:
-    s = summarize([rec(0.1, 0.2, 3, wanted=8), rec(0.1, 0.2, 8)], SLO(1, 1), rate=1.0, duration_s=1.0)
+    s = summarize([rec(0.1, 0.2, 3, wanted=8), rec(0.1, 0.2, 8)], SLOConfig(1, 1), rate=1.0, duration_s=1.0)
     assert s.num_short == 1
 
 
 def test_min_slo_scale_is_the_target_quantile_of_needed_scales() -> None:
-    slo = SLO(ttft_s=1.0, tpot_s=0.1, attainment=0.8)
+    slo = SLOConfig(ttft_s=1.0, tpot_s=0.1, attainment=0.8)
     # needed scales: max(ttft/1, tpot/0.1) = 0.5, 0.2, 1.0, 0.3, 2.0
     trace = [rec(0.5, 0.5, 1), rec(0.1, 0.3, 11), rec(0.2, 1.2, 11), rec(0.3, 0.3, 1), rec(2.0, 2.0, 1)]
     assert [slo_scale_needed(r, slo) for r in trace] == pytest.approx([0.5, 0.2, 1.0, 0.3, 2.0])

@@ -143,3 +143,16 @@ def test_cutter_reads_further_into_dense_texts() -> None:
     cutter.sources, cutter._lens = ["=" * 50_000], [50_000]
     assert cutter.cut(1000) == ("y" * 20_000, 1000)  # needs 20k chars, more than the first 8k read
     assert cutter.cut(5000)[1] == 5000  # longer than any text: texts are concatenated
+
+
+def test_lengths_file_also_reads_a_json_list_and_csv(tmp_path: Path) -> None:
+    (tmp_path / "l.json").write_text('[{"prompt_len": 5, "output_len": 7}, [9, 1]]')
+    (tmp_path / "l.csv").write_text("prompt_len,output_len\n5,7\n12,3\n")
+    assert read_lengths(tmp_path / "l.json") == [RequestLengths(5, 7), RequestLengths(9, 1)]
+    assert read_lengths(tmp_path / "l.csv") == [RequestLengths(5, 7), RequestLengths(12, 3)]
+    (tmp_path / "bad.json").write_text('[[5, 7], [9]]')
+    with pytest.raises(ValueError, match=r"bad.json: entry 2"):
+        read_lengths(tmp_path / "bad.json")
+    (tmp_path / "bad.csv").write_text("prompt_len,output_len\n5,7\n0,3\n")
+    with pytest.raises(ValueError, match=r"bad.csv:3"):
+        read_lengths(tmp_path / "bad.csv")

@@ -20,9 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdserve.config import EngineConfig, KVTransferConfig
+from pdserve.decode.scheduler import DecodeOptions
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.engine.request import Request, append_token
+from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams, StepOutput
 from tests.conftest import TINY
@@ -54,12 +56,12 @@ class Deployment:
 
     def __init__(self, model: Path) -> None:
         cfg = EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.02, max_model_len=256)
-        self.colocated = DecodeWorker(Engine.from_config(str(model), cfg), "prefill_priority", 16, 2048)
+        self.colocated = DecodeWorker(Engine.from_config(str(model), cfg), DecodeOptions("prefill_priority", 16, 2048))
         pe, de = Engine.from_config(str(model), cfg), Engine.from_config(str(model), cfg)
         kv = KVTransferConfig(transport="loopback", codec="raw", timeout_s=10)
         self.sender, self.receiver = make_sender(kv, pe.pool, pe.allocator, listen=LOCAL), make_receiver(kv, de.pool, listen=LOCAL)
         self.prefill = PrefillWorker(pe, 16, 2048, self.sender)
-        self.decode = DecodeWorker(de, "decode", 16, 2048, receiver=self.receiver)
+        self.decode = DecodeWorker(de, DecodeOptions("decode", 16, 2048), receiver=self.receiver)
         self.tokenizer = pe.tokenizer
 
     def close(self) -> None:
@@ -163,9 +165,10 @@ def test_disaggregated_equals_colocated(deployment: Deployment, case: tuple, dat
 def test_handoff_of_any_token_sequence(deployment: Deployment, text: str, data: st.DataObject) -> None:
     """The stop and length rules and the detokenizer at the handoff, for token sequences a random
     model rarely samples: the tokens of real text (an emoji is several byte tokens, so characters
-    split at the handoff often), fed through the engines' own `_append` as if sampled. Colocated:
-    one engine appends all; disaggregated: the prefill engine appends the first, the decode engine
-    takes the request with it (as the router hands it over) and appends the rest."""
+    split at the handoff often), fed through `append_token` (what both schedulers' `update` runs)
+    as if sampled, with each engine's EOS ids and length. Colocated: one engine appends all;
+    disaggregated: the prefill engine appends the first, the decode engine takes the request with
+    it (as the router hands it over) and appends the rest."""
     tok = deployment.tokenizer
     prompt, outputs = tok.encode(data.draw(st.text(ALPHABET, min_size=1, max_size=8))), tok.encode(text)
     start = data.draw(st.integers(0, len(text) - 1))
@@ -185,10 +188,10 @@ def test_handoff_of_any_token_sequence(deployment: Deployment, text: str, data: 
     assert got == expected
 
 
-def _append_all(engine: Engine, r: object, tokens: list[int]) -> list[tuple[tuple[int, ...], str, str | None]]:
+def _append_all(engine: Engine, r: Request, tokens: list[int]) -> list[tuple[tuple[int, ...], str, str | None]]:
     out = []
     for t in tokens:
-        out.append(_delta(engine._append(r, t)))
+        out.append(_delta(append_token(r, t, engine.eos_token_ids, engine.max_model_len)))
         if r.finished:
             break
     return out

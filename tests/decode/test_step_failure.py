@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from pdserve.config import EngineConfig, KVTransferConfig
-from pdserve.kvtransfer.connector import make_sender
+from pdserve.decode.scheduler import DecodeOptions
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.engine.sampler import sample
+from pdserve.kvtransfer.factories import make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 from tests.net import LOCAL
@@ -40,7 +41,7 @@ def _poison_execute(engine: Engine, poison: str) -> None:
 def test_decode_step_failure_fails_its_batch_and_the_worker_serves_on(tiny_llama_dir: Path) -> None:
     engine = _engine(tiny_llama_dir)
     _poison_execute(engine, "bad")
-    worker = DecodeWorker(engine, "prefill_priority", 8, 256)
+    worker = DecodeWorker(engine, DecodeOptions("prefill_priority", 8, 256))
     for rid in ("good", "bad"):
         worker.submit(GenerateRequest(RequestId(rid), (5, 6, 7), PARAMS))
     outs = worker.step()  # both prompts run in one batch, which raises

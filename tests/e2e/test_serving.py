@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.config import EngineConfig, RouterConfig, ServingConfig
+from pdserve.placement.steps import step_kind
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -101,10 +102,10 @@ def test_step_logs_hold_every_step_the_instances_ran(deployment: Any) -> None:
     assert set(after) == set(before) == {*deployment.prefill, *deployment.decode}
     new = [s for first, steps in after.values() for s in steps]
     assert all(first == cursor[w] for w, (first, _) in after.items())  # nothing dropped, nothing repeated
-    kinds = [s.kind for s in new]
+    kinds = [step_kind(s) for s in new]
     # one prompt prefilled once (here or on the prefill instance), then 4 decode steps of one sequence
     assert kinds.count("prefill") == 1 and kinds.count("decode") == 4 and len(new) == 5
-    (pre,) = [s for s in new if s.kind == "prefill"]
+    (pre,) = [s for s, k in zip(new, kinds) if k == "prefill"]
     assert pre.cached_tokens == (0,) and pre.new_tokens[0] > 3
     assert all(s.duration_s > 0 for s in new)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pdserve.config import EngineConfig
+from pdserve.decode.scheduler import DecodeOptions
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.attention import StaticDecode, build_metadata, paged_attention, static_decode_attention
 from pdserve.engine.batch import Chunk
@@ -74,7 +75,7 @@ def test_static_decode_attention_matches_reference(h_q: int, h_kv: int) -> None:
 
 
 def _run(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
-    worker = DecodeWorker(engine, "prefill_priority", max_num_seqs=64, max_num_batched_tokens=2048)  # type: ignore[arg-type]
+    worker = DecodeWorker(engine, DecodeOptions("prefill_priority", max_num_seqs=64, max_num_batched_tokens=2048))
     for i, p in enumerate(prompts):
         worker.submit(GenerateRequest(RequestId(f"g{i}"), tuple(p), GREEDY))
     out: dict[str, list[int]] = {f"g{i}": [] for i in range(len(prompts))}

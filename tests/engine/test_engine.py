@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from pdserve.config import EngineConfig
+from pdserve.decode.scheduler import DecodeOptions
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.batch import Batch, Chunk
 from pdserve.engine.engine import Engine
-from pdserve.engine.request import RequestStatus
+from pdserve.engine.request import RequestStatus, append_token
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -25,7 +26,8 @@ def _engine(path, block_size: int = 4) -> Engine:
 
 def _generate(engine: Engine, prompts: list[list[int]], params: SamplingParams = GREEDY,
               policy: str = "prefill_priority", budget: int = 2048, stats: dict | None = None) -> list[list[int]]:
-    worker = DecodeWorker(engine, policy, max_num_seqs=64, max_num_batched_tokens=budget)  # type: ignore[arg-type]
+    options = DecodeOptions(policy, max_num_seqs=64, max_num_batched_tokens=budget)  # type: ignore[arg-type]
+    worker = DecodeWorker(engine, options)
     out = worker.run_to_completion([GenerateRequest(RequestId(f"r{i}"), tuple(p), params)
                                     for i, p in enumerate(prompts)])
     engine.allocator.check_integrity()
@@ -139,5 +141,9 @@ def test_mixed_batch_of_prefill_chunk_and_decodes(tiny_llama) -> None:
             n = min(r.num_uncomputed_tokens, rng.randint(1, 7))
             assert engine.ensure_blocks(r, r.num_computed_tokens + n)
             chunks.append(Chunk(r, n))
-        engine.step(Batch(tuple(chunks)))
+        for r, token in engine.step(Batch(tuple(chunks))):  # the engine samples; the caller appends and stops
+            append_token(r, token, engine.eos_token_ids, engine.max_model_len)
+            if r.finished:
+                engine.free(r)
     assert [r.output_token_ids for r in reqs] == alone
+    assert engine.allocator.num_used == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 from pdserve.engine.step_log import StepLog
+from pdserve.placement.steps import step_kind
 from pdserve.types import StepRecord
 from tests.engine.test_engine import PROMPTS, _engine, _generate
 
@@ -20,15 +21,6 @@ def test_keeps_the_last_steps_numbered_since_start() -> None:
     assert log.since(5) == (5, [])
 
 
-def test_kind_and_json_round_trip() -> None:
-    prefill = StepRecord(1.0, 0.2, (5, 3), (0, 0))
-    decode = StepRecord(1.0, 0.05, (1, 1), (9, 30))
-    mixed = StepRecord(1.0, 0.1, (1, 8), (9, 0))
-    chunk = StepRecord(1.0, 0.1, (8,), (16,))  # a later chunk of one prompt attends to its cached part
-    assert [r.kind for r in (prefill, decode, mixed, chunk)] == ["prefill", "decode", "mixed", "mixed"]
-    assert all(StepRecord.from_json(r.to_json()) == r for r in (prefill, decode, mixed))
-
-
 def test_engine_logs_every_step_it_runs(tiny_llama) -> None:
     path, _ = tiny_llama
     engine = _engine(path)
@@ -38,7 +30,7 @@ def test_engine_logs_every_step_it_runs(tiny_llama) -> None:
     assert first == 0 and len(steps) == engine.num_steps and stats["preemptions"] == 0
     # every prompt token and every sampled token but the last passes through one forward, once
     assert sum(sum(s.new_tokens) for s in steps) == sum(len(p) + 16 - 1 for p in PROMPTS)
-    assert {s.kind for s in steps} == {"prefill", "mixed", "decode"}
+    assert {step_kind(s) for s in steps} == {"prefill", "mixed", "decode"}
     assert steps[0].cached_tokens == (0, 0, 0) and steps[0].new_tokens == (5, 2, 1)
     assert all(s.duration_s > 0 for s in steps)
     assert all(a.start_s + a.duration_s <= b.start_s + 1e-5 for a, b in itertools.pairwise(steps))

@@ -36,9 +36,10 @@ def requests() -> list[GenerateRequest]:
 
 def generate(engine: Engine, reqs: list[GenerateRequest]) -> dict[str, list[int]]:
     """Run the colocated serving scheduler until every request finishes; no blocks may leak."""
+    from pdserve.decode.scheduler import DecodeOptions
     from pdserve.decode.worker import DecodeWorker
 
-    worker = DecodeWorker(engine, "prefill_priority", max_num_seqs=64, max_num_batched_tokens=2048)
+    worker = DecodeWorker(engine, DecodeOptions("prefill_priority", max_num_seqs=64, max_num_batched_tokens=2048))
     out = dict(zip([r.request_id for r in reqs], worker.run_to_completion(reqs)))
     engine.allocator.check_integrity()
     assert engine.allocator.num_used == 0, "blocks leaked"

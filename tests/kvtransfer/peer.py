@@ -34,7 +34,7 @@ def serve(conn: Connection) -> None:
     from pdserve.kvtransfer.transport_torch import TorchTransport
     from tests.net import LOCAL
 
-    t = TorchTransport(LOCAL, pair_timeout_s=30)
+    t = TorchTransport(LOCAL, pair_timeout_s=30).start()
     lock = threading.Lock()
     conn.send(t.endpoint())
 

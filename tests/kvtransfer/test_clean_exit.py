@@ -38,7 +38,7 @@ from tests.net import LOCAL  # after the guard: it imports pdserve
 """
 
 _TWO_ENDS = """
-from pdserve.kvtransfer.connector import make_transport
+from pdserve.kvtransfer.factories import make_transport
 from pdserve.kvtransfer.types import TransferId
 release = threading.Event()
 
@@ -48,7 +48,7 @@ def blocking_source():
     release.wait()
     yield b"y"
 
-rx, tx = make_transport(NAME, LOCAL, pair_timeout_s=1.5), make_transport(NAME, LOCAL, pair_timeout_s=1.5)
+rx, tx = make_transport(NAME, LOCAL, pair_timeout_s=1.5).start(), make_transport(NAME, LOCAL, pair_timeout_s=1.5).start()
 info = rx.connect_info(tx.endpoint())
 """
 
@@ -65,7 +65,7 @@ _IN_FLIGHT = """
 CASES = {
     "torch_pair_never_joined": ("", """
         from pdserve.kvtransfer.transport_torch import TorchTransport
-        t = TorchTransport(LOCAL, pair_timeout_s=1.0)
+        t = TorchTransport(LOCAL, pair_timeout_s=1.0).start()
         t.connect_info("a-sender-that-never-comes")
     """),
     "torch_transfer_in_flight": ("NAME = 'torch'\n" + _TWO_ENDS, _IN_FLIGHT),
@@ -80,9 +80,10 @@ CASES = {
 _DEPLOYMENT = """
 import torch
 from pdserve.config import EngineConfig, KVTransferConfig
+from pdserve.decode.scheduler import DecodeOptions
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.steploop import StepLoop
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
@@ -92,7 +93,7 @@ cfg = EngineConfig(device="cpu", block_size=8, kv_cache_memory_gb=0.01, max_mode
 pe, de = Engine.from_config(MODEL, cfg), Engine.from_config(MODEL, cfg)
 kv = KVTransferConfig(transport=NAME, codec="raw", timeout_s=5)
 prefill = PrefillWorker(pe, 8, 256, make_sender(kv, pe.pool, pe.allocator, listen=LOCAL))
-decode = DecodeWorker(de, "decode", 8, 256, receiver=make_receiver(kv, de.pool, listen=LOCAL))
+decode = DecodeWorker(de, DecodeOptions("decode", 8, 256), receiver=make_receiver(kv, de.pool, listen=LOCAL))
 params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 outputs = []
 for i in range(3):

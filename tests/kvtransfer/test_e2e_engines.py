@@ -12,8 +12,8 @@ import torch
 from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.engine.batch import Batch, Chunk
 from pdserve.engine.engine import Engine
-from pdserve.engine.request import Request, RequestStatus
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.engine.request import Request, RequestStatus, append_token
+from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.kvtransfer.types import TransferStatus
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 from tests.net import LOCAL
@@ -32,12 +32,17 @@ def _run(engine: Engine, req: Request) -> list[int]:
     req.status = RequestStatus.RUNNING
     while not req.finished:
         assert engine.ensure_blocks(req, req.num_tokens)
-        engine.step(Batch((Chunk(req, req.num_uncomputed_tokens),)))
+        for r, token in engine.step(Batch((Chunk(req, req.num_uncomputed_tokens),))):
+            append_token(r, token, engine.eos_token_ids, engine.max_model_len)
+    engine.free(req)
     return list(req.output_token_ids)
 
 
 def _disaggregated(prefill: Engine, decode: Engine, prompt: list[int], transport: str) -> list[int]:
-    cfg = KVTransferConfig(transport=transport, codec="raw", timeout_s=20)
+    """`transport` "torch-bytes": the torch transport with its tensor lane off (wire bytes over gloo);
+    plain "torch" on these CPU pools moves each layer's KV as tensors over the pair's gloo lane."""
+    name, lane = ("torch", "off") if transport == "torch-bytes" else (transport, "auto")
+    cfg = KVTransferConfig(transport=name, codec="raw", timeout_s=20, tensor_lane=lane)  # type: ignore[arg-type]
     tx, rx = make_sender(cfg, prefill.pool, prefill.allocator, listen=LOCAL), make_receiver(cfg, decode.pool, listen=LOCAL)
     try:
         req = prefill.add_request(GenerateRequest(RequestId("p"), tuple(prompt), GREEDY))
@@ -49,6 +54,7 @@ def _disaggregated(prefill: Engine, decode: Engine, prompt: list[int], transport
         assert decode.ensure_blocks(d, d.num_tokens)
         xfer = rx.pull(handle, d.block_table)
         assert rx.wait(xfer, 30) is TransferStatus.DONE, rx.poll(xfer)
+        assert rx.tensor_frames(xfer) == (decode.layout.num_layers if transport == "torch" else 0)
         d.num_computed_tokens = n
         out = _run(decode, d)
         freed: list = []
@@ -66,11 +72,11 @@ def _disaggregated(prefill: Engine, decode: Engine, prompt: list[int], transport
 def _run_prefill(engine: Engine, req: Request) -> int:
     req.status = RequestStatus.RUNNING
     assert engine.ensure_blocks(req, req.num_tokens)
-    (out,) = engine.step(Batch((Chunk(req, req.num_tokens),)))
-    return out.token_ids[0]
+    ((_, first),) = engine.step(Batch((Chunk(req, req.num_tokens),)))
+    return first
 
 
-@pytest.mark.parametrize("transport", ["loopback", "grpc", "torch"])
+@pytest.mark.parametrize("transport", ["loopback", "grpc", "torch", "torch-bytes"])
 def test_disaggregated_matches_colocated_tiny(tiny_llama_dir: Path, transport: str) -> None:
     prefill, decode, both = _engine(tiny_llama_dir, 16), _engine(tiny_llama_dir, 8), _engine(tiny_llama_dir, 16)
     prompt = torch.randint(3, 128, (45,), generator=torch.Generator().manual_seed(1)).tolist()

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from pdserve.kvtransfer.connector import make_transport
+from pdserve.kvtransfer.factories import make_transport
 from pdserve.kvtransfer.types import TransferId, TransferStatus
 from tests.kvtransfer.peer import chunked, payload, serve
 from tests.net import LOCAL
@@ -25,7 +25,7 @@ class LocalPeer:
     """Sender end in this process."""
 
     def __init__(self, name: str) -> None:
-        self.t = make_transport(name, LOCAL)
+        self.t = make_transport(name, LOCAL).start()
         self.endpoint = self.t.endpoint()
 
     def send(self, xfer: str, info: str, nbytes: int, seed: int = 0, chunk: int = 1 << 20,
@@ -96,7 +96,7 @@ def ends(request: pytest.FixtureRequest, process_peers: list[ProcessPeer]) -> It
         peer: object = process_peers[-1]
     else:
         peer = LocalPeer(name)
-    rx = make_transport(name, LOCAL, serve=False)  # a fresh receiver: a new pair (own TCPStore) per test
+    rx = make_transport(name, LOCAL, serve=False).start()  # a fresh receiver: a new pair (own TCPStore) per test
     yield peer, rx
     rx.close()
     if name != "torch":
@@ -187,7 +187,7 @@ def test_cancel_mid_transfer_stops_receiving(ends: tuple) -> None:
 
 @pytest.mark.parametrize("name", ["loopback", "grpc"])
 def test_failing_source_fails_both_ends(name: str) -> None:
-    tx, rx = make_transport(name, LOCAL), make_transport(name, LOCAL, serve=False)
+    tx, rx = make_transport(name, LOCAL).start(), make_transport(name, LOCAL, serve=False).start()
 
     def source() -> Iterator[bytes]:
         yield b"abc"
@@ -202,7 +202,7 @@ def test_failing_source_fails_both_ends(name: str) -> None:
 
 
 def _torch_pair() -> tuple[object, object, str]:
-    tx, rx = make_transport("torch", LOCAL, pair_timeout_s=30), make_transport("torch", LOCAL, pair_timeout_s=30)
+    tx, rx = make_transport("torch", LOCAL, pair_timeout_s=30).start(), make_transport("torch", LOCAL, pair_timeout_s=30).start()
     return tx, rx, rx.connect_info(tx.endpoint())
 
 

@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pdserve.bench.metrics import SLO
 from pdserve.cli import main
+from pdserve.config import SLOConfig
 from pdserve.config import ServingConfig
+from pdserve.placement.candidates import PhaseConfig
 from pdserve.placement.cluster_file import load_cluster_file
 from pdserve.placement.deploy import kv_cache_memory_gb
-from pdserve.placement.candidates import PhaseConfig
 from pdserve.placement.hardware import ClusterSpec, load_gpu
 from pdserve.placement.model_spec import load_model
 from pdserve.placement.plan import Plan
 from pdserve.placement.roofline import Roofline
 from pdserve.placement.search import SearchSpec, phase_latencies
-from pdserve.placement.workload import load_workload, sharegpt_like
+from pdserve.placement.workload import load_workload, planning_tokenizer, sharegpt_like
 
 REPO_CLUSTER = Path(__file__).resolve().parents[2] / "cluster.yaml"
 
@@ -113,10 +113,20 @@ def test_heterogeneous_pools_run_on_their_own_gpus(tmp_path, capsys):
     cluster = ClusterSpec(num_nodes=2, gpus_per_node=4, gpu=load_gpu("h100"), decode_gpu=load_gpu("a100-80g"),
                           prefill_nodes=1)
     spec = SearchSpec(model=load_model("llama-3-8b"), cluster=cluster, source=Roofline(gpu=cluster.gpu),
-                      decode_source=Roofline(gpu=cluster.decode_gpu), workload=sharegpt_like(1000), slo=SLO(1.0, 0.1))
+                      decode_source=Roofline(gpu=cluster.decode_gpu), workload=sharegpt_like(1000), slo=SLOConfig(1.0, 0.1))
     p, d = phase_latencies(spec, spec.source)[PhaseConfig(1, 1)], phase_latencies(spec, spec.decode_source, "decode")[PhaseConfig(1, 1)]
     # an A100 decode step reads the weights at 2.0 TB/s, an H100's at 3.35 TB/s
     assert d.profile.decode_s(64 * 800, 64) > 1.4 * p.profile.decode_s(64 * 800, 64)
     assert cluster.price_per_hour(4, 4) == pytest.approx(4 * 12.29 + 4 * 5.12)
     with pytest.raises(ValueError, match="decode_gpu"):
         ClusterSpec(num_nodes=2, gpus_per_node=4, gpu=load_gpu("h100"), decode_gpu=load_gpu("a100-80g"))
+
+
+def test_named_workloads_are_counted_in_the_planned_models_tokens_or_say_whose(tmp_path):
+    assert planning_tokenizer("smollm2-135m") == ("smollm2-135m", None)
+    assert planning_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")[1] is None
+    assert planning_tokenizer("opt-66b", "/some/tokenizer.json") == ("/some/tokenizer.json", None)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert planning_tokenizer(str(tmp_path)) == (str(tmp_path), None)  # an HF directory with its tokenizer
+    tok, note = planning_tokenizer("opt-66b")  # plan-only: no OPT tokenizer ships with pdserve
+    assert tok == "smollm2-135m" and "opt-66b's tokenizer is not available" in note and "--tokenizer" in note

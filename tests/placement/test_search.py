@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.config import ServingConfig
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.goodput import goodput
@@ -16,7 +16,7 @@ from pdserve.placement.plan import Plan
 from pdserve.placement.profile_file import load_profile
 from pdserve.placement.roofline import Roofline
 from pdserve.placement.search import SearchSpec, phase_latencies, search, unit_deployment
-from pdserve.placement.workload import sharegpt_like
+from pdserve.placement.workload import load_workload, sharegpt_like
 
 A100 = load_gpu("a100-80g")
 # DistServe's engine and testbed: its A100 profiles, its device-to-device KV path, its decode
@@ -28,7 +28,7 @@ DISTSERVE = dict(source=load_profile("distserve-a100"), colocated_source=load_pr
 def distserve_spec(model: str, nodes: int, per_node: int, ttft: float, tpot: float, **kw) -> SearchSpec:
     # DistServe moves KV device to device within a node (NCCL over NVLink): price that path
     cluster = ClusterSpec(num_nodes=nodes, gpus_per_node=per_node, gpu=A100, inter_node_gbps=25, kv_device_path=True)
-    return SearchSpec(model=load_model(model), cluster=cluster, slo=SLO(ttft_s=ttft, tpot_s=tpot), **{**DISTSERVE, **kw})
+    return SearchSpec(model=load_model(model), cluster=cluster, slo=SLOConfig(ttft_s=ttft, tpot_s=tpot), **{**DISTSERVE, **kw})
 
 
 def test_opt13b_picks_prefill_tp2_decode_tp1():
@@ -52,12 +52,26 @@ def test_opt66b_plan_at_least_the_papers_choice():
     assert best.planned_goodput >= 4 * paper_goodput  # the paper's 8-GPU unit fits 4 times
 
 
+def test_humaneval_opt66b_raises_prefill_tp_in_opt_like_tokens():
+    """DistServe's code completion (TTFT 125 ms, TPOT 200 ms): the tight TTFT raises prefill's TP.
+    Counted in OPT-like tokens (HumanEval stretched to DistServe's means, 171.3 prompt / 98.2
+    output), the unit with the most goodput per GPU (DistServe's objective) prefills with TP >= 4;
+    in SmolLM2's shorter tokens TP3 is enough (BENCHMARKS.md §10)."""
+    w = load_workload("humaneval", "smollm2-135m", 2048).rescaled(171.3, 98.2, "humaneval-opt-like")
+    assert w.mean_prompt_len == pytest.approx(171.3, rel=0.01) and w.mean_output_len == pytest.approx(98.2, rel=0.01)
+    spec = distserve_spec("opt-66b", 4, 8, 0.125, 0.2, num_requests=600, workload=w)
+    result = search(spec)
+    per_gpu = max(result.ranked, key=lambda s: s.per_gpu_goodput)
+    assert result.feasible and per_gpu.unit.mode == "disaggregated"
+    assert per_gpu.unit.prefill.tp >= 4
+
+
 # ---- properties, on a small roofline model with exhaustive verification ---------------------
 
 def toy_spec(nodes: int, ttft: float = 1.0, tpot: float = 0.06, **kw) -> SearchSpec:
     cluster = ClusterSpec(num_nodes=nodes, gpus_per_node=2, gpu=load_gpu("l4"), inter_node_gbps=100)
     return SearchSpec(model=load_model("llama-3-8b"), cluster=cluster, source=Roofline(gpu=cluster.gpu),
-                      workload=sharegpt_like(2000), slo=SLO(ttft_s=ttft, tpot_s=tpot), num_requests=200,
+                      workload=sharegpt_like(2000), slo=SLOConfig(ttft_s=ttft, tpot_s=tpot), num_requests=200,
                       max_num_seqs=64, verify_top_k=10_000, **kw)
 
 

@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from pdserve.placement.deployment import Deployment
+from pdserve.placement.sim_deployment import SimDeployment
 from pdserve.placement.lane import Lane
 from pdserve.placement.latency import Coeffs, Curve, InstanceLatency, PhaseProfile
 from pdserve.placement.simulator import simulate
 from pdserve.placement.transfer import TransferModel
-from pdserve.placement.workload import Trace, Workload, load_lengths, sharegpt_like
+from pdserve.placement.workload import Trace, WorkloadLengths, load_lengths, sharegpt_like
 
 PROFILE = PhaseProfile(prefill=Coeffs(0.010, 1e-4, 1e-8), decode_small=Coeffs(0.020, 6e-7, 4e-4),
                        decode_large=Coeffs(0.007, 5e-7, 1.5e-3), large_batch_threshold=8)
@@ -46,7 +46,7 @@ def test_lane_boundary_matches_stepping():
 
 def test_single_request_disaggregated_by_hand():
     xfer = TransferModel(kv_bytes_per_token=1e6, bytes_per_s=1e9, overhead_s=0.002)
-    dep = Deployment(prefill=(inst(),), decode=(inst(),), transfer=xfer)
+    dep = SimDeployment(prefill=(inst(),), decode=(inst(),), transfer=xfer)
     res = simulate(dep, one(500, 11), rate=1.0)
     assert res.ttft_s[0] == pytest.approx(PROFILE.prefill_s(500, 500**2))
     iters = sum(PROFILE.decode_s(501 + k, 1) for k in range(10))
@@ -54,10 +54,10 @@ def test_single_request_disaggregated_by_hand():
 
 
 def test_single_request_colocated_and_pipeline():
-    res = simulate(Deployment(mode="colocated", prefill=(inst(),)), one(300, 5), 1.0)
+    res = simulate(SimDeployment(mode="colocated", prefill=(inst(),)), one(300, 5), 1.0)
     assert res.ttft_s[0] == pytest.approx(PROFILE.prefill_s(300, 300**2))
     assert res.tpot_s[0] == pytest.approx(sum(PROFILE.decode_s(301 + k, 1) for k in range(4)) / 4)
-    pp2 = simulate(Deployment(prefill=(inst(pp=2),), decode=(inst(),)), one(300, 2), 1.0)
+    pp2 = simulate(SimDeployment(prefill=(inst(pp=2),), decode=(inst(),)), one(300, 2), 1.0)
     assert pp2.ttft_s[0] == pytest.approx(PROFILE.prefill_s(300, 300**2) + 2 * 0.002)  # T/pp + pp ms per stage
 
 
@@ -84,10 +84,10 @@ def _reference_decode(profile, arrivals, plens, olens):
 
 @pytest.mark.parametrize("profile", [PROFILE, CURVED], ids=["linear", "measured-curve"])
 def test_decode_closed_form_equals_per_iteration_reference(profile):
-    w = Workload("w", tuple(range(20, 420, 7)), tuple(range(2, 200, 3))[:58])
+    w = WorkloadLengths("w", tuple(range(20, 420, 7)), tuple(range(2, 200, 3))[:58])
     trace = w.trace(300, seed=3)
     for rate in (5.0, 40.0, 200.0):  # idle, batch sizes around the small/large split, heavy
-        dep = Deployment(prefill=(), decode=(inst(profile=profile),), phases="decode")
+        dep = SimDeployment(prefill=(), decode=(inst(profile=profile),), phases="decode")
         got = simulate(dep, trace, rate).tpot_s
         want = _reference_decode(profile, trace.arrivals(rate), trace.prompt_lens, trace.output_lens)
         assert got == pytest.approx(want, rel=1e-9)
@@ -95,8 +95,8 @@ def test_decode_closed_form_equals_per_iteration_reference(profile):
 
 def test_back_pressure_and_memory_limits():
     trace = sharegpt_like(2000, seed=1).trace(400, seed=2)
-    free = Deployment(prefill=(inst(),), decode=(inst(),))
-    tight = Deployment(prefill=(inst(cap=4096),), decode=(inst(cap=6000),))
+    free = SimDeployment(prefill=(inst(),), decode=(inst(),))
+    tight = SimDeployment(prefill=(inst(cap=4096),), decode=(inst(cap=6000),))
     a, b = simulate(free, trace, 8.0), simulate(tight, trace, 8.0)
     assert all(x < float("inf") for x in b.ttft_s)  # everything that fits is served
     assert sum(b.ttft_s) > sum(a.ttft_s)  # un-pulled KV holds prefill back
@@ -106,7 +106,7 @@ def test_back_pressure_and_memory_limits():
 
 def test_deterministic_and_rate_sensitive():
     trace = sharegpt_like(2000).trace(500, seed=0)
-    dep = Deployment(prefill=(inst(), inst()), decode=(inst(pp=2),))
+    dep = SimDeployment(prefill=(inst(), inst()), decode=(inst(pp=2),))
     assert simulate(dep, trace, 10.0) == simulate(dep, trace, 10.0)
     low, high = simulate(dep, trace, 1.0), simulate(dep, trace, 60.0)
     assert low.attainment(0.3, 0.05) > high.attainment(0.3, 0.05)
@@ -115,7 +115,7 @@ def test_deterministic_and_rate_sensitive():
 @pytest.mark.parametrize("policy", ["prefill_priority", "chunked"])
 def test_colocated_policies_serve_everything(policy):
     trace = sharegpt_like(2000).trace(300, seed=4)
-    res = simulate(Deployment(mode="colocated", prefill=(inst(), inst()), colocated_policy=policy,
+    res = simulate(SimDeployment(mode="colocated", prefill=(inst(), inst()), colocated_policy=policy,
                               chunk_size=256), trace, 6.0)
     assert all(x < float("inf") for x in res.ttft_s) and all(x < float("inf") for x in res.tpot_s)
     q = res.percentiles()
@@ -144,7 +144,7 @@ def test_pull_at_step_boundary_waits_for_the_running_iteration():
     trace = Trace((1.0, t_b), (100, 20), (50, 11))
     finish = {}
     for at_boundary in (False, True):
-        dep = Deployment(prefill=(), decode=(inst(),), phases="decode", transfer=xfer, pull_at_step_boundary=at_boundary)
+        dep = SimDeployment(prefill=(), decode=(inst(),), phases="decode", transfer=xfer, pull_at_step_boundary=at_boundary)
         res = simulate(dep, trace, 1.0)
         finish[at_boundary] = t_b + res.tpot_s[1] * 10
     assert finish[True] - finish[False] == pytest.approx(d[2], abs=1e-4)  # one more iteration of A alone
@@ -152,7 +152,7 @@ def test_pull_at_step_boundary_waits_for_the_running_iteration():
 
 def test_shared_host_slows_the_steps_that_start_beside_a_busy_instance():
     trace = Trace((0.0, 1.0), (10, 100), (200, 2))  # a long generation, then a prompt while it decodes
-    base = Deployment(prefill=(inst(),), decode=(inst(),))
+    base = SimDeployment(prefill=(inst(),), decode=(inst(),))
     a = simulate(base, trace, 1.0)
     b = simulate(dataclasses.replace(base, host_slowdown=0.5), trace, 1.0)
     # the first prompt prefills with the decode instance idle, the second while it decodes
@@ -170,7 +170,7 @@ def test_shared_host_slows_a_colocated_prefill_beside_the_other_instance():
     from pdserve.placement.trace import RouterDispatch
 
     trace = Trace((0.0, 1.0), (10, 100), (200, 2))
-    base = Deployment(mode="colocated", prefill=(inst(), inst()))
+    base = SimDeployment(mode="colocated", prefill=(inst(), inst()))
     a = RouterDispatch(base, trace, 1.0).run()
     b = RouterDispatch(dataclasses.replace(base, host_slowdown=0.5), trace, 1.0).run()
     # the router sends the prompt to the idle instance (fewer in flight): its prefill runs beside

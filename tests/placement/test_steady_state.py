@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.bench.metrics import SLO
+from pdserve.config import SLOConfig
 from pdserve.placement.bound import hardware_bound, service_bound
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.goodput import MAX_LOAD, attained, counted, goodput, steady_len
@@ -16,7 +16,7 @@ from pdserve.placement.model_spec import ModelSpec, load_model
 from pdserve.placement.roofline import Roofline
 from pdserve.placement.search import SearchSpec, _phase_deployment, phase_latencies, search, unit_deployment
 from pdserve.placement.simulator import simulate
-from pdserve.placement.workload import Workload, sharegpt_like
+from pdserve.placement.workload import WorkloadLengths, sharegpt_like
 
 H100 = load_gpu("h100")
 
@@ -24,7 +24,7 @@ H100 = load_gpu("h100")
 def spec_for(model: str, nodes: int, per_node: int, ttft: float, tpot: float, **kw) -> SearchSpec:
     cluster = ClusterSpec(num_nodes=nodes, gpus_per_node=per_node, gpu=H100)
     return SearchSpec(model=load_model(model), cluster=cluster, source=Roofline(gpu=H100),
-                      workload=kw.pop("workload", sharegpt_like(4000)), slo=SLO(ttft_s=ttft, tpot_s=tpot), **kw)
+                      workload=kw.pop("workload", sharegpt_like(4000)), slo=SLOConfig(ttft_s=ttft, tpot_s=tpot), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_goodput_stable_when_the_trace_doubles_and_ten_times_longer_still_meets_
 
 
 def test_one_token_outputs_never_crash():
-    w = Workload("short", (100, 700, 50, 300), (1, 40, 1, 120))
+    w = WorkloadLengths("short", (100, 700, 50, 300), (1, 40, 1, 120))
     spec = spec_for("llama-3-8b", 1, 2, 1.0, 0.1, workload=w, num_requests=200)
     result = search(spec)
     assert result.best is not None and result.best.unit_goodput > 0
@@ -89,7 +89,7 @@ def test_every_evaluated_candidate_is_servable():
     gpu = load_gpu("l4")
     cluster = ClusterSpec(num_nodes=2, gpus_per_node=9, gpu=gpu)
     spec = SearchSpec(model=model, cluster=cluster, source=Roofline(gpu=gpu), workload=sharegpt_like(2000),
-                      slo=SLO(ttft_s=1.0, tpot_s=0.1), num_requests=200, verify_top_k=2)
+                      slo=SLOConfig(ttft_s=1.0, tpot_s=0.1), num_requests=200, verify_top_k=2)
     result = search(spec)
     configs = {c for _, c in result.phase_goodput} | {c for s in result.ranked for c in (s.unit.prefill, s.unit.decode) if c}
     assert configs and {c.tp for c in configs} <= {1, 3}

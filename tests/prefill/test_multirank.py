@@ -15,10 +15,11 @@ import torch
 import torch.multiprocessing as mp
 
 from pdserve.config import EngineConfig, KVTransferConfig, PoolConfig, ServingConfig
+from pdserve.decode.scheduler import DecodeOptions
 from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
 from pdserve.types import GenerateRequest, RequestId
 from tests.decode.test_disaggregated_workers import GREEDY, _colocated, _prompts
@@ -100,7 +101,7 @@ def test_multirank_prefill_feeds_single_rank_decode(tiny_llama_dir: Path, tmp_pa
     assert "x" not in {res.first.request_id for res in results}
     engine = Engine.from_config(str(tiny_llama_dir), ENGINE)
     receiver = make_receiver(KV, engine.pool, listen=LOCAL)
-    decode = DecodeWorker(engine, "decode", 64, 2048, receiver=receiver)
+    decode = DecodeWorker(engine, DecodeOptions("decode", 64, 2048), receiver=receiver)
     out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     try:
         for res in results:

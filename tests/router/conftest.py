@@ -17,7 +17,7 @@ import pytest
 from pdserve.config import RouterConfig
 from pdserve.router.core import Router
 from pdserve.router.protocols import RequestFailedError, WorkerDeadError
-from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
+from pdserve.types import GenerateRequest, LatencyBreakdown, PrefillResult, RequestId, StepOutput, WorkerStats
 
 VOCAB = 256
 
@@ -96,7 +96,7 @@ class FakePrefill(_Base):
         tok = next_token(req.prompt_token_ids[-1])
         done = req.sampling.max_tokens == 1
         first = StepOutput(req.request_id, (tok,), token_text(tok), "length" if done else None,
-                           timings={"queue_s": 0.001, "prefill_s": 0.01})
+                           latency=LatencyBreakdown(prefill_queue_s=0.001, prefill_s=0.01))
         return PrefillResult(first, None if done else FakeHandle(req.request_id, len(req.prompt_token_ids)))
 
 
@@ -118,8 +118,9 @@ class FakeDecode(_Base):
             if self.fail_requests:
                 raise RequestFailedError("bad request")
             prev = (req.prompt_token_ids + req.output_token_ids)[-1]
-            timings = {"decode_queue_s": 0.002, "transfer_s": 0.003, "transfer_bytes": 4096.0} if handle is not None \
-                else {"queue_s": 0.002, "prefill_s": 0.02}
+            latency: LatencyBreakdown | None = (
+                LatencyBreakdown(decode_queue_s=0.002, transfer_s=0.003, transfer_bytes=4096, kv_pull="ok")
+                if handle is not None else LatencyBreakdown(prefill_queue_s=0.002, prefill_s=0.02))
             for n in range(len(req.output_token_ids), req.sampling.max_tokens):
                 await asyncio.sleep(self.delay_s)
                 self._check()
@@ -132,8 +133,8 @@ class FakeDecode(_Base):
                     self.kill()
                     self._check()
                 done = "length" if n + 1 == req.sampling.max_tokens else None
-                yield StepOutput(req.request_id, (prev,), token_text(prev), done, timings=timings)
-                timings = None
+                yield StepOutput(req.request_id, (prev,), token_text(prev), done, latency=latency)
+                latency = None
         finally:
             self.running.discard(req.request_id)
 

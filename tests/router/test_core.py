@@ -47,12 +47,14 @@ def test_disaggregated_lifecycle() -> None:
     (dreq, handle), = d.calls
     assert dreq.output_token_ids == tuple(expected_tokens(PROMPT, 1))
     assert handle == FakeHandle("r1", len(PROMPT))
-    t = outs[-1].timings
-    assert t is not None and set(t) >= {"queue_s", "prefill_s", "transfer_s", "decode_s", "ttft_s", "e2e_s"}
-    assert t["queue_s"] == pytest.approx(0.003) and t["prefill_s"] == 0.01 and t["transfer_bytes"] == 4096
-    assert t["decode_queue_s"] == pytest.approx(0.002)  # the decode pool's share of queue_s
-    assert t["ttft_s"] <= t["e2e_s"]
-    assert all(o.timings is None for o in outs[:-1])  # worker timings are folded into the breakdown
+    t = outs[-1].latency
+    assert t is not None and set(t.to_json()) >= {"queue_s", "prefill_s", "transfer_s", "decode_s", "ttft_s", "e2e_s"}
+    assert t.queue_s == pytest.approx(0.003) and t.prefill_s == 0.01 and t.transfer_bytes == 4096
+    assert t.decode_queue_s == pytest.approx(0.002)  # the decode pool's share of queue_s
+    assert t.prefill_queue_s == pytest.approx(0.001) and t.kv_pull == "ok" and not t.kv_recomputed
+    assert t.ttft_s <= t.e2e_s
+    assert t.decode_s == pytest.approx(max(0.0, t.e2e_s - t.queue_s - t.prefill_s - t.transfer_s))
+    assert all(o.latency is None for o in outs[:-1])  # the workers' parts are folded into the breakdown
     assert not p.aborted and not d.aborted
     assert_idle(router)
 
@@ -63,7 +65,8 @@ def test_colocated_goes_straight_to_decode_without_handle() -> None:
     assert tokens(outs) == expected_tokens(PROMPT, 6)
     (dreq, handle), = d.calls
     assert handle is None and dreq.output_token_ids == ()
-    assert outs[-1].timings is not None and outs[-1].timings["prefill_s"] == 0.02
+    assert outs[-1].latency is not None and outs[-1].latency.prefill_s == 0.02
+    assert outs[-1].latency.decode_queue_s is None and "decode_queue_s" not in outs[-1].latency.to_json()
     assert_idle(router)
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 import pytest
 
 from pdserve.router.policies import (
+    PREFIX_LOAD_SLACK,
+    cache_aware_decode,
+    cache_aware_prefill,
     decode_policy,
     least_kv_pressure,
     least_outstanding_tokens,
@@ -14,9 +17,10 @@ from pdserve.types import GenerateRequest, RequestId, WorkerStats
 REQ = GenerateRequest(RequestId("r"), (1, 2, 3))
 
 
-def stats(wid: str, *, tokens: int = 0, running: int = 0, waiting: int = 0, free: int = 100) -> WorkerStats:
+def stats(wid: str, *, tokens: int = 0, running: int = 0, waiting: int = 0, free: int = 100,
+          hit: int = 0) -> WorkerStats:
     return WorkerStats(wid, num_running=running, num_waiting=waiting, num_free_blocks=free, num_total_blocks=100,
-                       outstanding_tokens=tokens)
+                       outstanding_tokens=tokens, prefix_hit_tokens=hit)
 
 
 def test_prefill_picks_least_outstanding_tokens() -> None:
@@ -53,3 +57,23 @@ def test_policies_by_config_name() -> None:
     assert decode_policy("least_kv") is least_kv_pressure
     with pytest.raises(ValueError, match="router.decode_policy"):
         decode_policy("least_tokens")
+
+
+def test_cache_aware_prefill_counts_only_uncached_work() -> None:
+    req = GenerateRequest(RequestId("r"), tuple(range(100)))
+    # a: 50 queued + 100 uncached = 150; b: 90 queued + 100 - 96 cached = 94
+    assert cache_aware_prefill(req, [stats("a", tokens=50), stats("b", tokens=90, hit=96)], 0) == "b"
+    assert cache_aware_prefill(req, [stats("a", tokens=50), stats("b", tokens=90)], 0) == "a"
+    assert cache_aware_prefill(req, [stats("a", tokens=0, hit=500), stats("b", tokens=10)], 0) == "a"  # hit capped
+
+
+def test_cache_aware_decode_follows_the_prefix_within_load_and_memory_bounds() -> None:
+    assert cache_aware_decode(REQ, [stats("a", running=3), stats("b", running=4, hit=64)], 0) == "b"
+    busy = 3 + PREFIX_LOAD_SLACK + 1
+    assert cache_aware_decode(REQ, [stats("a", running=3), stats("b", running=busy, hit=64)], 0) == "a"
+    assert cache_aware_decode(REQ, [stats("a", free=90), stats("b", free=50, hit=64)], 0) == "a"  # KV pressure
+    assert cache_aware_decode(REQ, [stats("a", running=2), stats("b", running=1)], 0) == "b"  # no hits: least busy
+
+
+def test_cache_aware_policies_by_config_name() -> None:
+    assert prefill_policy("cache_aware") is cache_aware_prefill and decode_policy("cache_aware") is cache_aware_decode

@@ -11,7 +11,8 @@ import torch
 
 from pdserve.config import KVTransferConfig
 from pdserve.engine.kv_cache import BlockAllocator, KVLayout, KVPool
-from pdserve.kvtransfer.connector import make_receiver, make_sender
+from pdserve.kvtransfer.factories import make_receiver, make_sender
+from pdserve.kvtransfer.options import SenderOptions
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.reshard import gather_slab, token_slots
 from pdserve.kvtransfer.sender import KVSender
@@ -106,7 +107,10 @@ def test_lease_frees_blocks_nobody_pulled(closing: list) -> None:
     sp, sa = _pool()
     from pdserve.kvtransfer.transport_loopback import LoopbackTransport
 
-    tx = KVSender(sp, sa, LoopbackTransport(), lease_s=5, timeout_s=5, listen=LOCAL, clock=lambda: now[0])
+    tx = KVSender(sp, sa, LoopbackTransport(), SenderOptions(listen=LOCAL, lease_s=5, timeout_s=5), clock=lambda: now[0])
+    with pytest.raises(RuntimeError, match="start"):
+        tx.address  # the constructor opens nothing
+    tx.start()
     closing.append(tx)
     blocks = sa.allocate(2)
     tx.export("r1", blocks, 10)
@@ -155,7 +159,7 @@ def test_layerwise_streaming_ships_layers_as_they_are_written(cfg: KVTransferCon
 
 
 @pytest.mark.parametrize("codec", ["int8", "int4_zstd"])
-def test_lossy_codec_over_the_connector(codec: str, closing: list) -> None:
+def test_lossy_codec_through_sender_and_receiver(codec: str, closing: list) -> None:
     cfg = KVTransferConfig(transport="grpc", codec=codec, timeout_s=10)
     (sp, sa), (dp, da) = _pool(), _pool(seed=1)
     tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)

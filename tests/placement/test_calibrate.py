@@ -1,28 +1,29 @@
-"""Replaying recorded traces (placement/trace.py) and benchmarks/fidelity.py on a synthetic results
-directory written with bench's own writer."""
+"""The simulator-fidelity calibration (placement/calibrate.py, host_speed.py, fidelity.py) on synthetic
+results directories written with bench's own writer, and benchmarks/fidelity.py run as a script."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import random
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from pdserve.bench.lengths import RequestLengths
-from pdserve.bench.metrics import SLO, attainment
+from pdserve.bench.metrics import attainment
 from pdserve.bench.record import RequestRecord
 from pdserve.bench.results import write_results
-from pdserve.placement.deployment import Deployment
-from pdserve.placement.latency import Coeffs, InstanceLatency, PhaseProfile
+from pdserve.config import SLOConfig
+from pdserve.placement.calibrate import KV_BYTES_PER_TOKEN, Setup, calibrate_in_situ, calibrate_unloaded, simulate_records
+from pdserve.placement.fidelity import compare, load_runs, markdown
+from pdserve.placement.host_speed import corun_slowdown, own_speed, speed_factors
+from pdserve.placement.latency import Coeffs, PhaseProfile
 from pdserve.placement.profile_file import profile_to_json
-from pdserve.placement.simulator import simulate
-from pdserve.placement.trace import RouterDispatch, in_recorded_order, recorded_trace, replay, with_step_overhead
-from pdserve.placement.workload import Trace
+from pdserve.types import StepRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 # Roughly SmolLM2 on one core: ~3 ms per prompt token, ~40 ms per decode step.
@@ -30,80 +31,7 @@ PROFILE = PhaseProfile(prefill=Coeffs(0.02, 3e-3, 1e-7), decode_small=Coeffs(0.0
                        decode_large=Coeffs(0.035, 2e-6, 1e-3))
 
 
-def _fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "benchmarks" / "fidelity.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fidelity"] = mod  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _coloc(policy: str = "prefill_priority") -> Deployment:
-    lat = InstanceLatency(tp=1, pp=1, profile=PROFILE, kv_capacity_tokens=20_000)
-    return Deployment(mode="colocated", prefill=(lat, lat), colocated_policy=policy, chunk_size=32, max_num_seqs=64)
-
-
-def test_recorded_trace_sorts_and_maps_back():
-    trace, order = recorded_trace([3.0, 1.0, 2.0, 1.0], [10, 20, 30, 40], [5, 6, 7, 8])
-    assert trace.unit_arrivals == (1.0, 1.0, 2.0, 3.0)
-    assert trace.prompt_lens == (20, 40, 30, 10) and order == [1, 3, 2, 0]
-    assert trace.arrivals(1.0) == [1.0, 1.0, 2.0, 3.0]  # replayed at rate 1: the recorded seconds
-    lat = InstanceLatency(tp=1, pp=1, profile=PROFILE, kv_capacity_tokens=20_000)
-    res = in_recorded_order(simulate(Deployment(prefill=(lat,), decode=(lat,)), trace, 1.0), order)
-    # request 0 (arrives last, 10 tokens, alone by then) has the plain prefill time as TTFT
-    assert res.ttft_s[0] == pytest.approx(PROFILE.prefill_s(10, 100))
-
-
-def test_step_overhead_adds_to_every_constant_term():
-    p = with_step_overhead(PROFILE, 0.005)
-    assert p.prefill_s(100, 10_000) == pytest.approx(PROFILE.prefill_s(100, 10_000) + 0.005)
-    assert p.decode_s(1000, 4) == pytest.approx(PROFILE.decode_s(1000, 4) + 0.005)
-    assert p.decode_large.a == pytest.approx(PROFILE.decode_large.a + 0.005)
-
-
-def test_router_dispatch_spreads_light_load_over_both_instances():
-    # Requests far apart: the simulator's own policy (fewest outstanding prompt tokens, 0 for both)
-    # always picks instance 0; the router's rotates ties like router/policies.py.
-    trace = Trace(tuple(100.0 * i for i in range(6)), (50,) * 6, (10,) * 6)
-    sim = RouterDispatch(_coloc(), trace, 1.0)
-    picks = []
-    original = sim.pick
-
-    def spy() -> int:
-        picks.append(original())
-        return picks[-1]
-
-    sim.pick = spy
-    sim.run()
-    assert picks == [0, 1, 0, 1, 0, 1]
-
-
-def test_router_dispatch_prefers_fewer_requests_in_flight():
-    # Two long requests land on 0 and 1; 1's finishes first, so the third goes to 1.
-    trace = Trace((0.0, 0.01, 5.0), (20, 20, 20), (400, 100, 10))
-    sim = RouterDispatch(_coloc(), trace, 1.0)
-    picks = []
-    original = sim.pick
-    sim.pick = lambda: picks.append(original()) or picks[-1]
-    sim.run()
-    assert picks == [0, 1, 1]
-
-
-@pytest.mark.parametrize("policy", ["prefill_priority", "chunked"])
-def test_replay_is_deterministic_and_serves_everything(policy):
-    rng = random.Random(1)
-    t, arrivals = 0.0, []
-    for _ in range(40):
-        t += rng.expovariate(0.5)
-        arrivals.append(t)
-    trace = Trace(tuple(arrivals), tuple(rng.randint(8, 500) for _ in range(40)),
-                  tuple(rng.randint(2, 64) for _ in range(40)))
-    a, b = replay(_coloc(policy), trace), replay(_coloc(policy), trace)
-    assert a == b
-    assert all(x < float("inf") for x in a.ttft_s) and all(x > 0 for x in a.tpot_s)
-
-
-def _synthetic_run(tmp: Path, fid, kind: str, label: str, setup, slo: SLO, rates=(0.2, 0.6),
+def _synthetic_run(tmp: Path, kind: str, label: str, setup, slo: SLOConfig, rates=(0.2, 0.6),
                    speeds: dict[float, float] | None = None) -> None:
     """A results directory whose 'measurements' are the simulator's own (each rate's steps
     speeds[rate]× as long, when given), plus one failed request."""
@@ -115,7 +43,7 @@ def _synthetic_run(tmp: Path, fid, kind: str, label: str, setup, slo: SLO, rates
         for i, ln in enumerate(lengths):
             t += rng.expovariate(rate)
             records.append(RequestRecord(i, ln.prompt_len, ln.output_len, t))
-        res = fid.simulate_records(kind, records, PROFILE.scaled(speeds[rate]) if speeds else PROFILE, setup)
+        res = simulate_records(kind, records, PROFILE.scaled(speeds[rate]) if speeds else PROFILE, setup)
         for r, ttft, tpot in zip(records, res.ttft_s, res.tpot_s):
             r.ok, r.ttft_s, r.num_output_tokens = True, ttft, r.output_len
             r.e2e_s = ttft + tpot * max(0, r.output_len - 1)
@@ -125,19 +53,21 @@ def _synthetic_run(tmp: Path, fid, kind: str, label: str, setup, slo: SLO, rates
     write_results(tmp / label, summary, by_rate, lengths)
 
 
-def test_fidelity_on_synthetic_results_matches_exactly(tmp_path, capsys):
-    fid = _fidelity()
-    slo = SLO(ttft_s=1.5, tpot_s=0.06)
-    setup = fid.Setup()
+def test_fidelity_on_synthetic_results_matches_exactly(tmp_path):
+    slo = SLOConfig(ttft_s=1.5, tpot_s=0.06)
+    setup = Setup()
     for kind, label in (("disaggregated", "disaggregated"), ("prefill_priority", "colocated-prefill-priority"),
                         ("chunked", "colocated-chunked")):
-        _synthetic_run(tmp_path, fid, kind, label, setup, slo)
+        _synthetic_run(tmp_path, kind, label, setup, slo)
     (tmp_path / "profile.json").write_text(json.dumps(profile_to_json({"HuggingFaceTB/SmolLM2-135M-Instruct": {1: PROFILE}})))
     out = tmp_path / "fidelity.md"
-    assert fid.main([str(tmp_path), "--profile", str(tmp_path / "profile.json"), "--overheads", "none",
-                     "-o", str(out)]) == 0
-    runs = fid.load_runs([str(tmp_path)])
-    rows = fid.compare(runs, (PROFILE, setup), {label: (PROFILE, setup) for label in runs})
+    script = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), str(tmp_path), "--profile",
+                             str(tmp_path / "profile.json"), "--overheads", "none", "-o", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert script.returncode == 0, script.stderr
+    assert script.stdout.strip() == out.read_text().strip()  # printed and written
+    runs = load_runs([str(tmp_path)])
+    rows = compare(runs, (PROFILE, setup), {label: (PROFILE, setup) for label in runs})
     assert len(rows) == 6 and {r["system"] for r in rows} == {"disaggregated", "colocated-prefill-priority",
                                                               "colocated-chunked"}
     # The last request failed in the "measurement" (a miss) but is served, in time, by the
@@ -150,20 +80,19 @@ def test_fidelity_on_synthetic_results_matches_exactly(tmp_path, capsys):
 
 
 def test_calibration_recovers_known_overheads(tmp_path):
-    fid = _fidelity()
-    slo = SLO(ttft_s=1.5, tpot_s=0.06)
-    _synthetic_run(tmp_path, fid, "disaggregated", "disaggregated", fid.Setup(), slo, rates=(0.2,))
-    truth = fid.Setup(step_overhead_s=0.004, ttft_overhead_s=0.030, transfer_overhead_s=0.025)
+    slo = SLOConfig(ttft_s=1.5, tpot_s=0.06)
+    _synthetic_run(tmp_path, "disaggregated", "disaggregated", Setup(), slo, rates=(0.2,))
+    truth = Setup(step_overhead_s=0.004, ttft_overhead_s=0.030, transfer_overhead_s=0.025)
     rows = [json.loads(x) for x in (tmp_path / "disaggregated" / "lengths.jsonl").read_text().splitlines()][1:9]
     records = [RequestRecord(i, r["prompt_len"], r["output_len"], 1000.0 * i) for i, r in enumerate(rows)]
-    res = fid.simulate_records("disaggregated", records, PROFILE, truth)
+    res = simulate_records("disaggregated", records, PROFILE, truth)
     unloaded = [{"prompt_len": r.prompt_len, "output_len": r.output_len, "server_timings": {
-        "transfer_s": 0.025 + r.prompt_len * fid.KV_BYTES_PER_TOKEN / truth.link_bytes_per_s}} for r in records]
+        "transfer_s": 0.025 + r.prompt_len * KV_BYTES_PER_TOKEN / truth.link_bytes_per_s}} for r in records]
     (tmp_path / "slo.json").write_text(json.dumps({
         "unloaded_ttft_s": statistics.median(res.ttft_s),
         "unloaded_tpot_s": statistics.median(t for t, r in zip(res.tpot_s, records) if r.output_len >= 2),
         "measured_on": "disaggregated", "unloaded_requests": unloaded}))
-    setup, note = fid.calibrate(tmp_path / "slo.json", fid.load_runs([str(tmp_path)]), PROFILE, fid.Setup())
+    setup, note = calibrate_unloaded(tmp_path / "slo.json", load_runs([str(tmp_path)]), PROFILE, Setup())
     assert setup.transfer_overhead_s == pytest.approx(0.025, abs=1e-9)
     assert setup.step_overhead_s == pytest.approx(0.004, abs=2e-4)
     assert setup.ttft_overhead_s == pytest.approx(0.030, abs=1e-3)
@@ -171,11 +100,10 @@ def test_calibration_recovers_known_overheads(tmp_path):
 
 
 def test_measured_attainment_matches_bench(tmp_path):
-    fid = _fidelity()
-    slo = SLO(ttft_s=1.5, tpot_s=0.06)
-    _synthetic_run(tmp_path, fid, "chunked", "colocated-chunked", fid.Setup(), slo, rates=(0.6,))
-    run = fid.load_runs([str(tmp_path / "colocated-chunked")])["colocated-chunked"]
-    (row,) = fid.compare({"colocated-chunked": run}, (PROFILE, fid.Setup()), {"colocated-chunked": (PROFILE, fid.Setup())})
+    slo = SLOConfig(ttft_s=1.5, tpot_s=0.06)
+    _synthetic_run(tmp_path, "chunked", "colocated-chunked", Setup(), slo, rates=(0.6,))
+    run = load_runs([str(tmp_path / "colocated-chunked")])["colocated-chunked"]
+    (row,) = compare({"colocated-chunked": run}, (PROFILE, Setup()), {"colocated-chunked": (PROFILE, Setup())})
     assert row["measured"] == attainment(run.records[0.6], slo)
 
 
@@ -208,22 +136,21 @@ def _calibration_run(tmp: Path, truth: PhaseProfile, gap_s: float, path_s: float
         r.server_timings = {"queue_s": queue, "prefill_s": prefill, "transfer_s": link_s[0] + ln.prompt_len * link_s[1]}
         r.ttft_s, r.e2e_s = queue + prefill + path_s, queue + prefill + path_s + 0.05 * (ln.output_len - 1)
         records.append(r)
-    write_results(run, {"label": "disaggregated", "slo": dataclasses.asdict(SLO(1.0, 0.1)), "points": []},
+    write_results(run, {"label": "disaggregated", "slo": dataclasses.asdict(SLOConfig(1.0, 0.1)), "points": []},
                   {0.5: records}, lengths)
     return run
 
 
 def test_in_situ_calibration_recovers_the_serving_conditions(tmp_path):
-    fid = _fidelity()
     truth = PhaseProfile(prefill=Coeffs(0.07, 2.6e-3, 5e-7), decode_small=Coeffs(0.05, 1.2e-5, 8e-3),
                          decode_large=Coeffs(0.05, 1.2e-5, 8e-3))
     run = _calibration_run(tmp_path, truth, gap_s=0.0012, path_s=0.009, link_s=(0.1, 2e-4))
-    profile, setup, note = fid.calibrate_in_situ(run, fid.Setup())
+    profile, setup, note = calibrate_in_situ(run, Setup())
     assert setup.step_overhead_s == pytest.approx(0.0012, rel=1e-6)  # the 5 s idle gap is not overhead
     assert setup.host_slowdown == 0.0  # no step ran beside another: nothing to tell apart
     assert setup.ttft_overhead_s == pytest.approx(0.009, abs=1e-9)
     assert setup.transfer_overhead_s == pytest.approx(0.1, rel=1e-6)
-    assert fid.KV_BYTES_PER_TOKEN / setup.link_bytes_per_s == pytest.approx(2e-4, rel=1e-6)
+    assert KV_BYTES_PER_TOKEN / setup.link_bytes_per_s == pytest.approx(2e-4, rel=1e-6)
     for lens in ([400], [100, 300, 20]):
         want = truth.prefill_s(sum(lens), sum(n * n for n in lens))
         assert profile.prefill_s(sum(lens), sum(n * n for n in lens)) == pytest.approx(want, rel=1e-6)
@@ -233,16 +160,13 @@ def test_in_situ_calibration_recovers_the_serving_conditions(tmp_path):
 
 
 def test_corun_slowdown_separates_steps_alone_from_steps_beside_another_engine():
-    fid = _fidelity()
-    from pdserve.types import StepRecord
-
     def decode(start: float, k: float) -> StepRecord:  # one sequence at context 100, k × the model's time
         return StepRecord(start, k * PROFILE.decode_s(100, 1), (1,), (99,))
 
     d = PROFILE.decode_s(100, 1)
     logs = {"a": [decode(0.0, 1.0), decode(10.0, 1.1)],  # alone, then beside b's step
             "b": [decode(10.0, 1.1), decode(20.0 + 0.5 * d, 1.0)]}  # beside a's, then alone
-    alone, beside = fid.corun_slowdown(logs, PROFILE)
+    alone, beside = corun_slowdown(logs, PROFILE)
     assert alone == pytest.approx(1.0) and beside == pytest.approx(1.1)
 
 
@@ -260,57 +184,37 @@ def _probes(path: Path, speeds: list[float]) -> None:
 
 
 def test_probes_rescale_each_point_by_the_host_speed_around_it(tmp_path):
-    fid = _fidelity()
-    slo = SLO(ttft_s=1.5, tpot_s=0.06)
-    _synthetic_run(tmp_path / "sweep", fid, "disaggregated", "disaggregated", fid.Setup(), slo,
+    slo = SLOConfig(ttft_s=1.5, tpot_s=0.06)
+    _synthetic_run(tmp_path / "sweep", "disaggregated", "disaggregated", Setup(), slo,
                    speeds={0.2: 1.0, 0.6: 1.15})
     _probes(tmp_path / "cal" / "disaggregated" / "probes.jsonl", [1.02, 0.98])  # the calibration ran at 1.0×
     _probes(tmp_path / "sweep" / "disaggregated" / "probes.jsonl", [1.0, 1.0, 1.3])  # slower after the 0.2 point
-    runs = fid.load_runs([str(tmp_path / "sweep")])
-    speeds = {"disaggregated": fid.speed_factors(runs["disaggregated"], tmp_path / "cal" / "disaggregated", PROFILE)}
+    runs = load_runs([str(tmp_path / "sweep")])
+    speeds = {"disaggregated": speed_factors(runs["disaggregated"], tmp_path / "cal" / "disaggregated", PROFILE)}
     assert speeds["disaggregated"] == pytest.approx({0.2: 1.0, 0.6: 1.15})
-    model = {"disaggregated": (PROFILE, fid.Setup())}
-    fixed = fid.compare(runs, (PROFILE, fid.Setup()), model)
-    probed = fid.compare(runs, (PROFILE, fid.Setup()), model, speeds=speeds)
+    model = {"disaggregated": (PROFILE, Setup())}
+    fixed = compare(runs, (PROFILE, Setup()), model)
+    probed = compare(runs, (PROFILE, Setup()), model, speeds=speeds)
     assert [r["diff"] for r in probed] == pytest.approx([1 / 24, 1 / 24])  # only the failed request differs
     assert fixed[1]["diff"] > 1 / 24 + 1e-9  # the slower host did cost attainment at 0.6
-    assert "| 1.150× |" in fid.markdown(probed, [])
+    assert "| 1.150× |" in markdown(probed, [])
 
 
 def test_speed_factors_want_a_probe_around_every_point(tmp_path):
-    fid = _fidelity()
-    _synthetic_run(tmp_path / "sweep", fid, "chunked", "colocated-chunked", fid.Setup(), SLO(1.5, 0.06))
-    run = fid.load_runs([str(tmp_path / "sweep")])["colocated-chunked"]
+    _synthetic_run(tmp_path / "sweep", "chunked", "colocated-chunked", Setup(), SLOConfig(1.5, 0.06))
+    run = load_runs([str(tmp_path / "sweep")])["colocated-chunked"]
     _probes(tmp_path / "cal" / "probes.jsonl", [1.0])
     with pytest.raises(ValueError, match="no probes.jsonl"):
-        fid.speed_factors(run, tmp_path / "cal", PROFILE)
+        speed_factors(run, tmp_path / "cal", PROFILE)
     _probes(run.path / "probes.jsonl", [1.0, 1.1])  # the run has two rate points: three probes wanted
     with pytest.raises(ValueError, match="2 probes for 2 rate points"):
-        fid.speed_factors(run, tmp_path / "cal", PROFILE)
+        speed_factors(run, tmp_path / "cal", PROFILE)
 
 
 def test_own_speed_models_the_overlapped_steps_as_slowed_by_the_shared_host():
-    fid = _fidelity()
-    from pdserve.types import StepRecord
-
     d = PROFILE.decode_s(100, 1)
     step = lambda start, k: StepRecord(start, k * d, (1,), (99,))
     # a: one step alone, one beside b's; every step 1.1× what the model says for its situation
     logs = {"a": [step(0.0, 1.1), step(10.0, 1.1 * 1.2)], "b": [step(10.0, 1.1 * 1.2)]}
-    assert fid.own_speed(logs, PROFILE, host_slowdown=0.2) == pytest.approx(1.1)
-    assert fid.own_speed(logs, PROFILE, host_slowdown=0.0) == pytest.approx(1.1 * 3.4 / 3)
-
-
-@pytest.mark.parametrize("policy, third", [("prefill_priority", 1), ("chunked", 0)])
-def test_router_dispatch_sees_kv_usage_from_before_a_running_prefill_step(policy, third):
-    # 0 decodes a long output on instance 0; 1 (1,000 prompt tokens) goes to instance 1; 2 arrives
-    # while 1 prefills. Prefill-priority runs that prefill as one ~3 s step, and an instance
-    # answers the router's stats poll only between steps: the router still sees instance 1 empty
-    # and sends 2 there. Chunked steps are short, so the router sees 1's KV and picks instance 0.
-    trace = Trace((0.0, 0.01, 1.0), (20, 1000, 20), (200, 10, 10))
-    sim = RouterDispatch(_coloc(policy), trace, 1.0)
-    picks = []
-    original = sim.pick
-    sim.pick = lambda: picks.append(original()) or picks[-1]
-    sim.run()
-    assert picks == [0, 1, third]
+    assert own_speed(logs, PROFILE, host_slowdown=0.2) == pytest.approx(1.1)
+    assert own_speed(logs, PROFILE, host_slowdown=0.0) == pytest.approx(1.1 * 3.4 / 3)

@@ -1,4 +1,4 @@
-"""What the simulator runs: a `Deployment` (instances with their latency models, transfer, batching
+"""What the simulator runs: a `SimDeployment` (instances with their latency models, transfer, batching
 limits) and what comes out: a `SimResult` with per-request TTFT and TPOT."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ CHUNK_SIZE = 512  # tokens per chunked-prefill iteration (the serving config's m
 
 
 @dataclass(frozen=True, kw_only=True)
-class Deployment:
+class SimDeployment:
     """Disaggregated: `prefill` and `decode` instances. Colocated: `prefill` holds the instances
     (each does both phases; pp must be 1) and `decode` is empty."""
 
