@@ -33,9 +33,9 @@ class AgreedReceiver:
         self._nbytes: dict[int, int] = {}  # of decided DONE pulls: every rank's share, summed
         self._seq = 0
 
-    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> int:
+    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int], first_token: int = 0) -> int:
         self._seq += 1
-        self._xfers[self._seq] = self.receiver.pull(handle, dst_block_ids)
+        self._xfers[self._seq] = self.receiver.pull(handle, dst_block_ids, first_token)
         return self._seq
 
     def poll(self, key: int) -> Outcome:

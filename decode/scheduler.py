@@ -6,7 +6,10 @@ Queues (each request is in exactly one, indexed by id in `requests`):
   awaiting_kv   its KV waits on a prefill instance. Admitted FCFS (`admit_pulls`) while a sequence
                 slot and its blocks are free, keeping one block per running request in reserve;
                 then it holds its blocks and its pull runs until `pull_done` / `pull_failed`.
-  waiting       to be (re)computed here: colocated arrivals, failed pulls to recompute, preempted.
+                With prefix caching, the prefix this instance already caches is reused and only
+                the rest is pulled (a delta pull); a landed pull's blocks join the cache.
+  waiting       to be (re)computed here: colocated arrivals, failed pulls to recompute (their blocks
+                freed first), preempted. Only the head of `waiting` holds blocks while it waits.
   running       KV complete up to the last token; one token per step.
 
 `max_num_seqs` bounds running + pulling requests together. Policies (what colocated serving
@@ -125,9 +128,13 @@ class DecodeScheduler:
         for req in self.awaiting_kv:
             if req.block_table:
                 continue
+            # a delta pull: the prefix this instance caches (leaving at least one token to pull) stays
+            reused = self.engine.reuse_prefix(req, max_tokens=req.kv_handle.num_tokens - 1)
             # one block per running request in reserve, so a pull does not force a preemption
             need = self.engine.blocks_needed(req, req.kv_handle.num_tokens) + len(self.running)
             if num_seqs >= self.max_num_seqs or not self.engine.allocator.can_allocate(need):
+                if reused:
+                    self.engine.free(req)  # a request waiting for memory holds no blocks
                 break
             assert self.engine.ensure_blocks(req, req.kv_handle.num_tokens)
             req.pull_started_s = now
@@ -141,7 +148,9 @@ class DecodeScheduler:
         self.kv_pulls["ok"] += 1
         self.kv_pull_nbytes += nbytes
         req.latency += self._pull_latency(req, landed_s, "ok", nbytes)
+        req.latency += LatencyBreakdown(pull_skipped_tokens=req.num_computed_tokens)
         req.num_computed_tokens, req.kv_transfer = req.kv_handle.num_tokens, None
+        self.engine.cache_computed(req)  # the pulled prompt's blocks serve the conversation's next turn
         self.add_running(req)
 
     def pull_failed(self, req: Request, outcome: PullOutcome, error: str | None, now: float) -> StepOutput | None:
@@ -156,7 +165,8 @@ class DecodeScheduler:
             return StepOutput(req.request_id, (), "", "error", error=f"KV transfer failed: {error}")
         self.kv_pulls["recomputed"] += 1
         req.latency += LatencyBreakdown(kv_recomputed=True)
-        req.num_computed_tokens, req.queued_s, req.scheduled_s = 0, now, None
+        self.engine.free(req)  # blocks back (a cached prefix among them is found again when it runs)
+        req.queued_s, req.scheduled_s = now, None
         self.add_waiting(req)
         return None
 

@@ -5,9 +5,11 @@ request to recompute); the scheduler owns it from then on (decode/scheduler.py).
 through a pulled request's life:
 
   awaiting    no blocks here; KV is pinned on prefill until we pull (back-pressure under bursts)
-  pulling     blocks allocated here and owned by the request; the receiver writes into them
-  running     owned by the request; freed by the scheduler when it finishes
-  failed pull on_failure=recompute: blocks kept, recomputed here (counted, and flagged
+  pulling     blocks allocated here and owned by the request (a prefix found in this instance's
+              prefix cache shared with others); the receiver writes the rest
+  running     owned by the request; freed by the scheduler when it finishes (cached blocks stay
+              findable until evicted)
+  failed pull on_failure=recompute: freed, recomputed here (counted, and flagged
               `kv_recomputed` in the request's latency); on_failure=fail: freed here, the request
               ends with an error output
   aborted     freed here; the receiver tells prefill to release the source blocks
@@ -73,7 +75,7 @@ class DecodeWorker:
     def step(self) -> list[StepOutput]:
         """Start admitted pulls, poll transfers, run one batch. Deterministic given inputs and transfer states."""
         for r in self.scheduler.admit_pulls(self.clock()):
-            r.kv_transfer = self.receiver.pull(r.kv_handle, list(r.block_table))
+            r.kv_transfer = self.receiver.pull(r.kv_handle, list(r.block_table), r.num_computed_tokens)
             faultpoints.reached("decode.pull", (r,))  # chaos (pdserve/faultpoints.py): a no-op unless armed
         failures = self._poll_pulls()
         batch = self.scheduler.schedule(self.clock())

@@ -111,16 +111,17 @@ class Engine:
                 # holder already emitted the text, so it is dropped here
         return r
 
-    def reuse_prefix(self, req: Request) -> int:
+    def reuse_prefix(self, req: Request, max_tokens: int | None = None) -> int:
         """Start a request that holds no blocks on the longest cached prefix of its tokens: take a
         reference on those blocks and count them computed. At least one token is left to compute (its
-        logits sample the next token). Returns the tokens reused (0 without prefix caching, or when
+        logits sample the next token), and at most `max_tokens`. Returns the tokens reused (0 without prefix caching, or when
         the rest of the request would not fit next to the reused blocks)."""
         alloc = self.allocator
         if not isinstance(alloc, PrefixCachingAllocator) or req.block_table or req.num_computed_tokens:
             return 0
         bs = self.layout.block_size
-        keys = chain_keys(req.all_token_ids[:req.num_tokens - 1], bs, self.cache_namespace, req.block_keys)
+        limit = req.num_tokens - 1 if max_tokens is None else min(req.num_tokens - 1, max_tokens)
+        keys = chain_keys(req.all_token_ids[:limit], bs, self.cache_namespace, req.block_keys)[:limit // bs]
         hits = alloc.lookup(keys)
         if not hits or not alloc.can_allocate(alloc.num_unreferenced(hits) + self.blocks_needed(req, req.num_tokens)
                                               - len(hits)):
@@ -131,7 +132,7 @@ class Engine:
         req.num_prefix_hit_tokens = max(req.num_prefix_hit_tokens, min(req.num_computed_tokens, req.num_prompt_tokens))
         return req.num_computed_tokens
 
-    def _register_computed(self, req: Request) -> None:
+    def cache_computed(self, req: Request) -> None:
         """Key the full blocks whose KV is now computed, so later prompts can reuse them."""
         alloc = self.allocator
         if isinstance(alloc, PrefixCachingAllocator):
@@ -172,7 +173,7 @@ class Engine:
         self.num_step_tokens += batch.num_tokens
         for c in batch.chunks:
             c.request.num_computed_tokens += c.num_tokens
-            self._register_computed(c.request)
+            self.cache_computed(c.request)
         return list(zip(sampling, tokens, strict=True))
 
     def execute(self, batch: Batch, layer_hook: LayerHook | None = None) -> list[int]:

@@ -80,7 +80,8 @@ class Request:
         if self.kv_pull_landed:
             return self.latency
         start = now if self.scheduled_s is None else self.scheduled_s
-        return self.latency + LatencyBreakdown(prefill_queue_s=start - self.queued_s, prefill_s=now - start)
+        return self.latency + LatencyBreakdown(prefill_queue_s=start - self.queued_s, prefill_s=now - start,
+                                               cached_tokens=self.num_prefix_hit_tokens)
 
     @property
     def kv_pull_landed(self) -> bool:

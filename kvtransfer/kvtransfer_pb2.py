@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvtransfer/kvtransfer.proto\x12\x12pdserve.kvtransfer\":\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"\xc6\x01\n\x0b\x46rameHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05layer\x18\x05 \x01(\r\x12\x12\n\nhead_start\x18\x06 \x01(\r\x12-\n\x05parts\x18\x07 \x03(\x0b\x32\x1e.pdserve.kvtransfer.TensorSpec\x12\x13\n\x0b\x62ody_nbytes\x18\x08 \x01(\x04\x12\x12\n\nnum_chunks\x18\t \x01(\r\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1b\n\x08PullData\x12\x0f\n\x07xfer_id\x18\x01 \x01(\t\"$\n\x05Range\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x01(\r\"\xad\x01\n\x0bPullRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x0f\n\x07xfer_id\x18\x02 \x01(\t\x12)\n\x06layers\x18\x03 \x01(\x0b\x32\x19.pdserve.kvtransfer.Range\x12(\n\x05heads\x18\x04 \x01(\x0b\x32\x19.pdserve.kvtransfer.Range\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x16\n\x0etransport_info\x18\x06 \x01(\t\"x\n\x0eReleaseRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12)\n\x06layers\x18\x02 \x01(\x0b\x32\x19.pdserve.kvtransfer.Range\x12(\n\x05heads\x18\x03 \x01(\x0b\x32\x19.pdserve.kvtransfer.Range\"\x1f\n\x0c\x41\x62ortRequest\x12\x0f\n\x07xfer_id\x18\x01 \x01(\t\" \n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t2K\n\x06KVData\x12\x41\n\x04Pull\x12\x1c.pdserve.kvtransfer.PullData\x1a\x19.pdserve.kvtransfer.Chunk0\x01\x32\xde\x01\n\tKVControl\x12\x45\n\tStartPull\x12\x1f.pdserve.kvtransfer.PullRequest\x1a\x17.pdserve.kvtransfer.Ack\x12\x46\n\x07Release\x12\".pdserve.kvtransfer.ReleaseRequest\x1a\x17.pdserve.kvtransfer.Ack\x12\x42\n\x05\x41\x62ort\x12 .pdserve.kvtransfer.AbortRequest\x1a\x17.pdserve.kvtransfer.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvtransfer/kvtransfer.proto\x12\x12pdserve.kvtransfer\":\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"\xc6\x01\n\x0b\x46rameHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05layer\x18\x05 \x01(\r\x12\x12\n\nhead_start\x18\x06 \x01(\r\x12-\n\x05parts\x18\x07 \x03(\x0b\x32\x1e.pdserve.kvtransfer.TensorSpec\x12\x13\n\x0b\x62ody_nbytes\x18\x08 \x01(\x04\x12\x12\n\nnum_chunks\x18\t \x01(\r\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1b\n\x08PullData\x12\x0f\n\x07xfer_id\x18\x01 \x01(\t\"$\n\x05Range\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x01(\r\"\xc2\x01\n\x0bPullRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x0f\n\x07xfer_id\x18\x02 \x01(\t\x12)\n\x06layers\x18\x03 \x01(\x0b\x32\x19.pdserve.kvtransfer.Range\x12(\n\x05heads\x18\x04 \x01(\x0b\x32\x19.pdserve.kvtransfer.Range\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x16\n\x0etransport_info\x18\x06 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x07 \x01(\r\"x\n\x0eReleaseRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12)\n\x06layers\x18\x02 \x01(\x0b\x32\x19.pdserve.kvtransfer.Range\x12(\n\x05heads\x18\x03 \x01(\x0b\x32\x19.pdserve.kvtransfer.Range\"\x1f\n\x0c\x41\x62ortRequest\x12\x0f\n\x07xfer_id\x18\x01 \x01(\t\" \n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t2K\n\x06KVData\x12\x41\n\x04Pull\x12\x1c.pdserve.kvtransfer.PullData\x1a\x19.pdserve.kvtransfer.Chunk0\x01\x32\xde\x01\n\tKVControl\x12\x45\n\tStartPull\x12\x1f.pdserve.kvtransfer.PullRequest\x1a\x17.pdserve.kvtransfer.Ack\x12\x46\n\x07Release\x12\".pdserve.kvtransfer.ReleaseRequest\x1a\x17.pdserve.kvtransfer.Ack\x12\x42\n\x05\x41\x62ort\x12 .pdserve.kvtransfer.AbortRequest\x1a\x17.pdserve.kvtransfer.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,15 +42,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANGE']._serialized_start=364
   _globals['_RANGE']._serialized_end=400
   _globals['_PULLREQUEST']._serialized_start=403
-  _globals['_PULLREQUEST']._serialized_end=576
-  _globals['_RELEASEREQUEST']._serialized_start=578
-  _globals['_RELEASEREQUEST']._serialized_end=698
-  _globals['_ABORTREQUEST']._serialized_start=700
-  _globals['_ABORTREQUEST']._serialized_end=731
-  _globals['_ACK']._serialized_start=733
-  _globals['_ACK']._serialized_end=765
-  _globals['_KVDATA']._serialized_start=767
-  _globals['_KVDATA']._serialized_end=842
-  _globals['_KVCONTROL']._serialized_start=845
-  _globals['_KVCONTROL']._serialized_end=1067
+  _globals['_PULLREQUEST']._serialized_end=597
+  _globals['_RELEASEREQUEST']._serialized_start=599
+  _globals['_RELEASEREQUEST']._serialized_end=719
+  _globals['_ABORTREQUEST']._serialized_start=721
+  _globals['_ABORTREQUEST']._serialized_end=752
+  _globals['_ACK']._serialized_start=754
+  _globals['_ACK']._serialized_end=786
+  _globals['_KVDATA']._serialized_start=788
+  _globals['_KVDATA']._serialized_end=863
+  _globals['_KVCONTROL']._serialized_start=866
+  _globals['_KVCONTROL']._serialized_end=1088
 # @@protoc_insertion_point(module_scope)

@@ -175,9 +175,11 @@ class KVSink(Protocol[XferKey]):
     """The decode end of transfers (`KVReceiver` is a `KVSink[TransferId]`; a rank wrapper that keys
     pulls by its own counter is a `KVSink[int]`). Never blocks on the network."""
 
-    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> XferKey:
+    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int], first_token: int = 0) -> XferKey:
         """Start moving `handle`'s KV into `dst_block_ids` (allocated and owned by the caller, enough
-        for `handle.num_tokens`). Remote trouble is a FAILED transfer, never an exception."""
+        for `handle.num_tokens`; token t lands in dst_block_ids[t // block_size]). With `first_token`
+        > 0 only tokens [first_token, num_tokens) travel: the caller already holds the prefix there
+        (a prefix-cache hit), the delta transfer. Remote trouble is a FAILED transfer, never an exception."""
         ...
 
     def poll(self, xfer: XferKey) -> tuple[TransferStatus, str | None]:

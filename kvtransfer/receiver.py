@@ -39,6 +39,7 @@ class _Pull:
     state: TransferState
     handle: KVHandle
     codec: str
+    first_token: int = 0  # tokens before it are not pulled (the receiver holds them)
     started_s: float = field(default_factory=time.monotonic)
     pieces: list[Piece] = field(default_factory=list)
     subs: list[TransferState] = field(default_factory=list)
@@ -70,18 +71,19 @@ class KVReceiver:
             self._exit_token = close_at_exit(self, KVReceiver.close)
         return self
 
-    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> TransferId:
-        """Start moving `handle`'s KV (this rank's layers x heads) into `dst_block_ids`, which the
-        caller owns throughout. Never raises for remote trouble: a bad handle is a FAILED transfer."""
+    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int], first_token: int = 0) -> TransferId:
+        """Start moving `handle`'s KV (this rank's layers x heads) for tokens [first_token, num_tokens)
+        into `dst_block_ids`, which the caller owns throughout. Never raises for remote trouble: a bad
+        handle is a FAILED transfer."""
         if self._exit_token is None:
             raise RuntimeError("KVReceiver: call start() first")
         xfer = TransferId(uuid.uuid4().hex)
         codec = self.codec if self.codec != "auto" else self.controller.choose(handle, self.pool.layout)
-        p = _Pull(TransferState(xfer), handle, codec)
+        p = _Pull(TransferState(xfer), handle, codec, first_token)
         with self._lock:
             self._pulls[xfer] = p
             self._prune()
-        error = self._check(handle, dst_block_ids)
+        error = self._check(handle, dst_block_ids, first_token)
         if error is None:
             try:
                 p.pieces = plan_pulls(handle, self.layers, self.heads)
@@ -145,13 +147,15 @@ class KVReceiver:
 
     # ---- background ------------------------------------------------------------------------------
 
-    def _check(self, h: KVHandle, dst: Sequence[int]) -> str | None:
+    def _check(self, h: KVHandle, dst: Sequence[int], first_token: int) -> str | None:
         lay = self.pool.layout
         if h.head_dim != lay.head_dim or h.num_layers < self.layers.stop or h.num_kv_heads < self.heads.stop:
             return f"handle layout ({h.num_layers} layers, {h.num_kv_heads} kv heads, head_dim {h.head_dim}) " \
                    f"does not contain this rank's layers {self.layers} x heads {self.heads}"
         if len(dst) < lay.num_blocks_for(h.num_tokens):
             return f"{len(dst)} destination blocks cannot hold {h.num_tokens} tokens"
+        if not 0 <= first_token < h.num_tokens:
+            return f"first_token {first_token} is outside the handle's {h.num_tokens} tokens"
         return None
 
     def _run(self, p: _Pull, dst: list[int]) -> None:
@@ -164,7 +168,7 @@ class KVReceiver:
             self._finish(p, started)
 
     def _pull_pieces(self, p: _Pull, dst: list[int], started: list[tuple[Piece, TransferId]]) -> None:
-        slots = token_slots(dst, self.pool.layout.block_size, p.handle.num_tokens, self.pool.device)
+        slots = token_slots(dst, self.pool.layout.block_size, p.handle.num_tokens, self.pool.device)[p.first_token:]
         sinks = p.sinks
         for i, piece in enumerate(p.pieces):
             sub_xfer = TransferId(f"{p.state.xfer}.{i}")
@@ -177,7 +181,7 @@ class KVReceiver:
             ack = self._control(piece, lambda stub: stub.StartPull(pb.PullRequest(
                 handle_id=p.handle.handle_id, xfer_id=sub_xfer, codec=p.codec, transport_info=info,
                 layers=pb.Range(start=piece.layers.start, stop=piece.layers.stop),
-                heads=pb.Range(start=piece.heads.start, stop=piece.heads.stop))))
+                heads=pb.Range(start=piece.heads.start, stop=piece.heads.stop), first_token=p.first_token)))
             started.append((piece, sub_xfer))
             if not ack.ok:
                 p.state.fail(f"prefill {piece.shard.peer.control}: {ack.error}")
@@ -259,7 +263,7 @@ class _FrameSink:
         if frame is None:
             return
         h, piece = self.p.handle, self.piece
-        shape = (2, h.num_tokens, len(piece.heads), h.head_dim)
+        shape = (2, h.num_tokens - self.p.first_token, len(piece.heads), h.head_dim)
         if (frame.layer != self.next_layer or frame.head_start != piece.heads.start or frame.shape != shape
                 or frame.codec != self.p.codec):
             raise wire.WireError(f"unexpected frame: layer {frame.layer}, heads from {frame.head_start}, "

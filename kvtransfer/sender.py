@@ -48,6 +48,7 @@ class _Pick:
     heads: Span
     codec: KVCodec
     tensors: bool
+    first_token: int = 0  # send tokens [first_token, num_tokens)
 
 
 class KVSender:
@@ -195,7 +196,9 @@ class KVSender:
             except ValueError as err:
                 return str(err)
             xfer = TransferId(req.xfer_id)
-            frames = self._frames(e, xfer, _Pick(layers, heads, codec, lane is not None))
+            if not 0 <= req.first_token < e.handle.num_tokens:
+                return f"first_token {req.first_token} is outside the handle's {e.handle.num_tokens} tokens"
+            frames = self._frames(e, xfer, _Pick(layers, heads, codec, lane is not None, req.first_token))
             state = self.transport.send(xfer, frames, req.transport_info, self.timeout_s)
             e.sends[xfer] = state
             e.deadline = max(e.deadline, self.clock() + self.lease_s)
@@ -226,7 +229,8 @@ class KVSender:
         `TensorFrame` whose parts stay on the pool's device when the transport has a tensor lane.
         Stops as soon as the send ends (abort, timeout) so the blocks are never read after release."""
         h, layers, heads, codec = e.handle, pick.layers, pick.heads, pick.codec
-        slots = token_slots(e.shard.block_ids, self.pool.layout.block_size, h.num_tokens, self.pool.device)
+        slots = token_slots(e.shard.block_ids, self.pool.layout.block_size, h.num_tokens,
+                            self.pool.device)[pick.first_token:]
         local_heads = slice(heads.start - self.heads.start, heads.stop - self.heads.start)
         for layer in range(layers.start, layers.stop):
             local = layer - self.layers.start
@@ -238,7 +242,7 @@ class KVSender:
             stage = self._stager.on_device if pick.tensors else self._stager.to_host
             parts = stage(self._events.get(local), lambda: codec.encode(
                 gather_slab(self.pool, local, slots, local_heads)))  # slab (2, T, heads, D)
-            shape = (2, h.num_tokens, len(heads), self.pool.layout.head_dim)
+            shape = (2, h.num_tokens - pick.first_token, len(heads), self.pool.layout.head_dim)
             if pick.tensors:
                 yield wire.tensor_frame(codec.name, self.pool.kv.dtype, shape, layer, heads.start, parts)
             else:

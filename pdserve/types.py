@@ -123,8 +123,9 @@ class LatencyBreakdown:
 
     Workers report their own part on the request's first output from each instance: prefill
     {prefill_queue_s, prefill_s}; decode after a pull {decode_queue_s (waiting for a sequence slot
-    and KV memory), transfer_s, transfer_bytes, kv_pull}; decode computing the prompt itself
-    (colocated, or a failed pull recomputed: `kv_recomputed`) {prefill_queue_s, prefill_s}. The
+    and KV memory), transfer_s, transfer_bytes, kv_pull, pull_skipped_tokens (a delta pull)}; decode computing the prompt itself
+    (colocated, or a failed pull recomputed: `kv_recomputed`) {prefill_queue_s, prefill_s}; whoever
+    computes the prompt adds `cached_tokens`, its prefix-cache hit. The
     router adds the parts over roles and attempts (`+`) and fills the end-to-end figures with
     `finalize` on the last output. `decode_queue_s` / `transfer_bytes` / `kv_pull` are None when no
     pull was started / completed / attempted. Plain floats, ints, bools and strings only: it
@@ -138,6 +139,8 @@ class LatencyBreakdown:
     transfer_bytes: int | None = None
     kv_pull: PullOutcome | None = None
     kv_recomputed: bool = False
+    cached_tokens: int = 0  # prompt tokens the computing instance found in its prefix cache (not computed)
+    pull_skipped_tokens: int = 0  # prompt tokens a pull did not move: decode's prefix cache held them
     decode_s: float = 0.0  # finalize: e2e less queues, prefill and transfer
     ttft_s: float = 0.0  # finalize: arrival to first token (router clock)
     e2e_s: float = 0.0  # finalize: arrival to last output (router clock)
@@ -157,7 +160,8 @@ class LatencyBreakdown:
             self.prefill_queue_s + other.prefill_queue_s, self.prefill_s + other.prefill_s,
             _add_opt(self.decode_queue_s, other.decode_queue_s), self.transfer_s + other.transfer_s,
             _add_opt(self.transfer_bytes, other.transfer_bytes), other.kv_pull or self.kv_pull,
-            self.kv_recomputed or other.kv_recomputed, self.decode_s + other.decode_s,
+            self.kv_recomputed or other.kv_recomputed, max(self.cached_tokens, other.cached_tokens),
+            self.pull_skipped_tokens + other.pull_skipped_tokens, self.decode_s + other.decode_s,
             self.ttft_s + other.ttft_s, self.e2e_s + other.e2e_s)
 
     def finalize(self, ttft_s: float, e2e_s: float) -> LatencyBreakdown:
@@ -176,6 +180,10 @@ class LatencyBreakdown:
             out["transfer_bytes"] = float(self.transfer_bytes)
         if self.kv_recomputed:
             out["kv_recomputed"] = 1.0
+        if self.cached_tokens:
+            out["cached_tokens"] = float(self.cached_tokens)
+        if self.pull_skipped_tokens:
+            out["pull_skipped_tokens"] = float(self.pull_skipped_tokens)
         return out
 
 

@@ -18,7 +18,7 @@ class _RankReceiver:
         self.status: dict[TransferId, TransferStatus] = {}
         self.aborted: list[TransferId] = []
 
-    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> TransferId:
+    def pull(self, handle: KVHandle, dst_block_ids: Sequence[int], first_token: int = 0) -> TransferId:
         xfer = TransferId(f"x{len(self.status)}")
         self.status[xfer] = TransferStatus.PENDING
         return xfer
