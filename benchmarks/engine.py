@@ -72,6 +72,17 @@ def roofline_pairs(engine, context: int, pairs: int) -> tuple[list[float], list[
     return reads, steps
 
 
+def _native_status(engine) -> str:
+    """Whether the native kernels ran (engine/kernels.py), or why not and on how many steps not."""
+    runner = engine.runner
+    if getattr(runner, "native_fallback", False):
+        from pdserve.engine import kernels
+
+        return (f"native kernels UNAVAILABLE ({kernels.load_error()}): "
+                f"{runner.num_fallback_steps} steps on the fallback path")
+    return "native kernels: " + ("on" if getattr(runner, "native", None) is not None else "n/a")
+
+
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
@@ -110,7 +121,8 @@ def measure(llm, engine, hf, args) -> dict[str, float]:
           f"decode step b=1 {step1 * 1e3:.1f} ms; ratio {fig['a']:.2f} (target <= 1.3); "
           f"{len(ratios)} paired ratios {ratios[0]:.2f}..{ratios[-1]:.2f}, median {_median(ratios):.2f} "
           f"[matmul: {getattr(getattr(engine.model, 'linear', None), 'name', 'torch')}; "
-          f"attention: {getattr(engine.runner, 'attention_backend', 'reference')}]", flush=True)
+          f"attention: {getattr(engine.runner, 'attention_backend', 'reference')}; {_native_status(engine)}]",
+          flush=True)
 
     # (b) 16 concurrent requests of different lengths, every system making the same tokens (ignore_eos).
     # Reported end to end (output tokens / wall time, vLLM's throughput measure) and decode only,
@@ -146,7 +158,8 @@ def measure(llm, engine, hf, args) -> dict[str, float]:
     # (c) prefill throughput at 512 tokens
     p512 = timed_step(engine, [512], [0], repeats=3)
     fig["c"] = 512 / p512
-    print(f"(c) prefill 512 tokens in {p512 * 1e3:.0f} ms = {fig['c']:.0f} tok/s", flush=True)
+    print(f"(c) prefill 512 tokens in {p512 * 1e3:.0f} ms = {fig['c']:.0f} tok/s [{_native_status(engine)}]",
+          flush=True)
     return fig
 
 

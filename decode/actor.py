@@ -10,18 +10,16 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import ray
-import torch
 
-from pdserve.actor_shell import WorkerShell
 from pdserve.config import ServingConfig
-from pdserve.decode.scheduler import decode_options
-from pdserve.decode.worker import DecodeWorker
-from pdserve.engine.engine import Engine
+from pdserve.decode.build import build_decode_worker
 from pdserve.engine.pipeline import RankLayout
 from pdserve.kvtransfer.reach import Endpoint, probe_socket
+from pdserve.runtime.lockstep import LockStep
+from pdserve.runtime.shell import WorkerShell
 from pdserve.types import GenerateRequest, RequestId, StepOutput
 
 if TYPE_CHECKING:
@@ -36,20 +34,8 @@ class DecodeActor(WorkerShell):
         self._streams: dict[RequestId, asyncio.Queue[StepOutput]] = {}
         self._probe: socket.socket | None = None
 
-    def _build_worker(self, init_method: str) -> Any:
-        if self.ranks.world_size > 1:
-            from pdserve.decode.ranks import build_decode_rank
-
-            return build_decode_rank(self.cfg, self.worker_id, self.ranks, init_method, self.listen)
-        cfg = self.cfg
-        torch.set_num_threads(cfg.engine.num_threads)
-        engine = Engine.from_config(cfg.model, cfg.engine)
-        receiver = None
-        if cfg.mode == "disaggregated":
-            from pdserve.kvtransfer.factories import make_receiver
-
-            receiver = make_receiver(cfg.kvtransfer, engine.pool, listen=self.listen)
-        return DecodeWorker(engine, decode_options(cfg), receiver=receiver, worker_id=self.worker_id)
+    def _build_worker(self, init_method: str) -> LockStep:
+        return build_decode_worker(self.cfg, self.worker_id, self.ranks, init_method, self.listen)
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:
         for out in outputs:

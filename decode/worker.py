@@ -151,8 +151,8 @@ class DecodeWorker:
             num_running=len(s.running),
             num_waiting=len(s.waiting) + len(s.awaiting_kv),
             num_free_blocks=a.num_free, num_total_blocks=a.num_blocks,
-            busy_s=self.engine.busy_s, num_steps=self.engine.num_steps, num_step_tokens=self.engine.num_step_tokens,
             outstanding_tokens=sum(r.num_uncomputed_tokens for r in s.waiting),
             kv_pulls=dict(s.kv_pulls), kv_pull_nbytes=s.kv_pull_nbytes,
             num_failed_steps=self.num_failed_steps,
+            **self.engine.counters(),
         )

@@ -132,6 +132,15 @@ class Engine:
         req.num_prefix_hit_tokens = max(req.num_prefix_hit_tokens, min(req.num_computed_tokens, req.num_prompt_tokens))
         return req.num_computed_tokens
 
+    def counters(self) -> dict[str, float | int]:
+        """Cumulative engine figures for `WorkerStats` (keyword names are its fields)."""
+        alloc, bs = self.allocator, self.layout.block_size
+        cached = isinstance(alloc, PrefixCachingAllocator)
+        return {"busy_s": self.busy_s, "num_steps": self.num_steps, "num_step_tokens": self.num_step_tokens,
+                "prefix_cache_queried_tokens": alloc.num_queried_blocks * bs if cached else 0,
+                "prefix_cache_hit_tokens": alloc.num_hit_blocks * bs if cached else 0,
+                "num_fallback_steps": self.runner.num_fallback_steps}
+
     def cache_computed(self, req: Request) -> None:
         """Key the full blocks whose KV is now computed, so later prompts can reuse them."""
         alloc = self.allocator

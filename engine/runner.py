@@ -1,15 +1,20 @@
 """ModelRunner: turns a batch of chunks into model inputs, runs one forward, returns logits.
 
 It knows tensors, not requests' lifecycles: the engine advances state from what it returns.
+On CPU fp32 its decode attention and the model's small matmuls run the native kernels
+(engine/kernels.py); where they cannot be built, `native_fallback` is set, the reason is logged
+once, and `num_fallback_steps` counts the steps that ran the slower torch/oneDNN path instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import Sequence
 
 import torch
 
+from pdserve.engine import kernels
 from pdserve.engine.attention import AttentionBackend, AttentionMetadata, build_metadata, resolve_backend
 from pdserve.engine.batch import Chunk
 from pdserve.engine.cuda_graphs import DecodeGraphs
@@ -26,6 +31,17 @@ class ModelRunner:
         self.device = pool.device
         self._gather = torch.empty(0)
         self.attention_backend = resolve_backend(attention_backend, self.device, pool.kv.dtype)
+        cpu32 = self.device.type == "cpu" and pool.kv.dtype == torch.float32
+        self.native = kernels.load() if cpu32 and model.native_kernels else None
+        self.native_fallback = cpu32 and model.native_kernels and self.native is None
+        self.num_fallback_steps = 0  # steps run without the native kernels where they were wanted
+        if self.native is not None and next(model.parameters()).dtype == torch.float32:
+            model.pack_for_native(self.native)
+        # The loaded model, tokenizer and libraries are hundreds of thousands of long-lived objects;
+        # moved out of the collector's generations, a step's garbage collections no longer walk them
+        # (~5% of a batch-1 decode step here before; vLLM freezes after start-up too).
+        gc.collect()
+        gc.freeze()
 
     @property
     def pool(self) -> KVPool:
@@ -88,7 +104,10 @@ class ModelRunner:
         h_q, h_kv = self.heads()
         meta = build_metadata(q_lens, ctx_lens, [c.request.block_table for c in chunks],
                               self.pool.layout.block_size, self.device, num_heads=h_q, num_kv_heads=h_kv,
-                              backend=self.attention_backend)
+                              backend=self.attention_backend,
+                              kernels=self.native if self.attention_backend == "paged" else None)
+        if self.native_fallback:
+            self.num_fallback_steps += 1
         if meta.gather_blocks:
             meta = dataclasses.replace(meta, gather_buf=self._gather_buffer(meta.gather_blocks))
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731

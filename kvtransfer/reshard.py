@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from pdserve.engine.kv_cache import KVPool
+from pdserve.engine.kv_cache import KVLayout, KVPool
 from pdserve.kvtransfer.types import KVHandle, KVShard, Span
 
 
@@ -49,6 +49,14 @@ def plan_pulls(handle: KVHandle, layers: Span, heads: Span) -> list[Piece]:
                          f"{layers.stop}) x heads [{heads.start}, {heads.stop}) ({missing} cells missing)")
     return pieces
 
+
+def rank_spans(first_layer: int, layout: KVLayout, tp_rank: int) -> tuple[Span, Span]:
+    """The global (layers, kv heads) one rank's pool holds: its stage's layers, from global layer
+    `first_layer` on, and its contiguous 1/tp of the kv heads (engine/tp.py's split). `layout` is
+    the rank's own pool layout (its share of layers and heads); at tp = pp = 1 the spans cover the
+    whole model."""
+    h = layout.num_kv_heads  # this rank's share: num_kv_heads / tp
+    return Span(first_layer, first_layer + layout.num_layers), Span(tp_rank * h, (tp_rank + 1) * h)
 
 def token_slots(block_ids: Sequence[int], block_size: int, num_tokens: int, device: torch.device) -> torch.Tensor:
     """Flat slot of each token in a pool viewed as (num_blocks * block_size, ...).

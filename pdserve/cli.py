@@ -15,13 +15,15 @@ Parsing is stdlib argparse (no extra dependency, and every subcommand module alr
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from types import ModuleType
 
-from pdserve import __version__
+from pdserve import __version__, chaos_cli, demo, serve
+from pdserve.bench import cli as bench_cli
+from pdserve.placement import cli as placement_cli
 
 # Each module exposes `add_parsers(subparsers)`, which registers its commands with `func` set.
-_COMMAND_MODULES = ("pdserve.serve", "pdserve.demo", "pdserve.placement.cli", "pdserve.bench.cli", "pdserve.chaos_cli")
+COMMAND_MODULES: tuple[ModuleType, ...] = (serve, demo, placement_cli, bench_cli, chaos_cli)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -44,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name).add_parsers(sub)
+    for module in COMMAND_MODULES:
+        module.add_parsers(sub)
     for p in all_parsers(parser):
         p.formatter_class = HelpFormatter
     return parser

@@ -21,8 +21,8 @@ ColocatedPolicy = Literal["prefill_priority", "chunked"]
 TransportName = Literal["loopback", "grpc", "torch"]
 OnFailure = Literal["recompute", "fail"]
 CodecName = Literal["auto", "raw", "int8", "fp8", "int4", "int4_zstd"]
-PrefillPolicyName = Literal["least_tokens", "cache_aware", "round_robin"]
-DecodePolicyName = Literal["least_kv", "cache_aware", "round_robin"]
+PrefillPolicyName = Literal["least_tokens", "round_robin"]
+DecodePolicyName = Literal["least_kv", "round_robin"]
 
 
 class ConfigError(ValueError):

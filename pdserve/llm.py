@@ -7,8 +7,8 @@ synchronously until every request finishes, so what it returns is what `pdserve 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Sequence
 
 import torch
 
@@ -30,23 +30,53 @@ class RequestOutput:
     finish_reason: str | None
 
 
-class LLM:
-    def __init__(self, model: str = "smollm2-135m", tensor_parallel_size: int = 1, *,
-                 max_model_len: int | None = None, kv_cache_memory_gb: float = 1.0, block_size: int = 16,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, dtype: str = "auto",
-                 device: str = "auto", num_threads: int | None = None) -> None:
-        if tensor_parallel_size != 1:
+@dataclass(frozen=True, kw_only=True)
+class LLMOptions:
+    """How the offline engine is sized and placed; every field may also be passed to `LLM` as a keyword."""
+
+    tensor_parallel_size: int = 1  # only 1: the offline API runs one process (serve a tp > 1 pool instead)
+    max_model_len: int | None = None  # prompt + output tokens; None: EngineConfig's default
+    kv_cache_memory_gb: float = 1.0  # KV cache size (GB) on the CPU, or on a GPU without gpu_memory_utilization
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # requests batched together
+    max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on CUDA)
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int | None = None  # torch threads; None: every core
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size: the offline API runs one process; "
                              "use `pdserve serve` with a tp > 1 pool for tensor parallelism")
-        torch.set_num_threads(num_threads or os.cpu_count() or 1)
-        cfg = EngineConfig(block_size=block_size, dtype=dtype, device=device,  # type: ignore[arg-type]
-                           kv_cache_memory_gb=kv_cache_memory_gb,
-                           max_model_len=max_model_len or EngineConfig.max_model_len)
-        self.max_model_len = cfg.max_model_len
+
+    def engine_config(self) -> EngineConfig:
+        """The EngineConfig these options describe; raises ValueError naming a bad field."""
+        return EngineConfig(block_size=self.block_size, dtype=self.dtype, device=self.device,  # type: ignore[arg-type]
+                            kv_cache_memory_gb=self.kv_cache_memory_gb,
+                            max_model_len=self.max_model_len or EngineConfig.max_model_len)
+
+    @classmethod
+    def of(cls, options: LLMOptions | None, overrides: dict[str, Any]) -> LLMOptions:
+        """`options` (or the defaults) with `overrides` applied; ValueError names an unknown keyword."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not an LLM option (known: {', '.join(f.name for f in fields(cls))})")
+        return replace(options or cls(), **overrides)
+
+
+class LLM:
+    """`LLM("smollm2-135m", device="cpu")` or `LLM("smollm2-135m", LLMOptions(device="cpu"))`: keywords
+    are LLMOptions fields (vLLM's names), applied over `options` when both are given."""
+
+    def __init__(self, model: str = "smollm2-135m", options: LLMOptions | None = None, **overrides: Any) -> None:
+        opts = LLMOptions.of(options, overrides)
+        torch.set_num_threads(opts.num_threads or os.cpu_count() or 1)
+        cfg = opts.engine_config()
+        self.options, self.max_model_len = opts, cfg.max_model_len
         self.engine = Engine.from_config(model, cfg)
         self.tokenizer = self.engine.tokenizer
-        options = DecodeOptions("prefill_priority", max_num_seqs, max_num_batched_tokens)
-        self._worker = DecodeWorker(self.engine, options, worker_id="llm")
+        scheduling = DecodeOptions("prefill_priority", opts.max_num_seqs, opts.max_num_batched_tokens)
+        self._worker = DecodeWorker(self.engine, scheduling, worker_id="llm")
         self._counter = 0
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None,

@@ -241,7 +241,7 @@ class WorkerStats:
     num_free_blocks: int = 0
     num_total_blocks: int = 1
     outstanding_tokens: int = 0  # prompt tokens queued or running (prefill's policy input)
-    prefix_hit_tokens: int = 0  # tokens of the request being dispatched the router believes cached here
+    expected_hit_tokens: int = 0  # tokens of the request being dispatched the router believes cached here
     healthy: bool = True
     # Engine time as the serving path sees it (cumulative since start): busy_s / num_steps is the
     # mean step time inside the actor, the figure to hold a latency profile against.
@@ -253,6 +253,11 @@ class WorkerStats:
     kv_pulls: dict[str, int] = field(default_factory=dict)
     kv_pull_nbytes: int = 0
     num_failed_steps: int = 0  # steps that raised: their requests failed, the instance lives on
+    # Prefix cache, cumulative (vLLM's prefix_cache_queries / prefix_cache_hits): prompt tokens looked
+    # up, and those found cached (not computed, or not pulled on a decode instance).
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    num_fallback_steps: int = 0  # engine steps that ran without the native CPU kernels (engine/runner.py)
 
     @property
     def kv_usage(self) -> float:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import ray
-import torch
 
-from pdserve.actor_shell import WorkerShell
 from pdserve.config import ServingConfig
-from pdserve.engine.engine import Engine
 from pdserve.engine.pipeline import RankLayout
 from pdserve.kvtransfer.reach import Endpoint, endpoints
-from pdserve.prefill.worker import PrefillWorker
+from pdserve.prefill.build import build_prefill_worker
+from pdserve.runtime.lockstep import LockStep
+from pdserve.runtime.shell import WorkerShell
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput
 
 
@@ -25,19 +23,8 @@ class PrefillActor(WorkerShell):
         self.ranks = RankLayout(cfg.prefill.tp, cfg.prefill.pp, rank)
         self._waiting: dict[RequestId, asyncio.Future[PrefillResult]] = {}
 
-    def _build_worker(self, init_method: str) -> Any:
-        if self.ranks.world_size > 1:
-            from pdserve.prefill.ranks import build_prefill_rank
-
-            return build_prefill_rank(self.cfg, self.worker_id, self.ranks, init_method, self.listen)
-        from pdserve.kvtransfer.factories import make_sender
-
-        cfg = self.cfg
-        torch.set_num_threads(cfg.engine.num_threads)
-        engine = Engine.from_config(cfg.model, cfg.engine)
-        sender = make_sender(cfg.kvtransfer, engine.pool, engine.allocator, listen=self.listen)
-        return PrefillWorker(engine, cfg.prefill.max_num_seqs, cfg.prefill.max_num_batched_tokens,
-                             sender, worker_id=self.worker_id)
+    def _build_worker(self, init_method: str) -> LockStep:
+        return build_prefill_worker(self.cfg, self.worker_id, self.ranks, init_method, self.listen)
 
     def _on_outputs(self, results: list[PrefillResult]) -> None:
         for r in results:
@@ -70,5 +57,4 @@ class PrefillActor(WorkerShell):
     async def kv_endpoints(self) -> list[Endpoint]:
         """The socket endpoints decode instances dial to pull this instance's KV (every rank's)."""
         await self.start()
-        sender = getattr(self.worker, "worker", self.worker).sender  # through LockStep on tp × pp
-        return endpoints(self.worker_id, self.node_ip, sender.addresses)
+        return endpoints(self.worker_id, self.node_ip, self.worker.worker.sender.addresses)

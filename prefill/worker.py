@@ -101,6 +101,6 @@ class PrefillWorker:
         return WorkerStats(
             worker_id=self.worker_id, num_running=0, num_waiting=len(self.scheduler.waiting),
             num_free_blocks=a.num_free, num_total_blocks=a.num_blocks,
-            busy_s=self.engine.busy_s, num_steps=self.engine.num_steps, num_step_tokens=self.engine.num_step_tokens,
             outstanding_tokens=self.scheduler.outstanding_tokens, num_failed_steps=self.num_failed_steps,
+            **self.engine.counters(),
         )

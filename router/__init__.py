@@ -9,4 +9,7 @@
   server.py      FastAPI app (`build_app`)
   metrics.py     Prometheus metrics in the router's own registry
   actor.py       RouterActor (uvicorn inside a Ray actor) and Ray handle adapters
+
+May import: pdserve.kvtransfer.types (KVHandle), the contracts (config, types) and its own
+modules. Never torch, the engine, a role or the runtime; only actor.py imports ray.
 """

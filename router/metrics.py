@@ -111,6 +111,9 @@ class _PoolCollector(Collector):
         steps = counter("engine_steps", "Engine steps that ran a batch")
         step_tokens = counter("engine_step_tokens", "Tokens run through the model, all steps")
         failed_steps = counter("engine_failed_steps", "Engine steps that raised (their requests failed)")
+        fallback = counter("engine_fallback_steps", "Engine steps run without the native CPU kernels (slower path)")
+        queried = counter("prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache")
+        hits = counter("prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (not computed or pulled)")
         failures = CounterMetricFamily("pdserve_worker_failures", "Instances seen dying", labels=["role"])
         for pool in (self.router.prefill, self.router.decode):
             for inst in pool.instances.values():
@@ -126,9 +129,12 @@ class _PoolCollector(Collector):
                 steps.add_metric(key, inst.stats.num_steps)
                 step_tokens.add_metric(key, inst.stats.num_step_tokens)
                 failed_steps.add_metric(key, inst.stats.num_failed_steps)
+                fallback.add_metric(key, inst.stats.num_fallback_steps)
+                queried.add_metric(key, inst.stats.prefix_cache_queried_tokens)
+                hits.add_metric(key, inst.stats.prefix_cache_hit_tokens)
             failures.add_metric([pool.role], pool.num_failures)
         yield from (running, waiting, usage, healthy, unavailable, tokens, busy, steps, step_tokens, failed_steps,
-                    failures)
+                    fallback, queried, hits, failures)
         yield _kv_pulls(self.router)
         yield CounterMetricFamily("pdserve_redispatched_requests", "Requests moved to another instance after a failure",
                                   value=self.router.num_redispatched)

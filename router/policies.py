@@ -49,11 +49,11 @@ def least_kv_pressure(req: GenerateRequest, stats: Sequence[WorkerStats], tick: 
 
 def cache_aware_prefill(req: GenerateRequest, stats: Sequence[WorkerStats], tick: int) -> str:
     """Prefill with a prefix cache: the least prompt work queued once this request is added, its
-    cached prefix (`prefix_hit_tokens`, the router's guess) not counted as work. Without hits it is
+    cached prefix (`expected_hit_tokens`, the router's guess) not counted as work. Without hits it is
     `least_outstanding_tokens`."""
     assert stats, "policy called with no candidates"
     n, prompt = len(stats), len(req.prompt_token_ids)
-    best = min(range(n), key=lambda i: (stats[i].outstanding_tokens + prompt - min(prompt, stats[i].prefix_hit_tokens),
+    best = min(range(n), key=lambda i: (stats[i].outstanding_tokens + prompt - min(prompt, stats[i].expected_hit_tokens),
                                         stats[i].num_waiting, (i - tick) % n))
     return stats[best].worker_id
 
@@ -70,7 +70,7 @@ def cache_aware_decode(req: GenerateRequest, stats: Sequence[WorkerStats], tick:
     idle = min(load.values())
     near = [i for i in near if load[i] <= idle + PREFIX_LOAD_SLACK]
     n = len(stats)
-    best = min(near, key=lambda i: (-stats[i].prefix_hit_tokens, load[i], stats[i].kv_usage, (i - tick) % n))
+    best = min(near, key=lambda i: (-stats[i].expected_hit_tokens, load[i], stats[i].kv_usage, (i - tick) % n))
     return stats[best].worker_id
 
 
@@ -80,10 +80,10 @@ def round_robin(req: GenerateRequest, stats: Sequence[WorkerStats], tick: int) -
     return stats[tick % len(stats)].worker_id
 
 
-_PREFILL: dict[str, Policy] = {"least_tokens": least_outstanding_tokens, "cache_aware": cache_aware_prefill,
-                               "round_robin": round_robin}
-_DECODE: dict[str, Policy] = {"least_kv": least_kv_pressure, "cache_aware": cache_aware_decode,
-                              "round_robin": round_robin}
+# The cache_aware policies join these once the router feeds them its PrefixIndex's guesses
+# (`expected_hit_tokens`); until then a name that selects them would silently act as the defaults.
+_PREFILL: dict[str, Policy] = {"least_tokens": least_outstanding_tokens, "round_robin": round_robin}
+_DECODE: dict[str, Policy] = {"least_kv": least_kv_pressure, "round_robin": round_robin}
 
 
 def prefill_policy(name: str) -> Policy:

@@ -68,9 +68,11 @@ class _Tally:
 
 def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, card: ModelCard | None = None,
               metrics: RouterMetrics | None = None, stats_interval_s: float = 0.5) -> FastAPI:
+    """The app: generation routes, models/health/metrics, OpenAI error bodies, and a stats poll
+    (every `stats_interval_s` seconds while the app runs) that keeps the router's view of its pools fresh."""
     card = card or ModelCard(cfg.model, cfg.engine.max_model_len)
     metrics = metrics or RouterMetrics(router, model_name=card.name)
-    api_key = cfg.router.api_key
+    authorize = _Authorizer(cfg.router.api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,7 +86,56 @@ def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, c
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     app.state.router, app.state.metrics, app.state.card = router, metrics, card
+    _add_error_handlers(app, metrics)
+    _add_generation_routes(app, _Generation(router, tokenizer, cfg, card, metrics, authorize))
+    _add_info_routes(app, router, card, deployment_shape(cfg), metrics, authorize)
+    return app
 
+
+class _Authorizer:
+    """Checks `Authorization: Bearer <key>` when the router has an API key (constant-time compare)."""
+
+    def __init__(self, api_key: str | None) -> None:
+        self.api_key = api_key
+
+    def __call__(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`)",
+                           code="invalid_api_key")
+
+
+class _Generation:
+    """One completion or chat request: authorize, parse, submit to the router, answer (SSE or JSON)."""
+
+    def __init__(self, router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, card: ModelCard,
+                 metrics: RouterMetrics, authorize: _Authorizer) -> None:
+        self.router, self.tokenizer, self.card = router, tokenizer, card
+        self.metrics, self.authorize = metrics, authorize
+        self.timeout_s = cfg.router.request_timeout_s
+
+    async def __call__(self, kind: Kind, request: Request) -> Response:
+        router, card = self.router, self.card
+        arrival = router.clock()
+        self.authorize(request)
+        parsed = parse(kind, load_body(await _read_body(request)), self.tokenizer, card)
+        rid = RequestId(f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}")
+        stream = router.submit(GenerateRequest(rid, parsed.prompt_token_ids, parsed.sampling, arrival_s=arrival))
+        builder = ResponseBuilder(kind, rid, card.name, len(parsed.prompt_token_ids))
+        tally = _Tally(self.metrics, router.clock, len(parsed.prompt_token_ids))
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        if parsed.stream:
+            # The background close covers a client gone before the body iteration starts (then the
+            # generator's `finally` never runs); closing an already-closed stream is a no-op.
+            return StreamingResponse(_events(stream, builder, tally, deadline, parsed.include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(stream.aclose))
+        return await _complete(request, stream, builder, tally, deadline)
+
+
+def _add_error_handlers(app: FastAPI, metrics: RouterMetrics) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -101,31 +152,8 @@ def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, c
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`)",
-                           code="invalid_api_key")
 
-    async def handle(kind: Kind, request: Request) -> Response:
-        arrival = router.clock()
-        authorize(request)
-        parsed = parse(kind, load_body(await _read_body(request)), tokenizer, card)
-        rid = RequestId(f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}")
-        stream = router.submit(GenerateRequest(rid, parsed.prompt_token_ids, parsed.sampling, arrival_s=arrival))
-        builder = ResponseBuilder(kind, rid, card.name, len(parsed.prompt_token_ids))
-        tally = _Tally(metrics, router.clock, len(parsed.prompt_token_ids))
-        deadline = asyncio.get_running_loop().time() + cfg.router.request_timeout_s
-        if parsed.stream:
-            # The background close covers a client gone before the body iteration starts (then the
-            # generator's `finally` never runs); closing an already-closed stream is a no-op.
-            return StreamingResponse(_events(stream, builder, tally, deadline, parsed.include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(stream.aclose))
-        return await _complete(request, stream, builder, tally, deadline)
-
+def _add_generation_routes(app: FastAPI, handle: _Generation) -> None:
     @app.post("/v1/completions", **generation_route("completion"))
     async def completions(request: Request) -> Response:
         return await handle("completion", request)
@@ -134,8 +162,9 @@ def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, c
     async def chat_completions(request: Request) -> Response:
         return await handle("chat", request)
 
-    shape = deployment_shape(cfg)
 
+def _add_info_routes(app: FastAPI, router: Router, card: ModelCard, shape: dict[str, Any], metrics: RouterMetrics,
+                     authorize: _Authorizer) -> None:
     @app.get("/v1/models", responses=MODELS_RESPONSE)
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
@@ -153,8 +182,6 @@ def build_app(router: Router, tokenizer: ChatTokenizer, cfg: ServingConfig, *, c
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    return app
 
 
 async def _poll_stats(router: Router, interval_s: float) -> None:

@@ -52,7 +52,7 @@ class _Worker:
 def main(rank: int, init_method: str, linger_s: float) -> None:
     from pdserve.engine.pipeline import RankLayout
     from pdserve.engine.tp import init_process_group
-    from pdserve.lockstep import LockStep, make_step_loop
+    from pdserve.runtime.lockstep import LockStep, make_step_loop
 
     init_process_group(rank, 2, init_method, "cpu")
     ls = LockStep(_Worker(), [], RankLayout(2, 1, rank))

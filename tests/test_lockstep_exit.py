@@ -1,5 +1,5 @@
-"""Lock-step ranks exit cleanly and in bounded time (pdserve/lockstep.py `LockStep.leave`): at exit a
-rank tells the others to stop, so no follower is left blocked in the step collective waiting for a
+"""Lock-step ranks exit cleanly and in bounded time (pdserve/runtime/lockstep.py `LockStep.leave`):
+at exit a rank tells the others to stop, so no follower is left blocked in the step collective waiting for a
 rank 0 that will not step again (it then died in gloo, or held its process through finalization).
 Each rank is a fresh interpreter (tests/lockstep_exit_rank.py) that exits normally."""
 

@@ -1,12 +1,12 @@
-"""decode/ranks.py's `AgreedReceiver`: the ranks of a TP decode instance agree on each pull, and the
-bytes a completed pull reports are every rank's share (what `pdserve_kv_transfer_bytes_total` and the
+"""decode/agreed_receiver.py: the ranks of a TP decode instance agree on each pull, and the bytes a
+completed pull reports are every rank's share (what `pdserve_kv_transfer_bytes_total` and the
 request's `transfer_bytes` count), not rank 0's alone."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pdserve.decode.ranks import AgreedReceiver
+from pdserve.decode.agreed_receiver import AgreedReceiver
 from pdserve.kvtransfer.types import KVHandle, TransferId, TransferStatus
 
 

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from pdserve.engine import kernels
 from pdserve.engine.attention import build_metadata, group_by_context, paged_attention, resolve_backend
 
 BLOCK, H_Q, H_KV, D = 4, 4, 2, 8
@@ -23,11 +24,22 @@ def _dense(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, ctx: int) ->
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("backend", ["reference", "paged"])
+def _kernels(backend: str) -> kernels.Kernels | None:
+    """"native": the paged backend run by engine/kernels.py (skipped where it cannot be built)."""
+    if backend != "native":
+        return None
+    k = kernels.load()
+    if k is None:
+        pytest.skip(f"native kernels unavailable: {kernels.load_error()}")
+    return k
+
+
+@pytest.mark.parametrize("backend", ["reference", "paged", "native"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mixed_batch_equals_dense_attention(seed: int, backend: str) -> None:
     """Decodes at very different contexts (several groups), a fresh prompt, a chunk after a cached
     prefix and a one-token-context decode, in one shuffled batch."""
+    native = _kernels(backend)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     shapes = [(1, 3), (1, 9), (1, 200), (1, 210), (1, 1), (17, 17), (6, 40), (1, 57)]  # (q_len, ctx_len)
@@ -51,12 +63,14 @@ def test_mixed_batch_equals_dense_attention(seed: int, backend: str) -> None:
     new_k = torch.cat([kk[cl - ql:] for kk, (ql, cl) in zip(full_k, shapes)])
     new_v = torch.cat([vv[cl - ql:] for vv, (ql, cl) in zip(full_v, shapes)])
     meta = build_metadata([s[0] for s in shapes], [s[1] for s in shapes], tables, BLOCK, torch.device("cpu"),
-                          num_heads=H_Q, num_kv_heads=H_KV, backend=backend)
+                          num_heads=H_Q, num_kv_heads=H_KV, backend="paged" if native else backend, kernels=native)
     assert len(meta.spans) == 2
     if backend == "reference":
         assert len(meta.groups) >= 2 and meta.decode is None
     else:
         assert not meta.groups and meta.decode is not None and meta.decode.rows is not None
+        assert (meta.decode.kernels is not None) == (backend == "native")
+        assert (meta.decode.pattern is None) == (backend == "native")
     out = paged_attention(q, new_k, new_v, k_cache, v_cache, meta).view(-1, H_Q, D)
     start = 0
     for (ql, cl), kk, vv in zip(shapes, full_k, full_v):
@@ -103,31 +117,37 @@ def _decode_batch(ctx: list[int], h_q: int, h_kv: int, d: int, block: int, seed:
     return tables, k_cache, v_cache, q, k, v
 
 
+@pytest.mark.parametrize("backend", ["paged", "native"])
 @pytest.mark.parametrize("h_q, h_kv", [(4, 4), (4, 2), (9, 3), (8, 1)])
 @pytest.mark.parametrize("ctx", [[1], [37], [16, 16, 16], [3, 17, 200, 64, 65, 1, 128], [5 + 23 * i for i in range(16)]])
-def test_paged_decode_matches_reference(ctx: list[int], h_q: int, h_kv: int) -> None:
-    """Decode rows read in place (CSR sampled matmul + SpMM) against the gather + SDPA oracle:
-    GQA ratios 1-8, one sequence, equal contexts (no padding), partial last blocks, unused blocks."""
+def test_paged_decode_matches_reference(ctx: list[int], h_q: int, h_kv: int, backend: str) -> None:
+    """Decode rows read in place (CSR sampled matmul + SpMM, or the native kernel, which also writes
+    the new K/V) against the gather + SDPA oracle: GQA ratios 1-8, one sequence, equal contexts (no
+    padding), partial last blocks, unused blocks."""
+    native = _kernels(backend)
     block, d = 16, 32
     tables, k_cache, v_cache, q, k, v = _decode_batch(ctx, h_q, h_kv, d, block, seed=len(ctx) + h_q, extra_blocks=1)
     outs = {}
-    for backend in ("reference", "paged"):
+    for name in ("reference", backend):
         kc, vc = k_cache.clone(), v_cache.clone()
-        meta = build_metadata([1] * len(ctx), ctx, tables, block, torch.device("cpu"),
-                              num_heads=h_q, num_kv_heads=h_kv, backend=backend)
-        outs[backend] = (paged_attention(q, k, v, kc, vc, meta), kc, vc)
-    torch.testing.assert_close(outs["paged"][0], outs["reference"][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs["paged"][1], outs["reference"][1], rtol=0, atol=0)  # same KV written
-    torch.testing.assert_close(outs["paged"][2], outs["reference"][2], rtol=0, atol=0)
+        meta = build_metadata([1] * len(ctx), ctx, tables, block, torch.device("cpu"), num_heads=h_q,
+                              num_kv_heads=h_kv, backend="reference" if name == "reference" else "paged",
+                              kernels=None if name == "reference" else native)
+        outs[name] = (paged_attention(q, k, v, kc, vc, meta), kc, vc)
+    torch.testing.assert_close(outs[backend][0], outs["reference"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[backend][1], outs["reference"][1], rtol=0, atol=0)  # same KV written
+    torch.testing.assert_close(outs[backend][2], outs["reference"][2], rtol=0, atol=0)
 
 
-def test_paged_metadata_is_reused_across_layers() -> None:
+@pytest.mark.parametrize("backend", ["paged", "native"])
+def test_paged_metadata_is_reused_across_layers(backend: str) -> None:
     """One step's metadata drives every layer: two layers' caches through the same `meta`."""
+    native = _kernels(backend)
     ctx, h_q, h_kv, d, block = [9, 40, 17], 6, 2, 16, 8
     tables, k0, v0, q, k, v = _decode_batch(ctx, h_q, h_kv, d, block, seed=5)
     _, k1, v1, q1, kk1, vv1 = _decode_batch(ctx, h_q, h_kv, d, block, seed=6)
     paged = build_metadata([1] * 3, ctx, tables, block, torch.device("cpu"), num_heads=h_q, num_kv_heads=h_kv,
-                           backend="paged")
+                           backend="paged", kernels=native)
     for args in ((q, k, v, k0, v0), (q1, kk1, vv1, k1, v1)):
         ref = build_metadata([1] * 3, ctx, tables, block, torch.device("cpu"))
         want = paged_attention(*[a.clone() for a in args], ref)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ def native():
     return fn
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 5, 9, 16])
 @pytest.mark.parametrize("n, k", [(1, 1), (5, 17), (64, 576), (9, 1536), (130, 40)])
 def test_native_gemv_matches_linear(native, m: int, n: int, k: int) -> None:
     """Row counts not a multiple of 4, widths not a multiple of the vector width, bias and add."""
@@ -80,3 +82,18 @@ def test_native_rotary_and_silu_mul_match_torch(native) -> None:
     torch.testing.assert_close(kernels.silu_mul(native, gu), want, atol=1e-6, rtol=1e-5)
     many = torch.randn(9, 8, generator=gen)  # more rows than the native kernels take: torch
     torch.testing.assert_close(mm.silu_mul(many), F.silu(many[:, :4]) * many[:, 4:])
+
+
+def test_build_falls_back_to_plain_math_then_reports_a_failed_build(tmp_path, monkeypatch) -> None:
+    """Without glibc's vector math the library still builds; when no variant builds, `load()` is
+    None and says why (the engine then counts its fallback steps: test_native_decode.py)."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(kernels, "_EXTRA_FLAGS", [["-lpd_no_such_library"], ["-lm"]])
+    assert kernels._build(tmp_path / "a").exists()
+    monkeypatch.setattr(kernels, "_EXTRA_FLAGS", [["-lpd_no_such_library"]])
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "b"))
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_error", None)
+    assert kernels.load() is None
+    assert kernels.load_error().startswith("RuntimeError: ") and "failed" in kernels.load_error()

@@ -127,3 +127,14 @@ def test_reuse_is_off_without_the_flag_and_idempotent(tiny_llama, caching: bool)
     assert got == (24 if caching else 0) and engine.reuse_prefix(req) == 0  # a second call reuses nothing
     engine.free(req)
     engine.allocator.check_integrity()
+
+
+def test_worker_stats_count_prefix_cache_tokens(tiny_llama) -> None:
+    path, _ = tiny_llama
+    runner = _Runner(_engine(path, caching=True))
+    runner.round([SYSTEM + [40]])
+    runner.round([SYSTEM + [41]])
+    stats = runner.worker.stats()
+    assert stats.prefix_cache_hit_tokens == 24  # the second prompt found SYSTEM's six blocks
+    assert stats.prefix_cache_queried_tokens == 6 * 4 + 6 * 4  # each lookup asked for its six full blocks
+    assert stats.num_steps > 0 and stats.num_fallback_steps == 0

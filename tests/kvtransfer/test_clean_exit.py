@@ -85,7 +85,7 @@ from pdserve.decode.worker import DecodeWorker
 from pdserve.engine.engine import Engine
 from pdserve.kvtransfer.factories import make_receiver, make_sender
 from pdserve.prefill.worker import PrefillWorker
-from pdserve.steploop import StepLoop
+from pdserve.runtime.step_loop import StepLoop
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 
 torch.set_num_threads(1)

@@ -20,7 +20,7 @@ REQ = GenerateRequest(RequestId("r"), (1, 2, 3))
 def stats(wid: str, *, tokens: int = 0, running: int = 0, waiting: int = 0, free: int = 100,
           hit: int = 0) -> WorkerStats:
     return WorkerStats(wid, num_running=running, num_waiting=waiting, num_free_blocks=free, num_total_blocks=100,
-                       outstanding_tokens=tokens, prefix_hit_tokens=hit)
+                       outstanding_tokens=tokens, expected_hit_tokens=hit)
 
 
 def test_prefill_picks_least_outstanding_tokens() -> None:
@@ -74,6 +74,3 @@ def test_cache_aware_decode_follows_the_prefix_within_load_and_memory_bounds() -
     assert cache_aware_decode(REQ, [stats("a", free=90), stats("b", free=50, hit=64)], 0) == "a"  # KV pressure
     assert cache_aware_decode(REQ, [stats("a", running=2), stats("b", running=1)], 0) == "b"  # no hits: least busy
 
-
-def test_cache_aware_policies_by_config_name() -> None:
-    assert prefill_policy("cache_aware") is cache_aware_prefill and decode_policy("cache_aware") is cache_aware_decode

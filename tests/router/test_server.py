@@ -273,3 +273,25 @@ def test_stream_sends_an_event_for_a_token_without_text(monkeypatch) -> None:
     body = {"model": MODEL, "prompt": "abc", "max_tokens": 4, "stream": True}
     events = [e for e in sse_events(run(post(app, "/v1/completions", body)).text) if e["choices"]]
     assert len(events) == 4 and all(e["choices"][0]["text"] == "" for e in events)
+
+
+def test_metrics_expose_prefix_cache_and_kernel_fallback_counters() -> None:
+    import dataclasses
+
+    app, router, *_ = make_app()
+
+    async def scrape() -> str:
+        await router.refresh_stats()
+        inst = router.decode.instances["d0"]
+        inst.stats = dataclasses.replace(inst.stats, prefix_cache_queried_tokens=96, prefix_cache_hit_tokens=64,
+                                         num_fallback_steps=3)
+        async with client(app) as c:
+            return (await c.get("/metrics")).text
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(run(scrape())) for s in fam.samples}
+    d0, p0 = (("instance", "d0"), ("role", "decode")), (("instance", "p0"), ("role", "prefill"))
+    assert samples[("pdserve_instance_prefix_cache_queried_tokens_total", d0)] == 96
+    assert samples[("pdserve_instance_prefix_cache_hit_tokens_total", d0)] == 64
+    assert samples[("pdserve_instance_engine_fallback_steps_total", d0)] == 3
+    assert samples[("pdserve_instance_prefix_cache_hit_tokens_total", p0)] == 0

@@ -1,24 +1,19 @@
-"""A decode rank of a tp × pp instance: KV pulls whose outcome all ranks agree on.
+"""AgreedReceiver: a decode rank's KV receiver whose pull outcomes all ranks of the instance agree on.
 
 Each rank pulls its own (layers × kv heads) of a request's KV with its own KVReceiver, so a pull
 completes at a different moment on each rank. `AgreedReceiver` hides the local outcome from
 DecodeWorker until the ranks agree: DONE once every rank is DONE; FAILED as soon as any rank
 failed (the others abort theirs), so every rank recomputes. Transfers are named by a sequence
-number, identical across ranks because every rank starts the same pulls in the same order.
+number, identical across ranks because every rank starts the same pulls in the same order. With
+one rank the agreement is that rank's own outcome, decided at the step that saw it land.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from pdserve.config import ServingConfig
-from pdserve.decode.scheduler import decode_options
-from pdserve.decode.worker import DecodeWorker
-from pdserve.engine.pipeline import RankLayout
-from pdserve.kvtransfer.factories import KVReceiver, Listen, make_receiver
+from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.types import KVHandle, TransferId, TransferStatus
-from pdserve.lockstep import LockStep, load_rank_engine, rank_spans
 
 Outcome = tuple[TransferStatus, "str | None"]
 
@@ -31,6 +26,7 @@ class AgreedReceiver:
         self._xfers: dict[int, TransferId] = {}  # undecided pulls: key -> this rank's transfer
         self._decided: dict[int, Outcome] = {}
         self._nbytes: dict[int, int] = {}  # of decided DONE pulls: every rank's share, summed
+        self._ended: dict[int, float] = {}  # of decided DONE pulls, when one rank is the whole instance
         self._seq = 0
 
     def pull(self, handle: KVHandle, dst_block_ids: Sequence[int], first_token: int = 0) -> int:
@@ -45,10 +41,14 @@ class AgreedReceiver:
         return self._nbytes.pop(key, 0)
 
     def ended_s(self, key: int) -> float | None:
-        """Unknown (None): each rank's pull lands at its own moment; the outcome is agreed at a step."""
+        """time.monotonic() when the pull ended, with one rank; None with several (each rank's pull
+        lands at its own moment, on its own node's clock; the outcome is agreed at a step)."""
+        return self._ended.pop(key, None)
 
     def abort(self, key: int) -> None:
         self._decided.pop(key, None)
+        self._nbytes.pop(key, None)
+        self._ended.pop(key, None)
         xfer = self._xfers.pop(key, None)
         if xfer is not None:
             self.receiver.abort(xfer)
@@ -69,21 +69,9 @@ class AgreedReceiver:
                 self.receiver.abort(self._xfers.pop(key))  # no-op where it already ended
                 self._decided[key] = (TransferStatus.FAILED, failed[0][1])
             elif all(o is not None for o in seen):
-                del self._xfers[key]
+                xfer = self._xfers.pop(key)
                 self._nbytes[key] = sum(o[2] for o in seen if o is not None)  # the whole KV: all ranks' shares
                 self._decided[key] = (TransferStatus.DONE, None)
-
-
-def build_decode_rank(cfg: ServingConfig, worker_id: str, ranks: RankLayout, init_method: str,
-                      listen: Listen) -> LockStep:
-    """Join the instance and load this rank's shard. Collective: every rank calls it."""
-    engine = load_rank_engine(cfg.model, cfg.engine, ranks, init_method)
-    agreements: list[Any] = []
-    receiver = None
-    if cfg.mode == "disaggregated":
-        layers, heads = rank_spans(engine, ranks)
-        receiver = AgreedReceiver(make_receiver(cfg.kvtransfer, engine.pool, listen=listen, layers=layers,
-                                                heads=heads))
-        agreements.append(receiver)
-    worker = DecodeWorker(engine, decode_options(cfg), receiver=receiver, worker_id=worker_id)
-    return LockStep(worker, agreements, ranks)
+                ended = self.receiver.ended_s(xfer) if len(reports) == 1 else None
+                if ended is not None:
+                    self._ended[key] = ended

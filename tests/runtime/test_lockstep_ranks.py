@@ -39,11 +39,11 @@ def _rank_main(rank: int, role: str, tp: int, pp: int, store: str, model_dir: st
     """One rank. Rank 0 takes (submit-argument tuples, request ids to abort after one step) from
     `inbox`, steps until done, puts every output on `outbox`, then serves releases until its blocks
     are free."""
-    from pdserve.decode.ranks import build_decode_rank
-    from pdserve.prefill.ranks import build_prefill_rank
+    from pdserve.decode.build import build_decode_worker
+    from pdserve.prefill.build import build_prefill_worker
 
     torch.set_num_threads(1)
-    build = build_prefill_rank if role == "prefill" else build_decode_rank
+    build = build_prefill_worker if role == "prefill" else build_decode_worker
     ls = build(_serving(model_dir, role, tp, pp), f"{role}-0", RankLayout(tp, pp, rank), f"file://{store}", LOCAL)
     try:
         if rank == 0:

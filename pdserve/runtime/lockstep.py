@@ -1,6 +1,6 @@
-"""LockStep: one rank of a tp × pp serving instance, driving its role worker in SPMD lock-step.
+"""LockStep: one rank of a serving instance, driving its role worker in SPMD lock-step.
 
-Every rank holds the same worker (PrefillWorker or DecodeWorker on a PipelineEngine) and must make
+Every rank holds the same worker (PrefillWorker or DecodeWorker on its rank's engine) and must make
 the same decisions in the same order, or the collectives inside the forward pass deadlock. Rank 0
 is the instance's entry point: the actor's step thread calls `submit`/`abort` on it, which run on
 rank 0 at once and are queued. Each step then does one collective (all_gather_object):
@@ -12,31 +12,36 @@ rank 0 at once and are queued. Each step then does one collective (all_gather_ob
 
 Rank-local events that would make ranks diverge (a KV pull finishing, a sender lease expiring)
 never act directly: an `Agreement` reports them and acts only on the decision all ranks share.
-With tp = pp = 1 none of this is used; actors drive the worker directly.
+At world size 1 the same code runs with no collective (`all_gather` returns this rank's own
+value): each Agreement decides from its one report, so a single-rank instance is built and
+stepped exactly like a tp × pp one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-import torch
 import torch.distributed as dist
 
-from pdserve.config import EngineConfig
-from pdserve.engine.device import resolve_device
-from pdserve.engine.engine import Engine
-from pdserve.engine.pipeline import PipelineEngine, RankLayout, layer_ranges
-from pdserve.engine.tp import init_process_group
+from pdserve.engine.pipeline import RankLayout
 from pdserve.kvtransfer.at_exit import close_at_exit, forget
-from pdserve.kvtransfer.types import Span
-from pdserve.steploop import StepLoop
+from pdserve.runtime.step_loop import StepLoop
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def all_gather(mine: T, ranks: RankLayout) -> list[T]:
+    """Every rank's `mine`, indexed by rank (a collective at world size > 1; no process group at 1)."""
+    if ranks.world_size == 1:
+        return [mine]
+    everyone: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
 
 
 class Agreement(Protocol):
@@ -145,8 +150,7 @@ class LockStep:
         """The step's one collective: share rank 0's ops and every rank's reports, then apply them."""
         mine = (self._ops if self.ranks.rank == 0 else None,
                 [a.local_report() for a in self.agreements], self._free_after_step, stop)
-        everyone: list[Any] = [None] * self.ranks.world_size
-        dist.all_gather_object(everyone, mine)
+        everyone = all_gather(mine, self.ranks)
         ops, self.stopped = everyone[0][0], any(g[3] for g in everyone)  # any rank may end the instance
         self._ops = []
         free = {g[2] for g in everyone}
@@ -161,10 +165,10 @@ class LockStep:
             a.agree([g[1][i] for g in everyone])
 
 
-def make_step_loop(worker: Any, deliver: Callable[[list[Any]], None]) -> StepLoop:
-    """The actor's step thread: a single rank or rank 0 steps when it has work (idle steps every
+def make_step_loop(worker: LockStep, deliver: Callable[[list[Any]], None]) -> StepLoop:
+    """The actor's step thread: rank 0 (or the only rank) steps when it has work (idle steps every
     poll interval); a follower steps whenever rank 0 does (the collective paces it) until stopped."""
-    if isinstance(worker, LockStep) and worker.ranks.rank != 0:
+    if worker.ranks.rank != 0:
         return StepLoop(worker.step, lambda: True, deliver, stopped=lambda: worker.stopped, on_death=_exit_process)
     # Sleep on the inbox (idle poll) when the last step ran no batch: waiting for a pull or for
     # memory must not spin a core that the other engine on this box needs.
@@ -175,33 +179,3 @@ def _exit_process() -> None:
     """Crash-only: an actor whose step loop died exits, Ray restarts it, the router fails over."""
     logging.getLogger(__name__).error("step loop died; exiting so Ray restarts this actor")
     os._exit(1)
-
-
-def free_init_method(host: str) -> str:
-    """A `tcp://host:port` rendezvous on a port free right now (rank 0 picks it, launch shares it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return f"tcp://{host}:{s.getsockname()[1]}"
-
-
-def load_rank_engine(model: str, cfg: EngineConfig, ranks: RankLayout, init_method: str) -> PipelineEngine:
-    """Join the instance's process group and load this rank's shard; every rank gets the same
-    number of KV blocks (the minimum: uneven PP stages size their pools differently), or block
-    allocation, and with it scheduling, would diverge."""
-    torch.set_num_threads(cfg.num_threads)
-    init_process_group(ranks.rank, ranks.world_size, init_method, resolve_device(cfg))
-    engine = PipelineEngine.load(model, cfg, ranks)
-    n = torch.tensor([engine.allocator.num_blocks])  # a CPU tensor: gloo's half of the group carries it
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    if int(n) < engine.allocator.num_blocks:
-        engine.resize_pool(int(n))
-    return engine
-
-
-def rank_spans(engine: Engine, ranks: RankLayout) -> tuple[Span, Span]:
-    """The global (layers, kv heads) this rank's pool holds: its stage's layer range and its
-    contiguous 1/tp of the kv heads (tp.py's split)."""
-    mcfg = engine.model_config
-    layers = Span(*layer_ranges(mcfg.num_layers, ranks.pp_size)[ranks.pp_rank])
-    h = engine.layout.num_kv_heads  # this rank's share: num_kv_heads / tp
-    return layers, Span(ranks.tp_rank * h, (ranks.tp_rank + 1) * h)

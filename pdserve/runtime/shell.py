@@ -1,28 +1,29 @@
 """WorkerShell: the lifecycle both role actors share — lazy start, rendezvous, stats, health.
 
 A role actor subclasses it and supplies `_build_worker(init_method)` (on a thread: it loads
-weights) and `_on_outputs(outputs)` (on the event loop: hand results to waiting callers).
-Everything else a caller needs is here, once.
+weights and returns the rank's LockStep, whatever the world size) and `_on_outputs(outputs)` (on
+the event loop: hand results to waiting callers). Everything else a caller needs is here, once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from abc import ABC, abstractmethod
 from typing import Any
 
 from pdserve.config import ServingConfig
 from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.reach import Endpoint, unreachable
-from pdserve.lockstep import free_init_method, make_step_loop
-from pdserve.steploop import StepLoop, deliver_threadsafe
+from pdserve.runtime.lockstep import LockStep, make_step_loop
+from pdserve.runtime.step_loop import StepLoop, deliver_threadsafe
 from pdserve.types import StepRecord, WorkerStats
 
 
 class WorkerShell(ABC):
     cfg: ServingConfig
     worker_id: str
-    worker: Any
+    worker: LockStep
     _steps: StepLoop
 
     def __init__(self, node_ip: str) -> None:
@@ -32,7 +33,7 @@ class WorkerShell(ABC):
     async def start(self, init_method: str = "") -> None:
         """Load weights and start the step thread. Idempotent; every method calls it, so an actor
         that Ray restarted (which re-runs only __init__) loads itself on its first call. Ranks of a
-        tp × pp instance all get rank 0's `rendezvous()` and run in lock-step (pdserve/lockstep.py)."""
+        tp × pp instance all get rank 0's `rendezvous()` and run in lock-step (runtime/lockstep.py)."""
         if self._starting is None:
             self._starting = asyncio.ensure_future(self._start(init_method))
         await asyncio.shield(self._starting)
@@ -52,8 +53,8 @@ class WorkerShell(ABC):
         self._steps.start()
 
     @abstractmethod
-    def _build_worker(self, init_method: str) -> Any:
-        """On a thread: load weights and return the worker (or its lock-step rank wrapper)."""
+    def _build_worker(self, init_method: str) -> LockStep:
+        """On a thread: load weights and return this rank's lock-step around its worker."""
 
     @abstractmethod
     def _on_outputs(self, outputs: list[Any]) -> None:
@@ -81,3 +82,10 @@ class WorkerShell(ABC):
     async def check_health(self) -> None:
         await self.start()
         self._steps.check()
+
+
+def free_init_method(host: str) -> str:
+    """A `tcp://host:port` rendezvous on a port free right now (rank 0 picks it, launch shares it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"

@@ -1,0 +1,274 @@
+/* Native kernels for CPU fp32 decode steps (engine/kernels.py builds and loads this file).
+
+   Batch-1 decode is a read of the weights, so the matrix-vector product must stream them at
+   the memory's speed. Each matrix is repacked once into panels of P = 4 vectors of output rows,
+   stored k-major: panel p holds w[p*P + j, k] at [k*P + j]. A panel is then one sequential
+   stream, each step of k is four vector loads times a broadcast of x[k], and no horizontal sum
+   is left at the end (the row-major loop it replaces paid one per output: ~1.3x a reduction over
+   the same bytes, against ~1.02-1.1x here; BENCHMARKS.md §1). */
+#include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* GCC/Clang vector extensions: one AVX-512 register, two AVX2 or four NEON registers. */
+#if defined(__AVX512F__)
+#define VL 16
+#else
+#define VL 8
+#endif
+#define P (4 * VL) /* output rows per panel */
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+
+#ifdef PD_MVEC /* glibc's vector expf (libmvec), declared as math.h does under -ffast-math: the
+                  silu and softmax loops then call it 16 lanes at a time (~7x less time for silu) */
+float expf(float) __attribute__((simd("notinbranch")));
+#endif
+
+static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vbroadcast(float s) { return (vf){0} + s; }
+
+long pd_panel_rows(void) { return P; }
+
+/* wp (ceil(N / P), K, P) <- w (N, K) row-major; rows past N are zero. */
+void pd_pack_f32(const float *restrict w, float *restrict wp, long N, long K) {
+    for (long n0 = 0; n0 < N; n0 += P) {
+        float *dst = wp + n0 * K;
+        for (long j = 0; j < P; j++) {
+            const float *src = w + (n0 + j) * K;
+            if (n0 + j < N)
+                for (long k = 0; k < K; k++) dst[k * P + j] = src[k];
+            else
+                for (long k = 0; k < K; k++) dst[k * P + j] = 0.f;
+        }
+    }
+}
+
+/* tile (M, P) = x (M, K; rows ldx floats apart) @ one panel (K, P). M is a constant after inlining. */
+static inline __attribute__((always_inline)) void panel_tile(const float *restrict x, long ldx,
+                                                             const float *restrict wp, long K,
+                                                             float *restrict tile, const int M) {
+    vf acc[4][4];
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < 4; j++) acc[m][j] = (vf){0};
+    long k = 0;
+    if (M == 1) { /* a second set of accumulators: 8 independent FMA chains at one row */
+        vf acc2[4] = {{0}};
+        for (; k + 2 <= K; k += 2) {
+            const float *r = wp + k * P;
+            vf x0 = vbroadcast(x[k]), x1 = vbroadcast(x[k + 1]);
+            for (int j = 0; j < 4; j++) {
+                acc[0][j] += vload(r + j * VL) * x0;
+                acc2[j] += vload(r + P + j * VL) * x1;
+            }
+        }
+        for (int j = 0; j < 4; j++) acc[0][j] += acc2[j];
+    }
+    for (; k < K; k++) {
+        const float *r = wp + k * P;
+        vf w0 = vload(r), w1 = vload(r + VL), w2 = vload(r + 2 * VL), w3 = vload(r + 3 * VL);
+        for (int m = 0; m < M; m++) {
+            vf xm = vbroadcast(x[m * ldx + k]);
+            acc[m][0] += w0 * xm;
+            acc[m][1] += w1 * xm;
+            acc[m][2] += w2 * xm;
+            acc[m][3] += w3 * xm;
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int j = 0; j < 4; j++) vstore(tile + m * P + j * VL, acc[m][j]);
+}
+
+/* y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) (+ add[m, n]), m < M, with w packed by
+   pd_pack_f32; x, y, add row-major and contiguous. */
+void pd_gemv_packed_f32(const float *restrict x, const float *restrict wp, const float *restrict bias,
+                        const float *add, float *y, long M, long N, long K) { /* y may be add (in place) */
+    float tile[4 * P];
+    for (long n0 = 0; n0 < N; n0 += P) {
+        const float *panel = wp + n0 * K;
+        long width = N - n0 < P ? N - n0 : P;
+        for (long m0 = 0; m0 < M; m0 += 4) { /* rows past the first four find the panel in cache */
+            long rows = M - m0 < 4 ? M - m0 : 4;
+            switch (rows) {
+                case 1: panel_tile(x + m0 * K, K, panel, K, tile, 1); break;
+                case 2: panel_tile(x + m0 * K, K, panel, K, tile, 2); break;
+                case 3: panel_tile(x + m0 * K, K, panel, K, tile, 3); break;
+                default: panel_tile(x + m0 * K, K, panel, K, tile, 4); break;
+            }
+            for (long m = 0; m < rows; m++)
+                for (long j = 0; j < width; j++) {
+                    float v = tile[m * P + j];
+                    if (bias) v += bias[n0 + j];
+                    if (add) v += add[(m0 + m) * N + n0 + j];
+                    y[(m0 + m) * N + n0 + j] = v;
+                }
+        }
+    }
+}
+
+/* Rotary embedding of T tokens x H heads x D dims (x rows `stride` floats apart, y contiguous):
+   y = x * cos + swap_halves(x) * sin_signed, with cos / sin_signed (T, D). */
+void pd_rope_f32(const float *restrict x, long stride, const float *restrict cos_, const float *restrict sin_,
+                 float *restrict y, long T, long H, long D) {
+    long half = D / 2;
+    for (long t = 0; t < T; t++) {
+        const float *c = cos_ + t * D, *s = sin_ + t * D;
+        for (long h = 0; h < H; h++) {
+            const float *xh = x + t * stride + h * D;
+            float *yh = y + (t * H + h) * D;
+            for (long i = 0; i < half; i++) yh[i] = xh[i] * c[i] + xh[i + half] * s[i];
+            for (long i = half; i < D; i++) yh[i] = xh[i] * c[i] + xh[i - half] * s[i];
+        }
+    }
+}
+
+/* y[m, j] = silu(g[m, j]) * u[m, j] with g = gu[m, :I], u = gu[m, I:] (gu rows 2I floats). */
+void pd_silu_mul_f32(const float *restrict gu, float *restrict y, long M, long I) {
+    for (long m = 0; m < M; m++) {
+        const float *g = gu + m * 2 * I, *u = g + I;
+        float *ym = y + m * I;
+        for (long j = 0; j < I; j++) ym[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
+}
+
+/* y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w, rows of K floats (HF's LlamaRMSNorm in fp32). */
+void pd_rmsnorm_f32(const float *restrict x, const float *restrict w, float eps, float *restrict y, long M, long K) {
+    for (long m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float *ym = y + m * K;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (long k = 0; k < K; k++) ss += xm[k] * xm[k];
+        float r = 1.0f / sqrtf(ss / (float)K + eps);
+#pragma omp simd
+        for (long k = 0; k < K; k++) ym[k] = (xm[k] * r) * w[k];
+    }
+}
+
+static inline float hsum(vf v) {
+    typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
+    typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
+#if VL == 16
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    v8 a = v;
+#endif
+    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static inline float dot(const float *restrict a, const float *restrict b, long D) {
+    if (D % VL == 0) {
+        vf acc = {0};
+        for (long i = 0; i < D; i += VL) acc += vload(a + i) * vload(b + i);
+        return hsum(acc);
+    }
+    float s = 0.f;
+    for (long i = 0; i < D; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float *restrict y, float a, const float *restrict x, long D) {
+    if (D % VL == 0) {
+        vf av = vbroadcast(a);
+        for (long i = 0; i < D; i += VL) vstore(y + i, vload(y + i) + av * vload(x + i));
+        return;
+    }
+    for (long i = 0; i < D; i++) y[i] += a * x[i];
+}
+
+/* Decode attention over a paged cache, one query per sequence, read where the blocks lie.
+
+   q (n, Hq, D), rows q_stride floats apart; caches (slots, Hkv, D) with slot = block * bs + offset;
+   sequence s has ctx[s] tokens, in blocks tables[s, :]. When k_new / v_new are given (rows
+   k_stride / v_stride floats apart, Hkv * D each), sequence s's new token is first written at
+   position ctx[s] - 1. out (n, Hq, D) = softmax(q K^T * scale) V per query head, query head h
+   reading KV head h / (Hq / Hkv). Each cached token's K (then V) row is read once, whole, in
+   position order. Returns 0, or -1 when the score workspace cannot be allocated. */
+long pd_decode_attention_f32(const float *restrict q, long q_stride, const float *restrict k_new, long k_stride,
+                             const float *restrict v_new, long v_stride, float *restrict k_cache,
+                             float *restrict v_cache, const long *restrict tables, long max_blocks,
+                             const long *restrict ctx, long bs, long n, long Hq, long Hkv, long D,
+                             float scale, float *restrict out) {
+    long G = Hq / Hkv, max_ctx = 0, row = Hkv * D;
+    for (long s = 0; s < n; s++) max_ctx = ctx[s] > max_ctx ? ctx[s] : max_ctx;
+    float *sc = malloc(sizeof(float) * (size_t)(Hq * max_ctx + 1));
+    if (!sc) return -1;
+    for (long s = 0; s < n; s++) {
+        const long c = ctx[s], *tb = tables + s * max_blocks;
+        const float *qs = q + s * q_stride;
+        float *os = out + s * Hq * D;
+        if (k_new) {
+            long slot = tb[(c - 1) / bs] * bs + (c - 1) % bs;
+            memcpy(k_cache + slot * row, k_new + s * k_stride, sizeof(float) * row);
+            memcpy(v_cache + slot * row, v_new + s * v_stride, sizeof(float) * row);
+        }
+        for (long j = 0; j < c; j++) {
+            const float *kr = k_cache + (tb[j / bs] * bs + j % bs) * row;
+            for (long g = 0, h = 0; g < Hkv; g++)
+                for (long r = 0; r < G; r++, h++) sc[h * c + j] = dot(qs + h * D, kr + g * D, D) * scale;
+        }
+        for (long h = 0; h < Hq; h++) {
+            float *p = sc + h * c, mx = -INFINITY, sum = 0.f;
+            for (long j = 0; j < c; j++) mx = p[j] > mx ? p[j] : mx;
+            for (long j = 0; j < c; j++) p[j] = expf(p[j] - mx);
+#pragma omp simd reduction(+ : sum)
+            for (long j = 0; j < c; j++) sum += p[j];
+            float inv = 1.0f / sum;
+            for (long j = 0; j < c; j++) p[j] *= inv;
+        }
+        memset(os, 0, sizeof(float) * Hq * D);
+        for (long j = 0; j < c; j++) {
+            const float *vr = v_cache + (tb[j / bs] * bs + j % bs) * row;
+            for (long g = 0, h = 0; g < Hkv; g++)
+                for (long r = 0; r < G; r++, h++) axpy(os + h * D, sc[h * c + j], vr + g * D, D);
+        }
+    }
+    free(sc);
+    return 0;
+}
+
+/* One decoder layer of a decode step at a few rows (the GEMV's), every row a decode (engine/layers.py's
+   DecoderLayer in one call, the same kernels in the same order, so the same numbers):
+   x += o_proj(attention(rope(qkv(norm1(x))))); x += down(silu_mul(gate_up(norm2(x)))). */
+typedef struct {
+    long M, hidden, Hq, Hkv, D, inter;
+    float eps, scale;
+    const float *cos, *sin;     /* (M, D) each */
+    const long *tables, *ctx;   /* (M, max_blocks), (M,) */
+    long max_blocks, block_size;
+    float *work;                /* pd_decode_layer_work floats */
+} pd_step;
+
+typedef struct {
+    const float *norm1, *norm2;                 /* (hidden,) */
+    const float *qkv, *qkv_bias, *o, *gate_up, *down; /* packed weights; qkv_bias may be NULL */
+    float *k_cache, *v_cache;                   /* (slots, Hkv, D) */
+} pd_layer;
+
+long pd_decode_layer_work(const pd_step *st) {
+    long qkv = (st->Hq + 2 * st->Hkv) * st->D;
+    return st->M * (st->hidden + qkv + (st->Hq + st->Hkv) * st->D + st->Hq * st->D + 3 * st->inter);
+}
+
+long pd_decode_layer_f32(const pd_step *st, const pd_layer *ly, float *x) {
+    long M = st->M, H = st->hidden, D = st->D, Hq = st->Hq, Hkv = st->Hkv;
+    long nqkv = (Hq + 2 * Hkv) * D, nqk = (Hq + Hkv) * D;
+    float *normed = st->work, *qkv = normed + M * H, *qk = qkv + M * nqkv, *att = qk + M * nqk;
+    float *gu = att + M * Hq * D, *act = gu + M * 2 * st->inter;
+    pd_rmsnorm_f32(x, ly->norm1, st->eps, normed, M, H);
+    pd_gemv_packed_f32(normed, ly->qkv, ly->qkv_bias, NULL, qkv, M, nqkv, H);
+    pd_rope_f32(qkv, nqkv, st->cos, st->sin, qk, M, Hq + Hkv, D);
+    long rc = pd_decode_attention_f32(qk, nqk, qk + Hq * D, nqk, qkv + nqk, nqkv, ly->k_cache, ly->v_cache,
+                                      st->tables, st->max_blocks, st->ctx, st->block_size, M, Hq, Hkv, D,
+                                      st->scale, att);
+    if (rc != 0) return rc;
+    pd_gemv_packed_f32(att, ly->o, NULL, x, x, M, H, Hq * D);
+    pd_rmsnorm_f32(x, ly->norm2, st->eps, normed, M, H);
+    pd_gemv_packed_f32(normed, ly->gate_up, NULL, NULL, gu, M, 2 * st->inter, H);
+    pd_silu_mul_f32(gu, act, M, st->inter);
+    pd_gemv_packed_f32(act, ly->down, NULL, x, x, M, H, st->inter);
+    return 0;
+}
