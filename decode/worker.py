@@ -25,6 +25,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from pdserve import faultpoints
 from pdserve.decode.scheduler import DecodeOptions, DecodeScheduler
 from pdserve.engine.engine import Engine, failed_step_outputs
 from pdserve.types import GenerateRequest, RequestId, StepOutput, StepRecord, WorkerStats
@@ -90,11 +91,13 @@ class DecodeWorker:
         """Start admitted pulls, poll transfers, run one batch. Deterministic given inputs and transfer states."""
         for r in self.scheduler.admit_pulls(self.clock()):
             r.kv_transfer = self.receiver.pull(r.kv_handle, list(r.block_table), r.num_computed_tokens)
+            faultpoints.reached("decode.pull", (r,))  # chaos (pdserve/faultpoints.py): a no-op unless armed
         failures = self._poll_pulls()
         batch = self.scheduler.schedule(self.clock())
         self.idle = not batch.chunks and not failures
         if not batch.chunks:
             return failures
+        faultpoints.reached("decode.step", batch.chunks)
         try:
             sampled = self.engine.step(batch)
         except Exception as e:  # noqa: BLE001 - contained: the batch's requests fail, the worker lives on

@@ -8,8 +8,8 @@ the middle). Faults: drop / corrupt / delay / truncate a KV chunk, a transport t
 Invariants per cell: every request ends with exactly the colocated greedy tokens and text, or with
 an explicit error (never silently different); none runs past the transfer timeout plus a margin;
 every KV block on both sides is free again within the lease; the fault really hit.
-Not covered here (they need a Ray deployment): killing a worker or the router, client disconnects
-(see tests/e2e/test_failover.py and tests/e2e/test_router_restart.py).
+The other windows of a request's life, with kills of either worker or the router and client
+disconnects, need a Ray deployment: pdserve/chaos_lifecycle.py.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class Cell:
     ok: bool = False
     reason: str = ""
     seconds: float = 0.0  # the slowest request of the cell, submit to last token
-    blocks_free_s: float = 0.0  # after the last token, until both sides hold no KV block
+    blocks_free_s: float = 0.0  # after the last token, until both sides hold no KV block (or their baseline)
+    recovered_s: float = 0.0  # lifecycle cells: from the fault until the deployment is whole and exact again
     outcomes: list[str] = field(default_factory=list)  # per request: "exact" | "error: ..." | "WRONG"
 
 
@@ -145,11 +146,11 @@ def run_matrix(rig: ChaosRig, cells: list[tuple[str, str]]) -> list[Cell]:
 
 
 def format_matrix(cells: list[Cell]) -> str:
-    rows = [f"{'window':<14}{'fault':<10}{'result':<7}{'s':>7}{'free s':>8}  detail"]
+    rows = [f"{'window':<18}{'fault':<14}{'result':<7}{'s':>7}{'free s':>8}{'whole s':>9}  detail"]
     for c in cells:
         detail = c.reason or ", ".join(sorted(set(o.split(":")[0] for o in c.outcomes)))
-        rows.append(f"{c.window:<14}{c.fault:<10}{'pass' if c.ok else 'FAIL':<7}{c.seconds:>7.2f}"
-                    f"{c.blocks_free_s:>8.2f}  {detail}")
+        rows.append(f"{c.window:<18}{c.fault:<14}{'pass' if c.ok else 'FAIL':<7}{c.seconds:>7.2f}"
+                    f"{c.blocks_free_s:>8.2f}{c.recovered_s:>9.2f}  {detail}")
     return "\n".join(rows)
 
 

@@ -74,8 +74,20 @@ def run_soak(rig: ChaosRig, minutes: float, seed: int = 0) -> SoakReport:
         if not report.baseline and time.monotonic() >= warm:
             report.baseline = _sample(rig)
     report.baseline = report.baseline or _sample(rig)
-    report.final = _sample(rig)
+    report.final = _settled(rig, report.baseline)
     return report
+
+
+def _settled(rig: ChaosRig, baseline: dict[str, float], wait_s: float = 5.0) -> dict[str, float]:
+    """The final sample, once threads and fds are back to the baseline or `wait_s` has passed: a
+    thread still winding down from the last round's close() is not a leak; one that stays is."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        final = _sample(rig)
+        if (final["threads"] <= baseline["threads"] and final["fds"] <= baseline["fds"]) \
+                or time.monotonic() > deadline:
+            return final
+        time.sleep(0.1)
 
 
 def _disconnect_round(rig: ChaosRig, rng: random.Random) -> Cell:

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
+from pdserve import faultpoints
 from pdserve.engine.batch import Batch
 from pdserve.engine.engine import Engine, failed_step_outputs
 from pdserve.engine.request import RequestStatus
@@ -56,6 +57,7 @@ class PrefillWorker:
             raise ValueError(f"prompt: {r.num_tokens} tokens do not fit this instance's KV cache")
         self.scheduler.add(r, self.clock() if received_s is None else received_s)
         self.idle = False
+        faultpoints.reached("prefill.waiting", (r,))  # chaos (pdserve/faultpoints.py): a no-op unless armed
 
     def abort(self, request_id: RequestId) -> bool:
         """Drop a queued request, or release the KV of one already exported (nobody will pull it)."""
@@ -77,6 +79,7 @@ class PrefillWorker:
         if self.idle:
             return []
         streams = self._export_early(batch)
+        faultpoints.reached("prefill.forward", batch.chunks)
         try:
             sampled = self.engine.step(batch, layer_hook=self.sender.layer_hook if streams else None)
         except Exception as e:  # noqa: BLE001 - contained: the batch's requests fail, the worker lives on

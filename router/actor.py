@@ -1,8 +1,11 @@
 """The Ray shell of the router: `RouterActor` serves the OpenAI API with uvicorn on its own event loop,
 and `RayPrefillClient`/`RayDecodeClient` adapt worker actor handles to the client protocols.
 
-This is the router's only Ray import. Ray's actor-death errors become `WorkerDeadError`; an
-exception raised inside a worker method becomes `RequestFailedError`. Every call is awaited on the
+This is the router's only Ray import. Ray's errors map onto the protocol's: `ActorUnavailableError`
+(the actor's node is unreachable for now, or the actor is restarting) becomes
+`WorkerUnavailableError`; the other actor errors (`ActorDiedError`: the actor or its node died) and a
+lost object become `WorkerDeadError`; an exception raised inside a worker method becomes
+`RequestFailedError` (`InvalidRequestError` for a `ValueError`). Every call is awaited on the
 actor's event loop (no `ray.get`), so thousands of requests stream concurrently.
 """
 
@@ -16,12 +19,25 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 import uvicorn
-from ray.exceptions import ObjectLostError, RayActorError, RaySystemError, RayTaskError, TaskCancelledError
+from ray.exceptions import (
+    ActorUnavailableError,
+    ObjectLostError,
+    RayActorError,
+    RaySystemError,
+    RayTaskError,
+    TaskCancelledError,
+)
 
+from pdserve import faultpoints
 from pdserve.config import ServingConfig
 from pdserve.router.core import Router
 from pdserve.router.openai_api import ModelCard
-from pdserve.router.protocols import InvalidRequestError, RequestFailedError, WorkerDeadError
+from pdserve.router.protocols import (
+    InvalidRequestError,
+    RequestFailedError,
+    WorkerDeadError,
+    WorkerUnavailableError,
+)
 from pdserve.router.server import build_app
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
 
@@ -31,14 +47,21 @@ if TYPE_CHECKING:
     from pdserve.kvtransfer.types import KVHandle
 
 T = TypeVar("T")
-_DEAD = (RayActorError, ObjectLostError, RaySystemError)
+_DEAD = (RayActorError, ObjectLostError, RaySystemError)  # ActorUnavailableError is a RayActorError
+
+
+def worker_error(worker_id: str, e: Exception) -> WorkerDeadError:
+    """The protocol error for Ray error `e` (one of `_DEAD`) on `worker_id`'s actor."""
+    if isinstance(e, ActorUnavailableError):
+        return WorkerUnavailableError(worker_id, type(e).__name__)
+    return WorkerDeadError(worker_id, type(e).__name__)
 
 
 async def _call(worker_id: str, ref: Awaitable[T]) -> T:
     try:
         return await ref
     except _DEAD as e:
-        raise WorkerDeadError(worker_id, type(e).__name__) from e
+        raise worker_error(worker_id, e) from e
     except (RayTaskError, TaskCancelledError) as e:
         cause = getattr(e, "cause", None)
         message = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).strip().splitlines()[-1]
@@ -46,14 +69,14 @@ async def _call(worker_id: str, ref: Awaitable[T]) -> T:
         raise (InvalidRequestError if isinstance(e, ValueError) else RequestFailedError)(message) from e
 
 
-async def _stream(worker_id: str, method: Any, *args: Any) -> AsyncGenerator[Any, None]:
-    """Iterate a streaming-generator actor method's items, with `_call`'s errors."""
+async def _items(worker_id: str, method: Any, *args: Any) -> AsyncGenerator[Any, None]:
+    """The items of a streaming-generator actor method called with `args`, with `_call`'s errors."""
     try:
         stream: Any = method.options(num_returns="streaming").remote(*args)
         async for ref in stream:
             yield await _call(worker_id, ref)
     except _DEAD as e:  # raised by the stream itself, between items
-        raise WorkerDeadError(worker_id, type(e).__name__) from e
+        raise worker_error(worker_id, e) from e
 
 
 class RayPrefillClient:
@@ -61,10 +84,18 @@ class RayPrefillClient:
         self.worker_id, self.actor = worker_id, actor
 
     async def prefill(self, req: GenerateRequest) -> PrefillResult:
-        return await _call(self.worker_id, self.actor.prefill.remote(req))
+        await faultpoints.areached("router.queued", (req,))  # chaos windows: no-ops unless armed
+        result: PrefillResult = await _call(self.worker_id, self.actor.prefill.remote(req))
+        if result.handle is not None:
+            await faultpoints.areached("router.prefilled", (req,))
+        return result
 
-    def prefill_stream(self, req: GenerateRequest) -> AsyncGenerator[KVHandle | PrefillResult, None]:
-        return _stream(self.worker_id, self.actor.prefill_stream, req)
+    async def prefill_stream(self, req: GenerateRequest) -> AsyncGenerator[KVHandle | PrefillResult, None]:
+        await faultpoints.areached("router.queued", (req,))
+        async for item in _items(self.worker_id, self.actor.prefill_stream, req):
+            if isinstance(item, PrefillResult) and item.handle is not None:
+                await faultpoints.areached("router.prefilled", (req,))
+            yield item
 
     async def abort(self, request_id: RequestId) -> None:
         await _call(self.worker_id, self.actor.abort.remote(request_id))
@@ -77,8 +108,12 @@ class RayDecodeClient:
     def __init__(self, worker_id: str, actor: ActorHandle[Any]) -> None:
         self.worker_id, self.actor = worker_id, actor
 
-    def generate(self, req: GenerateRequest, handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
-        return _stream(self.worker_id, self.actor.generate, req, handle)
+    async def generate(self, req: GenerateRequest, handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
+        out: StepOutput
+        async for out in _items(self.worker_id, self.actor.generate, req, handle):
+            if out.finished:
+                await faultpoints.areached("router.finished", (out,))
+            yield out
 
     async def first_token(self, request_id: RequestId, token_ids: tuple[int, ...]) -> bool:
         return await _call(self.worker_id, self.actor.first_token.remote(request_id, token_ids))

@@ -140,8 +140,8 @@ class Router:
             inst.outstanding_tokens += n
             try:
                 result = await client.prefill(st.request)
-            except WorkerDeadError:
-                self.prefill.mark_dead(inst.worker_id, client)
+            except WorkerDeadError as e:
+                self.prefill.mark_dead(inst.worker_id, client, e)
                 continue
             except InvalidRequestError:
                 raise  # the client's fault: the server answers 400
@@ -178,8 +178,8 @@ class Router:
                     picked = self.decode.pick(st.request)  # dispatch now, with the KV still being written
                     early = EarlyDecode(picked, self._open_decode(st, picked, item)) if picked else None
             raise RequestFailedError(f"prefill instance {inst.worker_id} ended the stream without a result")
-        except WorkerDeadError:
-            self.prefill.mark_dead(inst.worker_id, client)
+        except WorkerDeadError as e:
+            self.prefill.mark_dead(inst.worker_id, client, e)
             await self._close_early(st, early)
             return (*await self._run_prefill(st), None)
         except RequestFailedError as e:
@@ -256,8 +256,8 @@ class Router:
                     else:
                         yield self._error(st, f"decode instance {inst.worker_id} ended the stream unfinished")
                         return
-            except WorkerDeadError:
-                self.decode.mark_dead(inst.worker_id, client)
+            except WorkerDeadError as e:
+                self.decode.mark_dead(inst.worker_id, client, e)
             except InvalidRequestError:
                 raise
             except RequestFailedError as e:
@@ -312,7 +312,7 @@ class Router:
         results = await asyncio.gather(*(c.abort(st.request.request_id) for _, c in targets), return_exceptions=True)
         for (wid, client), r in zip(targets, results, strict=True):
             if isinstance(r, WorkerDeadError):
-                pool.mark_dead(wid, client)
+                pool.mark_dead(wid, client, r)
 
     async def _release(self, st: _State) -> None:
         if st.released:

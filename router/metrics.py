@@ -102,6 +102,7 @@ class _PoolCollector(Collector):
         waiting = gauge("waiting_requests", "Requests queued (worker view)")
         usage = gauge("kv_usage_ratio", "Fraction of KV blocks in use")
         healthy = gauge("healthy", "1 if the instance is serving")
+        unavailable = gauge("unavailable", "1 if Ray cannot reach the instance for now (not dead; out of dispatch)")
         tokens = gauge("outstanding_prompt_tokens", "Prompt tokens dispatched, not answered")
         def counter(name: str, doc: str) -> CounterMetricFamily:
             return CounterMetricFamily(f"pdserve_instance_{name}", doc, labels=["role", "instance"])
@@ -122,6 +123,7 @@ class _PoolCollector(Collector):
                 waiting.add_metric(key, inst.stats.num_waiting)
                 usage.add_metric(key, inst.stats.kv_usage)
                 healthy.add_metric(key, float(inst.healthy))
+                unavailable.add_metric(key, float(inst.state == "unavailable"))
                 tokens.add_metric(key, inst.outstanding_tokens)
                 busy.add_metric(key, inst.stats.busy_s)
                 steps.add_metric(key, inst.stats.num_steps)
@@ -131,8 +133,8 @@ class _PoolCollector(Collector):
                 queried.add_metric(key, inst.stats.prefix_cache_queried_tokens)
                 hits.add_metric(key, inst.stats.prefix_cache_hit_tokens)
             failures.add_metric([pool.role], pool.num_failures)
-        yield from (running, waiting, usage, healthy, tokens, busy, steps, step_tokens, failed_steps, fallback,
-                    queried, hits, failures)
+        yield from (running, waiting, usage, healthy, unavailable, tokens, busy, steps, step_tokens, failed_steps,
+                    fallback, queried, hits, failures)
         yield _kv_pulls(self.router)
         yield CounterMetricFamily("pdserve_redispatched_requests", "Requests moved to another instance after a failure",
                                   value=self.router.num_redispatched)

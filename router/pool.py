@@ -3,8 +3,11 @@
 The router's own counts (prompt tokens it sent to an instance and not yet got back, requests it is
 streaming from it) are exact and current; the polled `WorkerStats` lag by the poll interval. A
 policy sees the polled snapshot with the router's counts folded in (`Instance.snapshot`).
-Health: an instance turns unhealthy when a call raises `WorkerDeadError`, and healthy again when a
-later `stats()` answers (Ray restarted the actor behind the same handle, or it was re-registered).
+Health (`Instance.state`): an instance is `dead` when a call raises `WorkerDeadError` (Ray says the
+actor or its node died), `unavailable` when one raises `WorkerUnavailableError` (Ray could not reach
+it for now) or its own stats say it is unhealthy; either takes it out of dispatch but keeps it
+registered, and it is `healthy` again when a later `stats()` answers (the node came back, Ray
+restarted the actor behind the same handle, or it was re-registered). Only deaths count as failures.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from pdserve.router.policies import Policy
-from pdserve.router.protocols import DecodeClient, PrefillClient, WorkerDeadError
+from pdserve.router.protocols import DecodeClient, PrefillClient, WorkerDeadError, WorkerUnavailableError
 from pdserve.types import GenerateRequest, WorkerStats
 
 Role = Literal["prefill", "decode"]
+State = Literal["healthy", "unavailable", "dead"]
+STATES: tuple[State, ...] = ("healthy", "unavailable", "dead")
 C = TypeVar("C", PrefillClient, DecodeClient)
 
 
@@ -27,9 +32,13 @@ class Instance(Generic[C]):
     worker_id: str
     client: C
     stats: WorkerStats
-    healthy: bool = True
+    state: State = "healthy"
     num_inflight: int = 0  # requests this router is running on it right now
     outstanding_tokens: int = 0  # prompt tokens sent to it and not yet answered
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "healthy"
 
     def snapshot(self) -> WorkerStats:
         # Exact local counts replace the lagging polled ones; the waiting/running split of the
@@ -45,7 +54,8 @@ class Pool(Generic[C]):
     policy: Policy
     instances: dict[str, Instance[C]] = field(default_factory=dict)
     num_dispatched: int = 0
-    num_failures: int = 0  # healthy -> dead transitions seen
+    num_failures: int = 0  # transitions to dead seen
+    num_unavailable: int = 0  # healthy -> unavailable transitions seen (Ray could not reach it)
     _polling: asyncio.Future[None] | None = field(default=None, repr=False)
 
     def add(self, worker_id: str, client: C) -> None:
@@ -55,7 +65,7 @@ class Pool(Generic[C]):
         if inst is None:
             self.instances[worker_id] = Instance(worker_id, client, WorkerStats(worker_id))
         else:
-            inst.client, inst.stats, inst.healthy = client, WorkerStats(worker_id), True
+            inst.client, inst.stats, inst.state = client, WorkerStats(worker_id), "healthy"
 
     def remove(self, worker_id: str) -> None:
         self.instances.pop(worker_id, None)
@@ -74,16 +84,29 @@ class Pool(Generic[C]):
         self.num_dispatched += 1
         return self.instances[chosen]
 
-    def mark_dead(self, worker_id: str, client: C) -> None:
-        """`client` failed: the instance is dead unless it has since been replaced by another client."""
+    def counts(self) -> dict[str, int]:
+        """Instances per state, and in all (what /health shows per pool)."""
+        states = [i.state for i in self.instances.values()]
+        return {s: states.count(s) for s in STATES} | {"total": len(states)}
+
+    def mark_dead(self, worker_id: str, client: C, error: WorkerDeadError | None = None) -> None:
+        """A call on `client` raised `error`: the instance is dead, or only unavailable when `error` is
+        a `WorkerUnavailableError` (no-op when it has since been replaced by another client)."""
         inst = self.instances.get(worker_id)
-        if inst is not None and inst.client is client and inst.healthy:
-            inst.healthy = False
-            self.num_failures += 1
+        if inst is None or inst.client is not client or inst.state == "dead":
+            return
+        if isinstance(error, WorkerUnavailableError):
+            if inst.state == "healthy":
+                inst.state = "unavailable"
+                self.num_unavailable += 1
+            return
+        inst.state = "dead"
+        self.num_failures += 1
 
     async def refresh(self, timeout_s: float) -> None:
-        """Poll every instance's stats concurrently. A dead one turns unhealthy, an answering one
-        healthy (per its own `healthy` flag); one that does not answer in time keeps its state.
+        """Poll every instance's stats concurrently. A dead or unreachable one turns dead or
+        unavailable, an answering one healthy (or unavailable, per its own `healthy` flag); one that
+        does not answer in time keeps its state.
         Concurrent callers (many requests waiting for a failover) share one poll."""
         if self._polling is None or self._polling.done():
             self._polling = asyncio.ensure_future(self._poll(timeout_s))
@@ -97,8 +120,8 @@ class Pool(Generic[C]):
             if inst.client is not client:
                 continue  # replaced while we polled
             if isinstance(res, WorkerStats):
-                inst.stats, inst.healthy = res, res.healthy
+                inst.stats, inst.state = res, "healthy" if res.healthy else "unavailable"
             elif isinstance(res, WorkerDeadError):
-                self.mark_dead(inst.worker_id, client)
+                self.mark_dead(inst.worker_id, client, res)
             elif not isinstance(res, Exception):
                 raise res  # CancelledError / KeyboardInterrupt are not a worker's state

@@ -174,8 +174,7 @@ def _add_info_routes(app: FastAPI, router: Router, card: ModelCard, shape: dict[
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        pools = {p.role: {"healthy": len(p.healthy()), "total": len(p.instances)}
-                 for p in (router.prefill, router.decode)}
+        pools = {p.role: p.counts() for p in (router.prefill, router.decode)}  # instances per state
         ok = bool(router.decode.healthy()) and (router.mode == "colocated" or bool(router.prefill.healthy()))
         return JSONResponse({"status": "ok" if ok else "unavailable", "mode": router.mode, **pools},
                             status_code=200 if ok else 503)

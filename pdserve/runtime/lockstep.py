@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 import torch.distributed as dist
 
 from pdserve.engine.pipeline import RankLayout
+from pdserve.kvtransfer.at_exit import close_at_exit, forget
 from pdserve.runtime.step_loop import StepLoop
 
 T = TypeVar("T")
@@ -92,6 +93,8 @@ class LockStep:
         # Free blocks as the last step left them: rank 0 applies ops (an abort frees blocks) before
         # the collective and followers after it, so only this value is comparable across ranks.
         self._free_after_step = worker.engine.allocator.num_free
+        # At exit, after the step loop (registered later, so stopped first): tell the other ranks.
+        self._exit_token = close_at_exit(self, LockStep.leave)
 
     def submit(self, *args: Any) -> Any:
         return self._record(Submit(args))
@@ -123,6 +126,8 @@ class LockStep:
     def step(self) -> list[Any]:
         self._sync(stop=False)
         if self.stopped:
+            if self.ranks.rank == 0:  # a follower left: the instance cannot step; crash-only (the actor exits)
+                raise RuntimeError("a rank of this instance left it")
             return []
         outputs = self.worker.step()
         self._free_after_step = self.worker.engine.allocator.num_free
@@ -132,6 +137,22 @@ class LockStep:
         """Rank 0: end the followers' loops (they return from run_follower)."""
         self._sync(stop=True)
 
+    def leave(self) -> None:
+        """Any rank, at exit once its step loop has stopped: one last collective that stops every
+        rank's loop, so no rank is left blocked in the next one (a follower waiting for rank 0's
+        step would hold its process in gloo through interpreter exit), then destroys the process
+        group. Bounded: a rank already gone makes the collective fail at once, and nothing more is
+        sent once the ranks agreed to stop."""
+        forget(self._exit_token)
+        if not self.stopped:
+            try:
+                self._sync(stop=True)
+            except RuntimeError as e:  # a peer exited first: nobody is left to tell
+                log.debug("lock-step leave: %s", e)
+            self.stopped = True
+        if self.ranks.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()  # its gloo threads end here, not in the interpreter's teardown
+
     def run_follower(self) -> None:
         assert self.ranks.rank != 0, "rank 0 is driven by its actor's step thread"
         while not self.stopped:
@@ -139,10 +160,10 @@ class LockStep:
 
     def _sync(self, stop: bool) -> None:
         """The step's one collective: share rank 0's ops and every rank's reports, then apply them."""
-        mine = ((self._ops, stop) if self.ranks.rank == 0 else None,
-                [a.local_report() for a in self.agreements], self._free_after_step)
+        mine = (self._ops if self.ranks.rank == 0 else None,
+                [a.local_report() for a in self.agreements], self._free_after_step, stop)
         everyone = all_gather(mine, self.ranks)
-        ops, self.stopped = everyone[0][0]
+        ops, self.stopped = everyone[0][0], any(g[3] for g in everyone)  # any rank may end the instance
         self._ops = []
         free = {g[2] for g in everyone}
         assert len(free) == 1, f"ranks diverged: free KV blocks per rank {[g[2] for g in everyone]}"

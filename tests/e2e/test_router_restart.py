@@ -71,8 +71,9 @@ def test_killed_router_serves_again_within_15_s(ray_cluster: None) -> None:
             t.join(60)
         assert any(ok and at > back for at, ok in outcomes) or _complete(deployment.url, "hi").status_code == 200
         health = httpx.get(f"{deployment.url}/health", timeout=10).json()
-        assert health["status"] == "ok" and health["prefill"] == {"healthy": 1, "total": 1} \
-            and health["decode"] == {"healthy": 1, "total": 1}, health  # every instance re-registered
+        whole = {"healthy": 1, "unavailable": 0, "dead": 0, "total": 1}
+        # every instance re-registered
+        assert health["status"] == "ok" and health["prefill"] == whole and health["decode"] == whole, health
         assert ray.get(deployment.router.num_pending.remote(), timeout=10) == 0
     finally:
         load_stop.set()

@@ -206,7 +206,7 @@ def test_no_healthy_instance_is_503_and_health_says_so() -> None:
     r = run(post(app, "/v1/completions", OK))
     assert r.status_code == 503 and "retry-after" in r.headers
     h = run(health())
-    assert h.status_code == 503 and h.json()["decode"] == {"healthy": 0, "total": 1}
+    assert h.status_code == 503 and h.json()["decode"] == {"healthy": 0, "unavailable": 0, "dead": 1, "total": 1}
 
 
 def test_timeout_is_504_and_aborts() -> None:
