@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from pdserve.config import Mode, RouterConfig
 from pdserve.router.policies import decode_policy, prefill_policy
+from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.pool import Instance, Pool
 from pdserve.router.protocols import (
     DecodeClient,
@@ -71,11 +72,16 @@ class Router:
     """Request state and dispatch for one serving system (both modes)."""
 
     def __init__(self, cfg: RouterConfig, mode: Mode = "disaggregated", *, clock: Clock = time.monotonic,
-                 failover_wait_s: float = 30.0, max_attempts: int = 4) -> None:
+                 failover_wait_s: float = 30.0, max_attempts: int = 4, prefix_block_size: int | None = None) -> None:
+        """`prefix_block_size`: the instances' KV block size when they cache prefixes (engine.
+        enable_prefix_caching): both pools then keep a PrefixIndex for the cache-aware policies."""
         self.cfg, self.mode, self.clock = cfg, mode, clock
         self.failover_wait_s, self.max_attempts = failover_wait_s, max_attempts
         self.prefill: Pool[PrefillClient] = Pool("prefill", prefill_policy(cfg.prefill_policy))
         self.decode: Pool[DecodeClient] = Pool("decode", decode_policy(cfg.decode_policy))
+        if prefix_block_size is not None:
+            for pool in (self.prefill, self.decode):
+                pool.prefix, pool.prefix_block_size = PrefixIndex(), prefix_block_size
         self.requests: dict[RequestId, _State] = {}
         self.num_redispatched = 0
         self.num_retried = 0  # requests retried once after a worker's step failed on them
