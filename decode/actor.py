@@ -28,9 +28,8 @@ if TYPE_CHECKING:
 
 class DecodeActor(WorkerShell):
     def __init__(self, cfg: ServingConfig, worker_id: str, rank: int = 0) -> None:
-        super().__init__(ray.util.get_node_ip_address())
-        self.cfg, self.worker_id = cfg, worker_id  # cheap: weights load in start()
-        self.ranks = RankLayout(cfg.decode.tp, cfg.decode.pp, rank)
+        ranks = RankLayout(cfg.decode.tp, cfg.decode.pp, rank)
+        super().__init__(ray.util.get_node_ip_address(), cfg, worker_id, ranks)
         self._streams: dict[RequestId, asyncio.Queue[StepOutput]] = {}
         self._probe: socket.socket | None = None
 

@@ -21,8 +21,8 @@ ColocatedPolicy = Literal["prefill_priority", "chunked"]
 TransportName = Literal["loopback", "grpc", "torch"]
 OnFailure = Literal["recompute", "fail"]
 CodecName = Literal["auto", "raw", "int8", "fp8", "int4", "int4_zstd"]
-PrefillPolicyName = Literal["least_tokens", "round_robin"]
-DecodePolicyName = Literal["least_kv", "round_robin"]
+PrefillPolicyName = Literal["least_tokens", "cache_aware", "round_robin"]
+DecodePolicyName = Literal["least_kv", "cache_aware", "round_robin"]
 
 
 class ConfigError(ValueError):
@@ -213,6 +213,9 @@ class ServingConfig:
         for name in self.pool_names:
             _check_gpus(self.engine.device, getattr(self, name), name)
         self._check_placement()
+        for name in ("prefill_policy", "decode_policy"):
+            if getattr(self.router, name) == "cache_aware" and not self.engine.enable_prefix_caching:
+                raise ConfigError(f"router.{name}: cache_aware needs engine.enable_prefix_caching: true")
 
     def _check_placement(self) -> None:
         pl = self.placement

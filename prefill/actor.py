@@ -25,9 +25,8 @@ if TYPE_CHECKING:
 
 class PrefillActor(WorkerShell):
     def __init__(self, cfg: ServingConfig, worker_id: str, rank: int = 0) -> None:
-        super().__init__(ray.util.get_node_ip_address())
-        self.cfg, self.worker_id = cfg, worker_id  # cheap: weights load in start()
-        self.ranks = RankLayout(cfg.prefill.tp, cfg.prefill.pp, rank)
+        ranks = RankLayout(cfg.prefill.tp, cfg.prefill.pp, rank)
+        super().__init__(ray.util.get_node_ip_address(), cfg, worker_id, ranks)
         self._waiting: dict[RequestId, asyncio.Future[PrefillResult]] = {}
         self._exported = EarlyHandles()
 

@@ -28,7 +28,8 @@ class EarlyHandles:
             if fut is not None and not fut.done():
                 fut.set_result(h)
 
-    async def stream(self, request_id: RequestId, result: Awaitable[PrefillResult]) -> AsyncIterator[KVHandle | PrefillResult]:
+    async def stream(self, request_id: RequestId,
+                     result: Awaitable[PrefillResult]) -> AsyncIterator[KVHandle | PrefillResult]:
         """Await `result` (the request's prefill, started here), yielding the request's handle first
         if it is exported before the result comes. Closing the stream early cancels `result` (the
         prefill call then aborts the request on the worker). Raises what `result` raises, or

@@ -143,7 +143,9 @@ class RouterActor:
                  prefill: dict[str, ActorHandle[Any]] | None = None,
                  decode: dict[str, ActorHandle[Any]] | None = None) -> None:
         self.cfg, self.tokenizer_dir = cfg, tokenizer_dir
-        self.router = Router(cfg.router, cfg.mode, layerwise=cfg.layerwise_kv)
+        block_size = cfg.engine.block_size if cfg.engine.enable_prefix_caching else None
+        self.router = Router(cfg.router, cfg.mode, prefix_block_size=block_size)
+        self.router.layerwise = cfg.layerwise_kv
         self._workers = (prefill or {}, decode or {})
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None

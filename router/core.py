@@ -10,10 +10,7 @@ A decode instance that dies mid-stream is replaced by another healthy one (after
 (`GenerateRequest.output_token_ids`); past `max_attempts` the request ends with an explicit error
 output. Closing a `RequestStream` early (client gone, timeout) aborts it on every worker holding it.
 
-Layer-wise streaming (`layerwise`, router/layerwise.py): prefill yields the KV handle before its
-forward; the request goes to decode at once (which pulls while prefill computes) and the first
-token follows. If prefill fails after that, decode is aborted and the request takes the path above;
-if it ends at its first token, decode is aborted; if decode lost it, it is recomputed elsewhere.
+Layer-wise streaming (router/layerwise.py): decode gets the request and KV handle before prefill's forward.
 
 A step that raises on a worker fails only the requests of its batch (the worker stays in its pool):
 each is retried once, on another instance when there is one; a request whose step fails twice is a
@@ -34,6 +31,7 @@ from pdserve.config import Mode, RouterConfig
 from pdserve.router.errors import OverloadedError, UnavailableError
 from pdserve.router.layerwise import EarlyDecode
 from pdserve.router.policies import decode_policy, prefill_policy
+from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.pool import Instance, Pool
 from pdserve.router.protocols import (
     DecodeClient,
@@ -50,7 +48,7 @@ if TYPE_CHECKING:
     from pdserve.kvtransfer.types import KVHandle
 
 Clock = Callable[[], float]
-__all__ = ["OverloadedError", "RequestStream", "Router", "UnavailableError"]
+_Prefilled = tuple[StepOutput | None, "KVHandle | None", EarlyDecode | None]  # first token, handle, early decode
 
 
 @dataclass
@@ -69,12 +67,17 @@ class Router:
     """Request state and dispatch for one serving system (both modes)."""
 
     def __init__(self, cfg: RouterConfig, mode: Mode = "disaggregated", *, clock: Clock = time.monotonic,
-                 failover_wait_s: float = 30.0, max_attempts: int = 4, layerwise: bool = False) -> None:
-        """`layerwise`: stream KV handoffs (the clients are `StreamingPrefillClient`/`StreamingDecodeClient`)."""
-        self.cfg, self.mode, self.clock, self.layerwise = cfg, mode, clock, layerwise
+                 failover_wait_s: float = 30.0, max_attempts: int = 4, prefix_block_size: int | None = None) -> None:
+        """`prefix_block_size`: the instances' KV block size when they cache prefixes (engine.
+        enable_prefix_caching): both pools then keep a PrefixIndex for the cache-aware policies."""
+        self.cfg, self.mode, self.clock = cfg, mode, clock
+        self.layerwise = False  # True: stream KV handoffs (clients are Streaming*Clients, router/protocols.py)
         self.failover_wait_s, self.max_attempts = failover_wait_s, max_attempts
         self.prefill: Pool[PrefillClient] = Pool("prefill", prefill_policy(cfg.prefill_policy))
         self.decode: Pool[DecodeClient] = Pool("decode", decode_policy(cfg.decode_policy))
+        if prefix_block_size is not None:
+            for pool in (self.prefill, self.decode):
+                pool.prefix, pool.prefix_block_size = PrefixIndex(), prefix_block_size
         self.requests: dict[RequestId, _State] = {}
         self.num_redispatched = 0
         self.num_retried = 0  # requests retried once after a worker's step failed on them
@@ -157,11 +160,8 @@ class Router:
             return result.first, result.handle
         return None, None
 
-    async def _run_prefill_layerwise(self, st: _State) -> tuple[StepOutput | None, KVHandle | None,
-                                                                 EarlyDecode | None]:
-        """As `_run_prefill`, dispatching decode as soon as prefill has exported the KV (then the
-        third item is that decode stream, told the first token). Any failure after the dispatch
-        closes and aborts it, and continues as without streaming."""
+    async def _run_prefill_layerwise(self, st: _State) -> _Prefilled:
+        """As `_run_prefill`, dispatching decode (3rd item) once prefill exported the KV; failures abort it."""
         n = len(st.request.prompt_token_ids)
         inst = self.prefill.pick(st.request)
         if inst is None:
@@ -191,7 +191,7 @@ class Router:
             inst.outstanding_tokens -= n
 
     async def _streamed_first(self, st: _State, worker_id: str, result: PrefillResult,
-                              early: EarlyDecode | None) -> tuple[StepOutput | None, KVHandle | None, EarlyDecode | None]:
+                              early: EarlyDecode | None) -> _Prefilled:
         """Prefill's result after an early dispatch (`early`, if a decode instance was free)."""
         first = result.first
         if early is not None and first.finished:  # prefill failed, or the request ended at its first token

@@ -7,13 +7,15 @@ gauges (running, waiting, KV usage, health) are read from the router's pools at 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pdserve.router.core import Router
+from pdserve.router.pool import Instance
 from pdserve.router.vllm_metrics import VllmGauges, VllmMetrics
 from pdserve.types import LatencyBreakdown
 
@@ -88,6 +90,31 @@ def _instance_rows(router: Router) -> Iterator[tuple[str, float, float, float]]:
             yield inst.worker_id, inst.snapshot().num_running, inst.stats.num_waiting, inst.stats.kv_usage
 
 
+# Per-instance series: (kind, name after pdserve_instance_, help, value). The router's own counts
+# (running, outstanding tokens, health) are current; the others are the instance's polled stats.
+_INSTANCE_SERIES: tuple[tuple[str, str, str, Callable[[Instance[Any]], float]], ...] = (
+    ("gauge", "running_requests", "Requests running (router view)", lambda i: i.snapshot().num_running),
+    ("gauge", "waiting_requests", "Requests queued (worker view)", lambda i: i.stats.num_waiting),
+    ("gauge", "kv_usage_ratio", "Fraction of KV blocks in use", lambda i: i.stats.kv_usage),
+    ("gauge", "healthy", "1 if the instance is serving", lambda i: float(i.healthy)),
+    ("gauge", "unavailable", "1 if Ray cannot reach the instance for now (not dead; out of dispatch)",
+     lambda i: float(i.state == "unavailable")),
+    ("gauge", "outstanding_prompt_tokens", "Prompt tokens dispatched, not answered", lambda i: i.outstanding_tokens),
+    ("counter", "engine_busy_seconds", "Seconds the instance spent in engine steps (worker view)",
+     lambda i: i.stats.busy_s),
+    ("counter", "engine_steps", "Engine steps that ran a batch", lambda i: i.stats.num_steps),
+    ("counter", "engine_step_tokens", "Tokens run through the model, all steps", lambda i: i.stats.num_step_tokens),
+    ("counter", "engine_failed_steps", "Engine steps that raised (their requests failed)",
+     lambda i: i.stats.num_failed_steps),
+    ("counter", "engine_fallback_steps", "Engine steps run without the native CPU kernels (slower path)",
+     lambda i: i.stats.num_fallback_steps),
+    ("counter", "prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+     lambda i: i.stats.prefix_cache_queried_tokens),
+    ("counter", "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (not computed or pulled)",
+     lambda i: i.stats.prefix_cache_hit_tokens),
+)
+
+
 class _PoolCollector(Collector):
     """Reads the router's pools at scrape time: no copies to keep in sync."""
 
@@ -95,46 +122,16 @@ class _PoolCollector(Collector):
         self.router = router
 
     def collect(self) -> Iterator[Metric]:
-        def gauge(name: str, doc: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"pdserve_instance_{name}", doc, labels=["role", "instance"])
-
-        running = gauge("running_requests", "Requests running (router view)")
-        waiting = gauge("waiting_requests", "Requests queued (worker view)")
-        usage = gauge("kv_usage_ratio", "Fraction of KV blocks in use")
-        healthy = gauge("healthy", "1 if the instance is serving")
-        unavailable = gauge("unavailable", "1 if Ray cannot reach the instance for now (not dead; out of dispatch)")
-        tokens = gauge("outstanding_prompt_tokens", "Prompt tokens dispatched, not answered")
-        def counter(name: str, doc: str) -> CounterMetricFamily:
-            return CounterMetricFamily(f"pdserve_instance_{name}", doc, labels=["role", "instance"])
-
-        busy = counter("engine_busy_seconds", "Seconds the instance spent in engine steps (worker view)")
-        steps = counter("engine_steps", "Engine steps that ran a batch")
-        step_tokens = counter("engine_step_tokens", "Tokens run through the model, all steps")
-        failed_steps = counter("engine_failed_steps", "Engine steps that raised (their requests failed)")
-        fallback = counter("engine_fallback_steps", "Engine steps run without the native CPU kernels (slower path)")
-        queried = counter("prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache")
-        hits = counter("prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (not computed or pulled)")
+        families = {name: (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+            f"pdserve_instance_{name}", doc, labels=["role", "instance"]) for kind, name, doc, _ in _INSTANCE_SERIES}
         failures = CounterMetricFamily("pdserve_worker_failures", "Instances seen dying", labels=["role"])
         for pool in (self.router.prefill, self.router.decode):
             for inst in pool.instances.values():
-                key = [pool.role, inst.worker_id]
-                snap = inst.snapshot()
-                running.add_metric(key, snap.num_running)
-                waiting.add_metric(key, inst.stats.num_waiting)
-                usage.add_metric(key, inst.stats.kv_usage)
-                healthy.add_metric(key, float(inst.healthy))
-                unavailable.add_metric(key, float(inst.state == "unavailable"))
-                tokens.add_metric(key, inst.outstanding_tokens)
-                busy.add_metric(key, inst.stats.busy_s)
-                steps.add_metric(key, inst.stats.num_steps)
-                step_tokens.add_metric(key, inst.stats.num_step_tokens)
-                failed_steps.add_metric(key, inst.stats.num_failed_steps)
-                fallback.add_metric(key, inst.stats.num_fallback_steps)
-                queried.add_metric(key, inst.stats.prefix_cache_queried_tokens)
-                hits.add_metric(key, inst.stats.prefix_cache_hit_tokens)
+                for _, name, _, value in _INSTANCE_SERIES:
+                    families[name].add_metric([pool.role, inst.worker_id], value(inst))
             failures.add_metric([pool.role], pool.num_failures)
-        yield from (running, waiting, usage, healthy, unavailable, tokens, busy, steps, step_tokens, failed_steps,
-                    fallback, queried, hits, failures)
+        yield from families.values()
+        yield failures
         yield _kv_pulls(self.router)
         yield CounterMetricFamily("pdserve_redispatched_requests", "Requests moved to another instance after a failure",
                                   value=self.router.num_redispatched)

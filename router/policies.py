@@ -80,10 +80,10 @@ def round_robin(req: GenerateRequest, stats: Sequence[WorkerStats], tick: int) -
     return stats[tick % len(stats)].worker_id
 
 
-# The cache_aware policies join these once the router feeds them its PrefixIndex's guesses
-# (`expected_hit_tokens`); until then a name that selects them would silently act as the defaults.
-_PREFILL: dict[str, Policy] = {"least_tokens": least_outstanding_tokens, "round_robin": round_robin}
-_DECODE: dict[str, Policy] = {"least_kv": least_kv_pressure, "round_robin": round_robin}
+_PREFILL: dict[str, Policy] = {"least_tokens": least_outstanding_tokens, "cache_aware": cache_aware_prefill,
+                               "round_robin": round_robin}
+_DECODE: dict[str, Policy] = {"least_kv": least_kv_pressure, "cache_aware": cache_aware_decode,
+                              "round_robin": round_robin}
 
 
 def prefill_policy(name: str) -> Policy:

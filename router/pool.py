@@ -17,7 +17,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
+from pdserve.prefix_keys import chain_keys
 from pdserve.router.policies import Policy
+from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.protocols import DecodeClient, PrefillClient, WorkerDeadError, WorkerUnavailableError
 from pdserve.types import GenerateRequest, WorkerStats
 
@@ -56,6 +58,10 @@ class Pool(Generic[C]):
     num_dispatched: int = 0
     num_failures: int = 0  # transitions to dead seen
     num_unavailable: int = 0  # healthy -> unavailable transitions seen (Ray could not reach it)
+    # With prefix caching on the instances: the router's guess of what each caches (block keys of
+    # `prefix_block_size` tokens), fed by its own dispatches and read by the cache-aware policies.
+    prefix: PrefixIndex | None = None
+    prefix_block_size: int = 16
     _polling: asyncio.Future[None] | None = field(default=None, repr=False)
 
     def add(self, worker_id: str, client: C) -> None:
@@ -66,6 +72,8 @@ class Pool(Generic[C]):
             self.instances[worker_id] = Instance(worker_id, client, WorkerStats(worker_id))
         else:
             inst.client, inst.stats, inst.state = client, WorkerStats(worker_id), "healthy"
+        if self.prefix is not None:
+            self.prefix.forget(worker_id)  # a new or replaced instance starts with an empty cache
 
     def remove(self, worker_id: str) -> None:
         self.instances.pop(worker_id, None)
@@ -80,9 +88,22 @@ class Pool(Generic[C]):
         if not candidates:
             return None
         candidates = [i for i in candidates if i.worker_id != avoid] or candidates
-        chosen = self.policy(req, [i.snapshot() for i in candidates], self.num_dispatched)
+        snaps = [i.snapshot() for i in candidates]
+        keys = [] if self.prefix is None else chain_keys(req.prompt_token_ids, self.prefix_block_size)
+        if keys:
+            snaps = [dataclasses.replace(s, expected_hit_tokens=self._expected_hits(i, keys))
+                     for i, s in zip(candidates, snaps)]
+        chosen = self.policy(req, snaps, self.num_dispatched)
         self.num_dispatched += 1
+        if keys:
+            self.prefix.record(chosen, keys)  # type: ignore[union-attr]
         return self.instances[chosen]
+
+    def _expected_hits(self, inst: Instance[C], keys: list[bytes]) -> int:
+        assert self.prefix is not None
+        if inst.stats.num_total_blocks > 1:  # polled: the instance's cache holds this many blocks
+            self.prefix.set_capacity(inst.worker_id, inst.stats.num_total_blocks)
+        return self.prefix.hit_blocks(inst.worker_id, keys) * self.prefix_block_size
 
     def counts(self) -> dict[str, int]:
         """Instances per state, and in all (what /health shows per pool)."""
@@ -102,6 +123,8 @@ class Pool(Generic[C]):
             return
         inst.state = "dead"
         self.num_failures += 1
+        if self.prefix is not None:
+            self.prefix.forget(worker_id)  # whatever comes back behind this id has lost its cache
 
     async def refresh(self, timeout_s: float) -> None:
         """Poll every instance's stats concurrently. A dead or unreachable one turns dead or

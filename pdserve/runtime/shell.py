@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from pdserve.config import ServingConfig
+from pdserve.engine.pipeline import RankLayout
 from pdserve.kvtransfer.listen import Listen
 from pdserve.kvtransfer.reach import Endpoint, unreachable
 from pdserve.runtime.lockstep import LockStep, make_step_loop
@@ -21,13 +22,13 @@ from pdserve.types import StepRecord, WorkerStats
 
 
 class WorkerShell(ABC):
-    cfg: ServingConfig
-    worker_id: str
     worker: LockStep
     _steps: StepLoop
 
-    def __init__(self, node_ip: str) -> None:
-        self.node_ip = node_ip  # this node's address as Ray knows it: what KV endpoints bind and advertise
+    def __init__(self, node_ip: str, cfg: ServingConfig, worker_id: str, ranks: RankLayout) -> None:
+        """Cheap: weights load in start(). `node_ip` is this node's address as Ray knows it (what KV
+        endpoints bind and advertise); `ranks` this actor's place in its tp x pp instance."""
+        self.node_ip, self.cfg, self.worker_id, self.ranks = node_ip, cfg, worker_id, ranks
         self._starting: asyncio.Future[None] | None = None
 
     async def start(self, init_method: str = "") -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 MAX_TOKENS = 16
 PORT = 18080  # inside node A's namespace: no other process on the machine shares its ports
 READY_S = 600.0  # model loads on a shared 2-core box
+STORY_TOKENS = 300  # long enough that a node dies mid-stream; 6 fit node A's KV cache after the failover
 
 
 def _config(transport: str, **kvtransfer: Any) -> dict[str, Any]:
@@ -242,15 +244,16 @@ def test_decode_node_death_under_live_streams_then_the_node_rejoins(
     (`ray start` again) and its instance, restarted there by Ray, serves again without
     restarting `pdserve serve`."""
     prompts = [f"Write a long story about a {w}." for w in ("cat", "dog", "ship", "tree", "river", "robot")]
-    want = greedy(prompts, 160)
+    want = greedy(prompts, STORY_TOKENS)
     cfg = _config("grpc")
     cfg["decode"] = {"instances": 2, "resources": {"decode_slot": 1}}
     node_b = cluster.nodes[1]
     with _serve(cluster, cfg, tmp_path) as (proc, log):
         url = wait_for_line(log, r"ready at (http://\S+)", proc, READY_S).group(1)
         clients = ThreadPoolExecutor(len(prompts), initializer=_enter_netns, initargs=(cluster.head.ns,))
-        futures = {p: clients.submit(_stream_or_error, url, p, 160) for p in prompts}
-        time.sleep(6)  # every stream is decoding
+        decoding = {p: threading.Event() for p in prompts}
+        futures = {p: clients.submit(_stream_or_error, url, p, STORY_TOKENS, decoding[p]) for p in prompts}
+        assert all(e.wait(120) for e in decoding.values())  # every stream is decoding (tokens after the first)
         assert not any(f.done() for f in futures.values())
         assert cluster.stop_node(node_b)
         results = {p: f.result(timeout=300) for p, f in futures.items()}  # none hangs
@@ -276,16 +279,21 @@ def test_decode_node_death_under_live_streams_then_the_node_rejoins(
         assert _gauge(m, "pdserve_instance_engine_steps_total", instance=instance) > 0  # it served again
 
 
-def _stream_or_error(url: str, prompt: str, max_tokens: int) -> tuple[str, str | None]:
-    """The streamed text, and the error that ended the stream (None when it finished)."""
+def _stream_or_error(url: str, prompt: str, max_tokens: int,
+                     decoding: threading.Event | None = None) -> tuple[str, str | None]:
+    """The streamed text, and the error that ended the stream (None when it finished). `decoding`
+    is set once a few tokens after the first have arrived."""
     import openai
 
-    text = ""
+    text, chunks = "", 0
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=240)
         for chunk in client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=max_tokens,
                                                temperature=0.0, stream=True, extra_body={"ignore_eos": True}):
             text += "".join(c.text for c in chunk.choices)
+            chunks += 1
+            if decoding is not None and chunks >= 4:
+                decoding.set()
             for c in chunk.choices:
                 if c.finish_reason == "error":
                     return text, "finish_reason=error"

@@ -7,10 +7,17 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
+from pdserve.router.core import Router
 from pdserve.router.protocols import RequestFailedError, WorkerDeadError
 from pdserve.types import GenerateRequest, PrefillResult
 from tests.router.conftest import FakeDecode, FakeHandle, FakePrefill, expected_tokens, make_router
 from tests.router.test_core import PROMPT, assert_idle, collect, req, run, tokens
+
+
+def _router(**kw: object) -> tuple[Router, list[FakePrefill], list[FakeDecode]]:
+    router, prefills, decodes = make_router("disaggregated", **kw)  # type: ignore[arg-type]
+    router.layerwise = True
+    return router, prefills, decodes
 
 
 class _OrderedPrefill(FakePrefill):
@@ -28,7 +35,7 @@ class _OrderedPrefill(FakePrefill):
 
 
 def test_layerwise_dispatches_decode_before_the_first_token_and_matches_the_plain_path() -> None:
-    router, (p,), (d,) = make_router("disaggregated", prefill_cls=_OrderedPrefill, layerwise=True)
+    router, (p,), (d,) = _router(prefill_cls=_OrderedPrefill)
     p.decode = d
     outs = run(collect(router, req()))
     plain, _, _ = make_router("disaggregated")
@@ -43,7 +50,7 @@ def test_layerwise_dispatches_decode_before_the_first_token_and_matches_the_plai
 
 
 def test_layerwise_request_that_ends_at_its_first_token_aborts_decode() -> None:
-    router, (p,), (d,) = make_router("disaggregated", layerwise=True)
+    router, (p,), (d,) = _router()
     outs = run(collect(router, req(max_tokens=1)))
     assert tokens(outs) == expected_tokens(PROMPT, 1) and outs[-1].finish_reason == "length"
     assert len(d.calls) == 1 and d.aborted == ["r1"] and not d.first_tokens
@@ -65,7 +72,7 @@ class _FailAfterExport(FakePrefill):
 
 
 def test_layerwise_prefill_failure_after_dispatch_aborts_decode_and_fails_explicitly() -> None:
-    router, (p,), (d,) = make_router("disaggregated", prefill_cls=_FailAfterExport, layerwise=True)
+    router, (p,), (d,) = _router(prefill_cls=_FailAfterExport)
     outs = run(collect(router, req()))
     assert outs[-1].finish_reason == "error" and "the forward raised" in (outs[-1].error or "")
     assert "r1" in d.aborted and not d.running and not d.first_tokens  # decode freed what it held
@@ -73,8 +80,7 @@ def test_layerwise_prefill_failure_after_dispatch_aborts_decode_and_fails_explic
 
 
 def test_layerwise_prefill_death_after_dispatch_aborts_decode_and_retries_elsewhere() -> None:
-    router, (p0, p1), (d,) = make_router("disaggregated", num_prefill=2, prefill_cls=_FailAfterExport,
-                                         layerwise=True)
+    router, (p0, p1), (d,) = _router(num_prefill=2, prefill_cls=_FailAfterExport)
     p0.how = p1.how = "dead"
     p1.revive()
     p1.__class__ = FakePrefill  # the second instance works (without streaming: the plain path)
@@ -95,7 +101,7 @@ class _LosesStreamed(FakeDecode):
 
 
 def test_layerwise_decode_that_lost_the_request_recomputes_it() -> None:
-    router, (p,), (d,) = make_router("disaggregated", decode_cls=_LosesStreamed, layerwise=True)
+    router, (p,), (d,) = _router(decode_cls=_LosesStreamed)
     outs = run(collect(router, req()))
     assert tokens(outs) == expected_tokens(PROMPT, 6) and outs[-1].finish_reason == "length"
     assert [h for _, h in d.calls] == [FakeHandle("r1", len(PROMPT)), None]  # then recomputed, no KV

@@ -74,3 +74,7 @@ def test_cache_aware_decode_follows_the_prefix_within_load_and_memory_bounds() -
     assert cache_aware_decode(REQ, [stats("a", free=90), stats("b", free=50, hit=64)], 0) == "a"  # KV pressure
     assert cache_aware_decode(REQ, [stats("a", running=2), stats("b", running=1)], 0) == "b"  # no hits: least busy
 
+
+
+def test_cache_aware_policies_by_config_name() -> None:
+    assert prefill_policy("cache_aware") is cache_aware_prefill and decode_policy("cache_aware") is cache_aware_decode
