@@ -29,13 +29,8 @@ from pdserve.config import Mode, RouterConfig
 from pdserve.router.policies import decode_policy, prefill_policy
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.pool import Instance, Pool
-from pdserve.router.protocols import (
-    DecodeClient,
-    InvalidRequestError,
-    PrefillClient,
-    RequestFailedError,
-    WorkerDeadError,
-)
+from pdserve.router.errors import InvalidRequestError, RequestFailedError, WorkerDeadError
+from pdserve.router.protocols import DecodeClient, PrefillClient
 from pdserve.types import GenerateRequest, LatencyBreakdown, RequestId, StepOutput
 
 if TYPE_CHECKING:
