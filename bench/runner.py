@@ -17,7 +17,8 @@ from pathlib import Path
 from pdserve.bench.client import Endpoint
 from pdserve.bench.goodput import Goodput, goodput_from_curve, slo_scale_curve
 from pdserve.bench.loadgen import LoadConfig, LoadResult, run_load
-from pdserve.bench.metrics import RunSummary, describe_slo, slo_scale_needed, summarize
+from pdserve.bench.metrics import describe_slo, slo_scale_needed
+from pdserve.bench.summary import RunSummary, summarize
 from pdserve.bench.units import fmt_duration
 from pdserve.bench.workload import WorkloadRequest
 from pdserve.config import SLOConfig

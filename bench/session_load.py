@@ -7,7 +7,7 @@ with the answer the server streamed back, and user message k. A failed turn ends
 later turns would have no history); its remaining turns are recorded as not sent.
 
 Every turn yields one `TurnRecord` (a `RequestRecord` with its session and turn index), so the
-goodput and attainment analysis of single-turn runs applies unchanged; `turn_stats` adds the
+goodput and attainment analysis of single-turn runs applies unchanged; bench/turn_stats.py adds the
 per-turn view (TTFT by turn index, and the server's prefix-cache hits when it reports them).
 """
 
@@ -19,15 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiohttp
-import numpy as np
 
 from pdserve.bench.arrivals import arrival_times
 from pdserve.bench.client import Endpoint, send_request
 from pdserve.bench.record import RequestRecord
 from pdserve.bench.sessions import ChatSession
 from pdserve.bench.workload import WorkloadRequest
-
-CACHED_TOKENS_KEY = "cached_tokens"  # the server breakdown's prompt tokens served from a prefix cache
 
 
 @dataclass
@@ -84,29 +81,3 @@ async def _one_session(http: aiohttp.ClientSession, endpoint: Endpoint, session:
             return  # later turns stay not-ok with no error: never sent
         history.append(("assistant", answer))
         send_at = time.perf_counter() + cfg.think_time_s
-
-
-@dataclass(frozen=True)
-class TurnStats:
-    turn: int
-    num: int
-    ok: int
-    ttft_p50_s: float | None
-    prompt_tokens_mean: float
-    cached_fraction: float | None  # server-reported cached prompt tokens / prompt tokens
-
-
-def turn_stats(records: Sequence[TurnRecord]) -> list[TurnStats]:
-    """Per turn index: count, successes, TTFT p50, and prefix-cache hits when the server reports them."""
-    out = []
-    for k in sorted({r.turn for r in records}):
-        rs = [r for r in records if r.turn == k]
-        done = [r for r in rs if r.ok and r.ttft_s is not None]
-        cached = [r for r in done if CACHED_TOKENS_KEY in r.server_timings]
-        out.append(TurnStats(
-            k, len(rs), len(done),
-            float(np.median([r.ttft_s for r in done])) if done else None,
-            float(np.mean([r.prompt_len for r in rs])),
-            (sum(r.server_timings[CACHED_TOKENS_KEY] for r in cached) / max(1, sum(r.prompt_len for r in cached))
-             if cached else None)))
-    return out

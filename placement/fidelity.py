@@ -13,7 +13,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from pdserve.bench.metrics import attainment, percentile_stats
+from pdserve.bench.metrics import attainment
+from pdserve.bench.summary import percentile_stats
 from pdserve.bench.results import RunData, read_results
 from pdserve.config import SLOConfig
 from pdserve.placement.calibrate import Setup, jitter_range, simulate_records, system_kind

@@ -32,12 +32,7 @@ from pdserve import faultpoints
 from pdserve.config import ServingConfig
 from pdserve.router.core import Router
 from pdserve.router.openai_api import ModelCard
-from pdserve.router.protocols import (
-    InvalidRequestError,
-    RequestFailedError,
-    WorkerDeadError,
-    WorkerUnavailableError,
-)
+from pdserve.router.errors import InvalidRequestError, RequestFailedError, WorkerDeadError, WorkerUnavailableError
 from pdserve.router.server import build_app
 from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput, WorkerStats
 

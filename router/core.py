@@ -28,20 +28,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pdserve.config import Mode, RouterConfig
-from pdserve.router.errors import OverloadedError, UnavailableError
+from pdserve.router.errors import (
+    InvalidRequestError,
+    OverloadedError,
+    RequestFailedError,
+    UnavailableError,
+    WorkerDeadError,
+)
 from pdserve.router.layerwise import EarlyDecode
 from pdserve.router.policies import decode_policy, prefill_policy
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.pool import Instance, Pool
-from pdserve.router.protocols import (
-    DecodeClient,
-    InvalidRequestError,
-    PrefillClient,
-    RequestFailedError,
-    StreamingDecodeClient,
-    StreamingPrefillClient,
-    WorkerDeadError,
-)
+from pdserve.router.protocols import DecodeClient, PrefillClient, StreamingDecodeClient, StreamingPrefillClient
 from pdserve.types import GenerateRequest, LatencyBreakdown, PrefillResult, RequestId, StepOutput
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ from typing import Generic, Literal, TypeVar
 from pdserve.prefix_keys import chain_keys
 from pdserve.router.policies import Policy
 from pdserve.router.prefix_index import PrefixIndex
-from pdserve.router.protocols import DecodeClient, PrefillClient, WorkerDeadError, WorkerUnavailableError
+from pdserve.router.errors import WorkerDeadError, WorkerUnavailableError
+from pdserve.router.protocols import DecodeClient, PrefillClient
 from pdserve.types import GenerateRequest, WorkerStats
 
 Role = Literal["prefill", "decode"]

@@ -1,13 +1,8 @@
-"""The router's view of a worker instance: `PrefillClient` and `DecodeClient`, and the two error kinds.
+"""The router's view of a worker instance: `PrefillClient` and `DecodeClient`.
 
 The router core talks only to these protocols; `router/actor.py` adapts Ray actor handles to them and
-tests pass in-process fakes. At this boundary there are two kinds of failure (as vLLM's
-`EngineGenerateError` vs `EngineDeadError`): `RequestFailedError` — this request failed, the
-instance is fine (`InvalidRequestError` when the instance rejected it as invalid) — and
-`WorkerDeadError` — the instance is gone, re-dispatch everything it held. Its subclass
-`WorkerUnavailableError` says the instance did not answer but is not known to be dead: the call's
-requests are re-dispatched the same way, and the instance stays registered as unavailable (out of
-dispatch) until it answers again.
+tests pass in-process fakes. Their calls fail with the error kinds of `router/errors.py`. The
+`Streaming*` variants add layer-wise KV streaming (router/layerwise.py).
 """
 
 from __future__ import annotations
@@ -19,32 +14,6 @@ from pdserve.types import GenerateRequest, PrefillResult, RequestId, StepOutput,
 
 if TYPE_CHECKING:
     from pdserve.kvtransfer.types import KVHandle
-
-
-class WorkerDeadError(Exception):
-    """The instance died or became unreachable; nothing it held survives."""
-
-    def __init__(self, worker_id: str, reason: str = "") -> None:
-        super().__init__(f"worker {worker_id} is dead" + (f": {reason}" if reason else ""))
-        self.worker_id = worker_id
-
-
-class WorkerUnavailableError(WorkerDeadError):
-    """The instance is unreachable for now (its node is partitioned, or it is restarting): the call's
-    outcome is unknown, so what it held is re-dispatched, but the instance is not counted dead."""
-
-    def __init__(self, worker_id: str, reason: str = "") -> None:
-        Exception.__init__(self, f"worker {worker_id} is unavailable" + (f": {reason}" if reason else ""))
-        self.worker_id = worker_id
-
-
-class RequestFailedError(Exception):
-    """One request failed on a live instance with an internal error (HTTP 5xx)."""
-
-
-class InvalidRequestError(RequestFailedError):
-    """The instance rejected the request as invalid for it (its prompt cannot fit this instance's KV
-    cache, ...): the client's fault, HTTP 400. Raised from the router's stream as it is."""
 
 
 class PrefillClient(Protocol):

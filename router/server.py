@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pdserve.config import ServingConfig
 from pdserve.router.core import OverloadedError, RequestStream, Router, UnavailableError
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
-from pdserve.router.protocols import InvalidRequestError
+from pdserve.router.errors import InvalidRequestError
 from pdserve.router.openai_api import ApiError, ChatTokenizer, Kind, ModelCard, load_body, parse
 from pdserve.router.openapi import MODELS_RESPONSE, deployment_shape, generation_route
 from pdserve.router.responses import (SSE_DONE, TIMINGS_FIELD, TIMINGS_HEADER, ResponseBuilder, format_timings, sse,

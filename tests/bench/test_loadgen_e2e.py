@@ -179,7 +179,7 @@ def test_client_queueing_is_kept_out_of_latency(fake_server) -> None:
 
 @pytest.mark.parametrize("fake_server", [EchoConfig(prefill_s=0.01, token_gap_s=0.001)], indirect=True)
 def test_a_servers_latency_breakdown_is_kept(fake_server) -> None:
-    from pdserve.bench.metrics import summarize
+    from pdserve.bench.summary import summarize
     from pdserve.config import SLOConfig
 
     work = [WorkloadRequest("hello", 1, 3), WorkloadRequest("bye", 1, 5)]

@@ -12,7 +12,8 @@ import pytest
 from pdserve.bench.echo_server import EchoConfig
 from pdserve.bench.sessions import TEMPLATE_TOKENS_PER_MESSAGE, ChatSession, SessionSpec, SessionTurn, build_sessions
 from pdserve.bench.client import Endpoint
-from pdserve.bench.session_load import SessionLoadConfig, run_sessions, turn_stats
+from pdserve.bench.session_load import SessionLoadConfig, run_sessions
+from pdserve.bench.turn_stats import turn_stats
 from pdserve.bench.tokenizer import load_tokenizer
 
 

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from pdserve.bench.goodput import goodput_from_curve, slo_scale_curve
-from pdserve.bench.metrics import attainment, meets, min_slo_scale, slo_scale_needed, summarize
+from pdserve.bench.metrics import attainment, meets, min_slo_scale, slo_scale_needed
+from pdserve.bench.summary import summarize
 from pdserve.bench.record import RequestRecord
 from pdserve.config import SLOConfig
 

@@ -17,7 +17,7 @@ import pytest
 
 from pdserve.config import RouterConfig
 from pdserve.router.core import Router
-from pdserve.router.protocols import RequestFailedError, WorkerDeadError
+from pdserve.router.errors import RequestFailedError, WorkerDeadError
 from pdserve.types import GenerateRequest, LatencyBreakdown, PrefillResult, RequestId, StepOutput, WorkerStats
 
 VOCAB = 256

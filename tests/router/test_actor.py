@@ -14,7 +14,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from pdserve.config import DecodePolicyName, RouterConfig, ServingConfig
 from pdserve.router.actor import RouterActor, _call
-from pdserve.router.protocols import RequestFailedError, WorkerDeadError
+from pdserve.router.errors import RequestFailedError, WorkerDeadError
 from tests.router.conftest import FakeDecode, FakePrefill, expected_tokens, token_text
 
 

@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 from pdserve.router.core import Router
-from pdserve.router.protocols import RequestFailedError, WorkerDeadError
+from pdserve.router.errors import RequestFailedError, WorkerDeadError
 from pdserve.types import GenerateRequest, PrefillResult
 from tests.router.conftest import FakeDecode, FakeHandle, FakePrefill, expected_tokens, make_router
 from tests.router.test_core import PROMPT, assert_idle, collect, req, run, tokens

@@ -10,7 +10,7 @@ import pytest
 from ray.exceptions import RayTaskError
 
 from pdserve.router.actor import _call
-from pdserve.router.protocols import InvalidRequestError, RequestFailedError
+from pdserve.router.errors import InvalidRequestError, RequestFailedError
 from pdserve.types import GenerateRequest, PrefillResult
 from tests.router.test_server import OK, make_app, post, run, sse_events
 

@@ -16,7 +16,7 @@ from pdserve.config import RouterConfig
 from pdserve.router.actor import RayDecodeClient, RayPrefillClient, _call
 from pdserve.router.core import Router
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.protocols import WorkerDeadError, WorkerUnavailableError
+from pdserve.router.errors import WorkerDeadError, WorkerUnavailableError
 from pdserve.types import GenerateRequest, RequestId, SamplingParams
 from tests.router.conftest import FakeDecode, FakePrefill, expected_tokens
 
