@@ -15,22 +15,22 @@ def test_delta_pull_moves_only_the_suffix(cfg: KVTransferConfig, closing: list) 
     tx, rx = make_sender(cfg, sp, sa, listen=LOCAL), make_receiver(cfg, dp, listen=LOCAL)
     closing += [rx, tx]
     blocks = sa.allocate(5)
-    handle = tx.export("r1", blocks, 37)
-    sa.free(blocks)  # the engine's own reference; the export keeps them
+    handle, again = tx.export("r1", blocks, 37), tx.export("r2", blocks, 37)  # a pull releases its export
+    sa.free(blocks)  # the engine's own reference; the exports keep them
     dst = da.allocate(10)
     before = _kv(dp, dst, 37).clone()
     full = rx.pull(handle, dst[:10])
     assert _wait(rx, full) == (DONE, None)
     dst2 = da.allocate(10)
     held = _kv(dp, dst2, 37).clone()
-    delta = rx.pull(handle, dst2, first_token=20)
+    delta = rx.pull(again, dst2, first_token=20)
     assert _wait(rx, delta) == (DONE, None)
     got, src = _kv(dp, dst2, 37), _kv(sp, blocks, 37)
     assert torch.equal(got[:, :, 20:], src[:, :, 20:])  # the suffix arrived
     assert torch.equal(got[:, :, :20], held[:, :, :20])  # the prefix the receiver holds was not touched
     assert not torch.equal(before, src)  # (the destination did not hold the source's KV by chance)
     assert 0 < rx.nbytes(delta) < 0.6 * rx.nbytes(full)  # 17 of 37 tokens' bytes, plus framing
-    _drain(tx)
+    _drain(tx, 2)
     assert sa.num_free == 64
 
 
