@@ -73,7 +73,10 @@ _CHAT_REQUEST = {
 TIMINGS_SCHEMA = {
     "type": "object", "additionalProperties": {"type": "number"},
     "properties": {k: {"type": "number", "description": "seconds"} for k in TIMINGS_KEYS}
-    | {"transfer_bytes": {"type": "number", "description": "KV bytes moved prefill -> decode"}},
+    | {"transfer_bytes": {"type": "number", "description": "KV bytes moved prefill -> decode"},
+       "kv_recomputed": {"type": "number", "description": "1 when a failed KV pull was recomputed on decode"},
+       "cached_tokens": {"type": "number", "description": "prompt tokens found in the prefix cache (not computed)"},
+       "pull_skipped_tokens": {"type": "number", "description": "prompt tokens decode held, so not pulled"}},
     "description": "extension: the request's latency breakdown, in seconds",
 }
 _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
