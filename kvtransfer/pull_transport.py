@@ -6,6 +6,7 @@ sender's outbox and hands them to the sink (`_pull`, each transport's own).
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 
 from pdserve.kvtransfer.outbox import Outbox
 from pdserve.kvtransfer.protocols import ChunkSink
@@ -13,7 +14,7 @@ from pdserve.kvtransfer.transfer import TransferState, failed
 from pdserve.kvtransfer.types import TransferId
 
 
-class PullTransport:
+class PullTransport(ABC):
     name = "pull"
 
     def __init__(self) -> None:
@@ -50,8 +51,9 @@ class PullTransport:
             with self._lock:
                 self._threads.discard(threading.current_thread())
 
+    @abstractmethod
     def _pull(self, state: TransferState, peer: str, sink: ChunkSink, timeout_s: float) -> None:
-        raise NotImplementedError
+        """On the receive thread: fetch `peer`'s chunks for `state` into `sink` until done or ended."""
 
     def _forget(self, xfer: TransferId) -> None:
         with self._lock:

@@ -43,9 +43,10 @@ def lifecycle_cells(reduced: bool) -> list[tuple[str, str]]:
     return list(REDUCED) if reduced else [(w, f) for w in WINDOWS for f in FAULTS]
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
+    """A port free on `host` now: the router keeps it across restarts, so the rig's URL stays valid."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -59,7 +60,7 @@ class LifecycleRig:
         self.reference, self.max_tokens = reference, max_tokens
         self.cfg = ServingConfig(model=model, engine=EngineConfig(device="cpu", num_threads=1),
                                  kvtransfer=KVTransferConfig(transport=transport, timeout_s=timeout_s, lease_s=lease_s),
-                                 router=RouterConfig(port=_free_port(), request_timeout_s=120.0))
+                                 router=RouterConfig(port=_free_port(RouterConfig.host), request_timeout_s=120.0))
         self.request_bound_s = 150.0  # the router's timeout, plus a margin: past it the request hung
         self.coordinator = start_coordinator()
         self.dep = launch(self.cfg)

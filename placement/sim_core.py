@@ -12,6 +12,7 @@ Deterministic: same deployment, trace and rate → same result.
 from __future__ import annotations
 
 import heapq
+from abc import ABC, abstractmethod
 import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -39,7 +40,7 @@ class DecodeEngine:
         self.link_free = 0.0
 
 
-class Simulation:
+class Simulation(ABC):
     lane_role = "d"  # the Instance kind of `engines`
     engines: list[DecodeEngine]
 
@@ -57,15 +58,17 @@ class Simulation:
         self.lanes: list[Lane] = []
 
     # ---- what a mode provides ------------------------------------------------------------------
+    @abstractmethod
     def on_arrival(self, r: int) -> None:
-        raise NotImplementedError
+        """Request `r` arrives now."""
 
+    @abstractmethod
     def handlers(self) -> Sequence[Callable[[object, object], None]]:
-        raise NotImplementedError
+        """The event handlers, indexed by event kind."""
 
+    @abstractmethod
     def on_speed_change(self, lane: Lane) -> None:
         """A lane's speed changed (already synced): reschedule what depends on its timing."""
-        raise NotImplementedError
 
     def busy_others(self) -> set[Instance]:
         """Busy instances that have no lanes (disaggregated prefill instances)."""
