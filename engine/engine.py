@@ -128,7 +128,7 @@ class Engine:
             return 0
         alloc.acquire(hits)
         req.block_table = list(hits)
-        req.num_computed_tokens = len(hits) * bs
+        req.num_computed_tokens, req.num_keyed_blocks = len(hits) * bs, len(hits)
         req.num_prefix_hit_tokens = max(req.num_prefix_hit_tokens, min(req.num_computed_tokens, req.num_prompt_tokens))
         return req.num_computed_tokens
 
@@ -143,11 +143,13 @@ class Engine:
 
     def cache_computed(self, req: Request) -> None:
         """Key the full blocks whose KV is now computed, so later prompts can reuse them."""
-        alloc = self.allocator
-        if isinstance(alloc, PrefixCachingAllocator):
-            keys = chain_keys(req.all_token_ids[:req.num_computed_tokens], self.layout.block_size,
-                              self.cache_namespace, req.block_keys)
-            alloc.register(req.block_table[:len(keys)], keys)
+        alloc, bs = self.allocator, self.layout.block_size
+        full, done = req.num_computed_tokens // bs, req.num_keyed_blocks
+        if not isinstance(alloc, PrefixCachingAllocator) or full <= done:
+            return  # nothing new: the per-step cost is this check until another block fills
+        keys = chain_keys(req.all_token_ids[:full * bs], bs, self.cache_namespace, req.block_keys)
+        alloc.register(req.block_table[done:full], keys[done:full])
+        req.num_keyed_blocks = full
 
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
         """Extra blocks `req` needs for its table to cover `num_tokens` tokens."""
@@ -195,7 +197,7 @@ class Engine:
         """Release the request's reference to its blocks (a KV export keeps its own)."""
         self.allocator.free(req.block_table)
         req.block_table = []
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.num_keyed_blocks = 0
 
 
 def failed_step_outputs(worker_id: str, request_ids: list[RequestId], e: Exception) -> list[StepOutput]:

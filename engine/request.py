@@ -40,6 +40,7 @@ class Request:
     arrival_s: float = 0.0
     num_prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
+    num_keyed_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
     detokenizer: Any = None  # pdserve.tokenizer.IncrementalDetokenizer when the engine has a tokenizer
     kv_handle: Any = None  # kvtransfer KVHandle: decode pulls its KV from there; prefill: its export
     kv_transfer: Any = None  # decode: the receiver's transfer id while the pull runs
