@@ -148,9 +148,19 @@ class RouterConfig:
     decode_policy: DecodePolicyName = "least_kv"
     max_pending_requests: int = 256  # beyond this the router answers 429 with Retry-After
     request_timeout_s: float = 600.0
+    # Conditional disaggregation (router/pd_decision.py; disaggregated mode only): the decode instance
+    # prefills a request itself when at most `pd_threshold_tokens` of its prompt are uncached there,
+    # or when the prefill pool has more than `pd_prefill_queue_limit` prompt tokens queued. 0 / None:
+    # always the prefill pool. `pdserve plan` chooses both.
+    pd_threshold_tokens: int = 0
+    pd_prefill_queue_limit: int | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "max_pending_requests", "request_timeout_s")
+        if self.pd_threshold_tokens < 0:
+            raise ConfigError(f"pd_threshold_tokens: must be >= 0, got {self.pd_threshold_tokens}")
+        if self.pd_prefill_queue_limit is not None and self.pd_prefill_queue_limit < 0:
+            raise ConfigError(f"pd_prefill_queue_limit: must be >= 0, got {self.pd_prefill_queue_limit}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port: must be in [0, 65535], got {self.port}")
 
@@ -216,6 +226,9 @@ class ServingConfig:
         for name in ("prefill_policy", "decode_policy"):
             if getattr(self.router, name) == "cache_aware" and not self.engine.enable_prefix_caching:
                 raise ConfigError(f"router.{name}: cache_aware needs engine.enable_prefix_caching: true")
+        conditional = self.router.pd_threshold_tokens > 0 or self.router.pd_prefill_queue_limit is not None
+        if conditional and self.mode != "disaggregated":
+            raise ConfigError("router.pd_threshold_tokens: conditional disaggregation needs mode: disaggregated")
 
     def _check_placement(self) -> None:
         pl = self.placement

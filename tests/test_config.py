@@ -25,6 +25,9 @@ def test_defaults_round_trip_through_yaml(tmp_path) -> None:
     ({"engine": {"block_size": -1}}, "engine.block_size"),
     ({"prefill": {"resources": {"gpu_node": "x"}}}, "prefill.resources.gpu_node"),
     ({"router": []}, "router"),
+    ({"router": {"pd_threshold_tokens": -1}}, "router.pd_threshold_tokens"),
+    ({"router": {"pd_prefill_queue_limit": -5}}, "router.pd_prefill_queue_limit"),
+    ({"mode": "colocated", "router": {"pd_threshold_tokens": 64}}, "router.pd_threshold_tokens"),
 ])
 def test_bad_values_name_their_field(data: dict, field: str) -> None:
     with pytest.raises(ConfigError) as e:
