@@ -4,6 +4,8 @@
   pdserve bench --url URL --goodput ttft:1000 tpot:100 --gpus 2 -o DIR      (no --rate: search the rate)
   pdserve bench compare DIR1 DIR2 ... [-o OUT]                               (overlay results)
   pdserve bench lengths --workload sharegpt --tokenizer MODEL -n 1000 -o lengths.jsonl
+  pdserve bench --url URL --sessions sharegpt -n 20 --rate 0.1 0.2 --think-time 1 -o DIR  (multi-turn sessions)
+  pdserve bench lengths --sessions sharegpt -n 50 -o sessions.jsonl                        (a session trace)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import os
 from pathlib import Path
 
+from pdserve.bench.session_cli import CHAT_PATH, add_session_args
 from pdserve.bench.units import duration_arg
 from pdserve.config import SLOConfig
 
@@ -38,6 +41,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_compare)
     lengths = sub.add_parser("lengths", help="write a workload's lengths file (the planner's input)")
     _add_workload_args(lengths)
+    add_session_args(lengths)
     lengths.add_argument("-o", "--output", type=Path, required=True, help="the lengths file to write (JSONL)")
     lengths.set_defaults(func=_lengths)
 
@@ -65,6 +69,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="sent as `Authorization: Bearer KEY` (default: $OPENAI_API_KEY)")
     _add_workload_args(p)
+    add_session_args(p)
     p.add_argument("--rate", "--request-rate", nargs="+", type=float, default=None,
                    help="request rates to measure (req/s, 'inf' = all at once); without it, search the goodput")
     p.add_argument("--goodput", nargs="*", default=None, metavar="KEY:MS",
@@ -120,14 +125,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.gpus is None:
         print(f"GPUs: {gpus:g}, " + (f"as the server reports ({served.shape})" if served.shape else
                                      "since the server does not report its deployment (pass --gpus)"))
+    cv = cv_from_burstiness(args.burstiness) if args.burstiness is not None else (1.0 if args.cv is None else args.cv)
+    if args.sessions:
+        from pdserve.bench import session_cli
+
+        path = CHAT_PATH if args.endpoint == "/v1/completions" else args.endpoint
+        endpoint = Endpoint(args.url, path, model, args.api_key)
+        return session_cli.run(args, endpoint, gpus, cv, args.tokenizer or model or "smollm2-135m")
     workload, meta = _build_workload(args, model)
     endpoint = Endpoint(args.url, args.endpoint, model, args.api_key)
     if args.slo_from_unloaded:
         slo = slo_from_unloaded(endpoint, workload, *args.slo_from_unloaded, attainment=args.attainment)
         print(f"SLOs from unloaded latency: TTFT {slo.ttft_s * 1e3:.1f} ms, TPOT {slo.tpot_s * 1e3:.1f} ms")
     else:
-        slo = _slo(args)
-    cv = cv_from_burstiness(args.burstiness) if args.burstiness is not None else (1.0 if args.cv is None else args.cv)
+        slo = slo_from_args(args)
     load = LoadConfig(rate=1.0, cv=cv, seed=args.seed, max_concurrency=args.max_concurrency,
                       timeout_s=args.timeout, progress=not args.no_progress)
     cfg = BenchConfig(endpoint, slo, gpus, load, args.warmup, args.label)
@@ -144,7 +155,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _slo(args: argparse.Namespace):
+def slo_from_args(args: argparse.Namespace) -> SLOConfig:
+    """The SLOs of --ttft / --tpot / --goodput KEY:MS and --attainment, defaults filled in."""
     ttft, tpot = args.ttft, args.tpot
     for item in args.goodput or ():
         key, _, value = item.partition(":")
@@ -177,6 +189,10 @@ def _build_workload(args: argparse.Namespace, model: str | None):
 def _lengths(args: argparse.Namespace) -> int:
     from pdserve.bench.lengths import write_lengths
 
+    if args.sessions:
+        from pdserve.bench.session_cli import write_trace
+
+        return write_trace(args, args.tokenizer or args.model or "smollm2-135m")
     workload, _ = _build_workload(args, args.model)
     n = write_lengths(args.output, [w.lengths() for w in workload])
     print(f"wrote {n} requests to {args.output}")

@@ -5,7 +5,7 @@ one user message. Every request asks for `max_tokens` = the workload's output le
 `ignore_eos`, streams Server-Sent Events, and asks for a final usage chunk. A completion chunk
 with a choice (its text may be empty) or a chat delta with `content` is a token event; the output
 token count is the server's `usage.completion_tokens` when it sends one, else the number of token
-events. Any error (HTTP
+events; the server's `usage.prompt_tokens` is kept too (the prompt as it tokenized it). Any error (HTTP
 status, an `error` object in the stream, a stream without `[DONE]`, a timeout, a dropped
 connection) fails the request with a one-line reason; it is never raised. A server's latency
 breakdown in a chunk's `pdserve_timings` object (seconds, e.g. queue / prefill / transfer) is kept.
@@ -98,8 +98,11 @@ async def _stream(session: aiohttp.ClientSession, endpoint: Endpoint, req: Workl
             if "error" in chunk:
                 _fail(record, f"server error: {str(chunk['error'])[:300]}")
                 return
-            if isinstance(chunk.get("usage"), dict) and chunk["usage"].get("completion_tokens") is not None:
-                usage_tokens = int(chunk["usage"]["completion_tokens"])
+            usage = chunk.get("usage")
+            if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+                usage_tokens = int(usage["completion_tokens"])
+            if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+                record.num_prompt_tokens = usage["prompt_tokens"]
             if isinstance(chunk.get(TIMINGS_FIELD), dict):
                 record.server_timings = {k: float(v) for k, v in chunk[TIMINGS_FIELD].items()
                                          if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -4,7 +4,9 @@ It serves /v1/models, /v1/completions and /v1/chat/completions (SSE, usage chunk
 request waits for a single "prefill slot" for `prefill_s` (so TTFT grows with load like a real
 server's), then streams `max_tokens` tokens `token_gap_s` apart. Knowing the true delays, the
 difference to what `pdserve bench` measures is the client's own timing error. Tests also use it
-to inject failures (HTTP 500) and stalls.
+to inject failures (HTTP 500) and stalls. Its "tokens" are whitespace-separated words: `usage.prompt_tokens`
+counts the prompt's (all messages' contents, for chat); with `prefix_cache` it also plays a prefix
+cache, reporting as `cached_tokens` the longest prefix an earlier request's prompt + answer had.
 
     python -m pdserve.bench.echo_server --port 8100 --prefill-ms 5 --token-gap-ms 10
 """
@@ -27,12 +29,14 @@ class EchoConfig:
     fail_every: int = 0  # every n-th request (1-based count) answers HTTP 500
     stall_every: int = 0  # every n-th request never sends a token
     usage: bool = True  # send a final usage chunk
+    prefix_cache: bool = False  # report `cached_tokens` against earlier prompts + answers (words)
     seen: list[dict] = field(default_factory=list)  # request bodies received, in order
 
 
 def build_app(cfg: EchoConfig) -> web.Application:
     counter = itertools.count(1)
     prefill_slot = asyncio.Lock()
+    history: list[list[str]] = []  # every request's prompt + answer words, for `prefix_cache`
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "echo-model", "object": "model"}]})
@@ -50,16 +54,19 @@ def build_app(cfg: EchoConfig) -> web.Application:
         async with prefill_slot:
             await asyncio.sleep(cfg.prefill_s)
         num_tokens = int(body["max_tokens"])
+        words = _prompt_words(body, chat)
+        timings = {"prefill_s": cfg.prefill_s, **_cached(cfg, words, history)}
+        history.append(words + [f"t{i}" for i in range(num_tokens)])
         for i in range(num_tokens):
             if i:
                 await asyncio.sleep(cfg.token_gap_s)
             choice = {"index": 0, "delta": {"content": f" t{i}"}} if chat else {"index": 0, "text": f" t{i}"}
             chunk: dict = {"choices": [choice]}
             if i == num_tokens - 1:  # like pdserve's router: a latency breakdown with the last token
-                chunk["pdserve_timings"] = {"prefill_s": cfg.prefill_s, "decode_s": cfg.token_gap_s * i}
+                chunk["pdserve_timings"] = {**timings, "decode_s": cfg.token_gap_s * i}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         if cfg.usage:
-            usage = {"choices": [], "usage": {"completion_tokens": int(body["max_tokens"])}}
+            usage = {"choices": [], "usage": {"prompt_tokens": len(words), "completion_tokens": num_tokens}}
             await resp.write(f"data: {json.dumps(usage)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         return resp
@@ -69,6 +76,23 @@ def build_app(cfg: EchoConfig) -> web.Application:
     app.router.add_post("/v1/completions", generate)
     app.router.add_post("/v1/chat/completions", generate)
     return app
+
+
+def _prompt_words(body: dict, chat: bool) -> list[str]:
+    texts = [m["content"] for m in body["messages"]] if chat else [body["prompt"]]
+    return [w for text in texts for w in text.split()]
+
+
+def _cached(cfg: EchoConfig, words: list[str], history: list[list[str]]) -> dict[str, float]:
+    if not cfg.prefix_cache:
+        return {}
+    best = 0
+    for seen in history:
+        n = 0
+        while n < min(len(seen), len(words)) and seen[n] == words[n]:
+            n += 1
+        best = max(best, n)
+    return {"cached_tokens": float(best)} if best else {}  # omitted when 0, like pdserve's
 
 
 def main(argv: list[str] | None = None) -> None:

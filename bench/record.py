@@ -25,6 +25,7 @@ class RequestRecord:
     num_output_tokens: int = 0  # the server's usage count when it sends one, else token chunks seen
     itl_s: list[float] = field(default_factory=list)  # gaps between consecutive token chunks
     server_timings: dict[str, float] = field(default_factory=dict)  # a server's own breakdown, if sent
+    num_prompt_tokens: int | None = None  # the server's usage.prompt_tokens (chat template included), if sent
 
     @property
     def tpot_s(self) -> float | None:

@@ -18,7 +18,7 @@ tokens per message (counted by `TEMPLATE_TOKENS_PER_MESSAGE` when sessions are c
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdserve.bench.tokenizer import TextTokenizer
 
@@ -49,6 +49,14 @@ class ChatSession:
     def new_len(self, k: int) -> int:
         """Tokens of turn k's prompt that turn k−1's prompt and answer do not already hold."""
         return self.prompt_len(k) - (self.prompt_len(k - 1) + self.turns[k - 1].output_len if k else 0)
+
+    def salted(self, salt: str) -> ChatSession:
+        """The same session with `salt` put before its first message (the system prompt when there is
+        one, so sessions salted alike still share it): replaying a trace again with another salt
+        finds nothing of the last replay in a prefix cache. Lengths stay the unsalted estimates."""
+        if self.system:
+            return replace(self, system=salt + self.system)
+        return replace(self, turns=(replace(self.turns[0], user=salt + self.turns[0].user),) + self.turns[1:])
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,10 @@ def test_replay_sends_each_turn_with_the_real_history_after_the_answer(fake_serv
                                {"role": "assistant", "content": " t0 t1"}, {"role": "user", "content": "end"}]
     stats = turn_stats(records)
     assert [(s.turn, s.num, s.ok) for s in stats] == [(0, 2, 2), (1, 2, 2), (2, 1, 1)]
-    assert stats[0].cached_fraction is None  # the fake server reports no prefix-cache hits
+    assert stats[0].cached_fraction == 0.0  # a breakdown without `cached_tokens`: no prefix-cache hits
+    records[0].server_timings = {}  # a server that sends no breakdown at all: unknown, not 0
+    records[3].server_timings = {}
+    assert turn_stats(records)[0].cached_fraction is None
 
 
 @pytest.mark.parametrize("fake_server", [EchoConfig(fail_every=2)], indirect=True)
