@@ -44,7 +44,7 @@ class RunSummary:
     tpot_s: dict
     e2e_s: dict
     itl_s: dict
-    server_timings_mean: dict  # mean of each key of the server's breakdown over completed requests
+    server_timings_mean: dict  # mean of each key of the server's breakdown over completed requests (0 if left out)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,5 +72,9 @@ def summarize(records: Sequence[RequestRecord], slo: SLOConfig, rate: float, dur
 
 
 def _mean_timings(records: Sequence[RequestRecord]) -> dict[str, float]:
-    keys = sorted({k for r in records for k in r.server_timings})
-    return {k: float(np.mean([r.server_timings[k] for r in records if k in r.server_timings])) for k in keys}
+    """Mean of each key over the requests that carry a breakdown; a key one of them leaves out counts 0
+    there (pdserve omits zero counts and flags: `cached_tokens`, `kv_recomputed`), so a flag's mean is
+    the share of requests that raised it."""
+    reported = [r.server_timings for r in records if r.server_timings]
+    keys = sorted({k for t in reported for k in t})
+    return {k: float(np.mean([t.get(k, 0.0) for t in reported])) for k in keys}

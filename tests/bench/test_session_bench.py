@@ -50,6 +50,8 @@ def test_prefix_hits_per_turn_and_no_reuse_across_rate_points(fake_server, tmp_p
         assert [(t.label, t.num) for t in p.turns] == [("1", 2), ("2", 2), ("3", 1)]
         assert p.turns[2].cached_fraction == pytest.approx(11 / 12)
         assert p.summary.num_requests == 5 and p.summary.attainment == 1.0
+        # the mean over every turn that carried a breakdown, a turn without hits counting 0
+        assert p.summary.server_timings_mean["cached_tokens"] == pytest.approx((1 + 7 + 11 + 5) / 5)
     assert result.turns_per_session == 2.5 and result.goodput.bracket == "above_range"
     assert result.goodput.per_gpu == 25.0
     assert "sessions/s" in result.table() and "t2+ p50" in result.table()
