@@ -48,6 +48,9 @@ from pdserve.config import EngineConfig, PoolConfig, RouterConfig, ServingConfig
 
 # Sarathi's rule as in benchmarks/headline.py: 32-token chunks keep a mixed step near 2x a decode step.
 CHUNK_TOKENS = 32
+# KV pool per engine: 0.5 GB holds ~10k tokens of SmolLM2 (46 KB/token), the whole live history of
+# a dozen 1k-token sessions; the 1 GB default made Ray's memory monitor kill actors on this shared box.
+KV_CACHE_GB = 0.5
 UNLOADED_SESSIONS = 3  # replayed one at a time for the SLOs
 DEFAULT_THRESHOLD = 256  # tokens; replaced by the planner's choice when it is given (--threshold)
 NAMES = {"a": "disaggregated", "b": "colocated-chunked+cache", "c": "colocated-prefill-priority+cache",
@@ -56,12 +59,13 @@ NAMES = {"a": "disaggregated", "b": "colocated-chunked+cache", "c": "colocated-p
 
 def system_config(key: str, threshold: int) -> ServingConfig:
     """The serving config of system `key` (a-e, see the module docstring)."""
-    cached = EngineConfig(num_threads=1, enable_prefix_caching=True)
+    plain = EngineConfig(num_threads=1, kv_cache_memory_gb=KV_CACHE_GB)
+    cached = dataclasses.replace(plain, enable_prefix_caching=True)
     aware = dict(prefill_policy="cache_aware", decode_policy="cache_aware")
     router = dict(port=0, max_pending_requests=4096)
     one_each = dict(mode="disaggregated", prefill=PoolConfig(instances=1), decode=PoolConfig(instances=1))
     if key == "a":
-        return ServingConfig(engine=EngineConfig(num_threads=1), router=RouterConfig(**router), **one_each)
+        return ServingConfig(engine=plain, router=RouterConfig(**router), **one_each)
     if key in ("b", "c"):
         decode = PoolConfig(instances=2, max_num_batched_tokens=CHUNK_TOKENS) if key == "b" else PoolConfig(instances=2)
         return ServingConfig(mode="colocated", colocated_policy="chunked" if key == "b" else "prefill_priority",

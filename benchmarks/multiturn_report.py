@@ -66,7 +66,7 @@ def _goodput(systems: dict) -> str:
     base = systems.get("a")
     for s in systems.values():
         g = Goodput(**s["goodput"])
-        ratio = _ratio(g, Goodput(**base["goodput"])) if base else "-"
+        ratio = _ratio(g, Goodput(**base["goodput"])) if base and s is not base else "-"
         rows.append(f"| {_label(s)} | {g.short(GPUS)} | {_scaled(g, s['turns_per_session'])} | {ratio} |")
     return "Per-core goodput at 90% joint attainment (linear interpolation on the curve above):\n\n" + "\n".join(rows)
 
