@@ -131,7 +131,7 @@ def save_sessions(result: SessionBenchResult, out_dir: str | Path, sessions: Seq
     requests.csv/jsonl (every turn, with its session and turn index) and lengths.jsonl: the sessions
     as a lengths file with their session fields (bench/session_trace.py), the planner's input."""
     from pdserve.bench.results import write_results
-    from pdserve.bench.session_trace import write_session_trace
+    from pdserve.bench.session_trace import session_trace
 
     cfg = result.config
     summary = {
@@ -144,9 +144,8 @@ def save_sessions(result: SessionBenchResult, out_dir: str | Path, sessions: Seq
         "points": [p.to_dict() for p in result.points],
         "goodput": result.goodput.to_dict(),
     }
-    out = write_results(out_dir, summary, {p.summary.rate: p.records for p in result.points}, [])
-    write_session_trace(out / "lengths.jsonl", sessions)
-    return out
+    return write_results(out_dir, summary, {p.summary.rate: p.records for p in result.points},
+                         session_trace(sessions, cfg.load.think_time_s))
 
 
 def _ms(value: float | None, width: int = 9) -> str:

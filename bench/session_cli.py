@@ -88,6 +88,6 @@ def write_trace(args: argparse.Namespace, tokenizer_name: str) -> int:
     from pdserve.bench.session_trace import write_session_trace
 
     sessions, _ = build(args, tokenizer_name)
-    n = write_session_trace(args.output, sessions)
+    n = write_session_trace(args.output, sessions, args.think_time)
     print(f"wrote {len(sessions)} sessions ({n} turns) to {args.output}")
     return 0

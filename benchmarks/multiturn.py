@@ -157,7 +157,7 @@ def main() -> None:
                        max_user_len=args.max_user_len, max_output_len=args.max_output_len, seed=args.seed)
     sessions = build_sessions(spec, load_tokenizer("smollm2-135m"))
     meta = {**dataclasses.asdict(spec), "think_time_s": args.think_time, "tokenizer": "smollm2-135m"}
-    write_session_trace(out / "sessions.jsonl", sessions)
+    write_session_trace(out / "sessions.jsonl", sessions, args.think_time)
     summary_file = out / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     summary["workload"] = meta
