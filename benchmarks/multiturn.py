@@ -107,7 +107,7 @@ def run_system(key: str, sessions, meta: dict, out: Path, args: argparse.Namespa
 
     name = NAMES[key]
     cfg = system_config(key, args.threshold)
-    t0 = time.perf_counter()
+    t0, load_before = time.perf_counter(), os.getloadavg()[0]
     deployment = deploy(cfg)
     try:
         endpoint = Endpoint(deployment.url, "/v1/chat/completions", cfg.model)
@@ -125,7 +125,8 @@ def run_system(key: str, sessions, meta: dict, out: Path, args: argparse.Namespa
                                                  "prefill_policy": cfg.router.prefill_policy,
                                                  "decode_policy": cfg.router.decode_policy,
                                                  "pd_threshold_tokens": cfg.router.pd_threshold_tokens},
-            "goodput": result.goodput.to_dict(), "turns_per_session": result.turns_per_session, "wall_s": time.perf_counter() - t0,
+            "goodput": result.goodput.to_dict(), "turns_per_session": result.turns_per_session,
+            "loadavg_1min": [load_before, os.getloadavg()[0]], "wall_s": time.perf_counter() - t0,
             "points": [p.to_dict() for p in result.points]}
 
 

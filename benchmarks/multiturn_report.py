@@ -1,6 +1,6 @@
 """The tables of the multi-turn headline (benchmarks/multiturn.py), from what a run saved.
 
-    python benchmarks/multiturn_report.py results/multiturn      # (re)writes results/multiturn/report.md
+    python benchmarks/multiturn_report.py results/multiturn      # (re)writes report.md and attainment.png there
 
 Reads summary.json (one entry per system run, keys a-e) and slo.json; systems not run yet are left
 out, so a partial run reports what it has. Ratios respect goodput bounds (bench.goodput.Goodput.ratio_to).
@@ -16,6 +16,9 @@ from pdserve.bench.goodput import Goodput
 
 GPUS = 2.0
 TIME_PARTS = ("queue_s", "prefill_s", "kv_exposed_s", "decode_s")  # pdserve_timings means; they sum to e2e
+# pulled KV, the share of turns decode prefilled itself by the router's choice (conditional
+# disaggregation) or recomputed after a failed pull, and the uncached tokens the decision saw
+EXTRA_PARTS = ("transfer_s", "transfer_bytes", "pd_local", "pd_uncached_tokens", "kv_recomputed")
 
 
 def write_report(out: str | Path) -> str:
@@ -27,7 +30,17 @@ def write_report(out: str | Path) -> str:
     text = "\n\n".join([_slo(slo), _curves(systems), _goodput(systems), _targets(systems), _hits(systems),
                         _time(systems)]) + "\n"
     (out / "report.md").write_text(text)
+    _plot(systems, slo, out / "attainment.png")
     return text
+
+
+def _plot(systems: dict, slo: dict, path: Path) -> None:
+    from pdserve.bench.plots import plot_attainment
+
+    series = [(_label(s), [(p["rate"] / GPUS, p["attainment"]) for p in s["points"]]) for s in systems.values()]
+    plot_attainment(series, 0.9, path, xlabel="new sessions/s per core",
+                    subtitle=f"multi-turn ShareGPT, TTFT <= {slo['ttft_scale'] * slo['unloaded_ttft_s']:.2f} s, "
+                             f"TPOT <= {1e3 * slo['tpot_scale'] * slo['unloaded_tpot_s']:.0f} ms")
 
 
 def _slo(slo: dict) -> str:
@@ -62,12 +75,14 @@ def _curves(systems: dict) -> str:
 
 
 def _goodput(systems: dict) -> str:
-    rows = ["| system | goodput sessions/s per core | turns/s per core | ÷ (a) |", "|---|---|---|---|"]
+    rows = ["| system | goodput sessions/s per core | turns/s per core | ÷ (a) | host load (1-min avg, start/end) |",
+            "|---|---|---|---|---|"]
     base = systems.get("a")
     for s in systems.values():
         g = Goodput(**s["goodput"])
         ratio = _ratio(g, Goodput(**base["goodput"])) if base and s is not base else "-"
-        rows.append(f"| {_label(s)} | {g.short(GPUS)} | {_scaled(g, s['turns_per_session'])} | {ratio} |")
+        load = "/".join(f"{x:.1f}" for x in s.get("loadavg_1min", ()))
+        rows.append(f"| {_label(s)} | {g.short(GPUS)} | {_scaled(g, s['turns_per_session'])} | {ratio} | {load} |")
     return "Per-core goodput at 90% joint attainment (linear interpolation on the curve above):\n\n" + "\n".join(rows)
 
 
@@ -120,8 +135,7 @@ def _pct(v: float | None) -> str:
 
 
 def _time(systems: dict) -> str:
-    extra = sorted({k for s in systems.values() for p in s["points"] for k in p["server_timings_mean"]}
-                   - set(TIME_PARTS) - {"ttft_s", "e2e_s", "transfer_s", "cached_tokens", "pull_skipped_tokens"})
+    extra = [k for k in EXTRA_PARTS if any(k in p["server_timings_mean"] for s in systems.values() for p in s["points"])]
     rows = ["| system | sessions/s | " + " | ".join(k.removesuffix("_s") + " ms" for k in TIME_PARTS) + " | "
             + " | ".join(extra) + " |", "|---|---|" + "---|" * (len(TIME_PARTS) + len(extra))]
     for s in systems.values():
