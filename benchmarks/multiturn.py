@@ -6,7 +6,8 @@ Five deployments of SmolLM2-135M on the same 2 cores, one core per engine proces
   (c) colocated prefill-priority, 2 instances, prefix caching, cache-aware dispatch
   (d) disaggregated 1 + 1 with prefix caching on both sides (delta pulls) and cache-aware dispatch
   (e) (d) plus conditional disaggregation: decode prefills a prompt itself when at most
-      `--threshold` of its tokens are uncached there (router.pd_threshold_tokens, the planner's choice)
+      `--threshold` of its tokens are uncached there (router.pd_threshold_tokens, the planner's choice),
+      in chunks of at most CHUNK_TOKENS per decode step (decode.max_num_batched_tokens, as (b)'s chunks)
 each replaying the same multi-turn ShareGPT sessions (bench.sessions, capped to fit: --max-turns,
 --max-context-len, --max-user-len, --max-output-len) at the same session rates, each turn sent
 --think-time after the previous answer (bench.session_load). The colocated baselines get the same
@@ -21,8 +22,8 @@ Outputs under -o: sessions.jsonl (the session trace as a lengths file with sessi
 `pdserve plan` reads), slo.json, one `pdserve bench` results directory per system, summary.json (all
 systems), and report.md (benchmarks/multiturn_report.py: the tables of BENCHMARKS.md §17).
 
-Usage: python benchmarks/multiturn.py [-o results/multiturn] [--sessions 12] [--rates 0.1 0.2 0.35 0.6]
-           [--threshold 256] [--systems a b c d e]
+Usage: python benchmarks/multiturn.py [-o results/multiturn] [--sessions 12] [--rates 0.15 0.25 0.4 0.6]
+           [--threshold 128] [--systems a b c d e]
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ CHUNK_TOKENS = 32
 # a dozen 1k-token sessions; the 1 GB default made Ray's memory monitor kill actors on this shared box.
 KV_CACHE_GB = 0.5
 UNLOADED_SESSIONS = 3  # replayed one at a time for the SLOs
-DEFAULT_THRESHOLD = 256  # tokens; replaced by the planner's choice when it is given (--threshold)
+# (e)'s threshold until the planner's choice is given (--threshold): turn 2+'s uncached part on its
+# decode instance is the new user message and its template (<= 128 + 16 tokens with the default
+# caps), a first turn is the whole prompt; 128 sends most later turns local and most first turns remote.
+DEFAULT_THRESHOLD = 128
 NAMES = {"a": "disaggregated", "b": "colocated-chunked+cache", "c": "colocated-prefill-priority+cache",
          "d": "disaggregated+cache", "e": "conditional+cache"}
 
@@ -70,9 +74,12 @@ def system_config(key: str, threshold: int) -> ServingConfig:
         decode = PoolConfig(instances=2, max_num_batched_tokens=CHUNK_TOKENS) if key == "b" else PoolConfig(instances=2)
         return ServingConfig(mode="colocated", colocated_policy="chunked" if key == "b" else "prefill_priority",
                              engine=cached, decode=decode, router=RouterConfig(decode_policy="cache_aware", **router))
-    if key in ("d", "e"):
-        pd = dict(pd_threshold_tokens=threshold) if key == "e" else {}
-        return ServingConfig(engine=cached, router=RouterConfig(**aware, **router, **pd), **one_each)
+    if key == "d":
+        return ServingConfig(engine=cached, router=RouterConfig(**aware, **router), **one_each)
+    if key == "e":  # local prefills are chunked into decode steps under the same budget as (b)'s chunks
+        return ServingConfig(engine=cached, router=RouterConfig(**aware, **router, pd_threshold_tokens=threshold),
+                             mode="disaggregated", prefill=PoolConfig(instances=1),
+                             decode=PoolConfig(instances=1, max_num_batched_tokens=CHUNK_TOKENS))
     raise ValueError(f"systems: unknown system {key!r} (known: {', '.join(NAMES)})")
 
 
@@ -124,7 +131,8 @@ def run_system(key: str, sessions, meta: dict, out: Path, args: argparse.Namespa
                                                  "prefix_caching": cfg.engine.enable_prefix_caching,
                                                  "prefill_policy": cfg.router.prefill_policy,
                                                  "decode_policy": cfg.router.decode_policy,
-                                                 "pd_threshold_tokens": cfg.router.pd_threshold_tokens},
+                                                 "pd_threshold_tokens": cfg.router.pd_threshold_tokens,
+                                                 "decode_max_num_batched_tokens": cfg.decode.max_num_batched_tokens},
             "goodput": result.goodput.to_dict(), "turns_per_session": result.turns_per_session,
             "loadavg_1min": [load_before, os.getloadavg()[0]], "wall_s": time.perf_counter() - t0,
             "points": [p.to_dict() for p in result.points]}
@@ -134,7 +142,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", default="results/multiturn")
     ap.add_argument("--sessions", type=int, default=12, help="sessions per rate point (the same ones at each)")
-    ap.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.35, 0.6],
+    ap.add_argument("--rates", type=float, nargs="+", default=[0.15, 0.25, 0.4, 0.6],
                     help="new sessions per second")
     ap.add_argument("--max-turns", type=int, default=4)
     ap.add_argument("--max-context-len", type=int, default=1024)
