@@ -14,7 +14,7 @@ outstanding tokens until its first output, so the decisions right after it see t
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from pdserve.config import Mode, RouterConfig
@@ -75,7 +75,7 @@ class CountedPrefill:
     """A local prefill's output stream, its `num_tokens` uncached prompt tokens counted in
     `inst.outstanding_tokens` from construction until its first output, its end, or `aclose`."""
 
-    def __init__(self, inst: Instance[Any], num_tokens: int, stream: Any) -> None:
+    def __init__(self, inst: Instance[Any], num_tokens: int, stream: AsyncGenerator[StepOutput, None]) -> None:
         self._inst, self._n, self._stream = inst, num_tokens, stream
         inst.outstanding_tokens += num_tokens
 

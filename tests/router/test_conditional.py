@@ -159,3 +159,22 @@ def test_the_decision_survives_adding_the_parts() -> None:
     assert {k: v for k, v in parts.to_json().items() if k.startswith("pd_")} == {
         "pd_local": 0.0, "pd_reason": "long", "pd_uncached_tokens": 90.0, "pd_prefill_queue_tokens": 12.0,
         "pd_decode_slack_tokens": 200.0}
+
+
+def test_choosing_records_nothing_until_committed_and_a_finished_turn_is_remembered() -> None:
+    router, _, (d0, d1) = make_router(cfg=RouterConfig(decode_policy="round_robin"), num_decode=2,
+                                      prefix_block_size=4)
+    pool, r = router.decode, req("a")
+    assert pool.choose(r) == (pool.instances["d0"], 0) and pool.choose(r) == (pool.instances["d0"], 0)
+    assert pool.num_dispatched == 0 and pool.prefix is not None and pool.prefix.hit_blocks("d0", _keys(PROMPT)) == 0
+    pool.commit(r, pool.instances["d0"])
+    assert pool.num_dispatched == 1 and pool.choose(r) == (pool.instances["d1"], 0)  # round robin moved on
+    assert pool.prefix.hit_blocks("d0", _keys(PROMPT)) == 5
+    pool.remember("d1", PROMPT + (1, 2, 3, 4))
+    assert pool.prefix.hit_blocks("d1", _keys(PROMPT + (1, 2, 3, 4))) == 6
+
+
+def _keys(tokens: tuple[int, ...]) -> list[bytes]:
+    from pdserve.prefix_keys import chain_keys
+
+    return chain_keys(tokens, 4)
