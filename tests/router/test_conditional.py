@@ -178,3 +178,21 @@ def _keys(tokens: tuple[int, ...]) -> list[bytes]:
     from pdserve.prefix_keys import chain_keys
 
     return chain_keys(tokens, 4)
+
+
+def test_a_client_gone_during_a_local_prefill_aborts_it_and_leaves_no_count() -> None:
+    router, (p,), (d,) = conditional()
+    d.delay_s = 0.05
+
+    async def gone() -> None:
+        stream = router.submit(req("r", max_tokens=10))
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.01)  # the decode instance is prefilling
+        assert router.decode.instances["d0"].outstanding_tokens == 20
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await stream.aclose()
+
+    run(gone())
+    assert d.aborted == ["r"] and not p.calls and not p.aborted
+    assert_idle(router)
