@@ -9,7 +9,8 @@ Queues (each request is in exactly one, indexed by id in `requests`):
                 With prefix caching, the prefix this instance already caches is reused and only
                 the rest is pulled (a delta pull); a landed pull's blocks join the cache.
   waiting       to be (re)computed here: colocated arrivals, local prefills, failed pulls to
-                recompute (their blocks freed first), preempted. Only the head of `waiting` holds blocks while it waits.
+                recompute (their blocks freed first), preempted. Only the head of `waiting` holds
+                blocks while it waits.
   running       KV complete up to the last token; one token per step.
   held          (layer-wise streaming) dispatched before prefill sampled the first token: the KV
                 landed (its blocks held), or the pull failed and the prompt is to be recomputed (no

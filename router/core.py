@@ -42,8 +42,8 @@ from pdserve.router.layerwise import EarlyDecode
 from pdserve.router.policies import decode_policy, prefill_policy
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.pool import Instance, Pool
-from pdserve.router.stream import RequestStream
 from pdserve.router.protocols import DecodeClient, PrefillClient, StreamingDecodeClient, StreamingPrefillClient
+from pdserve.router.stream import RequestStream
 from pdserve.types import GenerateRequest, LatencyBreakdown, PrefillResult, RequestId, StepOutput
 
 if TYPE_CHECKING:
@@ -338,7 +338,7 @@ class Router:
         st.released = True
         self.requests.pop(st.request.request_id, None)
         decoded_on = [w for p, w in st.holders if p is self.decode]
-        if st.finish_reason in ("stop", "length") and decoded_on:  # it caches the output's KV too (not the last's)
+        if st.finish_reason in ("stop", "length") and decoded_on:  # it caches the outputs' KV (but the last token's)
             self.decode.remember(decoded_on[-1], (*st.request.prompt_token_ids, *st.output_ids[:-1]))
         if st.finish_reason not in ("stop", "length"):  # failed, client gone, timeout: free its blocks everywhere
             await asyncio.shield(asyncio.gather(self._abort_on(self.prefill, st),

@@ -111,8 +111,7 @@ class Pool(Generic[C]):
         """`req` goes to `inst`: one dispatch more (round robin's tick), and its prompt's blocks are
         believed cached there from now on."""
         self.num_dispatched += 1
-        if self.prefix is not None:
-            self.prefix.record(inst.worker_id, chain_keys(req.prompt_token_ids, self.prefix_block_size))
+        self.remember(inst.worker_id, req.prompt_token_ids)
 
     def remember(self, worker_id: str, token_ids: tuple[int, ...]) -> None:
         """The instance now caches `token_ids` (a finished request's prompt and output): their full
