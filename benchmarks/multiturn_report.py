@@ -1,34 +1,42 @@
 """The tables of the multi-turn headline (benchmarks/multiturn.py), from what a run saved.
 
     python benchmarks/multiturn_report.py results/multiturn      # (re)writes report.md and attainment.png there
+    python benchmarks/multiturn_report.py results/multiturn results/multiturn-2   # + both runs pooled
 
 Reads summary.json (one entry per system run, keys a-e) and slo.json; systems not run yet are left
 out, so a partial run reports what it has. Ratios respect goodput bounds (bench.goodput.Goodput.ratio_to).
+With more run directories (repeats of the same trace at the same SLOs), it adds a table of goodput
+from every run's turns pooled per system and rate, at the SLOs and at uniformly looser ones.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from pdserve.bench.goodput import Goodput
+from pdserve.bench.goodput import Goodput, goodput_from_curve
+from pdserve.bench.metrics import attainment
+from pdserve.bench.results import read_results
+from pdserve.config import SLOConfig
 
 GPUS = 2.0
+POOLED_SLO_SCALES = (1.0, 1.5, 2.0)
 TIME_PARTS = ("queue_s", "prefill_s", "kv_exposed_s", "decode_s")  # pdserve_timings means; they sum to e2e
 # pulled KV, the share of turns decode prefilled itself by the router's choice (conditional
 # disaggregation) or recomputed after a failed pull, and the uncached tokens the decision saw
 EXTRA_PARTS = ("transfer_s", "transfer_bytes", "pd_local", "pd_uncached_tokens", "kv_recomputed")
 
 
-def write_report(out: str | Path) -> str:
-    """Write out/report.md and return it."""
+def write_report(out: str | Path, repeats: Sequence[str | Path] = ()) -> str:
+    """Write out/report.md (with `repeats`: the pooled table too) and return it."""
     out = Path(out)
     summary = json.loads((out / "summary.json").read_text())
     slo = json.loads((out / "slo.json").read_text())
     systems = {k: summary[k] for k in "abcde" if k in summary}
     text = "\n\n".join([_slo(slo), _curves(systems), _goodput(systems), _targets(systems), _hits(systems),
-                        _time(systems)]) + "\n"
+                        _time(systems)] + ([_pooled([out, *map(Path, repeats)], systems, slo)] if repeats else [])) + "\n"
     (out / "report.md").write_text(text)
     _plot(systems, slo, out / "attainment.png")
     return text
@@ -154,5 +162,24 @@ def _fmt(key: str, v: float) -> str:
     return f"{v / 1e6:.2f} MB" if key.endswith("bytes") else f"{v:.2f}"
 
 
+def _pooled(dirs: list[Path], systems: dict, slo: dict) -> str:
+    base = SLOConfig(slo["ttft_scale"] * slo["unloaded_ttft_s"], slo["tpot_scale"] * slo["unloaded_tpot_s"], 0.9)
+    head = "| system | " + " | ".join(f"{x:g}x SLOs" for x in POOLED_SLO_SCALES) + " |"
+    rows = [head, "|---|" + "---|" * len(POOLED_SLO_SCALES)]
+    for s in systems.values():
+        by_rate: dict[float, list] = {}
+        for d in dirs:
+            if (d / s["name"] / "summary.json").exists():
+                for rate, records in read_results(d / s["name"]).records.items():
+                    by_rate.setdefault(rate, []).extend(records)
+        cells = []
+        for scale in POOLED_SLO_SCALES:
+            curve = [(rate, attainment(records, base.scaled(scale))) for rate, records in by_rate.items()]
+            cells.append(goodput_from_curve(curve, 0.9, GPUS).short(GPUS))
+        rows.append(f"| {_label(s)} | " + " | ".join(cells) + " |")
+    return (f"Per-core goodput (sessions/s) with the turns of {len(dirs)} runs of the same trace pooled per system "
+            "and rate, at the SLOs and uniformly looser ones:\n\n" + "\n".join(rows))
+
+
 if __name__ == "__main__":
-    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "results/multiturn"))
+    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "results/multiturn", sys.argv[2:]))
