@@ -52,6 +52,8 @@ class Simulation(ABC):
         self.first_tok = [INF] * n
         self.tpot = [INF] * n
         self.ctx_off = [0] * n  # a request's context offset in its lane (Lane.add)
+        self.cached = [0] * n  # prompt tokens its prefill instance already holds (sim_reuse.py sets them)
+        self.timed: Sequence[int] = range(n)  # requests arriving at their trace time, in time order
         self.heap: list[tuple] = []
         self._seq = itertools.count()
         self.now = 0.0
@@ -74,6 +76,10 @@ class Simulation(ABC):
         """Busy instances that have no lanes (disaggregated prefill instances)."""
         return set()
 
+    def finished(self, r: int, t: float) -> None:
+        """Request `r` produced its last token at `t` (<= now); sim_reuse.py caches its KV and
+        schedules the session's next turn."""
+
     # ---- the event loop --------------------------------------------------------------------------
     def new_lanes(self, lat: InstanceLatency, owner: int, count: int) -> list[Lane]:
         lanes = [Lane(lat, owner) for _ in range(count)]
@@ -86,12 +92,14 @@ class Simulation(ABC):
         heapq.heappush(self.heap, (t, next(self._seq), kind, a, b))
 
     def run(self) -> SimResult:
-        arrival, heap, n, i = self.arrival, self.heap, len(self.arrival), 0
+        arrival, heap, timed, i = self.arrival, self.heap, self.timed, 0
+        n = len(timed)
         on_arrival, handlers = self.on_arrival, self.handlers()
         while i < n or heap:
-            if i < n and (not heap or arrival[i] <= heap[0][0]):
-                self.now = arrival[i]
-                on_arrival(i)
+            if i < n and (not heap or arrival[timed[i]] <= heap[0][0]):
+                r = timed[i]
+                self.now = arrival[r]
+                on_arrival(r)
                 i += 1
             else:
                 t, _, kind, a, b = heapq.heappop(heap)
@@ -120,6 +128,7 @@ class Simulation(ABC):
                 owner.reserved -= self.plen[r] + self.olen[r]
                 owner.running -= 1
                 freed = True
+                self.finished(r, t)
         if lane.num_reqs == 0:
             lane.t0 = max(lane.t0, now)
         else:
