@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.search import Progress, SearchSpec, _run, colocated_latencies, job_trace, phase_latencies, \
     unit_deployment
+from pdserve.placement.sessions import SessionTrace, as_sessions
 from pdserve.placement.sim_deployment import SimDeployment
 from pdserve.placement.simulator import simulation
 from pdserve.placement.workload import Trace
@@ -128,6 +129,8 @@ def compare_modes(spec: SearchSpec, thresholds: Sequence[int] = THRESHOLDS,
         raise ValueError(f"plan: {spec.cluster.num_gpus} GPUs hold no prefill + decode pair of {config}")
     cands = candidates(spec, config, ratios, thresholds, colocated_instances)
     trace = spec.workload.trace(spec.num_requests, spec.seed)
+    if not isinstance(trace, SessionTrace):  # every system through the same (session) simulations
+        trace = as_sessions(trace)
     jobs = [(dep, job_trace(spec, dep, trace), spec.slo, "joint", float("inf")) for _, dep in cands]
     values = _run(jobs, spec.jobs, progress, "mode", [f"{SYSTEMS[m.system]} {m.describe()}" for m, _ in cands])
     results = [replace(m, goodput_rps=v) for (m, _), v in zip(cands, values)]
