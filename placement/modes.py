@@ -25,7 +25,7 @@ from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.search import Progress, SearchSpec, _run, colocated_latencies, job_trace, phase_latencies, \
     unit_deployment
 from pdserve.placement.sessions import SessionTrace, as_sessions
-from pdserve.placement.sim_deployment import SimDeployment
+from pdserve.placement.sim_deployment import CHUNK_SIZE, SimDeployment
 from pdserve.placement.simulator import simulation
 from pdserve.placement.workload import Trace
 
@@ -96,21 +96,24 @@ def default_ratios(spec: SearchSpec, config: PhaseConfig, max_instances: int = 4
 
 
 def candidates(spec: SearchSpec, config: PhaseConfig, ratios: Sequence[tuple[int, int]],
-               thresholds: Sequence[int], colocated_instances: int) -> list[tuple[ModeResult, SimDeployment]]:
-    """Every system's deployments (goodput still 0)."""
+               thresholds: Sequence[int], colocated_instances: int,
+               chunk_size: int = CHUNK_SIZE) -> list[tuple[ModeResult, SimDeployment]]:
+    """Every system's deployments (goodput still 0); `chunk_size`: prompt tokens per chunked
+    iteration, of (b)'s chunks and (e)'s local prefills."""
     lat = phase_latencies(spec, spec.source)
     dlat = phase_latencies(spec, spec.decode_source or spec.source, "decode")
     out: list[tuple[ModeResult, SimDeployment]] = []
     for policy, system in (("chunked", "b"), ("prefill_priority", "c")):
         unit = Unit(algorithm="colocated", prefill=config, colocated_policy=policy)
         one = unit_deployment(spec, unit, colocated_latencies(spec, dlat), dlat)
-        dep = replace(one, prefill=one.prefill * colocated_instances, prefix_caching=True, cache_aware=True)
+        dep = replace(one, prefill=one.prefill * colocated_instances, prefix_caching=True, cache_aware=True,
+                      chunk_size=chunk_size)
         out.append((ModeResult(system, unit, (colocated_instances, 0), None, 0.0,
                                config.num_gpus * colocated_instances), dep))
     for p, d in ratios:
         unit = Unit(algorithm="high-affinity", prefill=config, num_prefill=p, decode=config, num_decode=d)
         plain = unit_deployment(spec, unit, lat, dlat)
-        reuse = replace(plain, prefix_caching=True, cache_aware=True)
+        reuse = replace(plain, prefix_caching=True, cache_aware=True, chunk_size=chunk_size)
         gpus = unit.num_gpus
         out.append((ModeResult("a", unit, (p, d), None, 0.0, gpus), plain))
         out.append((ModeResult("d", unit, (p, d), None, 0.0, gpus), reuse))
@@ -120,14 +123,14 @@ def candidates(spec: SearchSpec, config: PhaseConfig, ratios: Sequence[tuple[int
 
 def compare_modes(spec: SearchSpec, thresholds: Sequence[int] = THRESHOLDS,
                   ratios: Sequence[tuple[int, int]] | None = None, colocated_instances: int = 2,
-                  progress: Progress | None = None) -> ModeComparison:
+                  chunk_size: int = CHUNK_SIZE, progress: Progress | None = None) -> ModeComparison:
     """Goodput of every system's candidates (see the module doc); the reuse counters of each
     system's best at its goodput rate."""
     config = instance_config(spec)
     ratios = list(ratios) if ratios is not None else default_ratios(spec, config)
     if not ratios:
         raise ValueError(f"plan: {spec.cluster.num_gpus} GPUs hold no prefill + decode pair of {config}")
-    cands = candidates(spec, config, ratios, thresholds, colocated_instances)
+    cands = candidates(spec, config, ratios, thresholds, colocated_instances, chunk_size)
     trace = spec.workload.trace(spec.num_requests, spec.seed)
     if not isinstance(trace, SessionTrace):  # every system through the same (session) simulations
         trace = as_sessions(trace)

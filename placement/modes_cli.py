@@ -16,6 +16,7 @@ from pdserve.placement.modes import SYSTEMS, THRESHOLDS, ModeComparison, ModeRes
 from pdserve.placement.packing import max_replicas
 from pdserve.placement.plan import Plan
 from pdserve.placement.search import Scored, SearchSpec
+from pdserve.placement.sim_deployment import CHUNK_SIZE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,20 +27,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="conditional disaggregation: uncached-prompt thresholds to try (default: %(default)s)")
     p.add_argument("--colocated-instances", type=int, default=2,
                    help="engines of the colocated candidates (default: %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
+                   help="prompt tokens per chunked iteration: colocated chunks and conditional local prefills "
+                        "(decode.max_num_batched_tokens; default: %(default)s)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the ranking as JSON")
 
 
 def run_modes(args: argparse.Namespace, spec: SearchSpec, cluster_file: ClusterFile | None) -> int:
-    if any(t < 1 for t in args.pd_thresholds) or args.colocated_instances < 1:
-        raise ValueError("plan: --pd-thresholds and --colocated-instances must be >= 1")
+    if any(t < 1 for t in args.pd_thresholds) or args.colocated_instances < 1 or args.chunk_size < 1:
+        raise ValueError("plan: --pd-thresholds, --colocated-instances and --chunk-size must be >= 1")
     comparison = compare_modes(spec, thresholds=args.pd_thresholds, colocated_instances=args.colocated_instances,
+                               chunk_size=args.chunk_size,
                                progress=lambda i, n, msg: print(f"  [{i}/{n}] {msg}", file=sys.stderr))
     print(format_ranking(comparison))
     win = comparison.winner
     if win.goodput_rps <= 0:
         print("no mode meets the SLOs on this workload")
         return 1
-    plan = reuse_plan(Plan.from_scored(scored(win, spec), spec, model_arg=args.model, cluster_file=cluster_file), win)
+    plan = reuse_plan(Plan.from_scored(scored(win, spec), spec, model_arg=args.model, cluster_file=cluster_file), win,
+                      args.chunk_size)
     config = plan.serving_config()
     plan_out = args.plan_output or str(Path(args.output).with_suffix("")) + ".plan.yaml"
     Path(args.output).write_text(config.to_yaml())
@@ -57,14 +63,16 @@ def scored(r: ModeResult, spec: SearchSpec) -> Scored:
     return Scored(r.unit, per_unit, max(1, max_replicas(r.unit, spec.cluster)))
 
 
-def reuse_plan(plan: Plan, r: ModeResult) -> Plan:
+def reuse_plan(plan: Plan, r: ModeResult, chunk_size: int) -> Plan:
     """`plan` with system `r`'s reuse settings in its deployment (a: none), which `serving_config`
-    writes as engine.enable_prefix_caching, router.*_policy and router.pd_threshold_tokens."""
+    writes as engine.enable_prefix_caching, router.*_policy and router.pd_threshold_tokens (and a
+    chunked colocated winner's chunk as max_num_batched_tokens)."""
     if r.system == "a":
         return plan
     engine = {**plan.deploy.get("engine", {}), "enable_prefix_caching": True}
     router = {"prefill_policy": "cache_aware", "decode_policy": "cache_aware", "pd_threshold_tokens": r.threshold or 0}
-    return replace(plan, deploy={**plan.deploy, "engine": engine, "router": router})
+    chunk = {"max_num_batched_tokens": chunk_size} if r.system == "b" else {}
+    return replace(plan, deploy={**plan.deploy, "engine": engine, "router": router, **chunk})
 
 
 def settings(r: ModeResult) -> str:
@@ -92,15 +100,17 @@ def format_ranking(c: ModeComparison) -> str:
 
 
 def to_json(c: ModeComparison, spec: SearchSpec) -> dict:
+    turns = getattr(spec.workload, "mean_turns", 1.0)  # goodput in sessions/s, as `pdserve bench --sessions` reads it
+
     def row(r: ModeResult) -> dict:
         return {"system": r.system, "label": SYSTEMS[r.system], "deployment": r.describe(),
                 "num_prefill": r.num_instances[0] if r.unit.decode else 0,
                 "num_decode": r.num_instances[1] if r.unit.decode else r.num_instances[0],
                 "threshold": r.threshold, "goodput_rps": r.goodput_rps, "num_gpus": r.num_gpus,
-                "per_gpu_goodput_rps": r.per_gpu_goodput, **r.reuse}
+                "per_gpu_goodput_rps": r.per_gpu_goodput, "goodput_sessions_per_s": r.goodput_rps / turns, **r.reuse}
 
     e = c.best("e")
-    return {"workload": spec.workload.name, "slo": {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s,
+    return {"workload": spec.workload.name, "mean_turns": turns, "slo": {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s,
                                                     "attainment": spec.slo.attainment},
             "ranking": [row(r) for r in c.ranking()], "winner": c.winner.system,
             "threshold": e.threshold if e else None, "gain_over_a": c.gain(),

@@ -33,7 +33,8 @@ class ReuseDisaggregatedSim(SessionReuse, DisaggregatedRouterDispatch):
     def __init__(self, dep: SimDeployment, trace: Trace, rate: float) -> None:
         super().__init__(dep, trace, rate)
         self.setup_reuse(trace, [dep.decode_capacity(e.lat) for e in self.engines])
-        self.pcaches = [PrefixCacheModel(p.lat.kv_capacity_tokens) for p in self.prefills] if dep.prefix_caching else None
+        # the KV pool of every engine is capped alike (decode_token_limit: one kv_cache_memory_gb for all)
+        self.pcaches = [PrefixCacheModel(dep.decode_capacity(p.lat)) for p in self.prefills] if dep.prefix_caching else None
         self.rule = pd_decision.PDRule(dep.pd_threshold_tokens, dep.pd_prefill_queue_limit)
         self.local: list[deque[int]] = [deque() for _ in self.engines]
         self.local_left = [0] * len(self.engines)  # local prompt tokens not yet computed, per decode instance
