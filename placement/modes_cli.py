@@ -94,8 +94,9 @@ def format_ranking(c: ModeComparison) -> str:
                 "local: requests prefilled on their decode instance)")
     if e is not None:
         rows.append(f"conditional threshold chosen: {e.threshold} uncached tokens")
-    rows.append(f"winner: ({c.winner.system}) {SYSTEMS[c.winner.system]}, {c.winner.describe()}: "
-                f"{c.gain():.2f}× the per-GPU goodput of disaggregated serving without reuse")
+    gain = (f"{c.gain():.2f}× the per-GPU goodput of disaggregated serving without reuse" if c.gain() != float("inf")
+            else "disaggregated serving without reuse meets the SLOs at no rate")
+    rows.append(f"winner: ({c.winner.system}) {SYSTEMS[c.winner.system]}, {c.winner.describe()}: {gain}")
     return "\n".join(rows)
 
 
@@ -113,5 +114,5 @@ def to_json(c: ModeComparison, spec: SearchSpec) -> dict:
     return {"workload": spec.workload.name, "mean_turns": turns, "slo": {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s,
                                                     "attainment": spec.slo.attainment},
             "ranking": [row(r) for r in c.ranking()], "winner": c.winner.system,
-            "threshold": e.threshold if e else None, "gain_over_a": c.gain(),
+            "threshold": e.threshold if e else None, "gain_over_a": c.gain() if c.gain() != float("inf") else None,
             "candidates": [row(r) for r in c.results]}

@@ -54,8 +54,10 @@ class SimDeployment:
             raise ValueError("deployment: disaggregated needs at least one decode instance")
         if self.mode == "colocated" and any(i.pp != 1 for i in self.prefill):
             raise ValueError("deployment: colocated instances must have pp == 1")
-        if self.pd_threshold_tokens and (self.mode != "disaggregated" or any(i.pp != 1 for i in self.decode)):
-            raise ValueError("deployment: pd_threshold_tokens needs a disaggregated deployment with decode pp == 1")
+        conditional = self.pd_threshold_tokens > 0 or self.pd_prefill_queue_limit is not None
+        if conditional and (self.mode != "disaggregated" or any(i.pp != 1 for i in self.decode)):
+            raise ValueError("deployment: pd_threshold_tokens / pd_prefill_queue_limit need a disaggregated "
+                             "deployment with decode pp == 1 (local prefills run in the decode instance's steps)")
         if self.host_slowdown < 0:
             raise ValueError(f"deployment: host_slowdown must be >= 0, got {self.host_slowdown}")
 
