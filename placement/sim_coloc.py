@@ -91,7 +91,8 @@ class ColocatedSim(Simulation):
             self.tpot[r] = 0.0
             inst.reserved -= self.plen[r] + 1
             inst.running -= 1
-            self.finished(r, t)
+            if self.on_finish is not None:
+                self.on_finish(r, t)
         else:
             self.ctx_off[r] = lane.add(r, self.plen[r] + 1, self.olen[r] - 1)
 

@@ -53,7 +53,8 @@ class Simulation(ABC):
         self.tpot = [INF] * n
         self.ctx_off = [0] * n  # a request's context offset in its lane (Lane.add)
         self.cached = [0] * n  # prompt tokens its prefill instance already holds (sim_reuse.py sets them)
-        self.timed: Sequence[int] = range(n)  # requests arriving at their trace time, in time order
+        self.num_timed = n  # requests 0..num_timed-1 arrive at their trace times (sessions: 0, all by events)
+        self.on_finish: Callable[[int, float], None] | None = None  # sim_reuse.py: request r done at t
         self.heap: list[tuple] = []
         self._seq = itertools.count()
         self.now = 0.0
@@ -76,9 +77,6 @@ class Simulation(ABC):
         """Busy instances that have no lanes (disaggregated prefill instances)."""
         return set()
 
-    def finished(self, r: int, t: float) -> None:
-        """Request `r` produced its last token at `t` (<= now); sim_reuse.py caches its KV and
-        schedules the session's next turn."""
 
     # ---- the event loop --------------------------------------------------------------------------
     def new_lanes(self, lat: InstanceLatency, owner: int, count: int) -> list[Lane]:
@@ -92,14 +90,12 @@ class Simulation(ABC):
         heapq.heappush(self.heap, (t, next(self._seq), kind, a, b))
 
     def run(self) -> SimResult:
-        arrival, heap, timed, i = self.arrival, self.heap, self.timed, 0
-        n = len(timed)
+        arrival, heap, n, i = self.arrival, self.heap, self.num_timed, 0
         on_arrival, handlers = self.on_arrival, self.handlers()
         while i < n or heap:
-            if i < n and (not heap or arrival[timed[i]] <= heap[0][0]):
-                r = timed[i]
-                self.now = arrival[r]
-                on_arrival(r)
+            if i < n and (not heap or arrival[i] <= heap[0][0]):
+                self.now = arrival[i]
+                on_arrival(i)
                 i += 1
             else:
                 t, _, kind, a, b = heapq.heappop(heap)
@@ -113,7 +109,7 @@ class Simulation(ABC):
     def sync(self, lane: Lane) -> bool:
         """Retire every request finishing at or before now; move the lane to the first
         boundary >= now. Returns whether memory was freed."""
-        now, finishes, freed = self.now, lane.finishes, False
+        now, finishes, freed, on_finish = self.now, lane.finishes, False, self.on_finish
         owner = self.engines[lane.owner]
         while finishes:
             fi = finishes[0][0]
@@ -128,7 +124,8 @@ class Simulation(ABC):
                 owner.reserved -= self.plen[r] + self.olen[r]
                 owner.running -= 1
                 freed = True
-                self.finished(r, t)
+                if on_finish is not None:
+                    on_finish(r, t)
         if lane.num_reqs == 0:
             lane.t0 = max(lane.t0, now)
         else:

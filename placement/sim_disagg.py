@@ -105,7 +105,8 @@ class DisaggregatedSim(Simulation):
             if self.dep.phases == "prefill" or self.olen[r] == 1:
                 pre.held -= self.plen[r]
                 self.tpot[r] = 0.0
-                self.finished(r, now)
+                if self.on_finish is not None:
+                    self.on_finish(r, now)
             else:
                 self.to_decode(r)
         if pre.lat.pp == 1:

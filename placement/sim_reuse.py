@@ -61,12 +61,16 @@ class SessionReuse:
 
     def setup_reuse(self, trace: Trace, capacities: Sequence[int]) -> None:
         st = trace if isinstance(trace, SessionTrace) else as_sessions(trace)
-        self.timed, self.next_turn, self.think = st.timed, st.next_turn, st.think_s
+        self.next_turn, self.think = st.next_turn, st.think_s
         self.reusable, self.shared, self.sid = st.reusable, st.shared_lens, st.session_ids
         self.caches = [PrefixCacheModel(c) for c in capacities] if self.dep.prefix_caching else None
         self.home = [0] * len(trace)
         self.stats = ReuseStats()
         self.turn_kind = len(self.handlers()) - 1  # `on_turn` comes last
+        self.on_finish = self.finished
+        self.num_timed = 0  # every arrival is an event: turn 0 at its trace time, the others when due
+        for r in st.timed:
+            self.push(self.arrival[r], self.turn_kind, r)
 
     def hit(self, cache: PrefixCacheModel | None, r: int) -> int:
         return cache.hit(self.sid[r], self.reusable[r], self.shared[r], self.plen[r]) if cache else 0
