@@ -5,8 +5,8 @@ At arrival the decode instance is chosen first (router/policies.py: `cache_aware
 `cache_aware`, else `least_kv_pressure`), because what it caches decides the rest. Then
 `pd_decision.PDRule.decide` — the router's function, called here, not a copy — gets the prompt
 tokens that instance lacks, the least prompt work queued on a prefill instance, and the instance's
-slack (prompt tokens one of its iterations can still carry: the chunk size less its decodes and
-the local prompt work already queued). Remote: the prefill instance (`cache_aware_prefill` or
+slack from the router's own `conditional.decode_slack_tokens` (the chunk size less the requests it
+holds and the local prompt work already queued; 0 without a free slot or KV for the prompt). Remote: the prefill instance (`cache_aware_prefill` or
 `least_outstanding_tokens`) computes what it lacks, then the decode instance pulls only the KV
 it lacks (delta). Local: the decode instance prefills the uncached part itself, in chunks of its
 iterations (Sarathi-style, next to its running decodes), and the request joins its batch.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from pdserve.placement.lane import Lane
 from pdserve.placement.prefix_model import PrefixCacheModel
@@ -26,7 +27,7 @@ from pdserve.placement.sim_disagg import LANE_WAKE
 from pdserve.placement.sim_reuse import SessionReuse, request_for, with_hit
 from pdserve.placement.trace import DisaggregatedRouterDispatch, router_view
 from pdserve.placement.workload import Trace
-from pdserve.router import pd_decision, policies
+from pdserve.router import conditional, pd_decision, policies
 
 
 class ReuseDisaggregatedSim(SessionReuse, DisaggregatedRouterDispatch):
@@ -60,7 +61,7 @@ class ReuseDisaggregatedSim(SessionReuse, DisaggregatedRouterDispatch):
         st = self.stats
         st.prompt_tokens += self.plen[r]
         queued = min(p.outstanding for p in self.prefills)
-        d = self.rule.decide(self.plen[r] - hit_d, queued, self.slack(di))
+        d = self.rule.decide(self.plen[r] - hit_d, queued, self.slack(di, self.plen[r] - hit_d))
         self.decisions[d.reason] = self.decisions.get(d.reason, 0) + 1
         if d.local:
             st.num_local += 1
@@ -94,9 +95,15 @@ class ReuseDisaggregatedSim(SessionReuse, DisaggregatedRouterDispatch):
             stats = [with_hit(s, self.hit(caches[i], r)) for i, s in enumerate(stats)]
         return int(self.decode_policy(request_for(self.plen[r]), stats, self._tick(1)))
 
-    def slack(self, di: int) -> int:
-        """Prompt tokens one more iteration of `di` could carry (the router's decode_slack_tokens)."""
-        return self.dep.chunk_size - self.engines[di].lanes[0].num_reqs - self.local_left[di]
+    def slack(self, di: int, uncached: int) -> int:
+        """The router's `decode_slack_tokens` of `di`, on what the router would see of it: KV in
+        blocks of one token, the chunk as its token budget, local prompt tokens still to compute as
+        its outstanding tokens."""
+        dec, waiting = self.engines[di], sum(1 for r in self.local[di] if not self.prefilled[r])
+        cap = self.dep.decode_capacity(dec.lat)
+        stats = replace(router_view(di, dec.running, len(dec.waiting) + waiting, dec.reserved, cap, self.local_left[di]),
+                        max_num_seqs=self.dep.max_num_seqs, max_num_batched_tokens=self.dep.chunk_size, block_size=1)
+        return conditional.decode_slack_tokens(stats, uncached)
 
     # ---- remote path: prefill instance, then a delta pull ------------------------------------------
     def on_prefill_done(self, pi: int, batch: list[int]) -> None:
