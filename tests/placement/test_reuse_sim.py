@@ -136,3 +136,22 @@ def test_plain_traces_take_the_plain_simulator() -> None:
     assert on.run() == simulate(dep, trace, 1.0)  # nothing to reuse: the same answer
     with pytest.raises(ValueError, match="pd_threshold_tokens"):
         SimDeployment(mode="colocated", prefill=(inst(),), pd_threshold_tokens=8)
+
+
+def test_dispatch_is_the_routers_policy_function(monkeypatch) -> None:
+    from pdserve.router import policies
+
+    calls: list[list[int]] = []
+
+    def last_instance(req, stats, tick) -> str:
+        calls.append([s.expected_hit_tokens for s in stats])
+        return stats[-1].worker_id
+
+    monkeypatch.setattr(policies, "cache_aware_decode", last_instance)
+    items = [R(400 + 60 * k, 20, session=s, turn=k) for s in range(3) for k in range(3)]
+    trace = SessionWorkload.of("mt", items).trace(9)
+    sim = simulation(SimDeployment(prefill=(inst(),), decode=(inst(), inst()), transfer=XFER, prefix_caching=True,
+                                   cache_aware=True), trace, 1.0)
+    sim.run()
+    assert len(calls) == 9 and set(sim.home) == {1}  # every request where the patched policy said
+    assert any(hits[1] > 0 for hits in calls)  # later turns: the policy is shown instance 1's hit
