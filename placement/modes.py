@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from pdserve.placement.candidates import PhaseConfig, Unit
+from pdserve.placement.reuse_settings import ReuseSettings
 from pdserve.placement.search import Progress, SearchSpec, _run, colocated_latencies, job_trace, phase_latencies, \
     unit_deployment
 from pdserve.placement.sessions import SessionTrace, as_sessions
@@ -44,6 +45,7 @@ class ModeResult:
     goodput_rps: float  # the whole deployment's
     num_gpus: int
     reuse: dict[str, float] = field(default_factory=dict)  # counters at the goodput rate (ReuseStats)
+    settings: ReuseSettings = field(default_factory=ReuseSettings)  # what the written config must serve
 
     @property
     def per_gpu_goodput(self) -> float:
@@ -102,22 +104,21 @@ def candidates(spec: SearchSpec, config: PhaseConfig, ratios: Sequence[tuple[int
     iteration, of (b)'s chunks and (e)'s local prefills."""
     lat = phase_latencies(spec, spec.source)
     dlat = phase_latencies(spec, spec.decode_source or spec.source, "decode")
+    reuse = ReuseSettings(prefix_caching=True, cache_aware=True)
     out: list[tuple[ModeResult, SimDeployment]] = []
-    for policy, system in (("chunked", "b"), ("prefill_priority", "c")):
+    for policy, system, s in (("chunked", "b", replace(reuse, chunk_size=chunk_size)), ("prefill_priority", "c", reuse)):
         unit = Unit(algorithm="colocated", prefill=config, colocated_policy=policy)
         one = unit_deployment(spec, unit, colocated_latencies(spec, dlat), dlat)
-        dep = replace(one, prefill=one.prefill * colocated_instances, prefix_caching=True, cache_aware=True,
-                      chunk_size=chunk_size)
+        dep = s.apply(replace(one, prefill=one.prefill * colocated_instances))
         out.append((ModeResult(system, unit, (colocated_instances, 0), None, 0.0,
-                               config.num_gpus * colocated_instances), dep))
+                               config.num_gpus * colocated_instances, settings=s), dep))
     for p, d in ratios:
         unit = Unit(algorithm="high-affinity", prefill=config, num_prefill=p, decode=config, num_decode=d)
         plain = unit_deployment(spec, unit, lat, dlat)
-        reuse = replace(plain, prefix_caching=True, cache_aware=True, chunk_size=chunk_size)
         gpus = unit.num_gpus
-        out.append((ModeResult("a", unit, (p, d), None, 0.0, gpus), plain))
-        out.append((ModeResult("d", unit, (p, d), None, 0.0, gpus), reuse))
-        out += [(ModeResult("e", unit, (p, d), t, 0.0, gpus), replace(reuse, pd_threshold_tokens=t)) for t in thresholds]
+        systems = [("a", None, ReuseSettings()), ("d", None, reuse)]
+        systems += [("e", t, replace(reuse, pd_threshold_tokens=t, chunk_size=chunk_size)) for t in thresholds]
+        out += [(ModeResult(system, unit, (p, d), t, 0.0, gpus, settings=s), s.apply(plain)) for system, t, s in systems]
     return out
 
 

@@ -44,8 +44,7 @@ def run_modes(args: argparse.Namespace, spec: SearchSpec, cluster_file: ClusterF
     if win.goodput_rps <= 0:
         print("no mode meets the SLOs on this workload")
         return 1
-    plan = reuse_plan(Plan.from_scored(scored(win, spec), spec, model_arg=args.model, cluster_file=cluster_file), win,
-                      args.chunk_size)
+    plan = reuse_plan(Plan.from_scored(scored(win, spec), spec, model_arg=args.model, cluster_file=cluster_file), win)
     config = plan.serving_config()
     plan_out = args.plan_output or str(Path(args.output).with_suffix("")) + ".plan.yaml"
     Path(args.output).write_text(config.to_yaml())
@@ -63,16 +62,11 @@ def scored(r: ModeResult, spec: SearchSpec) -> Scored:
     return Scored(r.unit, per_unit, max(1, max_replicas(r.unit, spec.cluster)))
 
 
-def reuse_plan(plan: Plan, r: ModeResult, chunk_size: int) -> Plan:
-    """`plan` with system `r`'s reuse settings in its deployment (a: none), which `serving_config`
-    writes as engine.enable_prefix_caching, router.*_policy and router.pd_threshold_tokens (and a
-    chunked colocated winner's chunk as max_num_batched_tokens)."""
-    if r.system == "a":
-        return plan
-    engine = {**plan.deploy.get("engine", {}), "enable_prefix_caching": True}
-    router = {"prefill_policy": "cache_aware", "decode_policy": "cache_aware", "pd_threshold_tokens": r.threshold or 0}
-    chunk = {"max_num_batched_tokens": chunk_size} if r.system == "b" else {}
-    return replace(plan, deploy={**plan.deploy, "engine": engine, "router": router, **chunk})
+def reuse_plan(plan: Plan, r: ModeResult) -> Plan:
+    """`plan` with the reuse settings system `r` was simulated with in its deployment, which
+    `serving_config` writes as engine.enable_prefix_caching, router.*_policy, router.pd_* and the
+    decode pool's max_num_batched_tokens (a chunked engine's chunk: reuse_settings.py)."""
+    return replace(plan, deploy=r.settings.deploy_fields(plan.deploy))
 
 
 def settings(r: ModeResult) -> str:

@@ -121,7 +121,8 @@ class Plan:
             pin = d.get("pools", {}).get(role, {})
             return dataclasses.replace(cfg, instances=p.instances, tp=p.tp, pp=p.pp,
                                        max_num_seqs=d.get("max_num_seqs", cfg.max_num_seqs),
-                                       max_num_batched_tokens=d.get("max_num_batched_tokens", cfg.max_num_batched_tokens),
+                                       max_num_batched_tokens=pin.get("max_num_batched_tokens",
+                                                                      d.get("max_num_batched_tokens", cfg.max_num_batched_tokens)),
                                        num_cpus=pin.get("num_cpus", cfg.num_cpus), num_gpus=pin.get("num_gpus", 1.0),
                                        resources=dict(pin.get("resources", {})))
 
