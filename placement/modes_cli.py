@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pdserve.placement.cluster_file import ClusterFile
+from pdserve.placement.deploy import kv_pool_gb
 from pdserve.placement.modes import SYSTEMS, THRESHOLDS, ModeComparison, ModeResult, compare_modes
 from pdserve.placement.packing import max_replicas
 from pdserve.placement.plan import Plan
@@ -44,7 +45,8 @@ def run_modes(args: argparse.Namespace, spec: SearchSpec, cluster_file: ClusterF
     if win.goodput_rps <= 0:
         print("no mode meets the SLOs on this workload")
         return 1
-    plan = reuse_plan(Plan.from_scored(scored(win, spec), spec, model_arg=args.model, cluster_file=cluster_file), win)
+    plan = reuse_plan(Plan.from_scored(scored(win, spec), spec, model_arg=args.model, cluster_file=cluster_file), win,
+                      spec)
     config = plan.serving_config()
     plan_out = args.plan_output or str(Path(args.output).with_suffix("")) + ".plan.yaml"
     Path(args.output).write_text(config.to_yaml())
@@ -62,11 +64,19 @@ def scored(r: ModeResult, spec: SearchSpec) -> Scored:
     return Scored(r.unit, per_unit, max(1, max_replicas(r.unit, spec.cluster)))
 
 
-def reuse_plan(plan: Plan, r: ModeResult) -> Plan:
+def reuse_plan(plan: Plan, r: ModeResult, spec: SearchSpec) -> Plan:
     """`plan` with the reuse settings system `r` was simulated with in its deployment, which
     `serving_config` writes as engine.enable_prefix_caching, router.*_policy, router.pd_* and the
-    decode pool's max_num_batched_tokens (a chunked engine's chunk: reuse_settings.py)."""
-    return replace(plan, deploy=r.settings.deploy_fields(plan.deploy))
+    decode pool's max_num_batched_tokens (a chunked engine's chunk: reuse_settings.py). With
+    prefix caching under `spec.decode_token_limit`, each engine's KV pool is that many tokens (the
+    simulated prefix caches' capacity), fixed (gpu_memory_utilization: null)."""
+    deploy = r.settings.deploy_fields(plan.deploy)
+    engine = deploy["engine"]
+    if r.settings.prefix_caching and spec.decode_token_limit is not None:
+        gb = kv_pool_gb(spec.model, spec.cluster.gpu_for("decode"), r.unit.prefill, spec.decode_token_limit)
+        if gb < engine.get("kv_cache_memory_gb", float("inf")):
+            engine = {**engine, "kv_cache_memory_gb": gb, "gpu_memory_utilization": None}
+    return replace(plan, deploy={**deploy, "engine": engine})
 
 
 def settings(r: ModeResult) -> str:

@@ -6,6 +6,7 @@ back into the deployment that was simulated."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,9 +97,9 @@ def test_a_policy_the_simulator_does_not_model_is_a_clear_error(tmp_path: Path, 
 
 
 def test_the_config_written_for_a_conditional_winner_deploys_what_was_simulated(tmp_path: Path) -> None:
-    spec = spec_for(load_lengths(chat_sessions(tmp_path / "mt.jsonl", num=60)))
+    spec = replace(spec_for(load_lengths(chat_sessions(tmp_path / "mt.jsonl", num=60))), decode_token_limit=20_000)
     e = compare_modes(spec, thresholds=(64, 256), chunk_size=128).best("e")
-    plan = reuse_plan(Plan.from_scored(scored(e, spec), spec), e)
+    plan = reuse_plan(Plan.from_scored(scored(e, spec), spec), e, spec)
     path = tmp_path / "serving.yaml"
     path.write_text(plan.serving_config().to_yaml())
     cfg = ServingConfig.load(path)
@@ -111,6 +112,9 @@ def test_the_config_written_for_a_conditional_winner_deploys_what_was_simulated(
     assert (cfg.prefill.tp, cfg.prefill.pp, cfg.decode.tp, cfg.decode.pp) == (e.unit.prefill.tp, e.unit.prefill.pp,
                                                                               e.unit.decode.tp, e.unit.decode.pp)
     assert cfg.decode.max_num_seqs == spec.max_num_seqs
+    # each engine's KV pool: the 20,000 tokens the simulated prefix caches held (OPT-13B bf16: 819,200 B a token)
+    assert cfg.engine.gpu_memory_utilization is None
+    assert int(cfg.engine.kv_cache_memory_gb * 1e9) // (819_200 * 16) * 16 == 20_000
     assert ReuseSettings.of_serving(cfg) == e.settings
     simulated = [dep for m, dep in candidates(spec, instance_config(spec), [e.num_instances], (e.threshold,), 2, 128)
                  if m.system == "e"]
