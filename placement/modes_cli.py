@@ -20,6 +20,11 @@ from pdserve.placement.search import Scored, SearchSpec
 from pdserve.placement.sim_deployment import CHUNK_SIZE
 
 
+SEARCHED = ("searched: every (tp, pp) instance both pools can run, the same on both sides of a pair, up to 4 "
+            "instances a unit (pp > 1: a and d only); not searched: mixed prefill/decode configurations, "
+            "Algorithm 2's cross-node stages (plain `pdserve plan` without --compare-modes searches those)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-modes", action="store_true",
                    help="rank colocated, disaggregated (with and without reuse) and conditional serving by predicted "
@@ -100,6 +105,7 @@ def format_ranking(c: ModeComparison) -> str:
         rows.append(f"conditional threshold chosen: {e.threshold} uncached tokens")
     gain = (f"{c.gain():.2f}× the per-GPU goodput of disaggregated serving without reuse" if c.gain() != float("inf")
             else "disaggregated serving without reuse meets the SLOs at no rate")
+    rows.append(SEARCHED)
     rows.append(f"winner: ({c.winner.system}) {SYSTEMS[c.winner.system]}, {c.winner.describe()}: {gain}")
     return "\n".join(rows)
 

@@ -14,7 +14,7 @@ import pytest
 from pdserve.bench.lengths import RequestLengths as R, write_lengths
 from pdserve.cli import main
 from pdserve.config import EngineConfig, PoolConfig, RouterConfig, ServingConfig
-from pdserve.placement.modes import candidates, compare_modes, instance_config
+from pdserve.placement.modes import candidates, compare_modes
 from pdserve.placement.modes_cli import reuse_plan, scored
 from pdserve.placement.plan import Plan
 from pdserve.placement.reuse_settings import ReuseSettings
@@ -116,6 +116,6 @@ def test_the_config_written_for_a_conditional_winner_deploys_what_was_simulated(
     assert cfg.engine.gpu_memory_utilization is None
     assert int(cfg.engine.kv_cache_memory_gb * 1e9) // (819_200 * 16) * 16 == 20_000
     assert ReuseSettings.of_serving(cfg) == e.settings
-    simulated = [dep for m, dep in candidates(spec, instance_config(spec), [e.num_instances], (e.threshold,), 2, 128)
+    simulated = [dep for m, dep in candidates(spec, e.unit.prefill, [e.num_instances], (e.threshold,), 2, 128)
                  if m.system == "e"]
     assert serving_deployment(spec, cfg) == simulated[0]
