@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.reuse_settings import ReuseSettings
 from pdserve.placement.search import Progress, SearchSpec, _run, colocated_latencies, job_trace, phase_latencies, \
-    unit_deployment
+    search_trace, unit_deployment
 from pdserve.placement.sessions import SessionTrace, as_sessions
 from pdserve.placement.sim_deployment import CHUNK_SIZE, SimDeployment
 from pdserve.placement.simulator import simulation
@@ -144,7 +144,7 @@ def compare_modes(spec: SearchSpec, thresholds: Sequence[int] = THRESHOLDS,
         cands += candidates(spec, config, fit, thresholds, colocated_instances, chunk_size)
     if not any(m.system == "a" for m, _ in cands):
         raise ValueError(f"plan: {spec.cluster.num_gpus} GPUs hold no prefill + decode pair of any instance")
-    trace = spec.workload.trace(spec.num_requests, spec.seed)
+    trace = search_trace(spec)  # as `pdserve simulate` and the single-turn search: each job its steady-state head
     if not isinstance(trace, SessionTrace):  # every system through the same (session) simulations
         trace = as_sessions(trace)
     jobs = [(dep, job_trace(spec, dep, trace), spec.slo, "joint", float("inf")) for _, dep in cands]

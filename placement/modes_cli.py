@@ -50,8 +50,8 @@ def run_modes(args: argparse.Namespace, spec: SearchSpec, cluster_file: ClusterF
     if win.goodput_rps <= 0:
         print("no mode meets the SLOs on this workload")
         return 1
-    plan = reuse_plan(Plan.from_scored(scored(win, spec), spec, model_arg=args.model, cluster_file=cluster_file), win,
-                      spec)
+    plan = reuse_plan(Plan.from_scored(scored(win, spec), spec, model_arg=args.model, cluster_file=cluster_file,
+                                       workload_arg=args.workload), win, spec)
     config = plan.serving_config()
     plan_out = args.plan_output or str(Path(args.output).with_suffix("")) + ".plan.yaml"
     Path(args.output).write_text(config.to_yaml())

@@ -39,7 +39,8 @@ def _fill_from_plan(args: argparse.Namespace, plan: Plan | None) -> None:
 
     pf = plan.planned_for if plan else {}
     recorded = {**pf.get("cluster", {}), **pf.get("workload", {}), **pf.get("engine", {})}
-    recorded["workload"] = pf.get("workload", {}).get("name")
+    wl = pf.get("workload", {})
+    recorded["workload"] = wl.get("source") or wl.get("name")  # a lengths file by its path
     recorded["nodes"], recorded["gpus_per_node"] = recorded.get("num_nodes"), recorded.get("gpus_per_node")
     for name in ("nodes", "prefill_nodes", "gpus_per_node", "inter_node_gbps", "workload", "num_requests", "seed",
                  "prefill_token_budget", "max_num_seqs", "decode_token_limit", "tokenizer"):

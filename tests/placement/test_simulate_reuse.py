@@ -5,6 +5,7 @@ back into the deployment that was simulated."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -119,3 +120,17 @@ def test_the_config_written_for_a_conditional_winner_deploys_what_was_simulated(
     simulated = [dep for m, dep in candidates(spec, e.unit.prefill, [e.num_instances], (e.threshold,), 2, 128)
                  if m.system == "e"]
     assert serving_deployment(spec, cfg) == simulated[0]
+
+
+def test_pdserve_simulate_of_the_written_plan_replays_the_winner_at_its_goodput(tmp_path: Path, capsys) -> None:
+    lengths = chat_sessions(tmp_path / "mt.jsonl", num=60)
+    out, js = tmp_path / "serving.yaml", tmp_path / "modes.json"
+    assert main(["plan", *FLAGS, "--workload", str(lengths), "--ttft", "0.4", "--tpot", "0.1", "--jobs", "1",
+                 "--pd-thresholds", "64", "--chunk-size", "128", "-o", str(out), "--json", str(js)]) == 0
+    capsys.readouterr()
+    win = json.loads(js.read_text())["ranking"][0]
+    assert main(["simulate", str(tmp_path / "serving.plan.yaml"), "--rates", str(win["goodput_rps"])]) == 0
+    text = capsys.readouterr().out
+    assert "workload mt," in text and "prefix caching, cache-aware routing" in text  # the lengths file, by its path
+    joint = float(text.splitlines()[-1].split()[1].rstrip("%")) / 100
+    assert joint >= 0.9  # the planned goodput meets the SLOs when the plan is replayed
