@@ -4,9 +4,6 @@ timeout. Loopback transport, synthetic pools."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import torch
 
 from pdserve.config import KVTransferConfig
@@ -20,14 +17,6 @@ from tests.net import LOCAL
 
 L, H, D, N = 2, 4, 8, 19
 TIMEOUT_S = 60.0  # far beyond what any assertion below waits: a pull that waits for it fails the test
-
-
-@pytest.fixture
-def closing() -> Iterator[list]:
-    ends: list = []
-    yield ends
-    for e in ends:
-        e.close()
 
 
 def _pool(heads: int) -> tuple[KVPool, BlockAllocator]:
