@@ -178,7 +178,7 @@ class KVReceiver:
             sub = self.transport.recv(sub_xfer, peer, sinks[-1], self.timeout_s)
             p.subs.append(sub)
             p.state.on_end(lambda sub=sub: sub.cancel(p.state.error or "aborted"))
-            sub.on_end(lambda sub=sub: _fail_with(p.state, sub, piece))  # one piece failing fails the pull now
+            sub.on_end(lambda sub=sub, piece=piece: _fail_with(p.state, sub, piece))  # one piece failing fails the pull now
             ack = self._control(piece, lambda stub: stub.StartPull(pb.PullRequest(
                 handle_id=p.handle.handle_id, xfer_id=sub_xfer, codec=p.codec, transport_info=info,
                 layers=pb.Range(start=piece.layers.start, stop=piece.layers.stop),

@@ -75,7 +75,11 @@ class Deployment:
             if self.cfg is None:
                 raise
             self._replace_router()
-            return self._start_router(max(timeout_s, 60.0))
+            try:
+                return self._start_router(max(timeout_s, 60.0))
+            except ray.exceptions.ActorDiedError:  # the spare had died too (the memory monitor's newest actor)
+                self._replace_router()  # no spare left: a new router
+                return self._start_router(max(timeout_s, 60.0))
 
     def _start_router(self, timeout_s: float) -> str:
         if self._stand_in is not None:  # a new router: prepare it while the stand-in answers 503
@@ -134,7 +138,10 @@ class Deployment:
                 log.warning("router serves again at %s after %.1f s", url, time.monotonic() - down_since)
                 down_since = None
             if self._spare is None and self.cfg is not None:  # ready before it is needed: takes over in ~1 s
-                self._spare = self._make_router()
+                try:
+                    self._spare = self._make_router()
+                except Exception as e:  # noqa: BLE001 - no spare this time: the next poll tries again
+                    log.warning("could not prepare a spare router: %s: %s", type(e).__name__, e)
         return None
 
     def shutdown(self) -> None:

@@ -101,8 +101,10 @@ def format_ranking(c: ModeComparison) -> str:
     e = c.best("e")
     rows.append("(predicted goodput in req/s; hits: prompt tokens not computed; pulled/req: KV tokens moved per request; "
                 "local: requests prefilled on their decode instance)")
-    if e is not None:
+    if e is not None and e.goodput_rps > 0:
         rows.append(f"conditional threshold chosen: {e.threshold} uncached tokens")
+    elif e is not None:
+        rows.append("conditional threshold chosen: none (no threshold meets the SLOs at any rate)")
     gain = (f"{c.gain():.2f}× the per-GPU goodput of disaggregated serving without reuse" if c.gain() != float("inf")
             else "disaggregated serving without reuse meets the SLOs at no rate")
     rows.append(SEARCHED)
@@ -124,5 +126,5 @@ def to_json(c: ModeComparison, spec: SearchSpec) -> dict:
     return {"workload": spec.workload.name, "mean_turns": turns, "slo": {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s,
                                                     "attainment": spec.slo.attainment},
             "ranking": [row(r) for r in c.ranking()], "winner": c.winner.system,
-            "threshold": e.threshold if e else None, "gain_over_a": c.gain() if c.gain() != float("inf") else None,
+            "threshold": e.threshold if e and e.goodput_rps > 0 else None, "gain_over_a": c.gain() if c.gain() != float("inf") else None,
             "candidates": [row(r) for r in c.results]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
     from pdserve.kvtransfer.types import KVHandle
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DEAD = (RayActorError, ObjectLostError, RaySystemError)  # ActorUnavailableError is a RayActorError
 
@@ -80,10 +82,18 @@ def worker_actor_name(worker_id: str) -> str:
 
 
 def _named_actors(worker_ids: Sequence[str]) -> dict[str, ActorHandle[Any]]:
-    try:
-        return {wid: ray.get_actor(worker_actor_name(wid)) for wid in worker_ids}
-    except ValueError as e:  # ray.get_actor: no such actor (it was killed for good)
-        raise ValueError(f"router: a worker is gone: {e}") from None
+    """The live worker actors by id. One killed for good (a multi-rank instance does not restart)
+    is left out with a warning, as a dead instance is marked dead in its pool: the router serves on
+    with the rest. ValueError only when none of `worker_ids` is left."""
+    found: dict[str, ActorHandle[Any]] = {}
+    for wid in worker_ids:
+        try:
+            found[wid] = ray.get_actor(worker_actor_name(wid))
+        except ValueError:  # ray.get_actor: no such actor
+            log.warning("router: worker %s is gone for good; serving without it", wid)
+    if worker_ids and not found:
+        raise ValueError(f"router: every worker of {list(worker_ids)} is gone")
+    return found
 
 
 class RayPrefillClient:
