@@ -68,6 +68,7 @@ static inline __attribute__((always_inline)) void score_rows(const float *restri
         for (long d = 0; d < D; d++) {
             const float *r = panel + d * KT;
             vf w0 = vload(r), w1 = vload(r + VL), w2 = vload(r + 2 * VL), w3 = vload(r + 3 * VL);
+            PD_IN_REGS(w0, w1, w2, w3);
             for (int m = 0; m < M; m++) {
                 vf xm = vsplat(q[m * q_stride + d]);
                 acc[m][0] = vfma(w0, xm, acc[m][0]);
@@ -93,6 +94,7 @@ static inline __attribute__((always_inline)) void weigh_rows(const float *restri
         for (long j = 0; j < n_keys; j++) {
             const float *r = v + j * v_stride + c;
             vf w0 = vload(r), w1 = vload(r + VL), w2 = vload(r + 2 * VL), w3 = vload(r + 3 * VL);
+            PD_IN_REGS(w0, w1, w2, w3);
             for (int m = 0; m < M; m++) {
                 vf pm = vsplat(sc[m * Lp + j]);
                 acc[m][0] = vfma(w0, pm, acc[m][0]);

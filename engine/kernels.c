@@ -47,6 +47,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float *restri
     for (; k < K; k++) {
         const float *r = wp + k * P;
         vf w0 = vload(r), w1 = vload(r + VL), w2 = vload(r + 2 * VL), w3 = vload(r + 3 * VL);
+        PD_IN_REGS(w0, w1, w2, w3);
         for (int m = 0; m < M; m++) {
             vf xm = vsplat(x[m * ldx + k]);
             acc[m][0] = vfma(w0, xm, acc[m][0]);
