@@ -54,29 +54,18 @@ long pd_decode_attention_f32(const float *restrict q, long q_stride, const float
 }
 
 #define KT P /* keys per score tile (4 vectors) */
+
 /* Scores of rows m < M (queries q + m * q_stride) against keys [0, n_keys): sc[m * Lp + j] =
    q_m . k_j * scale, from kt, K^T in panels of KT keys stored d-major ([t][d][KT]). */
 static inline __attribute__((always_inline)) void score_rows(const float *restrict q, long q_stride,
-                                                                    const float *restrict kt, long n_keys, long D,
-                                                                    float scale, float *restrict sc, long Lp,
-                                                                    const int M) {
+                                                             const float *restrict kt, long n_keys, long D,
+                                                             float scale, float *restrict sc, long Lp, const int M) {
     for (long t0 = 0; t0 < n_keys; t0 += KT) {
         const float *panel = kt + t0 * D;
         vf acc[4][4];
         for (int m = 0; m < M; m++)
             for (int j = 0; j < 4; j++) acc[m][j] = (vf){0};
-        for (long d = 0; d < D; d++) {
-            const float *r = panel + d * KT;
-            vf w0 = vload(r), w1 = vload(r + VL), w2 = vload(r + 2 * VL), w3 = vload(r + 3 * VL);
-            PD_IN_REGS(w0, w1, w2, w3);
-            for (int m = 0; m < M; m++) {
-                vf xm = vsplat(q[m * q_stride + d]);
-                acc[m][0] = vfma(w0, xm, acc[m][0]);
-                acc[m][1] = vfma(w1, xm, acc[m][1]);
-                acc[m][2] = vfma(w2, xm, acc[m][2]);
-                acc[m][3] = vfma(w3, xm, acc[m][3]);
-            }
-        }
+        for (long d = 0; d < D; d++) fma_rows(acc, panel + d * KT, q + d, q_stride, M);
         for (int m = 0; m < M; m++)
             for (int j = 0; j < 4; j++) vstore(sc + m * Lp + t0 + j * VL, acc[m][j] * scale);
     }
@@ -84,25 +73,14 @@ static inline __attribute__((always_inline)) void score_rows(const float *restri
 
 /* out rows m < M (out + m * out_stride) = sum_j p[m, j] v_j over keys [0, n_keys), 4 vectors of D at a time. */
 static inline __attribute__((always_inline)) void weigh_rows(const float *restrict sc, long Lp,
-                                                                    const float *restrict v, long v_stride,
-                                                                    long n_keys, long D, float *restrict out,
-                                                                    long out_stride, const int M) {
+                                                             const float *restrict v, long v_stride, long n_keys,
+                                                             long D, float *restrict out, long out_stride,
+                                                             const int M) {
     for (long c = 0; c < D; c += 4 * VL) {
         vf acc[4][4];
         for (int m = 0; m < M; m++)
             for (int j = 0; j < 4; j++) acc[m][j] = (vf){0};
-        for (long j = 0; j < n_keys; j++) {
-            const float *r = v + j * v_stride + c;
-            vf w0 = vload(r), w1 = vload(r + VL), w2 = vload(r + 2 * VL), w3 = vload(r + 3 * VL);
-            PD_IN_REGS(w0, w1, w2, w3);
-            for (int m = 0; m < M; m++) {
-                vf pm = vsplat(sc[m * Lp + j]);
-                acc[m][0] = vfma(w0, pm, acc[m][0]);
-                acc[m][1] = vfma(w1, pm, acc[m][1]);
-                acc[m][2] = vfma(w2, pm, acc[m][2]);
-                acc[m][3] = vfma(w3, pm, acc[m][3]);
-            }
-        }
+        for (long j = 0; j < n_keys; j++) fma_rows(acc, v + j * v_stride + c, sc + j, Lp, M);
         for (int m = 0; m < M; m++)
             for (int j = 0; j < 4; j++) vstore(out + m * out_stride + c + j * VL, acc[m][j]);
     }

@@ -44,18 +44,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float *restri
         }
         for (int j = 0; j < 4; j++) acc[0][j] += acc2[j];
     }
-    for (; k < K; k++) {
-        const float *r = wp + k * P;
-        vf w0 = vload(r), w1 = vload(r + VL), w2 = vload(r + 2 * VL), w3 = vload(r + 3 * VL);
-        PD_IN_REGS(w0, w1, w2, w3);
-        for (int m = 0; m < M; m++) {
-            vf xm = vsplat(x[m * ldx + k]);
-            acc[m][0] = vfma(w0, xm, acc[m][0]);
-            acc[m][1] = vfma(w1, xm, acc[m][1]);
-            acc[m][2] = vfma(w2, xm, acc[m][2]);
-            acc[m][3] = vfma(w3, xm, acc[m][3]);
-        }
-    }
+    for (; k < K; k++) fma_rows(acc, wp + k * P, x + k, ldx, M);
     for (int m = 0; m < M; m++)
         for (int j = 0; j < 4; j++) vstore(tile + m * P + j * VL, acc[m][j]);
 }

@@ -28,7 +28,7 @@ static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf vbroadcast(float s) { return (vf){0} + s; }
 
-/* x splatted with no add (`(vf){0} + s` keeps its add under strict fp: -0 + 0 is +0), and a * b + c as
+/* s splatted with no add (`(vf){0} + s` keeps its add under strict fp: -0 + 0 is +0), and a * b + c as
    one FMA where the CPU has it: the library builds with -ffp-contract=off, so the elementwise
    kernels round as torch's ops do; the GEMV and prompt attention, whose multiply-adds set their
    time, ask for FMAs by name. */
@@ -58,6 +58,22 @@ static inline vf vfma(vf a, vf b, vf c) {
     return a * b + c;
 #endif
 }
+
+/* acc[m][j] += r[j * VL ...] * s[m * s_stride] for m < M, j < 4: one k step of a tile of M <= 4 rows
+   by 4 vectors (the GEMV's panel row, or attention's K^T panel row / V row), r read once. */
+static inline __attribute__((always_inline)) void fma_rows(vf acc[][4], const float *restrict r,
+                                                           const float *restrict s, long s_stride, const int M) {
+    vf w0 = vload(r), w1 = vload(r + VL), w2 = vload(r + 2 * VL), w3 = vload(r + 3 * VL);
+    PD_IN_REGS(w0, w1, w2, w3);
+    for (int m = 0; m < M; m++) {
+        vf sm = vsplat(s[m * s_stride]);
+        acc[m][0] = vfma(w0, sm, acc[m][0]);
+        acc[m][1] = vfma(w1, sm, acc[m][1]);
+        acc[m][2] = vfma(w2, sm, acc[m][2]);
+        acc[m][3] = vfma(w3, sm, acc[m][3]);
+    }
+}
+
 static inline float hsum(vf v) {
     typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
     typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
