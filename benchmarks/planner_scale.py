@@ -3,6 +3,7 @@ nodes × 8 H100 (32, 128, 1,024 GPUs), and simulator speed per mode in simulated
 CPU-second at each deployment's own goodput (Llama-3-8B, H100 roofline, 20,000 ShareGPT-like requests).
 
   python benchmarks/planner_scale.py [--nodes 4 16 128] [--requests 20000] [--skip-plan]
+  python benchmarks/planner_scale.py --sessions results/planner-multiturn-a100/sessions-a100.jsonl
 """
 
 from __future__ import annotations
@@ -61,12 +62,41 @@ def sim_speed(n: int) -> None:
         print(f"| {name} | {rate:.1f} | {n / c:,.0f} | {n / w:,.0f} |")
 
 
+def session_speed(path: str, n: int) -> None:
+    """The multi-turn simulation (sim_reuse.py) on a session lengths file: OPT-13B, DistServe's A100
+    profile, 1 prefill + 3 decode instances, systems (a), (d) and (e) of placement/modes.py."""
+    from dataclasses import replace
+
+    from pdserve.placement.profile_file import load_profile
+    from pdserve.placement.search import deployment_of
+    from pdserve.placement.workload import load_lengths
+
+    gpu = load_gpu("a100-80g")
+    spec = SearchSpec(model=load_model("opt-13b"), cluster=ClusterSpec(num_nodes=1, gpus_per_node=4, gpu=gpu),
+                      source=load_profile("distserve-a100"), workload=load_lengths(path), slo=SLOConfig(ttft_s=1.0, tpot_s=0.1))
+    dep = deployment_of(spec, Unit(algorithm="high-affinity", prefill=PhaseConfig(1, 1), decode=PhaseConfig(1, 1),
+                                   num_decode=3))
+    trace = spec.workload.trace(n, seed=0)
+    reuse = replace(dep, prefix_caching=True, cache_aware=True)
+    print("| system | rate (req/s) | simulated req/s per CPU-second |\n|---|---|---|")
+    for name, d, rate in (("(a) no reuse", dep, 1.0), ("(d) reuse", reuse, 17.0),
+                          ("(e) conditional, threshold 128", replace(reuse, pd_threshold_tokens=128), 17.0)):
+        c = time.process_time()
+        simulate(d, trace, rate)
+        print(f"| {name} | {rate} | {n / (time.process_time() - c):,.0f} |")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, nargs="+", default=[4, 16, 128])
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--skip-plan", action="store_true")
+    ap.add_argument("--sessions", default=None, metavar="LENGTHS_FILE",
+                    help="instead: the multi-turn simulation's speed on this session lengths file")
     a = ap.parse_args()
+    if a.sessions:
+        session_speed(a.sessions, a.requests)
+        raise SystemExit(0)
     sim_speed(a.requests)
     if not a.skip_plan:
         print("\n| GPUs | --jobs | wall s | CPU s (all processes) | winner |\n|---|---|---|---|---|")

@@ -8,8 +8,9 @@ Queues (each request is in exactly one, indexed by id in `requests`):
                 then it holds its blocks and its pull runs until `pull_done` / `pull_failed`.
                 With prefix caching, the prefix this instance already caches is reused and only
                 the rest is pulled (a delta pull); a landed pull's blocks join the cache.
-  waiting       to be (re)computed here: colocated arrivals, failed pulls to recompute (their blocks
-                freed first), preempted. Only the head of `waiting` holds blocks while it waits.
+  waiting       to be (re)computed here: colocated arrivals, local prefills, failed pulls to
+                recompute (their blocks freed first), preempted. Only the head of `waiting` holds
+                blocks while it waits.
   running       KV complete up to the last token; one token per step.
   held          (layer-wise streaming) dispatched before prefill sampled the first token: the KV
                 landed (its blocks held), or the pull failed and the prompt is to be recomputed (no
@@ -18,8 +19,9 @@ Queues (each request is in exactly one, indexed by id in `requests`):
 `max_num_seqs` bounds running + pulling + held requests together. Policies (what colocated serving
 compares against):
 
-  decode            disaggregated decode: running requests step one token each; `waiting` only
-                    holds recomputes, which are chunked in after the decodes.
+  decode            disaggregated decode: running requests step one token each; `waiting` holds
+                    recomputes and local prefills (conditional disaggregation), chunked in after
+                    the decodes, so a step never exceeds `max_num_batched_tokens`.
   prefill_priority  vLLM's default: if a waiting prompt fits, run a prefill-only step; else decode.
   chunked           Sarathi: every step decodes all running requests, then fills the remaining
                     token budget with prefill chunks of waiting requests.
@@ -205,6 +207,12 @@ class DecodeScheduler:
         req.queued_s, req.scheduled_s = now, None
         self._run_or_hold(req, self.add_waiting)
         return None
+
+    def recompute_without_pull(self, req: Request) -> None:
+        """A disaggregated request that came without KV to pull (its prefill failed or was lost, or
+        decode died mid-stream): computed here, as a failed pull is, and as visible (counted, flagged)."""
+        self.kv_pulls["recomputed"] += 1
+        req.latency += LatencyBreakdown(kv_recomputed=True)
 
     @staticmethod
     def _pull_latency(req: Request, ended_s: float, outcome: PullOutcome, nbytes: int | None) -> LatencyBreakdown:

@@ -1,7 +1,9 @@
 """DecodeWorker: engine + DecodeScheduler + KV receiver, wired. Plain class; decode/actor.py is its Ray shell.
 
-A request arrives with a KVHandle (disaggregated) or without one (colocated, or a re-dispatched
-request to recompute); the scheduler owns it from then on (decode/scheduler.py). Block ownership
+A request arrives with a KVHandle (disaggregated), or without one: colocated, a local prefill the
+router chose (`GenerateRequest.local_prefill`, conditional disaggregation), or a request to recompute
+after a failure (re-dispatched, or no prefill instance: counted and flagged `kv_recomputed`, as a
+failed pull is); the scheduler owns it from then on (decode/scheduler.py). Block ownership
 through a pulled request's life:
 
   awaiting    no blocks here; KV is pinned on prefill until we pull (back-pressure under bursts)
@@ -60,6 +62,8 @@ class DecodeWorker:
         if handle is not None and handle.num_tokens > r.num_tokens:
             raise ValueError(f"handle: covers {handle.num_tokens} tokens, the request has {r.num_tokens}")
         r.kv_handle = handle
+        if handle is None and self.receiver is not None and not req.local_prefill:
+            self.scheduler.recompute_without_pull(r)  # not a prefill the router chose: a fallback
         first_pending = handle is not None and handle.num_tokens == r.num_tokens  # streamed: no first token yet
         self.scheduler.add(r, self.clock() if received_s is None else received_s, first_pending)
         self.idle = False
@@ -169,5 +173,7 @@ class DecodeWorker:
             outstanding_tokens=sum(r.num_uncomputed_tokens for r in s.waiting),
             kv_pulls=dict(s.kv_pulls), kv_pull_nbytes=s.kv_pull_nbytes,
             num_failed_steps=self.num_failed_steps,
+            max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.token_budget,
+            block_size=self.engine.layout.block_size,
             **self.engine.counters(),
         )

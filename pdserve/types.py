@@ -92,6 +92,10 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     output_token_ids: tuple[int, ...] = ()
     arrival_s: float = 0.0
+    # Conditional disaggregation (router/conditional.py): the router chose to let this decode instance
+    # prefill the prompt itself. Without it, a disaggregated decode instance given no KV handle is
+    # recomputing after a failure (flagged `kv_recomputed`, counted).
+    local_prefill: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ class LatencyBreakdown:
     Workers report their own part on the request's first output from each instance: prefill
     {prefill_queue_s, prefill_s}; decode after a pull {decode_queue_s (waiting for a sequence slot
     and KV memory), transfer_s, transfer_bytes, kv_pull, pull_skipped_tokens (a delta pull)}; decode computing the prompt itself
-    (colocated, or a failed pull recomputed: `kv_recomputed`) {prefill_queue_s, prefill_s}; whoever
+    (colocated, a local prefill the router chose, or a recompute after a failure: `kv_recomputed`)
+    {prefill_queue_s, prefill_s}; whoever
     computes the prompt adds `cached_tokens`, its prefix-cache hit. The
     router adds the parts over roles and attempts (`+`) and fills the end-to-end figures with
     `finalize` on the last output. `decode_queue_s` / `transfer_bytes` / `kv_pull` are None when no
@@ -148,6 +153,13 @@ class LatencyBreakdown:
     ttft_s: float = 0.0  # finalize: arrival to first token (router clock)
     e2e_s: float = 0.0  # finalize: arrival to last output (router clock)
     kv_exposed_s: float | None = None  # decode: the pull's time after the first token was there
+    # The router's conditional-disaggregation decision (router/pd_decision.py), None when it made none:
+    # prefilled on the decode instance (True) or on the prefill pool (False), why, and its inputs (tokens).
+    pd_local: bool | None = None
+    pd_reason: str = ""
+    pd_uncached_tokens: int = 0
+    pd_prefill_queue_tokens: int = 0
+    pd_decode_slack_tokens: int = 0
 
     @property
     def queue_s(self) -> float:
@@ -172,18 +184,25 @@ class LatencyBreakdown:
             _add_opt(self.transfer_bytes, other.transfer_bytes), other.kv_pull or self.kv_pull,
             self.kv_recomputed or other.kv_recomputed, max(self.cached_tokens, other.cached_tokens),
             self.pull_skipped_tokens + other.pull_skipped_tokens, self.decode_s + other.decode_s,
-            self.ttft_s + other.ttft_s, self.e2e_s + other.e2e_s, _add_opt(self.kv_exposed_s, other.kv_exposed_s))
+            self.ttft_s + other.ttft_s, self.e2e_s + other.e2e_s, _add_opt(self.kv_exposed_s, other.kv_exposed_s),
+            *(other if other.pd_local is not None else self)._decision())
+
+    def _decision(self) -> tuple[bool | None, str, int, int, int]:
+        return (self.pd_local, self.pd_reason, self.pd_uncached_tokens, self.pd_prefill_queue_tokens,
+                self.pd_decode_slack_tokens)
 
     def finalize(self, ttft_s: float, e2e_s: float) -> LatencyBreakdown:
         """The whole request's breakdown: decode_s is what the other parts leave of e2e_s (>= 0)."""
         decode = max(0.0, e2e_s - self.queue_s - self.prefill_s - self.exposed_transfer_s)
         return dataclasses.replace(self, decode_s=decode, ttft_s=ttft_s, e2e_s=e2e_s)
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, float | str]:
         """The `pdserve_timings` object of the HTTP API: seconds by key (queue_s is all queueing,
-        decode_queue_s its decode share), plus transfer_bytes and kv_recomputed (1.0) when they apply."""
-        out = {"queue_s": self.queue_s, "prefill_s": self.prefill_s, "transfer_s": self.transfer_s,
-               "decode_s": self.decode_s, "ttft_s": self.ttft_s, "e2e_s": self.e2e_s}
+        decode_queue_s its decode share), plus transfer_bytes and kv_recomputed (1.0) when they apply,
+        and the P/D decision when one was made (pd_local 1.0 / 0.0, pd_reason a string, its inputs)."""
+        out: dict[str, float | str] = {"queue_s": self.queue_s, "prefill_s": self.prefill_s,
+                                       "transfer_s": self.transfer_s, "decode_s": self.decode_s,
+                                       "ttft_s": self.ttft_s, "e2e_s": self.e2e_s}
         if self.decode_queue_s is not None:
             out["decode_queue_s"] = self.decode_queue_s
         if self.transfer_bytes is not None:
@@ -196,6 +215,11 @@ class LatencyBreakdown:
             out["cached_tokens"] = float(self.cached_tokens)
         if self.pull_skipped_tokens:
             out["pull_skipped_tokens"] = float(self.pull_skipped_tokens)
+        if self.pd_local is not None:
+            out |= {"pd_local": float(self.pd_local), "pd_reason": self.pd_reason,
+                    "pd_uncached_tokens": float(self.pd_uncached_tokens),
+                    "pd_prefill_queue_tokens": float(self.pd_prefill_queue_tokens),
+                    "pd_decode_slack_tokens": float(self.pd_decode_slack_tokens)}
         return out
 
 
@@ -270,6 +294,10 @@ class WorkerStats:
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
     num_fallback_steps: int = 0  # engine steps that ran without the native CPU kernels (engine/runner.py)
+    # Decode only, the scheduling limits a local prefill must fit in (router/conditional.py); 0: unknown.
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    block_size: int = 0
 
     @property
     def kv_usage(self) -> float:

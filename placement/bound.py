@@ -76,18 +76,32 @@ def decode_tokens_per_s(dep: SimDeployment, inst: InstanceLatency, lanes: int, s
     return lanes * best
 
 
+def computed_prompts(dep: SimDeployment, trace: Trace) -> Trace:
+    """The trace with each prompt cut to what a prefill must compute at best: with a prefix cache,
+    a session turn's uncached part (`SessionTrace.new_lens`); else the trace itself."""
+    new_lens = getattr(trace, "new_lens", None)
+    if not dep.prefix_caching or new_lens is None:
+        return trace
+    return Trace(trace.unit_arrivals, new_lens(), trace.output_lens)
+
+
 def service_bound(dep: SimDeployment, trace: Trace) -> float:
-    """Highest rate (req/s) the deployment's latency model can sustain; see the module doc."""
+    """Highest rate (req/s) the deployment's latency model can sustain; see the module doc. With a
+    prefix cache the prefill side counts only uncached prompt tokens, and with conditional
+    disaggregation (local prefills on the decode pool) the prefill pool does not bound it."""
     st = LengthStats.of(trace)
+    pst = LengthStats.of(computed_prompts(dep, trace))
     colocated = dep.mode == "colocated"
-    prefill = sum(_per_request(prefill_tokens_per_s(i, dep.prefill_token_budget, st), st.mean_prompt)
+    prefill = sum(_per_request(prefill_tokens_per_s(i, dep.prefill_token_budget, pst), pst.mean_prompt)
                   for i in dep.prefill)
+    if dep.pd_threshold_tokens or dep.pd_prefill_queue_limit is not None:
+        prefill = math.inf
     decoders = dep.prefill if colocated else dep.decode
     decode = sum(_per_request(decode_tokens_per_s(dep, i, 1 if colocated else i.pp, st), st.mean_decode_iters)
                  for i in decoders)
     link = math.inf
     if not colocated and dep.transfer.bytes_per_s and dep.phases == "both":
-        link = len(dep.decode) / max(dep.transfer.transfer_s(round(st.mean_prompt)), 1e-12)
+        link = len(dep.decode) / max(dep.transfer.transfer_s(round(pst.mean_prompt)), 1e-12)
     if dep.phases == "prefill":
         return prefill
     if dep.phases == "decode":

@@ -11,7 +11,7 @@ from pathlib import Path
 from pdserve.bench.units import duration_arg as duration  # one parser of "500ms"/"1s" for every CLI
 from pdserve.config import SLOConfig
 from pdserve.config import ServingConfig
-from pdserve.placement import profile_cli
+from pdserve.placement import modes_cli, profile_cli
 from pdserve.placement.candidates import Unit
 from pdserve.placement.cluster_file import ClusterFile, load_cluster_file
 from pdserve.placement.explain import explain, format_explanation
@@ -22,6 +22,7 @@ from pdserve.placement.plan import Plan
 from pdserve.placement.profile_file import PUBLISHED, load_profile
 from pdserve.placement.roofline import Roofline
 from pdserve.placement.search import SearchResult, SearchSpec, search
+from pdserve.placement.sessions import SessionWorkload
 from pdserve.placement.simulate_cli import add_simulate_parser
 from pdserve.placement.workload import DATASET_SAMPLES, FALLBACK_TOKENIZER, load_workload, planning_tokenizer
 
@@ -46,6 +47,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="serving.yaml", help="the winning serving config for pdserve serve (default: %(default)s)")
     p.add_argument("--plan-output", default=None,
                    help="the plan file: placement, what it was planned for, why (default: OUTPUT with .plan.yaml)")
+    modes_cli.add_arguments(p)
     p.set_defaults(func=run_plan)
     add_simulate_parser(subparsers)
     profile_cli.add_parser(subparsers)
@@ -145,6 +147,8 @@ def run_plan(args: argparse.Namespace) -> int:
         args, args.model, SLOConfig(ttft_s=args.ttft, tpot_s=args.tpot, attainment=args.attainment),
         target_rate=args.rate, codec=args.codec, affinity=args.affinity,
         include_colocated=not args.no_colocated, jobs=args.jobs)
+    if args.compare_modes or isinstance(spec.workload, SessionWorkload):
+        return modes_cli.run_modes(args, spec, cluster_file)
     c = spec.cluster
     gpus = c.gpu.name if c.decode_gpu is None else f"{c.gpu.name} (prefill, {c.prefill_nodes} nodes) / {c.decode_gpu.name}"
     print(f"planning {spec.model.name} on {c.num_nodes}×{c.gpus_per_node} {gpus} ({spec.source.name}), "

@@ -96,6 +96,14 @@ class Lane:
         """Stall the batch until `until` (a colocated prefill runs in between); call at a boundary."""
         self.t0 = max(self.t0, until)
 
+    def mixed_step_s(self, x1: float, x2: float) -> float:
+        """Model time of one iteration carrying the batch's decodes plus `x1` prompt tokens with
+        attention term `x2` (chunked prefill), at speed 1."""
+        prof = self.lat.profile
+        if self.num_reqs:
+            return prof.decode_s(self.sum_ctx, self.num_reqs) + prof.prefill_extra_s(self.num_reqs, x1, x2)
+        return prof.prefill_s(x1, x2)
+
     def custom_step(self, duration_s: float) -> None:
         """Run the next iteration with a given duration (a chunked-prefill iteration that also
         carries prefill tokens); call at a boundary."""

@@ -126,6 +126,7 @@ class Plan:
                                        resources=dict(pin.get("resources", {})))
 
         engine = dataclasses.replace(base.engine, **d["engine"]) if "engine" in d else base.engine
+        router = dataclasses.replace(base.router, **d["router"]) if "router" in d else base.router  # modes_cli.py
         prefill = pool(base.prefill, self.prefill, "prefill") if self.prefill else base.prefill
         placement = base.placement
         if self.algorithm == "low-affinity" and self.prefill:  # Algorithm 2: a unit's stages share nodes
@@ -133,7 +134,7 @@ class Plan:
         kv = dataclasses.replace(base.kvtransfer, transport=d.get("transport", base.kvtransfer.transport),
                                  codec=self.codec if "transport" not in d else d["codec"])
         return base.replace(model=model or self.model, mode=self.mode, colocated_policy=self.colocated_policy,
-                            engine=engine, prefill=prefill, decode=pool(base.decode, self.decode, "decode"),
+                            engine=engine, router=router, prefill=prefill, decode=pool(base.decode, self.decode, "decode"),
                             kvtransfer=kv, placement=placement, slo=SLOConfig(ttft_s=self.ttft_s, tpot_s=self.tpot_s,
                                                          attainment=self.attainment))
 

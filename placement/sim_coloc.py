@@ -52,7 +52,7 @@ class ColocatedSim(Simulation):
             return False
         r = inst.waiting[0]
         if self.prefilled[r]:
-            return True  # already admitted: its chunks continue
+            return True  # already admitted: its chunks continue (prefilled counts cached tokens too)
         need = self.plen[r] + self.olen[r]
         return inst.reserved + need <= self.dep.decode_capacity(inst.lat) and inst.running < self.dep.max_num_seqs
 
@@ -91,6 +91,8 @@ class ColocatedSim(Simulation):
             self.tpot[r] = 0.0
             inst.reserved -= self.plen[r] + 1
             inst.running -= 1
+            if self.on_finish is not None:
+                self.on_finish(r, t)
         else:
             self.ctx_off[r] = lane.add(r, self.plen[r] + 1, self.olen[r] - 1)
 
@@ -99,14 +101,15 @@ class ColocatedSim(Simulation):
         batch: list[int] = []
         s = s2 = 0
         while self.can_admit(inst):
-            p = self.plen[inst.waiting[0]]
-            if batch and s + p > self.dep.prefill_token_budget:
+            r = inst.waiting[0]
+            p, c = self.plen[r], self.cached[r]  # p − c new tokens on c cached ones
+            if batch and s + p - c > self.dep.prefill_token_budget:
                 break
-            r = inst.waiting.popleft()
+            inst.waiting.popleft()
             self.admit_one(inst, r)
             batch.append(r)
-            s += p
-            s2 += p * p
+            s += p - c
+            s2 += (p - c) * (p + c)
         end = lane.t0 + inst.lat.prefill_s(s, s2) * self.host_speed(("c", ci))
         lane.insert_gap(end)
         for r in batch:
@@ -122,6 +125,7 @@ class ColocatedSim(Simulation):
             d = self.prefilled[r]
             if d == 0:
                 self.admit_one(inst, r)
+                d = self.cached[r]  # a prefix-cache hit: those tokens are not computed again
             s = min(budget, self.plen[r] - d)
             x1 += s
             x2 += s * (2 * d + s)
@@ -129,11 +133,6 @@ class ColocatedSim(Simulation):
             self.prefilled[r] = d + s
             if d + s == self.plen[r]:
                 done.append(inst.waiting.popleft())
-        prof = inst.lat.profile
-        if lane.num_reqs:
-            dt = prof.decode_s(lane.sum_ctx, lane.num_reqs) + prof.prefill_extra_s(lane.num_reqs, x1, x2)
-        else:
-            dt = prof.prefill_s(x1, x2)
-        lane.custom_step(dt * self.host_speed(("c", ci)))
+        lane.custom_step(lane.mixed_step_s(x1, x2) * self.host_speed(("c", ci)))
         for r in done:
             self.first_token(ci, inst, lane, r, lane.t0)

@@ -52,6 +52,9 @@ class Simulation(ABC):
         self.first_tok = [INF] * n
         self.tpot = [INF] * n
         self.ctx_off = [0] * n  # a request's context offset in its lane (Lane.add)
+        self.cached = [0] * n  # prompt tokens its prefill instance already holds (sim_reuse.py sets them)
+        self.num_timed = n  # requests 0..num_timed-1 arrive at their trace times (sessions: 0, all by events)
+        self.on_finish: Callable[[int, float], None] | None = None  # sim_reuse.py: request r done at t
         self.heap: list[tuple] = []
         self._seq = itertools.count()
         self.now = 0.0
@@ -74,6 +77,7 @@ class Simulation(ABC):
         """Busy instances that have no lanes (disaggregated prefill instances)."""
         return set()
 
+
     # ---- the event loop --------------------------------------------------------------------------
     def new_lanes(self, lat: InstanceLatency, owner: int, count: int) -> list[Lane]:
         lanes = [Lane(lat, owner) for _ in range(count)]
@@ -86,7 +90,7 @@ class Simulation(ABC):
         heapq.heappush(self.heap, (t, next(self._seq), kind, a, b))
 
     def run(self) -> SimResult:
-        arrival, heap, n, i = self.arrival, self.heap, len(self.arrival), 0
+        arrival, heap, n, i = self.arrival, self.heap, self.num_timed, 0
         on_arrival, handlers = self.on_arrival, self.handlers()
         while i < n or heap:
             if i < n and (not heap or arrival[i] <= heap[0][0]):
@@ -105,7 +109,7 @@ class Simulation(ABC):
     def sync(self, lane: Lane) -> bool:
         """Retire every request finishing at or before now; move the lane to the first
         boundary >= now. Returns whether memory was freed."""
-        now, finishes, freed = self.now, lane.finishes, False
+        now, finishes, freed, on_finish = self.now, lane.finishes, False, self.on_finish
         owner = self.engines[lane.owner]
         while finishes:
             fi = finishes[0][0]
@@ -120,6 +124,8 @@ class Simulation(ABC):
                 owner.reserved -= self.plen[r] + self.olen[r]
                 owner.running -= 1
                 freed = True
+                if on_finish is not None:
+                    on_finish(r, t)
         if lane.num_reqs == 0:
             lane.t0 = max(lane.t0, now)
         else:

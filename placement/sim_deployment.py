@@ -37,6 +37,15 @@ class SimDeployment:
     host_slowdown: float = 0.0
     """All instances share one host (CPU engines on one box): a step that starts while another
     instance is busy takes (1 + host_slowdown)× as long. 0 for instances on their own accelerators."""
+    prefix_caching: bool = False
+    """Every instance keeps finished requests' KV in a prefix cache (engine.enable_prefix_caching):
+    a prompt computes only what the instance lacks, a pull moves only what the decode instance lacks
+    (sim_reuse.py). Only changes anything on a trace with sessions or shared prefixes."""
+    cache_aware: bool = False  # dispatch by the router's cache_aware policies (router.*_policy: cache_aware)
+    pd_threshold_tokens: int = 0
+    """Conditional disaggregation (router.pd_threshold_tokens): a request with at most this many
+    prompt tokens uncached on its decode instance is prefilled there, in chunks inside its steps."""
+    pd_prefill_queue_limit: int | None = None  # router.pd_prefill_queue_limit
 
     def __post_init__(self) -> None:
         if not self.prefill and self.phases != "decode":
@@ -45,8 +54,17 @@ class SimDeployment:
             raise ValueError("deployment: disaggregated needs at least one decode instance")
         if self.mode == "colocated" and any(i.pp != 1 for i in self.prefill):
             raise ValueError("deployment: colocated instances must have pp == 1")
+        conditional = self.pd_threshold_tokens > 0 or self.pd_prefill_queue_limit is not None
+        if conditional and (self.mode != "disaggregated" or any(i.pp != 1 for i in self.decode)):
+            raise ValueError("deployment: pd_threshold_tokens / pd_prefill_queue_limit need a disaggregated "
+                             "deployment with decode pp == 1 (local prefills run in the decode instance's steps)")
         if self.host_slowdown < 0:
             raise ValueError(f"deployment: host_slowdown must be >= 0, got {self.host_slowdown}")
+
+    @property
+    def models_reuse(self) -> bool:
+        """Whether the simulation needs the session/prefix model (sim_reuse.py)."""
+        return self.prefix_caching or self.cache_aware or self.pd_threshold_tokens > 0 or self.pd_prefill_queue_limit is not None
 
     @property
     def num_gpus(self) -> int:

@@ -73,16 +73,17 @@ class DisaggregatedSim(Simulation):
         pre = self.prefills[pi]
         if pre.busy or not pre.queue:
             return
-        budget, cap, plen, queue = self.dep.prefill_token_budget, pre.lat.kv_capacity_tokens, self.plen, pre.queue
+        budget, cap, plen, queue, cached = self.dep.prefill_token_budget, pre.lat.kv_capacity_tokens, self.plen, pre.queue, self.cached
         batch: list[int] = []
         s = s2 = 0
         while queue:
-            p = plen[queue[0]]
-            if (batch and s + p > budget) or pre.held + p > cap:
+            r = queue[0]
+            p, c = plen[r], cached[r]  # computes p − c new tokens on c cached ones
+            if (batch and s + p - c > budget) or pre.held + p > cap:
                 break
             batch.append(queue.popleft())
-            s += p
-            s2 += p * p
+            s += p - c
+            s2 += (p - c) * (p + c)
             pre.held += p
         if not batch:
             return  # back-pressure: retried when a transfer frees prefill memory
@@ -104,6 +105,8 @@ class DisaggregatedSim(Simulation):
             if self.dep.phases == "prefill" or self.olen[r] == 1:
                 pre.held -= self.plen[r]
                 self.tpot[r] = 0.0
+                if self.on_finish is not None:
+                    self.on_finish(r, now)
             else:
                 self.to_decode(r)
         if pre.lat.pp == 1:
@@ -153,8 +156,13 @@ class DisaggregatedSim(Simulation):
             dec.reserved += need
             dec.running += 1
             start = max(self.now, dec.link_free, self.next_boundary(dec) if self.dep.pull_at_step_boundary else 0.0)
-            dec.link_free = start + transfer.transfer_s(plen[r])
+            dec.link_free = start + transfer.transfer_s(self.pull_tokens(r, di))
             self.push(dec.link_free, XFER_DONE, r, di)
+
+    def pull_tokens(self, r: int, di: int) -> int:
+        """KV tokens request `r`'s pull to decode instance `di` moves: its whole prompt here (only what
+        `di` lacks with a prefix cache, sim_reuse.py)."""
+        return self.plen[r]
 
     def next_boundary(self, dec: DecodeEngine) -> float:
         """When the instance's running iteration ends (now, if it is idle)."""

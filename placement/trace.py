@@ -78,11 +78,12 @@ def replay(dep: SimDeployment, trace: Trace, router_dispatch: bool = True) -> Si
 
 
 def router_view(ci: int, running: int, waiting: int, reserved: int, capacity: int,
-                outstanding: int = 0) -> WorkerStats:
+                outstanding: int = 0, hit: int = 0) -> WorkerStats:
     """A simulated instance as the router's policies see it: requests in flight, KV in tokens (as
-    blocks of one token: usage = reserved / capacity), prompt tokens outstanding."""
+    blocks of one token: usage = reserved / capacity), prompt tokens outstanding, and the tokens of
+    the request being dispatched that it caches (`expected_hit_tokens`)."""
     return WorkerStats(worker_id=str(ci), num_running=running, num_waiting=waiting, num_free_blocks=capacity - reserved,
-                       num_total_blocks=capacity, outstanding_tokens=outstanding)
+                       num_total_blocks=capacity, outstanding_tokens=outstanding, expected_hit_tokens=hit)
 
 
 class DisaggregatedRouterDispatch(DisaggregatedSim):

@@ -96,10 +96,15 @@ def sharegpt_like(num: int = 20_000, seed: int = 0, max_total_len: int = 2048) -
 
 def load_lengths(path: str | Path) -> WorkloadLengths:
     """A lengths file, read by bench's reader (`pdserve.bench.lengths.read_lengths`: JSON lines of
-    {"prompt_len", "output_len"}, a JSON list of such objects or pairs, or CSV with those columns)."""
+    {"prompt_len", "output_len"}, a JSON list of such objects or pairs, or CSV with those columns);
+    a `sessions.SessionWorkload` when it has sessions or shared prefixes."""
     items = read_lengths(path)
     if not items:
         raise ValueError(f"{path}: no requests")
+    from pdserve.placement.sessions import SessionWorkload, has_sessions
+
+    if has_sessions(items):  # sessions or shared prefixes: traces keep them (closed loop, reuse)
+        return SessionWorkload.of(Path(path).stem, items)
     return WorkloadLengths(Path(path).stem, tuple(r.prompt_len for r in items), tuple(r.output_len for r in items))
 
 

@@ -11,6 +11,8 @@ A decode instance that dies mid-stream is replaced by another healthy one (after
 output. Closing a `RequestStream` early (client gone, timeout) aborts it on every worker holding it.
 
 Layer-wise streaming (router/layerwise.py): decode gets the request and KV handle before prefill's forward.
+Conditional disaggregation (router/conditional.py): the decode instance may be chosen first and
+prefill the prompt itself (a local prefill, no KV handle); the decision is in the request's breakdown.
 
 A step that raises on a worker fails only the requests of its batch (the worker stays in its pool):
 each is retried once, on another instance when there is one; a request whose step fails twice is a
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pdserve.config import Mode, RouterConfig
+from pdserve.router.conditional import ConditionalDispatch, CountedPrefill
 from pdserve.router.errors import (
     InvalidRequestError,
     OverloadedError,
@@ -40,6 +43,7 @@ from pdserve.router.policies import decode_policy, prefill_policy
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.pool import Instance, Pool
 from pdserve.router.protocols import DecodeClient, PrefillClient, StreamingDecodeClient, StreamingPrefillClient
+from pdserve.router.stream import RequestStream
 from pdserve.types import GenerateRequest, LatencyBreakdown, PrefillResult, RequestId, StepOutput
 
 if TYPE_CHECKING:
@@ -70,6 +74,7 @@ class Router:
         enable_prefix_caching): both pools then keep a PrefixIndex for the cache-aware policies."""
         self.cfg, self.mode, self.clock = cfg, mode, clock
         self.layerwise = False  # True: stream KV handoffs (clients are Streaming*Clients, router/protocols.py)
+        self.conditional = ConditionalDispatch.from_config(cfg, mode)  # None: every prompt to the prefill pool
         self.failover_wait_s, self.max_attempts = failover_wait_s, max_attempts
         self.prefill: Pool[PrefillClient] = Pool("prefill", prefill_policy(cfg.prefill_policy))
         self.decode: Pool[DecodeClient] = Pool("decode", decode_policy(cfg.decode_policy))
@@ -102,7 +107,7 @@ class Router:
         assert req.request_id not in self.requests, f"duplicate request id {req.request_id}"
         st = _State(req, req.arrival_s or self.clock(), output_ids=list(req.output_token_ids))
         self.requests[req.request_id] = st
-        return RequestStream(self, st)
+        return RequestStream(req.request_id, self._lifecycle(st), lambda: self._release(st))
 
     async def refresh_stats(self, timeout_s: float = 2.0) -> None:
         await asyncio.gather(self.prefill.refresh(timeout_s), self.decode.refresh(timeout_s))
@@ -111,7 +116,7 @@ class Router:
         try:
             handle: KVHandle | None = None
             early: EarlyDecode | None = None
-            if self.mode == "disaggregated" and not st.output_ids:
+            if self.mode == "disaggregated" and not st.output_ids and not (early := self._local_prefill(st)):
                 if self.layerwise:
                     first, handle, early = await self._run_prefill_layerwise(st)
                 else:
@@ -127,6 +132,20 @@ class Router:
                         return
         finally:
             await self._release(st)
+
+    def _local_prefill(self, st: _State) -> EarlyDecode | None:
+        """Conditional disaggregation (router/conditional.py): the decision, recorded in the request's
+        breakdown; when local, the decode instance is given the request now, to prefill it itself."""
+        picked = None if self.conditional is None else self.conditional.decide(st.request, self.prefill, self.decode)
+        if picked is None:
+            return None
+        inst, decision = picked
+        st.latency += decision.latency()
+        if not decision.local:
+            return None
+        self.decode.commit(st.request, inst)
+        stream = self._open_decode(st, inst, None, local=True)
+        return EarlyDecode(inst, CountedPrefill(inst, decision.uncached_tokens, stream))
 
     async def _run_prefill(self, st: _State, failed_on: str | None = None) -> tuple[StepOutput | None, KVHandle | None]:
         """First token and KV handle, or (None, None) when no prefill instance could do it.
@@ -215,10 +234,11 @@ class Router:
             await early.close()
             await self._abort_on(self.decode, st)
 
-    def _open_decode(self, st: _State, inst: Instance[DecodeClient],
-                     handle: KVHandle | None) -> AsyncGenerator[StepOutput, None]:
-        """Hand the request (with the tokens streamed so far) to `inst`; counted in its `num_inflight`."""
-        req = dataclasses.replace(st.request, output_token_ids=tuple(st.output_ids))
+    def _open_decode(self, st: _State, inst: Instance[DecodeClient], handle: KVHandle | None,
+                     local: bool = False) -> AsyncGenerator[StepOutput, None]:
+        """Hand the request (with the tokens streamed so far) to `inst`; counted in its `num_inflight`.
+        `local`: a local prefill the router chose (GenerateRequest.local_prefill)."""
+        req = dataclasses.replace(st.request, output_token_ids=tuple(st.output_ids), local_prefill=local)
         st.holders.append((self.decode, inst.worker_id))
         inst.num_inflight += 1
         return inst.client.generate(req, handle)
@@ -317,32 +337,9 @@ class Router:
             return
         st.released = True
         self.requests.pop(st.request.request_id, None)
+        decoded_on = [w for p, w in st.holders if p is self.decode]
+        if st.finish_reason in ("stop", "length") and decoded_on:  # it caches the outputs' KV (but the last token's)
+            self.decode.remember(decoded_on[-1], (*st.request.prompt_token_ids, *st.output_ids[:-1]))
         if st.finish_reason not in ("stop", "length"):  # failed, client gone, timeout: free its blocks everywhere
             await asyncio.shield(asyncio.gather(self._abort_on(self.prefill, st),
                                                 self._abort_on(self.decode, st)))
-
-
-class RequestStream:
-    """The outputs of one admitted request. `aclose()` (or leaving `async with`) before the end aborts
-    it on every worker; the last output carries the request's LatencyBreakdown in `latency`."""
-
-    def __init__(self, router: Router, st: _State) -> None:
-        self.request_id = st.request.request_id
-        self._router, self._state = router, st
-        self._gen = router._lifecycle(st)
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> StepOutput:
-        return await self._gen.__anext__()
-
-    async def aclose(self) -> None:
-        await self._gen.aclose()
-        await self._router._release(self._state)  # when never iterated, the generator had no finally
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()

@@ -48,6 +48,9 @@ class RouterMetrics:
         self.rejected = Counter("pdserve_rejected_requests", "Requests refused before dispatch", ["status"], registry=r)
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("pdserve_generation_tokens", "Tokens sent to clients", registry=r)
+        self.local_prefill_tokens = Counter("pdserve_pd_local_prefill_tokens", "Prompt tokens decode instances "
+                                            "computed in local prefills (conditional disaggregation), cache hits "
+                                            "not counted", registry=r)
         if router is not None:
             r.register(_PoolCollector(router))
             if model_name:
@@ -72,6 +75,8 @@ class RouterMetrics:
         if num_output > 1:
             self.tpot.observe((latency.e2e_s - latency.ttft_s) / (num_output - 1))
         self.transfer_bytes.inc(latency.transfer_bytes or 0)
+        if latency.pd_local:
+            self.local_prefill_tokens.inc(max(0, num_prompt - latency.cached_tokens))
 
     def observe_gap(self, gap_s: float, num_tokens: int) -> None:
         for _ in range(max(1, num_tokens)):
@@ -133,6 +138,7 @@ class _PoolCollector(Collector):
         yield from families.values()
         yield failures
         yield _kv_pulls(self.router)
+        yield _pd_decisions(self.router)
         yield CounterMetricFamily("pdserve_redispatched_requests", "Requests moved to another instance after a failure",
                                   value=self.router.num_redispatched)
         yield CounterMetricFamily("pdserve_retried_requests", "Requests retried once after a worker step failed on them",
@@ -146,9 +152,20 @@ class _PoolCollector(Collector):
 def _kv_pulls(router: Router) -> Metric:
     """Decode instances' KV pulls by outcome (worker view): a recompute is never silent."""
     pulls = CounterMetricFamily("pdserve_kv_pulls", "KV pulls by decode instance and outcome "
-                                "(ok, failed, timed_out; recomputed: failed pulls decode recomputed)",
+                                "(ok, failed, timed_out; recomputed: prompts decode recomputed, after a "
+                                "failed pull or with no KV to pull; never a local prefill the router chose)",
                                 labels=["instance", "outcome"])
     for inst in router.decode.instances.values():
         for outcome in ("ok", "failed", "timed_out", "recomputed"):
             pulls.add_metric([inst.worker_id, outcome], inst.stats.kv_pulls.get(outcome, 0))
     return pulls
+
+
+def _pd_decisions(router: Router) -> Metric:
+    """Conditional disaggregation's decisions (router/conditional.py), none when it is off."""
+    family = CounterMetricFamily("pdserve_pd_decisions", "Per-request prefill placement decisions: local (the "
+                                 "decode instance prefills) or remote (prefill pool + KV transfer), by reason",
+                                 labels=["decision", "reason"])
+    for (decision, reason), n in sorted((router.conditional.decisions if router.conditional else {}).items()):
+        family.add_metric([decision, reason], n)
+    return family

@@ -76,7 +76,16 @@ TIMINGS_SCHEMA = {
     | {"transfer_bytes": {"type": "number", "description": "KV bytes moved prefill -> decode"},
        "kv_recomputed": {"type": "number", "description": "1 when a failed KV pull was recomputed on decode"},
        "cached_tokens": {"type": "number", "description": "prompt tokens found in the prefix cache (not computed)"},
-       "pull_skipped_tokens": {"type": "number", "description": "prompt tokens decode held, so not pulled"}},
+       "pull_skipped_tokens": {"type": "number", "description": "prompt tokens decode held, so not pulled"},
+       "pd_local": {"type": "number", "description": "conditional disaggregation: 1 when the decode instance "
+                                                     "prefilled the prompt itself, 0 when the prefill pool did"},
+       "pd_reason": {"type": "string", "enum": ["short", "prefill_saturated", "long", "no_decode_slack"],
+                     "description": "why (router/pd_decision.py)"},
+       "pd_uncached_tokens": {"type": "number", "description": "prompt tokens the decode instance did not cache"},
+       "pd_prefill_queue_tokens": {"type": "number", "description": "prompt tokens queued on the least-loaded "
+                                                                    "prefill instance"},
+       "pd_decode_slack_tokens": {"type": "number", "description": "prompt tokens the decode instance could add "
+                                                                   "to a step"}},
     "description": "extension: the request's latency breakdown, in seconds",
 }
 _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {

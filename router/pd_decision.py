@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.types import LatencyBreakdown
+
 
 @dataclass(frozen=True)
 class PDDecision:
@@ -26,6 +28,12 @@ class PDDecision:
     uncached_tokens: int  # prompt tokens the decode instance does not hold
     prefill_queue_tokens: int  # prompt tokens queued or running on the least-loaded prefill instance
     decode_slack_tokens: int  # prompt tokens the decode instance can take per step within its budget
+
+    def latency(self) -> LatencyBreakdown:
+        """The decision as the request's breakdown carries it (pdserve_timings' pd_* keys)."""
+        return LatencyBreakdown(pd_local=self.local, pd_reason=self.reason, pd_uncached_tokens=self.uncached_tokens,
+                                pd_prefill_queue_tokens=self.prefill_queue_tokens,
+                                pd_decode_slack_tokens=self.decode_slack_tokens)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,16 @@ class Pool(Generic[C]):
 
     def pick(self, req: GenerateRequest, avoid: str | None = None) -> Instance[C] | None:
         """The policy's choice among healthy instances (other than `avoid` while there are others),
-        or None if there is none."""
+        or None if there is none; counted as a dispatch to it (`commit`)."""
+        chosen = self.choose(req, avoid)
+        if chosen is None:
+            return None
+        self.commit(req, chosen[0])
+        return chosen[0]
+
+    def choose(self, req: GenerateRequest, avoid: str | None = None) -> tuple[Instance[C], int] | None:
+        """As `pick`, with the prompt tokens the chosen instance is believed to cache (0 without a
+        prefix index), but no dispatch recorded: the caller `commit`s if it sends the request there."""
         candidates = self.healthy()
         if not candidates:
             return None
@@ -95,10 +104,20 @@ class Pool(Generic[C]):
             snaps = [dataclasses.replace(s, expected_hit_tokens=self._expected_hits(i, keys))
                      for i, s in zip(candidates, snaps)]
         chosen = self.policy(req, snaps, self.num_dispatched)
+        hits = next(s.expected_hit_tokens for s in snaps if s.worker_id == chosen)
+        return self.instances[chosen], hits
+
+    def commit(self, req: GenerateRequest, inst: Instance[C]) -> None:
+        """`req` goes to `inst`: one dispatch more (round robin's tick), and its prompt's blocks are
+        believed cached there from now on."""
         self.num_dispatched += 1
-        if keys:
-            self.prefix.record(chosen, keys)  # type: ignore[union-attr]
-        return self.instances[chosen]
+        self.remember(inst.worker_id, req.prompt_token_ids)
+
+    def remember(self, worker_id: str, token_ids: tuple[int, ...]) -> None:
+        """The instance now caches `token_ids` (a finished request's prompt and output): their full
+        blocks count as hits for the next turn of the conversation. No-op without a prefix index."""
+        if self.prefix is not None:
+            self.prefix.record(worker_id, chain_keys(token_ids, self.prefix_block_size))
 
     def _expected_hits(self, inst: Instance[C], keys: list[bytes]) -> int:
         assert self.prefix is not None

@@ -70,11 +70,12 @@ def sse(obj: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def timings_json(latency: LatencyBreakdown | None) -> dict[str, float] | None:
+def timings_json(latency: LatencyBreakdown | None) -> dict[str, float | str] | None:
     """The `pdserve_timings` object of a final chunk (LatencyBreakdown.to_json), None without one."""
     return None if latency is None else latency.to_json()
 
 
 def format_timings(latency: LatencyBreakdown | None) -> str:
     """`queue_s=0.0012, prefill_s=0.0840, ...` for the response header (empty without a breakdown)."""
-    return ", ".join(f"{k}={v:.6g}" for k, v in (timings_json(latency) or {}).items())
+    items = (timings_json(latency) or {}).items()
+    return ", ".join(f"{k}={v}" if isinstance(v, str) else f"{k}={v:.6g}" for k, v in items)

@@ -1,4 +1,5 @@
-"""Disaggregated == colocated, exactly, at the prefill→decode handoff: token ids, the streamed text
+"""Disaggregated == colocated, exactly, at the prefill→decode handoff (and a local prefill on the
+disaggregated decode instance, conditional disaggregation, == colocated): token ids, the streamed text
 deltas, finish_reason and usage, for random prompts (multi-byte characters included), stop strings
 (drawn so that many begin inside the first, prefill-sampled token's text), max_tokens and seeds.
 
@@ -73,6 +74,15 @@ class Deployment:
         self.colocated.submit(req)
         return Result(tuple(_delta(o) for o in _drain(self.colocated)))
 
+    def run_local(self, prompt: list[int], params: SamplingParams) -> Result:
+        """Conditional disaggregation's local prefill: the disaggregated decode worker computes the
+        prompt itself (no KV handle, `local_prefill`), as the router dispatches a short prompt."""
+        req = GenerateRequest(RequestId(f"l{next(_ids)}"), tuple(prompt), params, local_prefill=True)
+        self.decode.submit(req)
+        outs = _drain(self.decode)
+        assert self.decode.engine.allocator.num_used == 0, "decode kept the KV"
+        return Result(tuple(_delta(o) for o in outs))
+
     def run_disaggregated(self, prompt: list[int], params: SamplingParams, layerwise: bool = False) -> Result:
         """`layerwise`: as the router streams a handoff: decode gets the request with the handle
         before prefill's forward and the first token after it (aborted if it ended there)."""
@@ -141,6 +151,7 @@ def _check_equal(d: Deployment, prompt: list[int], params: SamplingParams) -> Re
         assert disaggregated.deltas == colocated.deltas  # ids, text and finish reason of every streamed delta
         usage = (len(prompt), len(colocated.token_ids))
         assert (len(prompt), len(disaggregated.token_ids)) == usage
+    assert d.run_local(prompt, params).deltas == colocated.deltas  # conditional disaggregation, prefilled locally
     return colocated
 
 

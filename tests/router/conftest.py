@@ -56,6 +56,9 @@ class _Base:
     aborted: list[str] = field(default_factory=list)
     num_blocks: int = 100
     used_blocks: int = 0
+    max_num_seqs: int = 64  # the scheduling limits a decode instance reports (a local prefill's slack)
+    max_num_batched_tokens: int = 256
+    block_size: int = 16
 
     def kill(self) -> None:
         self.dead = True
@@ -74,7 +77,9 @@ class _Base:
     async def stats(self) -> WorkerStats:
         self._check()
         return WorkerStats(self.worker_id, num_running=len(self._active()),
-                           num_free_blocks=self.num_blocks - self.used_blocks, num_total_blocks=self.num_blocks)
+                           num_free_blocks=self.num_blocks - self.used_blocks, num_total_blocks=self.num_blocks,
+                           max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                           block_size=self.block_size)
 
     def _active(self) -> set[str]:
         return set()
