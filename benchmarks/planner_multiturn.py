@@ -6,7 +6,7 @@ headline run's own (`--workload results/multiturn/sessions.jsonl`); derives the 
 headline does (TTFT 4×, TPOT 2× the median unloaded latency of system (a)) from the simulator at
 a near-zero rate; then runs the exact `pdserve plan --compare-modes` command it prints:
 SmolLM2-135M on 1 node × 2 "GPUs" (two CPU cores, one engine each), this machine's profile
-(benchmarks/profiles/, `pdserve profile --quick`), KV pool 0.5 GB per engine (11,648 tokens,
+(benchmarks/profiles/, `pdserve profile --quick`), KV pool 0.5 GB per engine (10,848 tokens,
 the headline's `kv_cache_memory_gb`), chunks of 32 tokens (the headline's CHUNK_TOKENS).
 
   python benchmarks/planner_multiturn.py [--workload FILE] [-o results/planner-multiturn]
@@ -36,7 +36,7 @@ from pdserve.placement.simulator import simulate
 from pdserve.placement.workload import load_lengths
 
 PROFILE = str(Path(__file__).parent / "profiles" / "smollm2-cpu-quick.json")
-KV_TOKENS = 11_648  # 0.5 GB / 46,080 B per SmolLM2 token (fp32), whole 16-token blocks
+KV_TOKENS = 10_848  # the engine's blocks in 0.5 GB (1e9 B): 500,000,000 // (16 × 46,080 B per SmolLM2 token, fp32) × 16
 CHUNK = 32
 
 

@@ -20,8 +20,8 @@ Queues (each request is in exactly one, indexed by id in `requests`):
 compares against):
 
   decode            disaggregated decode: running requests step one token each; `waiting` holds
-                    recomputes and local prefills (conditional disaggregation), chunked in after
-                    the decodes, so a step never exceeds `max_num_batched_tokens`.
+                    recomputes and local prefills (conditional disaggregation), chunked into what
+                    the decodes leave of `max_num_batched_tokens` (the decodes themselves always run).
   prefill_priority  vLLM's default: if a waiting prompt fits, run a prefill-only step; else decode.
   chunked           Sarathi: every step decodes all running requests, then fills the remaining
                     token budget with prefill chunks of waiting requests.

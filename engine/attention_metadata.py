@@ -85,6 +85,7 @@ class AttentionMetadata:
     gather_buf: torch.Tensor | None = None  # (2, gather_blocks, block_size, h_kv, d) reused by every layer
     decode: PagedDecode | None = None  # the decode rows when the "paged" backend runs them (then no groups)
     static: StaticDecode | None = None  # a fixed-shape all-decode step (CUDA graphs); then nothing else is set
+    kernels: Kernels | None = None  # the native kernels run the spans' attention too ("paged" backend, CPU fp32)
 
 
 # What one more group costs per layer (a gather and an SDPA call), in padded context tokens; it
@@ -134,7 +135,7 @@ def build_metadata(q_lens: Sequence[int], ctx_lens: Sequence[int], block_tables:
         [ctx_len - q_len, ctx_len)  new this step: flat tokens [q_start, q_start + q_len)
 
     backend "paged" (needs the head counts) runs the decode rows in place, by the native `kernels`
-    when given (CPU fp32); "reference" groups them.
+    when given (CPU fp32), which then also run the spans; "reference" groups the decode rows.
     """
     slots: list[int] = []
     decodes: list[tuple[int, int, Sequence[int]]] = []  # (flat row, context, blocks)
@@ -158,7 +159,7 @@ def build_metadata(q_lens: Sequence[int], ctx_lens: Sequence[int], block_tables:
     if backend == "paged" and decodes:
         assert num_heads is not None and num_kv_heads is not None, "the paged backend needs the head counts"
         rows = None if len(decodes) == q_start else torch.tensor([r for r, _, _ in decodes], dtype=torch.long, device=device)
-        return AttentionMetadata(slot_mapping=slot_mapping, spans=tuple(spans),
+        return AttentionMetadata(slot_mapping=slot_mapping, spans=tuple(spans), kernels=kernels,
                                  decode=_paged_decode([cl for _, cl, _ in decodes], [t for _, _, t in decodes],
                                                       rows, block_size, num_heads, num_kv_heads, device, kernels))
     groups: list[DecodeGroup] = []
@@ -176,7 +177,8 @@ def build_metadata(q_lens: Sequence[int], ctx_lens: Sequence[int], block_tables:
         groups.append(DecodeGroup(torch.tensor(rows, dtype=torch.long, device=device), tables.to(device),
                                   mask[:, None, None, :].to(device), max_ctx, offset))
         offset += tables.numel()
-    return AttentionMetadata(slot_mapping=slot_mapping, groups=tuple(groups), spans=tuple(spans), gather_blocks=offset)
+    return AttentionMetadata(slot_mapping=slot_mapping, groups=tuple(groups), spans=tuple(spans), gather_blocks=offset,
+                             kernels=kernels if backend == "paged" else None)
 
 
 def _paged_decode(ctx: Sequence[int], tables: Sequence[Sequence[int]], rows: torch.Tensor | None, block_size: int,

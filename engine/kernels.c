@@ -6,28 +6,7 @@
    stream, each step of k is four vector loads times a broadcast of x[k], and no horizontal sum
    is left at the end (the row-major loop it replaces paid one per output: ~1.3x a reduction over
    the same bytes, against ~1.02-1.1x here; BENCHMARKS.md §1). */
-#include <math.h>
-#include <stddef.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* GCC/Clang vector extensions: one AVX-512 register, two AVX2 or four NEON registers. */
-#if defined(__AVX512F__)
-#define VL 16
-#else
-#define VL 8
-#endif
-#define P (4 * VL) /* output rows per panel */
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-
-#ifdef PD_MVEC /* glibc's vector expf (libmvec), declared as math.h does under -ffast-math: the
-                  silu and softmax loops then call it 16 lanes at a time (~7x less time for silu) */
-float expf(float) __attribute__((simd("notinbranch")));
-#endif
-
-static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf vbroadcast(float s) { return (vf){0} + s; }
+#include "kernels.h"
 
 long pd_panel_rows(void) { return P; }
 
@@ -57,25 +36,15 @@ static inline __attribute__((always_inline)) void panel_tile(const float *restri
         vf acc2[4] = {{0}};
         for (; k + 2 <= K; k += 2) {
             const float *r = wp + k * P;
-            vf x0 = vbroadcast(x[k]), x1 = vbroadcast(x[k + 1]);
+            vf x0 = vsplat(x[k]), x1 = vsplat(x[k + 1]);
             for (int j = 0; j < 4; j++) {
-                acc[0][j] += vload(r + j * VL) * x0;
-                acc2[j] += vload(r + P + j * VL) * x1;
+                acc[0][j] = vfma(vload(r + j * VL), x0, acc[0][j]);
+                acc2[j] = vfma(vload(r + P + j * VL), x1, acc2[j]);
             }
         }
         for (int j = 0; j < 4; j++) acc[0][j] += acc2[j];
     }
-    for (; k < K; k++) {
-        const float *r = wp + k * P;
-        vf w0 = vload(r), w1 = vload(r + VL), w2 = vload(r + 2 * VL), w3 = vload(r + 3 * VL);
-        for (int m = 0; m < M; m++) {
-            vf xm = vbroadcast(x[m * ldx + k]);
-            acc[m][0] += w0 * xm;
-            acc[m][1] += w1 * xm;
-            acc[m][2] += w2 * xm;
-            acc[m][3] += w3 * xm;
-        }
-    }
+    for (; k < K; k++) fma_rows(acc, wp + k * P, x + k, ldx, M);
     for (int m = 0; m < M; m++)
         for (int j = 0; j < 4; j++) vstore(tile + m * P + j * VL, acc[m][j]);
 }
@@ -144,90 +113,6 @@ void pd_rmsnorm_f32(const float *restrict x, const float *restrict w, float eps,
 #pragma omp simd
         for (long k = 0; k < K; k++) ym[k] = (xm[k] * r) * w[k];
     }
-}
-
-static inline float hsum(vf v) {
-    typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
-    typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
-#if VL == 16
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-    v8 a = v;
-#endif
-    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-static inline float dot(const float *restrict a, const float *restrict b, long D) {
-    if (D % VL == 0) {
-        vf acc = {0};
-        for (long i = 0; i < D; i += VL) acc += vload(a + i) * vload(b + i);
-        return hsum(acc);
-    }
-    float s = 0.f;
-    for (long i = 0; i < D; i++) s += a[i] * b[i];
-    return s;
-}
-
-static inline void axpy(float *restrict y, float a, const float *restrict x, long D) {
-    if (D % VL == 0) {
-        vf av = vbroadcast(a);
-        for (long i = 0; i < D; i += VL) vstore(y + i, vload(y + i) + av * vload(x + i));
-        return;
-    }
-    for (long i = 0; i < D; i++) y[i] += a * x[i];
-}
-
-/* Decode attention over a paged cache, one query per sequence, read where the blocks lie.
-
-   q (n, Hq, D), rows q_stride floats apart; caches (slots, Hkv, D) with slot = block * bs + offset;
-   sequence s has ctx[s] tokens, in blocks tables[s, :]. When k_new / v_new are given (rows
-   k_stride / v_stride floats apart, Hkv * D each), sequence s's new token is first written at
-   position ctx[s] - 1. out (n, Hq, D) = softmax(q K^T * scale) V per query head, query head h
-   reading KV head h / (Hq / Hkv). Each cached token's K (then V) row is read once, whole, in
-   position order. Returns 0, or -1 when the score workspace cannot be allocated. */
-long pd_decode_attention_f32(const float *restrict q, long q_stride, const float *restrict k_new, long k_stride,
-                             const float *restrict v_new, long v_stride, float *restrict k_cache,
-                             float *restrict v_cache, const long *restrict tables, long max_blocks,
-                             const long *restrict ctx, long bs, long n, long Hq, long Hkv, long D,
-                             float scale, float *restrict out) {
-    long G = Hq / Hkv, max_ctx = 0, row = Hkv * D;
-    for (long s = 0; s < n; s++) max_ctx = ctx[s] > max_ctx ? ctx[s] : max_ctx;
-    float *sc = malloc(sizeof(float) * (size_t)(Hq * max_ctx + 1));
-    if (!sc) return -1;
-    for (long s = 0; s < n; s++) {
-        const long c = ctx[s], *tb = tables + s * max_blocks;
-        const float *qs = q + s * q_stride;
-        float *os = out + s * Hq * D;
-        if (k_new) {
-            long slot = tb[(c - 1) / bs] * bs + (c - 1) % bs;
-            memcpy(k_cache + slot * row, k_new + s * k_stride, sizeof(float) * row);
-            memcpy(v_cache + slot * row, v_new + s * v_stride, sizeof(float) * row);
-        }
-        for (long j = 0; j < c; j++) {
-            const float *kr = k_cache + (tb[j / bs] * bs + j % bs) * row;
-            for (long g = 0, h = 0; g < Hkv; g++)
-                for (long r = 0; r < G; r++, h++) sc[h * c + j] = dot(qs + h * D, kr + g * D, D) * scale;
-        }
-        for (long h = 0; h < Hq; h++) {
-            float *p = sc + h * c, mx = -INFINITY, sum = 0.f;
-            for (long j = 0; j < c; j++) mx = p[j] > mx ? p[j] : mx;
-            for (long j = 0; j < c; j++) p[j] = expf(p[j] - mx);
-#pragma omp simd reduction(+ : sum)
-            for (long j = 0; j < c; j++) sum += p[j];
-            float inv = 1.0f / sum;
-            for (long j = 0; j < c; j++) p[j] *= inv;
-        }
-        memset(os, 0, sizeof(float) * Hq * D);
-        for (long j = 0; j < c; j++) {
-            const float *vr = v_cache + (tb[j / bs] * bs + j % bs) * row;
-            for (long g = 0, h = 0; g < Hkv; g++)
-                for (long r = 0; r < G; r++, h++) axpy(os + h * D, sc[h * c + j], vr + g * D, D);
-        }
-    }
-    free(sc);
-    return 0;
 }
 
 /* One decoder layer of a decode step at a few rows (the GEMV's), every row a decode (engine/layers.py's

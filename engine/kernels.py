@@ -1,14 +1,17 @@
-"""Native kernels for CPU fp32 decode steps (engine/kernels.c): the matrix-vector product at batch
-1-16 over panel-packed weights, decode attention over the paged cache, and at a few rows RMSNorm,
-rotary and silu·mul (torch composites of 3-5 ops each, whose per-op cost, not their bytes, is
-what they spend at one row).
+"""Native kernels for CPU fp32 (engine/kernels.c, attention_kernels.c, kernels.h): the matrix-vector
+product at batch 1-16 over panel-packed weights, decode attention over the paged cache, causal
+attention of a prompt's new queries, and RMSNorm, rotary and silu·mul at any row count (torch
+composites of 3-5 ops each: at one row their per-op cost, at a prefill's thousands their passes
+over memory and torch's scalar exp, are what they spend).
 
 Why our own: at batch 1 a decode step is one read of the weights, so the GEMV's bandwidth sets the
 step time, and every maintained fp32 GEMV measured on the development machine (AMD EPYC, AVX-512)
 streams the weights at ~1.5x the time of a plain reduction over the same bytes (MKL's sgemv behind
 `F.linear`, oneDNN's linear on the plain and on its reordered weight, MKL's packed GEMM;
 BENCHMARKS.md §1). Decode attention over a paged cache has no maintained CPU op in PyTorch (its
-sparse composite costs ~30 µs of dispatch per layer at batch 1 for microseconds of work).
+sparse composite costs ~30 µs of dispatch per layer at batch 1 for microseconds of work). For a
+prompt, torch's CPU flash attention (SDPA, causal, grouped-query) ran SmolLM2's 9 heads of 64 dims
+at ~40 GFLOP/s here; the native kernel, register-tiled like the GEMV, takes ~0.35x its time.
 
 The source is compiled on first use with the machine's C compiler (`cc`, -O3 -march=native) into
 the pdserve cache and loaded with ctypes; the binary's name hashes the source, the flags and the
@@ -37,7 +40,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # rows the packed GEMV takes: ahead of oneDNN up to ~24 rows here, behind it from ~32 (BENCHMARKS.md §1)
-_SOURCE = Path(__file__).with_name("kernels.c")
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("kernels.h", "kernels.c", "attention_kernels.c"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
 _EXTRA_FLAGS = ([["-DPD_MVEC", "-lmvec", "-lm"]] if platform.machine() in ("x86_64", "AMD64") else []) + [["-lm"]]
 
@@ -62,18 +65,19 @@ def _build(cache: Path) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    source = _SOURCE.read_text()
-    parts = [source, " ".join(_FLAGS), repr(_EXTRA_FLAGS), cc, platform.machine(), _cpu_signature()]
+    sources = {p.name: p.read_text() for p in _SOURCES}
+    parts = [*sources.values(), " ".join(_FLAGS), repr(_EXTRA_FLAGS), cc, platform.machine(), _cpu_signature()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     lib = cache / f"pd_kernels_{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
-        src.write_text(source)
+        for name, text in sources.items():
+            (Path(tmp) / name).write_text(text)
+        srcs, out = [str(Path(tmp) / n) for n in sources if n.endswith(".c")], Path(tmp) / "kernels.so"
         for extra in _EXTRA_FLAGS:  # with glibc's vector math where it links, else without
-            done = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), *extra], capture_output=True, timeout=120)
+            done = subprocess.run([cc, *_FLAGS, *srcs, "-o", str(out), *extra], capture_output=True, timeout=120)
             if done.returncode == 0:
                 break
         else:
@@ -100,6 +104,8 @@ class Kernels:
         self.silu_mul = _fn(lib, "pd_silu_mul_f32", None, _VOID, _VOID, _LONG, _LONG)
         self.attention = _fn(lib, "pd_decode_attention_f32", _LONG, _VOID, _LONG, _VOID, _LONG, _VOID, _LONG, _VOID,
                              _VOID, _VOID, _LONG, _VOID, *[_LONG] * 5, ctypes.c_float, _VOID)
+        self.prefill_attention = _fn(lib, "pd_prefill_attention_f32", _LONG, _VOID, _LONG, _VOID, _LONG, _VOID, _LONG,
+                                     *[_LONG] * 5, ctypes.c_float, _VOID, _LONG)
         self.decode_layer = _fn(lib, "pd_decode_layer_f32", _LONG, _VOID, _VOID, _VOID)
         self.decode_layer_work = _fn(lib, "pd_decode_layer_work", _LONG, _VOID)
         self._packed: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
@@ -132,8 +138,14 @@ def _probe(k: Kernels) -> bool:
     x, cos, sin = (torch.randn(s, generator=gen) for s in ((2, 3, 8), (2, 1, 8), (2, 1, 8)))
     want = x * cos + torch.cat((x[..., 4:], x[..., :4]), -1) * sin
     gu = torch.randn(3, 10, generator=gen)
+    q, kv = torch.randn(5, 2, k.panel_rows, generator=gen), torch.randn(2, 7, 1, k.panel_rows, generator=gen)
+    att, mask = torch.empty_like(q), torch.ones(5, 7, dtype=torch.bool).tril(2)  # the last 5 of 7 positions
+    prefill_attention(k, q, kv[0], kv[1], att)
+    sdpa = F.scaled_dot_product_attention(q.transpose(0, 1), kv[0].transpose(0, 1).expand(2, 7, -1),
+                                          kv[1].transpose(0, 1).expand(2, 7, -1), attn_mask=mask)
     return (torch.allclose(rope(k, x, cos, sin), want, atol=1e-6, rtol=1e-6)
-            and torch.allclose(silu_mul(k, gu), F.silu(gu[:, :5]) * gu[:, 5:], atol=1e-6, rtol=1e-5))
+            and torch.allclose(silu_mul(k, gu), F.silu(gu[:, :5]) * gu[:, 5:], atol=1e-6, rtol=1e-5)
+            and torch.allclose(att, sdpa.transpose(0, 1), atol=1e-5, rtol=1e-5))
 
 
 def load() -> Kernels | None:
@@ -226,6 +238,25 @@ def decode_attention(k: Kernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache
     if rc != 0:
         raise MemoryError("native decode attention: no memory for the score workspace")
     return out
+
+
+def prefill_ok(k: Kernels, q: torch.Tensor) -> bool:
+    """The prompt-attention kernel takes this q (T, h_q, d): fp32 CPU, d a multiple of the panel width."""
+    return q.dtype == torch.float32 and q.device.type == "cpu" and q.shape[2] % k.panel_rows == 0
+
+
+def prefill_attention(k: Kernels, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, out: torch.Tensor) -> None:
+    """Causal attention of one sequence's new queries q (Lq, h_q, d) over its keys / values (Lk, h_kv, d),
+    the queries being its last Lq positions, into out (Lq, h_q, d); rows may be strided, each
+    row's heads contiguous (else copied). fp32 CPU, d % k.panel_rows == 0 (`prefill_ok`);
+    raises MemoryError when the K^T workspace cannot be had."""
+    (lq, h_q, d), lk = q.shape, keys.shape[0]
+    q, keys, vals = (_rows_contiguous(t) for t in (q, keys, vals))
+    assert out.stride(2) == 1 and out.stride(1) == d and lk >= lq
+    rc = k.prefill_attention(q.data_ptr(), q.stride(0), keys.data_ptr(), keys.stride(0), vals.data_ptr(),
+                             vals.stride(0), lq, lk, h_q, keys.shape[1], d, d**-0.5, out.data_ptr(), out.stride(0))
+    if rc != 0:
+        raise MemoryError("native prefill attention: no memory for the K^T workspace")
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:

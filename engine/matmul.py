@@ -66,16 +66,21 @@ class Matmul:
             return kernels.rope(self.native, x, cos, sin_signed)
         return apply_rotary(x, cos, sin_signed)
 
+    def _native_elementwise_ok(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        return self.native is not None and x.dim() == 2 and x.is_contiguous() and w.is_contiguous()
+
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up for gu = [gate | up] (T, 2 * intermediate); natively at a few rows."""
-        if self._native_ok(gu, gu):
+        """silu(gate) * up for gu = [gate | up] (T, 2 * intermediate); natively at any row count (one
+        vectorised pass with glibc's vector expf instead of torch's silu and mul: at a 2,000-token
+        prefill ~4x less time here, BENCHMARKS.md §1)."""
+        if self._native_elementwise_ok(gu, gu):
             return kernels.silu_mul(self.native, gu)  # type: ignore[arg-type]
         inter = gu.shape[1] // 2
         return F.silu(gu[:, :inter]) * gu[:, inter:]
 
     def norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-        """norm(x), by the native kernel at a few rows (one call instead of torch's five ops)."""
-        if self._native_ok(x, norm.weight):
+        """norm(x), by the native kernel at any row count (one pass instead of torch's five ops)."""
+        if self._native_elementwise_ok(x, norm.weight):
             return kernels.rms_norm(self.native, x, norm.weight, norm.eps)  # type: ignore[arg-type]
         return norm(x)
 

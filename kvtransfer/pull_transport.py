@@ -47,6 +47,8 @@ class PullTransport(ABC):
     def _run_pull(self, state: TransferState, peer: str, sink: ChunkSink, timeout_s: float) -> None:
         try:
             self._pull(state, peer, sink, timeout_s)
+        except Exception as e:  # noqa: BLE001 - a dead receive thread must fail its transfer now, not at its timeout
+            state.fail(f"{self.name} receive failed: {type(e).__name__}: {e}")
         finally:
             with self._lock:
                 self._threads.discard(threading.current_thread())

@@ -178,6 +178,7 @@ class KVReceiver:
             sub = self.transport.recv(sub_xfer, peer, sinks[-1], self.timeout_s)
             p.subs.append(sub)
             p.state.on_end(lambda sub=sub: sub.cancel(p.state.error or "aborted"))
+            sub.on_end(lambda sub=sub, piece=piece: _fail_with(p.state, sub, piece))  # one piece failing fails the pull now
             ack = self._control(piece, lambda stub: stub.StartPull(pb.PullRequest(
                 handle_id=p.handle.handle_id, xfer_id=sub_xfer, codec=p.codec, transport_info=info,
                 layers=pb.Range(start=piece.layers.start, stop=piece.layers.stop),
@@ -219,6 +220,13 @@ class KVReceiver:
         done = [x for x, p in self._pulls.items() if p.state.status().terminal]
         for x in done[:max(0, len(done) - _KEEP_FINISHED)]:
             del self._pulls[x]
+
+
+def _fail_with(state: TransferState, sub: TransferState, piece: Piece) -> None:
+    """Fail the whole pull at once when one piece's transfer (one source rank's share) failed, so the
+    others are cancelled instead of waited on until the pull's timeout."""
+    if sub.status() is TransferStatus.FAILED:
+        state.fail(f"from {piece.shard.peer.data}: {sub.error or 'transfer failed'}")
 
 
 class _TimedStub:

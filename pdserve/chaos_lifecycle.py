@@ -144,9 +144,12 @@ class LifecycleRig:
         try:
             pending = await asyncio.wait_for(self.dep.router.num_pending.remote(), 10)
             async with httpx.AsyncClient(timeout=10) as http:
-                health = (await http.get(f"{self.dep.url}/health")).json()
+                reply = await http.get(f"{self.dep.url}/health")
         except Exception as e:  # noqa: BLE001 - the router is restarting: not whole yet
             return f"router not serving: {type(e).__name__}"
+        if reply.status_code != 200:  # e.g. 503 from the stand-in while a new router takes over
+            return f"router not serving: HTTP {reply.status_code}"
+        health = reply.json()
         if pending:
             return f"the router still holds {pending} requests"
         broken = {role: health[role] for role in ("prefill", "decode")

@@ -8,13 +8,14 @@ SmolLM2-135M). Loading rejects unknown keys and wrong types with the dotted path
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
+
+from pdserve.config_dicts import ConfigError as ConfigError  # the config's error type, importable from here
+from pdserve.config_dicts import build_dataclass
 
 Mode = Literal["disaggregated", "colocated"]
 ColocatedPolicy = Literal["prefill_priority", "chunked"]
@@ -23,10 +24,6 @@ OnFailure = Literal["recompute", "fail"]
 CodecName = Literal["auto", "raw", "int8", "fp8", "int4", "int4_zstd"]
 PrefillPolicyName = Literal["least_tokens", "cache_aware", "round_robin"]
 DecodePolicyName = Literal["least_kv", "cache_aware", "round_robin"]
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message starts with the field's dotted path."""
 
 
 @dataclass(frozen=True)
@@ -151,18 +148,20 @@ class RouterConfig:
     # Conditional disaggregation (router/pd_decision.py; disaggregated mode only): the decode instance
     # prefills a request itself when at most `pd_threshold_tokens` of its prompt are uncached there,
     # or when the prefill pool has more than `pd_prefill_queue_limit` prompt tokens queued. 0 / None:
-    # always the prefill pool. `pdserve plan` chooses both.
+    # always the prefill pool. `pdserve plan` chooses the threshold.
     pd_threshold_tokens: int = 0
     pd_prefill_queue_limit: int | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "max_pending_requests", "request_timeout_s")
-        if self.pd_threshold_tokens < 0:
-            raise ConfigError(f"pd_threshold_tokens: must be >= 0, got {self.pd_threshold_tokens}")
-        if self.pd_prefill_queue_limit is not None and self.pd_prefill_queue_limit < 0:
-            raise ConfigError(f"pd_prefill_queue_limit: must be >= 0, got {self.pd_prefill_queue_limit}")
+        _positive(self, "pd_threshold_tokens", "pd_prefill_queue_limit", or_zero=True)
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port: must be in [0, 65535], got {self.port}")
+
+    @property
+    def conditional(self) -> bool:
+        """Whether conditional disaggregation is on (a threshold or a queue limit is set)."""
+        return self.pd_threshold_tokens > 0 or self.pd_prefill_queue_limit is not None
 
 
 @dataclass(frozen=True)
@@ -202,8 +201,7 @@ class PlacementConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "node_groups")
-        if self.units < 0:
-            raise ConfigError(f"units: must be >= 0, got {self.units}")
+        _positive(self, "units", or_zero=True)
 
 
 @dataclass(frozen=True)
@@ -226,8 +224,7 @@ class ServingConfig:
         for name in ("prefill_policy", "decode_policy"):
             if getattr(self.router, name) == "cache_aware" and not self.engine.enable_prefix_caching:
                 raise ConfigError(f"router.{name}: cache_aware needs engine.enable_prefix_caching: true")
-        conditional = self.router.pd_threshold_tokens > 0 or self.router.pd_prefill_queue_limit is not None
-        if conditional and self.mode != "disaggregated":
+        if self.router.conditional and self.mode != "disaggregated":
             raise ConfigError("router.pd_threshold_tokens: conditional disaggregation needs mode: disaggregated")
 
     def _check_placement(self) -> None:
@@ -272,7 +269,7 @@ class ServingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ServingConfig:
-        return _build(cls, data or {}, "")
+        return build_dataclass(cls, data or {}, "")
 
     @classmethod
     def load(cls, path: str | Path) -> ServingConfig:
@@ -308,50 +305,10 @@ def _check_gpus(device: str, pool: PoolConfig, name: str) -> None:
                           "device cuda needs num_gpus: 1")
 
 
-def _positive(obj: object, *names: str) -> None:
-    """Messages name the field only; `_build` prefixes the section's dotted path."""
+def _positive(obj: object, *names: str, or_zero: bool = False) -> None:
+    """Each field > 0 (>= 0 with `or_zero`) or None. Messages name the field only; `build_dataclass` prefixes
+    the section's dotted path."""
     for n in names:
         v = getattr(obj, n)
-        if v is not None and not v > 0:
-            raise ConfigError(f"{n}: must be > 0, got {v!r}")
-
-
-def _build(cls: type, data: dict[str, Any], path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{path}{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(hints[k], v, f"{path}{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{path}{e}") from None
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, path + ".")
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{path}: must be one of {list(typing.get_args(tp))}, got {value!r}")
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        _, vt = typing.get_args(tp)
-        return {str(k): _coerce(vt, v, f"{path}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and type(value) is tp:
-        return value
-    raise ConfigError(f"{path}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+        if v is not None and not (v >= 0 if or_zero else v > 0):
+            raise ConfigError(f"{n}: must be {'>=' if or_zero else '>'} 0, got {v!r}")

@@ -1,6 +1,7 @@
 """`pdserve serve`: start the pools and the OpenAI-compatible router, print the URL, run until Ctrl-C.
-A router that dies is restarted and serves again on the same port; one that cannot (it has not
-served for a minute) stops `pdserve serve` with exit status 1 and the reason.
+A router that dies is replaced and serves again on the same port, which answers 503 with
+Retry-After meanwhile (placement/restarting.py); one that cannot (it has not served for a minute)
+stops `pdserve serve` with exit status 1 and the reason.
 
 `--address local` starts an embedded Ray on this machine (the laptop default); `--address auto`
 joins the cluster `ray up cluster.yaml` started.
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdserve: ready at {deployment.url}  (OpenAI API: {deployment.url}/v1; Ctrl-C stops)", flush=True)
         failure: str | None = None
         try:
-            failure = deployment.supervise(threading.Event())  # restarts a router that died; None once stopped
+            failure = deployment.supervise(threading.Event(), poll_s=0.5)  # replaces a router that died; None once stopped
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated)
             pass
         if failure is not None:

@@ -165,7 +165,8 @@ def run_plan(args: argparse.Namespace) -> int:
               + f"; closest: {best.unit.describe()} ({best.planned_goodput:.3f} req/s)")
     why = explain(spec, result)
     print(format_explanation(why))
-    plan = Plan.from_scored(best, spec, model_arg=args.model, cluster_file=cluster_file, explain=why)
+    plan = Plan.from_scored(best, spec, model_arg=args.model, cluster_file=cluster_file, explain=why,
+                            workload_arg=args.workload)
     plan_out = args.plan_output or str(Path(args.output).with_suffix("")) + ".plan.yaml"
     Path(args.output).write_text(plan.serving_config().to_yaml())
     Path(plan_out).write_text(plan.to_yaml())

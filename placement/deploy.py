@@ -5,7 +5,9 @@ model path the engine can load.
   dtype            bf16 on GPUs (every catalog GPU has bf16 tensor cores), fp32 on CPU workers
   KV cache / worker GPU memory × 0.95 − this rank's weights − the activation reserve
                    (latency.kv_capacity_tokens' arithmetic, in the engine's GB = 1e9 bytes);
-                   one value for both pools (the engine config is shared): the smaller pool's
+                   one value for both pools (the engine config is shared): the smaller pool's;
+                   with prefix caching and a decode token limit, a fixed pool of that many
+                   tokens (the prefix cache the simulation gave each instance: modes_cli.py)
   max_model_len    the workload's longest request, at most the model's context (SearchSpec)
   batching         max_num_seqs and the prefill token budget the simulation assumed
   transport        torch.distributed (NCCL) on GPUs, inside a node or across; gRPC between CPU
@@ -15,6 +17,7 @@ model path the engine can load.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,14 @@ def kv_cache_memory_gb(model: ModelSpec, gpu: GPUSpec, cfg: PhaseConfig, max_bat
     free = (gpu.mem_bytes * MEM_UTIL - activation_reserve_bytes(model, gpu, cfg.tp, max_batch_tokens, max_num_seqs)
             - model.weight_bytes / cfg.num_gpus)
     return max(0.1, int(free / 1e8) / 10)
+
+
+def kv_pool_gb(model: ModelSpec, gpu: GPUSpec, cfg: PhaseConfig, num_tokens: int) -> float:
+    """KV memory of one worker that holds `num_tokens` tokens in the engine's dtype (fp32 on CPU,
+    bf16 on GPUs), GB (1e9 bytes) rounded up to 1e-4 so that whole blocks of them fit."""
+    elem = 4 if gpu.device == "cpu" else 2
+    per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * elem / cfg.num_gpus
+    return math.ceil(num_tokens * per_token / 1e5) / 1e4
 
 
 @dataclass(frozen=True, kw_only=True)

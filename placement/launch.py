@@ -11,18 +11,21 @@ worker rejoins its pool; a rank of a multi-rank instance cannot rejoin its proce
 those do not restart. The router runs as an actor too and serves HTTP from its own process, on the
 node where `pdserve serve` runs (or `router.node_ip`). Before it starts, launch fails loudly on
 pools the cluster cannot hold (feasibility.py) and on KV endpoints one pool cannot reach on the
-other (kvtransfer/reach.py). The router restarts as well (it holds every worker handle from
-construction), and `Deployment.supervise` (what `pdserve serve` runs while it waits) starts a
-restarted router again.
+other (kvtransfer/reach.py). The router is not restarted by Ray (Ray's memory monitor kills
+restartable actors first, and the router is small: see router/actor.py): `Deployment.supervise`
+(what `pdserve serve` runs while it waits) creates a new one when it died, from the config and
+the worker ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -32,8 +35,9 @@ from pdserve.config import PoolConfig, ServingConfig
 from pdserve.decode.actor import DecodeActor
 from pdserve.placement.feasibility import LaunchError, check_placeable, describe
 from pdserve.placement.groups import Rank, group_specs, pools
+from pdserve.placement.restarting import RestartingResponder
 from pdserve.prefill.actor import PrefillActor
-from pdserve.router.actor import RouterActor
+from pdserve.router.actor import RouterActor, worker_actor_name
 from pdserve.types import StepRecord
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,11 @@ class Deployment:
     decode: dict[str, Any] = field(default_factory=dict)
     followers: dict[str, list[Any]] = field(default_factory=dict)  # ranks 1.. of each instance
     groups: list[PlacementGroup] = field(default_factory=list)
+    cfg: ServingConfig | None = None  # what a new router is made from (None: a dead router stays dead)
+    num_router_restarts: int = 0  # routers created because the previous one died
+    _stand_in: RestartingResponder | None = field(default=None, repr=False)
+    _spare: Any = field(default=None, repr=False)  # a prepared router, not serving: the next one
+    _num_routers: int = field(default=1, repr=False)  # made so far (each gets its own actor name)
 
     def step_logs(self, since: dict[str, int] | None = None, timeout_s: float = 60.0
                   ) -> dict[str, tuple[int, list[StepRecord]]]:
@@ -58,15 +67,61 @@ class Deployment:
         return dict(zip(actors, logs))
 
     def ensure_router(self, timeout_s: float = 10.0) -> str:
-        """Start the router if Ray restarted it (a no-op when it serves) and check that HTTP is up;
-        returns its URL. Raises a Ray error while it is dead or restarting, RuntimeError if not serving."""
+        """Start the router (a no-op when it serves; a new one when it died) and check that HTTP is
+        up; returns its URL. Raises a Ray error while it cannot answer, RuntimeError if not serving."""
+        try:
+            return self._start_router(timeout_s)
+        except ray.exceptions.ActorDiedError:  # dead for good (max_restarts=0); not merely slow
+            if self.cfg is None:
+                raise
+            self._replace_router()
+            try:
+                return self._start_router(max(timeout_s, 60.0))
+            except ray.exceptions.ActorDiedError:  # the spare had died too (the memory monitor's newest actor)
+                self._replace_router()  # no spare left: a new router
+                return self._start_router(max(timeout_s, 60.0))
+
+    def _start_router(self, timeout_s: float) -> str:
+        if self._stand_in is not None:  # a new router: prepare it while the stand-in answers 503
+            ray.get(self.router.prepare.remote(), timeout=timeout_s)
+            self._stand_in.close()
+            log.warning("the restarting router's port answered %d requests 503", self._stand_in.num_answered)
+            self._stand_in = None
         self.url = ray.get(self.router.start.remote(), timeout=timeout_s)
         ray.get(self.router.check_health.remote(), timeout=timeout_s)
         return self.url
 
+    def _replace_router(self) -> None:
+        """The spare (or a new router) for the dead one, on the port it served; until it binds, a
+        stand-in there answers 503 with Retry-After (when the router runs on this machine)."""
+        cfg = self._router_cfg()
+        self.num_router_restarts += 1
+        spare, self._spare = self._spare, None
+        self.router = spare if spare is not None else self._make_router()
+        log.warning("the router died; %s takes over (restart %d)", "its spare" if spare else "a new one",
+                    self.num_router_restarts)
+        if cfg.router.node_ip is None and self._stand_in is None:
+            stand_in = RestartingResponder(cfg.router.host, urlsplit(self.url).port or cfg.router.port)
+            self._stand_in = stand_in if stand_in.open() else None
+
+    def _make_router(self) -> Any:
+        """A new router actor that prepares itself (workers, tokenizer) at once but does not serve."""
+        self._num_routers += 1
+        # a new name: Ray holds a dead actor's name while any handle to it lives (callers may keep one)
+        router = _create_router(self._router_cfg(), self.prefill, self.decode, f"pdserve-router-{self._num_routers}")
+        router.prepare.remote()  # its errors surface when it takes over (prepare is idempotent)
+        return router
+
+    def _router_cfg(self) -> ServingConfig:
+        """A new router's config: the port the current one serves (the same URL, even for port 0)."""
+        assert self.cfg is not None
+        port = urlsplit(self.url).port or self.cfg.router.port
+        return self.cfg.replace(router=dataclasses.replace(self.cfg.router, port=port))
+
     def supervise(self, stop: threading.Event, give_up_s: float = 60.0, poll_s: float = 1.0) -> str | None:
-        """Until `stop` is set, keep the router serving (see `ensure_router`). Returns None when
-        stopped, or why the router is unrecoverable: it has not served for `give_up_s`."""
+        """Until `stop` is set, keep the router serving (see `ensure_router`), with a spare router
+        prepared to take over. Returns None when stopped, or why the router is unrecoverable: it has
+        not served for `give_up_s`."""
         down_since: float | None = None
         while not stop.wait(poll_s):
             try:
@@ -82,15 +137,22 @@ class Deployment:
             if down_since is not None:
                 log.warning("router serves again at %s after %.1f s", url, time.monotonic() - down_since)
                 down_since = None
+            if self._spare is None and self.cfg is not None:  # ready before it is needed: takes over in ~1 s
+                try:
+                    self._spare = self._make_router()
+                except Exception as e:  # noqa: BLE001 - no spare this time: the next poll tries again
+                    log.warning("could not prepare a spare router: %s: %s", type(e).__name__, e)
         return None
 
     def shutdown(self) -> None:
+        if self._stand_in is not None:
+            self._stand_in.close()
         try:
             ray.get(self.router.stop.remote(), timeout=10)
         except Exception:  # noqa: BLE001 — best effort: the actors are killed next anyway
             pass
         ranks = [a for fs in self.followers.values() for a in fs]
-        for actor in [self.router, *self.prefill.values(), *self.decode.values(), *ranks]:
+        for actor in [self.router, self._spare, *self.prefill.values(), *self.decode.values(), *ranks]:
             if actor is not None:  # None: a launch that failed before the router existed
                 ray.kill(actor, no_restart=True)
         for pg in self.groups:
@@ -116,7 +178,7 @@ def _pool_actors(cls: type, cfg: ServingConfig, pool: PoolConfig, role: str,
     for i in range(pool.instances):
         worker_id = f"{role}-{i}"
         ranks = [remote_cls.options(
-            name=f"pdserve-{worker_id}" + (f"-rank{r}" if r else ""), num_cpus=pool.num_cpus,
+            name=worker_actor_name(worker_id) + (f"-rank{r}" if r else ""), num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus, resources=pool.resources or None, max_restarts=-1 if world == 1 else 0,
             max_task_retries=0, max_concurrency=1000,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -154,15 +216,22 @@ def launch(cfg: ServingConfig, ready_timeout_s: float = 600.0, place_timeout_s: 
         _wait_placed(groups, pools(cfg), place_timeout_s)
         _start_all({**prefill, **decode}, followers, ready_timeout_s)
         _check_kv_reach(cfg, prefill, decode, ready_timeout_s)
-        router = ray.remote(RouterActor).options(
-            name="pdserve-router", num_cpus=0, max_concurrency=1000,
-            max_restarts=-1, max_task_retries=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(_router_node(cfg), soft=False)).remote(cfg, None, prefill, decode)
+        router = _create_router(cfg, prefill, decode)
         url = ray.get(router.start.remote(), timeout=ready_timeout_s)
     except BaseException:
         Deployment("", router, prefill, decode, followers, groups).shutdown()
         raise
-    return Deployment(url, router, prefill, decode, followers, groups)
+    return Deployment(url, router, prefill, decode, followers, groups, cfg)
+
+
+def _create_router(cfg: ServingConfig, prefill: dict[str, Any], decode: dict[str, Any],
+                   name: str = "pdserve-router") -> Any:
+    """The router actor: not restartable by Ray (the supervisor makes a new one), and only small
+    arguments inline (worker ids: it finds the actors by name)."""
+    return ray.remote(RouterActor).options(
+        name=name, num_cpus=0, max_concurrency=1000, max_restarts=0, max_task_retries=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(_router_node(cfg), soft=False),
+    ).remote(cfg, None, tuple(prefill), tuple(decode))
 
 
 def _wait_placeable(cfg: ServingConfig, timeout_s: float) -> None:

@@ -11,9 +11,11 @@ and measures its goodput (goodput.py's bisection, joint TTFT+TPOT attainment):
   e  conditional disaggregation        (d + the router's PDRule at each candidate threshold)
 
 a, d and e at every prefill:decode ratio of `ratios`; e at every threshold of `thresholds`
-(uncached prompt tokens; 0 is d). Every instance is the smallest pp = 1 configuration both pools
-can run (the per-GPU comparison the issue's headline makes; the TP dimension is `pdserve plan`'s
-general search, which has no sessions). Ranked by goodput per GPU.
+(uncached prompt tokens; 0 is d), for every (tp, pp) instance both pools can run, the same
+configuration on both sides of a pair (`instance_configs`; pp > 1 only for a and d: colocated
+engines and local prefills need pp = 1). Not searched here, unlike `pdserve plan`'s single-turn
+search: different prefill and decode configurations in one unit, Algorithm 2's cross-node stage
+pairing, and more than `max_instances` (4) instances a unit. Ranked by goodput per GPU.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from pdserve.placement.candidates import PhaseConfig, Unit
+from pdserve.placement.reuse_settings import ReuseSettings
 from pdserve.placement.search import Progress, SearchSpec, _run, colocated_latencies, job_trace, phase_latencies, \
-    unit_deployment
+    search_trace, unit_deployment
 from pdserve.placement.sessions import SessionTrace, as_sessions
 from pdserve.placement.sim_deployment import CHUNK_SIZE, SimDeployment
 from pdserve.placement.simulator import simulation
@@ -44,6 +47,7 @@ class ModeResult:
     goodput_rps: float  # the whole deployment's
     num_gpus: int
     reuse: dict[str, float] = field(default_factory=dict)  # counters at the goodput rate (ReuseStats)
+    settings: ReuseSettings = field(default_factory=ReuseSettings)  # what the written config must serve
 
     @property
     def per_gpu_goodput(self) -> float:
@@ -79,14 +83,14 @@ class ModeComparison:
         return self.winner.per_gpu_goodput / base.per_gpu_goodput if base and base.per_gpu_goodput > 0 else float("inf")
 
 
-def instance_config(spec: SearchSpec) -> PhaseConfig:
-    """The smallest pp = 1 configuration both pools (and colocated engines) can run."""
+def instance_configs(spec: SearchSpec) -> list[PhaseConfig]:
+    """Every (tp, pp) both pools can run (the normal search's `phase_configs`, pruned by memory and
+    latency data), smallest first. Colocated engines and conditional decode instances need pp = 1."""
     lat, dlat = phase_latencies(spec, spec.source), phase_latencies(spec, spec.decode_source or spec.source, "decode")
-    common = sorted((c for c in set(lat) & set(dlat) & set(colocated_latencies(spec, dlat)) if c.pp == 1),
-                    key=lambda c: (c.num_gpus, c.tp))
+    common = sorted(set(lat) & set(dlat), key=lambda c: (c.num_gpus, c.tp))
     if not common:
-        raise ValueError(f"plan: {spec.model.name} fits no pp = 1 instance on {spec.cluster.gpu.name}")
-    return common[0]
+        raise ValueError(f"plan: {spec.model.name} fits no instance on {spec.cluster.gpu.name}")
+    return common
 
 
 def default_ratios(spec: SearchSpec, config: PhaseConfig, max_instances: int = 4) -> list[tuple[int, int]]:
@@ -98,26 +102,33 @@ def default_ratios(spec: SearchSpec, config: PhaseConfig, max_instances: int = 4
 def candidates(spec: SearchSpec, config: PhaseConfig, ratios: Sequence[tuple[int, int]],
                thresholds: Sequence[int], colocated_instances: int,
                chunk_size: int = CHUNK_SIZE) -> list[tuple[ModeResult, SimDeployment]]:
-    """Every system's deployments (goodput still 0); `chunk_size`: prompt tokens per chunked
-    iteration, of (b)'s chunks and (e)'s local prefills."""
+    """Every system's deployments of `config` instances (goodput still 0); `chunk_size`: prompt
+    tokens per chunked iteration, of (b)'s chunks and (e)'s local prefills. pp > 1: (a) and (d)
+    only; colocated: when `colocated_instances` engines fit the cluster."""
     lat = phase_latencies(spec, spec.source)
     dlat = phase_latencies(spec, spec.decode_source or spec.source, "decode")
+    reuse = ReuseSettings(prefix_caching=True, cache_aware=True)
     out: list[tuple[ModeResult, SimDeployment]] = []
-    for policy, system in (("chunked", "b"), ("prefill_priority", "c")):
+    coloc = config.pp == 1 and config in colocated_latencies(spec, dlat) \
+        and config.num_gpus * colocated_instances <= spec.cluster.num_gpus
+    for policy, system, s in (("chunked", "b", replace(reuse, chunk_size=chunk_size)), ("prefill_priority", "c", reuse)):
+        if not coloc:
+            break
         unit = Unit(algorithm="colocated", prefill=config, colocated_policy=policy)
         one = unit_deployment(spec, unit, colocated_latencies(spec, dlat), dlat)
-        dep = replace(one, prefill=one.prefill * colocated_instances, prefix_caching=True, cache_aware=True,
-                      chunk_size=chunk_size)
+        dep = s.apply(replace(one, prefill=one.prefill * colocated_instances))
         out.append((ModeResult(system, unit, (colocated_instances, 0), None, 0.0,
-                               config.num_gpus * colocated_instances), dep))
+                               config.num_gpus * colocated_instances, settings=s), dep))
+    intra = 2 * config.num_gpus <= spec.cluster.gpus_per_node and spec.cluster.prefill_nodes is None  # a pair's link
     for p, d in ratios:
-        unit = Unit(algorithm="high-affinity", prefill=config, num_prefill=p, decode=config, num_decode=d)
+        unit = Unit(algorithm="high-affinity", prefill=config, num_prefill=p, decode=config, num_decode=d,
+                    intra_node_transfer=intra)
         plain = unit_deployment(spec, unit, lat, dlat)
-        reuse = replace(plain, prefix_caching=True, cache_aware=True, chunk_size=chunk_size)
         gpus = unit.num_gpus
-        out.append((ModeResult("a", unit, (p, d), None, 0.0, gpus), plain))
-        out.append((ModeResult("d", unit, (p, d), None, 0.0, gpus), reuse))
-        out += [(ModeResult("e", unit, (p, d), t, 0.0, gpus), replace(reuse, pd_threshold_tokens=t)) for t in thresholds]
+        systems = [("a", None, ReuseSettings()), ("d", None, reuse)]
+        systems += [("e", t, replace(reuse, pd_threshold_tokens=t, chunk_size=chunk_size)) for t in thresholds
+                    if config.pp == 1]
+        out += [(ModeResult(system, unit, (p, d), t, 0.0, gpus, settings=s), s.apply(plain)) for system, t, s in systems]
     return out
 
 
@@ -126,12 +137,14 @@ def compare_modes(spec: SearchSpec, thresholds: Sequence[int] = THRESHOLDS,
                   chunk_size: int = CHUNK_SIZE, progress: Progress | None = None) -> ModeComparison:
     """Goodput of every system's candidates (see the module doc); the reuse counters of each
     system's best at its goodput rate."""
-    config = instance_config(spec)
-    ratios = list(ratios) if ratios is not None else default_ratios(spec, config)
-    if not ratios:
-        raise ValueError(f"plan: {spec.cluster.num_gpus} GPUs hold no prefill + decode pair of {config}")
-    cands = candidates(spec, config, ratios, thresholds, colocated_instances, chunk_size)
-    trace = spec.workload.trace(spec.num_requests, spec.seed)
+    cands = []
+    for config in instance_configs(spec):
+        fit = [(p, d) for p, d in ratios if (p + d) * config.num_gpus <= spec.cluster.num_gpus] \
+            if ratios is not None else default_ratios(spec, config)
+        cands += candidates(spec, config, fit, thresholds, colocated_instances, chunk_size)
+    if not any(m.system == "a" for m, _ in cands):
+        raise ValueError(f"plan: {spec.cluster.num_gpus} GPUs hold no prefill + decode pair of any instance")
+    trace = search_trace(spec)  # as `pdserve simulate` and the single-turn search: each job its steady-state head
     if not isinstance(trace, SessionTrace):  # every system through the same (session) simulations
         trace = as_sessions(trace)
     jobs = [(dep, job_trace(spec, dep, trace), spec.slo, "joint", float("inf")) for _, dep in cands]

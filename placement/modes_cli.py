@@ -12,11 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from pdserve.placement.cluster_file import ClusterFile
+from pdserve.placement.deploy import kv_pool_gb
 from pdserve.placement.modes import SYSTEMS, THRESHOLDS, ModeComparison, ModeResult, compare_modes
 from pdserve.placement.packing import max_replicas
 from pdserve.placement.plan import Plan
 from pdserve.placement.search import Scored, SearchSpec
 from pdserve.placement.sim_deployment import CHUNK_SIZE
+
+
+SEARCHED = ("searched: every (tp, pp) instance both pools can run, the same on both sides of a pair, up to 4 "
+            "instances a unit (pp > 1: a and d only); not searched: mixed prefill/decode configurations, "
+            "Algorithm 2's cross-node stages (plain `pdserve plan` without --compare-modes searches those)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,8 +50,8 @@ def run_modes(args: argparse.Namespace, spec: SearchSpec, cluster_file: ClusterF
     if win.goodput_rps <= 0:
         print("no mode meets the SLOs on this workload")
         return 1
-    plan = reuse_plan(Plan.from_scored(scored(win, spec), spec, model_arg=args.model, cluster_file=cluster_file), win,
-                      args.chunk_size)
+    plan = reuse_plan(Plan.from_scored(scored(win, spec), spec, model_arg=args.model, cluster_file=cluster_file,
+                                       workload_arg=args.workload), win, spec)
     config = plan.serving_config()
     plan_out = args.plan_output or str(Path(args.output).with_suffix("")) + ".plan.yaml"
     Path(args.output).write_text(config.to_yaml())
@@ -63,16 +69,19 @@ def scored(r: ModeResult, spec: SearchSpec) -> Scored:
     return Scored(r.unit, per_unit, max(1, max_replicas(r.unit, spec.cluster)))
 
 
-def reuse_plan(plan: Plan, r: ModeResult, chunk_size: int) -> Plan:
-    """`plan` with system `r`'s reuse settings in its deployment (a: none), which `serving_config`
-    writes as engine.enable_prefix_caching, router.*_policy and router.pd_threshold_tokens (and a
-    chunked colocated winner's chunk as max_num_batched_tokens)."""
-    if r.system == "a":
-        return plan
-    engine = {**plan.deploy.get("engine", {}), "enable_prefix_caching": True}
-    router = {"prefill_policy": "cache_aware", "decode_policy": "cache_aware", "pd_threshold_tokens": r.threshold or 0}
-    chunk = {"max_num_batched_tokens": chunk_size} if r.system == "b" else {}
-    return replace(plan, deploy={**plan.deploy, "engine": engine, "router": router, **chunk})
+def reuse_plan(plan: Plan, r: ModeResult, spec: SearchSpec) -> Plan:
+    """`plan` with the reuse settings system `r` was simulated with in its deployment, which
+    `serving_config` writes as engine.enable_prefix_caching, router.*_policy, router.pd_* and the
+    decode pool's max_num_batched_tokens (a chunked engine's chunk: reuse_settings.py). With
+    prefix caching under `spec.decode_token_limit`, each engine's KV pool is that many tokens (the
+    simulated prefix caches' capacity), fixed (gpu_memory_utilization: null)."""
+    deploy = r.settings.deploy_fields(plan.deploy)
+    engine = deploy["engine"]
+    if r.settings.prefix_caching and spec.decode_token_limit is not None:
+        gb = kv_pool_gb(spec.model, spec.cluster.gpu_for("decode"), r.unit.prefill, spec.decode_token_limit)
+        if gb < engine.get("kv_cache_memory_gb", float("inf")):
+            engine = {**engine, "kv_cache_memory_gb": gb, "gpu_memory_utilization": None}
+    return replace(plan, deploy={**deploy, "engine": engine})
 
 
 def settings(r: ModeResult) -> str:
@@ -92,10 +101,13 @@ def format_ranking(c: ModeComparison) -> str:
     e = c.best("e")
     rows.append("(predicted goodput in req/s; hits: prompt tokens not computed; pulled/req: KV tokens moved per request; "
                 "local: requests prefilled on their decode instance)")
-    if e is not None:
+    if e is not None and e.goodput_rps > 0:
         rows.append(f"conditional threshold chosen: {e.threshold} uncached tokens")
+    elif e is not None:
+        rows.append("conditional threshold chosen: none (no threshold meets the SLOs at any rate)")
     gain = (f"{c.gain():.2f}× the per-GPU goodput of disaggregated serving without reuse" if c.gain() != float("inf")
             else "disaggregated serving without reuse meets the SLOs at no rate")
+    rows.append(SEARCHED)
     rows.append(f"winner: ({c.winner.system}) {SYSTEMS[c.winner.system]}, {c.winner.describe()}: {gain}")
     return "\n".join(rows)
 
@@ -114,5 +126,5 @@ def to_json(c: ModeComparison, spec: SearchSpec) -> dict:
     return {"workload": spec.workload.name, "mean_turns": turns, "slo": {"ttft_s": spec.slo.ttft_s, "tpot_s": spec.slo.tpot_s,
                                                     "attainment": spec.slo.attainment},
             "ranking": [row(r) for r in c.ranking()], "winner": c.winner.system,
-            "threshold": e.threshold if e else None, "gain_over_a": c.gain() if c.gain() != float("inf") else None,
+            "threshold": e.threshold if e and e.goodput_rps > 0 else None, "gain_over_a": c.gain() if c.gain() != float("inf") else None,
             "candidates": [row(r) for r in c.results]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -68,7 +69,8 @@ class Plan:
 
     @classmethod
     def from_scored(cls, s: Scored, spec: SearchSpec, *, model_arg: str | None = None,
-                    cluster_file: ClusterFile | None = None, explain: dict[str, Any] | None = None) -> Plan:
+                    cluster_file: ClusterFile | None = None, explain: dict[str, Any] | None = None,
+                    workload_arg: str | None = None) -> Plan:
         u: Unit = s.unit
         cluster = spec.cluster
         segments = pack(u, s.replicas, cluster) or []
@@ -85,7 +87,7 @@ class Plan:
                    unit=u.describe(),
                    placement=[SegmentPlan(role="decode" if g.role == "colocated" else g.role, instance=g.instance,
                                           stage=g.stage, node=g.node, gpus=list(g.gpus)) for g in segments],
-                   model_note=note, planned_for=planned_for(spec, cluster_file),
+                   model_note=note, planned_for=planned_for(spec, cluster_file, workload_arg),
                    deploy=deployment_settings(spec, u, cluster_file), explain=explain or {})
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,7 +123,8 @@ class Plan:
             pin = d.get("pools", {}).get(role, {})
             return dataclasses.replace(cfg, instances=p.instances, tp=p.tp, pp=p.pp,
                                        max_num_seqs=d.get("max_num_seqs", cfg.max_num_seqs),
-                                       max_num_batched_tokens=d.get("max_num_batched_tokens", cfg.max_num_batched_tokens),
+                                       max_num_batched_tokens=pin.get("max_num_batched_tokens",
+                                                                      d.get("max_num_batched_tokens", cfg.max_num_batched_tokens)),
                                        num_cpus=pin.get("num_cpus", cfg.num_cpus), num_gpus=pin.get("num_gpus", 1.0),
                                        resources=dict(pin.get("resources", {})))
 
@@ -139,8 +142,11 @@ class Plan:
                                                          attainment=self.attainment))
 
 
-def planned_for(spec: SearchSpec, cluster_file: ClusterFile | None) -> dict[str, Any]:
+def planned_for(spec: SearchSpec, cluster_file: ClusterFile | None, workload_arg: str | None = None) -> dict[str, Any]:
+    """`workload_arg`: the --workload given; a lengths file is recorded by its path (`source`), so
+    `pdserve simulate` of the plan file replays it."""
     c, w = spec.cluster, spec.workload
+    source = str(Path(workload_arg).resolve()) if workload_arg and Path(workload_arg).is_file() else None
     return {
         "model": spec.model.name,
         "hardware": dataclasses.asdict(c.gpu),
@@ -149,7 +155,7 @@ def planned_for(spec: SearchSpec, cluster_file: ClusterFile | None) -> dict[str,
         "cluster": {"num_nodes": c.num_nodes, "gpus_per_node": c.gpus_per_node, "inter_node_gbps": c.inter_node_gbps,
                     "intra_node_gbps": c.intra_node_gbps, "prefill_nodes": c.prefill_nodes,
                     "cluster_file": cluster_file.path if cluster_file else None},
-        "workload": {"name": w.name, "mean_prompt_len": round(w.mean_prompt_len, 1),
+        "workload": {"name": w.name, "source": source, "mean_prompt_len": round(w.mean_prompt_len, 1),
                      "mean_output_len": round(w.mean_output_len, 1), "num_requests": spec.num_requests,
                      "seed": spec.seed},
         "engine": {"prefill_token_budget": spec.prefill_token_budget, "max_num_seqs": spec.max_num_seqs,

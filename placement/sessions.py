@@ -6,7 +6,7 @@ A session is a conversation: turn k's prompt is turn k−1's prompt, its answer 
 computed by turn k−1, and `shared_prefix_len` tokens are shared with every request of the same
 shared prefix (one system prompt). A trace resamples whole sessions; turn 0 of each arrives at a
 time drawn by bench's arrival process, turn k > 0 when turn k−1 finished plus its think time
-(closed loop: the simulator schedules it, `sim_reuse.SessionLoop`).
+(closed loop: the simulator schedules it, `sim_reuse.SessionReuse`).
 
 Requests are laid out session by session, sessions in start order, so `head(n)` keeps the first
 sessions (the last one possibly cut) and the warm-up share of a trace is its first sessions.

@@ -1,6 +1,7 @@
 """`pdserve simulate CONFIG --rate R...`: a plan file (what `pdserve plan` wrote, replayed with the
 hardware, latency source, cluster, workload and engine settings it was planned for) or a serving
-config (with the flags' defaults), through the simulator at given rates."""
+config (with the flags' defaults), through the simulator at given rates, with the config's reuse
+settings (prefix caching, cache-aware routing, conditional disaggregation: reuse_settings.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from pdserve.placement.hardware import ClusterSpec, GPUSpec
 from pdserve.placement.plan import Plan
 from pdserve.placement.profile_file import load_profile
 from pdserve.placement.roofline import Roofline
+from pdserve.placement.reuse_settings import ReuseSettings
 from pdserve.placement.search import SearchSpec, deployment_of, job_trace, search_trace
+from pdserve.placement.sim_deployment import SimDeployment
 from pdserve.placement.simulator import simulate
 
 
@@ -36,7 +39,8 @@ def _fill_from_plan(args: argparse.Namespace, plan: Plan | None) -> None:
 
     pf = plan.planned_for if plan else {}
     recorded = {**pf.get("cluster", {}), **pf.get("workload", {}), **pf.get("engine", {})}
-    recorded["workload"] = pf.get("workload", {}).get("name")
+    wl = pf.get("workload", {})
+    recorded["workload"] = wl.get("source") or wl.get("name")  # a lengths file by its path
     recorded["nodes"], recorded["gpus_per_node"] = recorded.get("num_nodes"), recorded.get("gpus_per_node")
     for name in ("nodes", "prefill_nodes", "gpus_per_node", "inter_node_gbps", "workload", "num_requests", "seed",
                  "prefill_token_budget", "max_num_seqs", "decode_token_limit", "tokenizer"):
@@ -76,6 +80,27 @@ def serving_unit(cfg: ServingConfig, cluster: ClusterSpec) -> Unit:
                 and cluster.prefill_nodes is None)
 
 
+def serving_deployment(spec: SearchSpec, cfg: ServingConfig) -> SimDeployment:
+    """What `cfg` deploys, as the simulator runs it: its pools (colocated: its engines), and its
+    reuse settings (prefix caches, cache-aware routing, conditional disaggregation and the step
+    budget of chunked engines) through `ReuseSettings`, the mapping the mode search writes with."""
+    dep = deployment_of(spec, serving_unit(cfg, spec.cluster))
+    if cfg.mode == "colocated" and cfg.decode.instances > 1:
+        dep = dataclasses.replace(dep, prefill=dep.prefill * cfg.decode.instances)
+    return ReuseSettings.of_serving(cfg).apply(dep)
+
+
+def reuse_line(dep: SimDeployment) -> str:
+    if not dep.models_reuse:
+        return "no prefix reuse"
+    out = "prefix caching" if dep.prefix_caching else "no prefix caching"
+    out += ", cache-aware routing" if dep.cache_aware else ""
+    if dep.pd_threshold_tokens or dep.pd_prefill_queue_limit is not None:
+        out += (f", conditional disaggregation (threshold {dep.pd_threshold_tokens}, prefill queue limit "
+                f"{dep.pd_prefill_queue_limit}, local chunks of {dep.chunk_size} tokens)")
+    return out
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     from pdserve.placement.cli import load_serving, search_spec
 
@@ -86,13 +111,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     spec = (_planned_spec(args, plan, slo) if plan else None) or search_spec(
         args, args.model or (plan.planned_for.get("model") if plan else None) or cfg.model, slo, codec=codec)[0]
     unit = serving_unit(cfg, spec.cluster)
-    dep = deployment_of(spec, unit)
-    if cfg.mode == "colocated" and cfg.decode.instances > 1:
-        dep = dataclasses.replace(dep, prefill=dep.prefill * cfg.decode.instances)
+    dep = serving_deployment(spec, cfg)
     trace = job_trace(spec, dep, search_trace(spec))  # the plan's requests, enough to fill every decode batch
     c = spec.cluster
     print(f"{unit.describe()} on {dep.num_gpus} {c.gpu.name} ({spec.source.name}), workload {spec.workload.name}, "
-          f"{len(trace)} requests; SLO TTFT {cfg.slo.ttft_s}s TPOT {cfg.slo.tpot_s}s")
+          f"{len(trace)} requests; SLO TTFT {cfg.slo.ttft_s}s TPOT {cfg.slo.tpot_s}s; {reuse_line(dep)}")
     print(f"{'rate':>7} {'joint':>7} {'ttft ok':>7} {'tpot ok':>7} {'ttft p50':>9} {'p90':>8} {'p99':>8} "
           f"{'tpot p50':>9} {'p90':>8} {'p99':>8}")
     for rate in (float(r) for arg in args.rates for r in arg.split(",") if r):

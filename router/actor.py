@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Awaitable
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
     from pdserve.kvtransfer.types import KVHandle
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DEAD = (RayActorError, ObjectLostError, RaySystemError)  # ActorUnavailableError is a RayActorError
 
@@ -72,6 +74,26 @@ async def _items(worker_id: str, method: Any, *args: Any) -> AsyncGenerator[Any,
             yield await _call(worker_id, ref)
     except _DEAD as e:  # raised by the stream itself, between items
         raise worker_error(worker_id, e) from e
+
+
+def worker_actor_name(worker_id: str) -> str:
+    """The Ray actor name of a worker instance's entry rank (launch names them so)."""
+    return f"pdserve-{worker_id}"
+
+
+def _named_actors(worker_ids: Sequence[str]) -> dict[str, ActorHandle[Any]]:
+    """The live worker actors by id. One killed for good (a multi-rank instance does not restart)
+    is left out with a warning, as a dead instance is marked dead in its pool: the router serves on
+    with the rest. ValueError only when none of `worker_ids` is left."""
+    found: dict[str, ActorHandle[Any]] = {}
+    for wid in worker_ids:
+        try:
+            found[wid] = ray.get_actor(worker_actor_name(wid))
+        except ValueError:  # ray.get_actor: no such actor
+            log.warning("router: worker %s is gone for good; serving without it", wid)
+    if worker_ids and not found:
+        raise ValueError(f"router: every worker of {list(worker_ids)} is gone")
+    return found
 
 
 class RayPrefillClient:
@@ -127,46 +149,72 @@ class RouterActor:
     handle. An actor that Ray restarts behind the same handle rejoins on its own when its stats
     answer again.
 
-    The router restarts too: given the worker handles at construction, a router that Ray restarted
-    (which re-runs only `__init__`, with the same arguments) re-registers every instance and serves
-    again on its next `start()`, which is idempotent (`pdserve serve`'s supervisor calls it).
-    Requests in flight when it died are lost to their clients (their streams break); the workers
-    free their blocks when the dead router's streams go away, or at their KV lease.
+    The router comes back too, but not through Ray: it is created with `max_restarts=0` and
+    `Deployment.supervise` (what `pdserve serve` runs) creates a new one when it died. Ray's memory
+    monitor kills retriable workers first, newest first; a restartable router (the newest actor,
+    ~0.2 GB) was its first victim whenever the machine ran short of memory, whoever used it. Its
+    constructor takes only small values inline (the config and the worker ids, never handles, which
+    Ray would keep in the object store): it looks the workers up by name (`worker_actor_name`) on
+    `start()`, registers every instance, and serves. `start()` is idempotent. Requests in flight when
+    a router died are lost to their clients (their streams break); the workers free their blocks
+    when the dead router's streams go away, or at their KV lease.
     """
 
     def __init__(self, cfg: ServingConfig, tokenizer_dir: str | None = None,
-                 prefill: dict[str, ActorHandle[Any]] | None = None,
-                 decode: dict[str, ActorHandle[Any]] | None = None) -> None:
+                 prefill: Sequence[str] = (), decode: Sequence[str] = ()) -> None:
         self.cfg, self.tokenizer_dir = cfg, tokenizer_dir
         block_size = cfg.engine.block_size if cfg.engine.enable_prefix_caching else None
         self.router = Router(cfg.router, cfg.mode, prefix_block_size=block_size)
         self.router.layerwise = cfg.layerwise_kv
-        self._workers = (prefill or {}, decode or {})
+        self._worker_ids = (tuple(prefill), tuple(decode))
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._starting: asyncio.Future[str] | None = None
+        self._preparing: asyncio.Future[None] | None = None
+        self._app: Any = None
+
+    async def prepare(self, prefill: dict[str, ActorHandle[Any]] | None = None,
+                      decode: dict[str, ActorHandle[Any]] | None = None) -> None:
+        """All of `start()` but binding the port: register the workers (these, or the named actors
+        of the ids given at construction), load the tokenizer, build the app. Idempotent. Raises
+        ValueError when a worker id given at construction names no live actor."""
+        if self._preparing is None:
+            self._preparing = asyncio.ensure_future(self._prepare(prefill, decode))
+        try:
+            await asyncio.shield(self._preparing)
+        except Exception:
+            self._preparing = None  # let the next call try again
+            raise
 
     async def start(self, prefill: dict[str, ActorHandle[Any]] | None = None,
                     decode: dict[str, ActorHandle[Any]] | None = None) -> str:
-        """Register the workers (these, or those given at construction) and serve; returns the URL.
-        Idempotent: a later call (or one racing it) returns the same URL."""
+        """`prepare()` (if not done yet), then serve; returns the URL. Idempotent: a later call (or
+        one racing it) returns the same URL."""
         if self._starting is None:
-            self._starting = asyncio.ensure_future(self._start(prefill or self._workers[0],
-                                                               decode or self._workers[1]))
+            self._starting = asyncio.ensure_future(self._start(prefill, decode))
         try:
             return await asyncio.shield(self._starting)
         except Exception:
             self._starting = None  # let the next call try again (e.g. the port was still held)
             raise
 
-    async def _start(self, prefill: dict[str, ActorHandle[Any]], decode: dict[str, ActorHandle[Any]]) -> str:
+    async def _prepare(self, prefill: dict[str, ActorHandle[Any]] | None,
+                       decode: dict[str, ActorHandle[Any]] | None) -> None:
+        if prefill is None:
+            prefill = await asyncio.to_thread(_named_actors, self._worker_ids[0])
+        if decode is None:
+            decode = await asyncio.to_thread(_named_actors, self._worker_ids[1])
         for wid, actor in prefill.items():
             await self.register_prefill(wid, actor)
         for wid, actor in decode.items():
             await self.register_decode(wid, actor)
         tokenizer, card = await asyncio.to_thread(self._load_model_card)
-        app = build_app(self.router, tokenizer, self.cfg, card=card)
-        config = uvicorn.Config(app, host=self.cfg.router.host, port=self.cfg.router.port, log_level="warning",
+        self._app = build_app(self.router, tokenizer, self.cfg, card=card)
+
+    async def _start(self, prefill: dict[str, ActorHandle[Any]] | None,
+                     decode: dict[str, ActorHandle[Any]] | None) -> str:
+        await self.prepare(prefill, decode)
+        config = uvicorn.Config(self._app, host=self.cfg.router.host, port=self.cfg.router.port, log_level="warning",
                                 lifespan="on", timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve())

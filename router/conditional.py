@@ -51,7 +51,7 @@ class ConditionalDispatch:
     def from_config(cls, cfg: RouterConfig, mode: Mode) -> ConditionalDispatch | None:
         """The decider the config asks for; None when it asks for none (colocated, or threshold 0 and
         no queue limit: every request goes to the prefill pool, today's path, with no decision)."""
-        if mode != "disaggregated" or (cfg.pd_threshold_tokens == 0 and cfg.pd_prefill_queue_limit is None):
+        if mode != "disaggregated" or not cfg.conditional:
             return None
         return cls(PDRule(cfg.pd_threshold_tokens, cfg.pd_prefill_queue_limit))
 
@@ -65,8 +65,13 @@ class ConditionalDispatch:
         inst, hit_tokens = chosen
         n = len(req.prompt_token_ids)
         uncached = n - min(hit_tokens, n - 1)  # the engine computes at least the last prompt token
-        queued = min((i.snapshot().outstanding_tokens for i in prefill.healthy()), default=0)
-        decision = self.rule.decide(uncached, queued, decode_slack_tokens(inst.snapshot(), uncached))
+        slack = decode_slack_tokens(inst.snapshot(), uncached)
+        healthy = prefill.healthy()
+        if healthy:
+            queued = min(i.snapshot().outstanding_tokens for i in healthy)
+            decision = self.rule.decide(uncached, queued, slack)
+        else:  # the decode instance computes the prompt anyway: an intended local prefill, not a recompute
+            decision = PDDecision(True, "no_prefill", uncached, 0, slack)
         self.decisions["local" if decision.local else "remote", decision.reason] += 1
         return inst, decision
 

@@ -9,10 +9,11 @@ cannot infer the schemas; they are written here: the OpenAI fields we accept, ou
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from pdserve.config import ServingConfig
 from pdserve.router.openai_api import _NO_OP, MAX_TEMPERATURE
+from pdserve.router.pd_decision import PDReason
 
 TIMINGS_KEYS = ("queue_s", "prefill_s", "transfer_s", "decode_s", "ttft_s", "e2e_s", "decode_queue_s", "kv_exposed_s")
 
@@ -79,7 +80,7 @@ TIMINGS_SCHEMA = {
        "pull_skipped_tokens": {"type": "number", "description": "prompt tokens decode held, so not pulled"},
        "pd_local": {"type": "number", "description": "conditional disaggregation: 1 when the decode instance "
                                                      "prefilled the prompt itself, 0 when the prefill pool did"},
-       "pd_reason": {"type": "string", "enum": ["short", "prefill_saturated", "long", "no_decode_slack"],
+       "pd_reason": {"type": "string", "enum": [r for r in get_args(PDReason) if r != "disabled"],
                      "description": "why (router/pd_decision.py)"},
        "pd_uncached_tokens": {"type": "number", "description": "prompt tokens the decode instance did not cache"},
        "pd_prefill_queue_tokens": {"type": "number", "description": "prompt tokens queued on the least-loaded "

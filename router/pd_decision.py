@@ -15,8 +15,13 @@ means colocated serving on the decode pool.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pdserve.types import LatencyBreakdown
+
+# why: few uncached tokens; prefill pool saturated / without a healthy instance; too many uncached
+# tokens; no room on the decode instance; the rule is off
+PDReason = Literal["short", "prefill_saturated", "no_prefill", "long", "no_decode_slack", "disabled"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,7 @@ class PDDecision:
     """What was decided and from what; carried in the request's breakdown and counted in metrics."""
 
     local: bool  # True: the decode instance prefills; False: prefill pool + KV transfer
-    reason: str  # "short" | "prefill_saturated" | "long" | "no_decode_slack" | "disabled"
+    reason: PDReason
     uncached_tokens: int  # prompt tokens the decode instance does not hold
     prefill_queue_tokens: int  # prompt tokens queued or running on the least-loaded prefill instance
     decode_slack_tokens: int  # prompt tokens the decode instance can take per step within its budget
@@ -51,11 +56,16 @@ class PDRule:
         if self.prefill_queue_limit is not None and self.prefill_queue_limit < 0:
             raise ValueError(f"router.pd_prefill_queue_limit: must be >= 0, got {self.prefill_queue_limit}")
 
+    @property
+    def enabled(self) -> bool:
+        """False for the defaults (threshold 0, no queue limit): every request to the prefill pool."""
+        return self.threshold_tokens > 0 or self.prefill_queue_limit is not None
+
     def decide(self, uncached_tokens: int, prefill_queue_tokens: int, decode_slack_tokens: int) -> PDDecision:
-        def out(local: bool, reason: str) -> PDDecision:
+        def out(local: bool, reason: PDReason) -> PDDecision:
             return PDDecision(local, reason, uncached_tokens, prefill_queue_tokens, decode_slack_tokens)
 
-        if self.threshold_tokens == 0 and self.prefill_queue_limit is None:
+        if not self.enabled:
             return out(False, "disabled")
         if decode_slack_tokens <= 0:
             return out(False, "no_decode_slack")

@@ -16,9 +16,9 @@ BLOCK, H_Q, H_KV, D = 4, 4, 2, 8
 
 def _dense(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, ctx: int) -> torch.Tensor:
     """q (n, h_q, d) at the last n positions of a context of `ctx` tokens; keys/vals (ctx, h_kv, d)."""
-    rep = H_Q // H_KV
+    rep = q.shape[1] // keys.shape[1]
     k, v = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) / D**0.5
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[2] ** 0.5
     pos = torch.arange(ctx - q.shape[0], ctx)[:, None]
     scores = scores.masked_fill(torch.arange(ctx)[None, :] > pos, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
@@ -41,27 +41,9 @@ def test_mixed_batch_equals_dense_attention(seed: int, backend: str) -> None:
     prefix and a one-token-context decode, in one shuffled batch."""
     native = _kernels(backend)
     rng = random.Random(seed)
-    torch.manual_seed(seed)
     shapes = [(1, 3), (1, 9), (1, 200), (1, 210), (1, 1), (17, 17), (6, 40), (1, 57)]  # (q_len, ctx_len)
     rng.shuffle(shapes)
-    num_blocks = sum(-(-c // BLOCK) for _, c in shapes) + 4
-    k_cache = torch.zeros(num_blocks, BLOCK, H_KV, D)
-    v_cache = torch.zeros(num_blocks, BLOCK, H_KV, D)
-    free = list(range(1, num_blocks))
-    rng.shuffle(free)
-    tables, full_k, full_v = [], [], []
-    for ql, cl in shapes:
-        table = [free.pop() for _ in range(-(-cl // BLOCK))]
-        kk, vv = torch.randn(cl, H_KV, D), torch.randn(cl, H_KV, D)
-        for p in range(cl - ql):  # the cached prefix is already in the pool
-            k_cache[table[p // BLOCK], p % BLOCK] = kk[p]
-            v_cache[table[p // BLOCK], p % BLOCK] = vv[p]
-        tables.append(table)
-        full_k.append(kk)
-        full_v.append(vv)
-    q = torch.randn(sum(ql for ql, _ in shapes), H_Q, D)
-    new_k = torch.cat([kk[cl - ql:] for kk, (ql, cl) in zip(full_k, shapes)])
-    new_v = torch.cat([vv[cl - ql:] for vv, (ql, cl) in zip(full_v, shapes)])
+    k_cache, v_cache, tables, q, new_k, new_v, full = _mixed_batch(shapes, H_Q, H_KV, D, seed)
     meta = build_metadata([s[0] for s in shapes], [s[1] for s in shapes], tables, BLOCK, torch.device("cpu"),
                           num_heads=H_Q, num_kv_heads=H_KV, backend="paged" if native else backend, kernels=native)
     assert len(meta.spans) == 2
@@ -71,12 +53,59 @@ def test_mixed_batch_equals_dense_attention(seed: int, backend: str) -> None:
         assert not meta.groups and meta.decode is not None and meta.decode.rows is not None
         assert (meta.decode.kernels is not None) == (backend == "native")
         assert (meta.decode.pattern is None) == (backend == "native")
-    out = paged_attention(q, new_k, new_v, k_cache, v_cache, meta).view(-1, H_Q, D)
+    _assert_dense(paged_attention(q, new_k, new_v, k_cache, v_cache, meta), q, shapes, full)
+
+
+def _mixed_batch(shapes: list[tuple[int, int]], h_q: int, h_kv: int, d: int, seed: int):
+    """Caches holding each (q_len, ctx_len) sequence's cached prefix in shuffled blocks, their
+    tables, the step's q (rows strided, as a fused projection's view is) and new K/V, and every
+    sequence's full K/V."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_blocks = sum(-(-c // BLOCK) for _, c in shapes) + 4
+    k_cache = torch.zeros(num_blocks, BLOCK, h_kv, d)
+    v_cache = torch.zeros(num_blocks, BLOCK, h_kv, d)
+    free = list(range(1, num_blocks))
+    rng.shuffle(free)
+    tables, full = [], []
+    for ql, cl in shapes:
+        table = [free.pop() for _ in range(-(-cl // BLOCK))]
+        kk, vv = torch.randn(cl, h_kv, d), torch.randn(cl, h_kv, d)
+        for p in range(cl - ql):  # the cached prefix is already in the pool
+            k_cache[table[p // BLOCK], p % BLOCK] = kk[p]
+            v_cache[table[p // BLOCK], p % BLOCK] = vv[p]
+        tables.append(table)
+        full.append((kk, vv))
+    q = torch.randn(sum(ql for ql, _ in shapes), h_q + 1, d)[:, :h_q]
+    new_k = torch.cat([kk[cl - ql:] for (kk, _), (ql, cl) in zip(full, shapes)])
+    new_v = torch.cat([vv[cl - ql:] for (_, vv), (ql, cl) in zip(full, shapes)])
+    return k_cache, v_cache, tables, q, new_k, new_v, full
+
+
+def _assert_dense(out: torch.Tensor, q: torch.Tensor, shapes: list[tuple[int, int]], full: list) -> None:
+    out = out.view(q.shape)
     start = 0
-    for (ql, cl), kk, vv in zip(shapes, full_k, full_v):
+    for (ql, cl), (kk, vv) in zip(shapes, full):
         want = _dense(q[start:start + ql], kk, vv, cl)
         torch.testing.assert_close(out[start:start + ql], want, atol=1e-5, rtol=1e-5)
         start += ql
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_native_prompt_attention_equals_dense(seed: int) -> None:
+    """Where d is a multiple of the kernels' panel width, the native kernel runs the spans too:
+    fresh prompts of 1-70 tokens (queries in fours and the rest, key tiles past the first) and
+    chunks after a cached prefix, grouped-query heads, beside decodes."""
+    native = _kernels("native")
+    h_q, h_kv, d = 6, 2, native.panel_rows
+    shapes = [(1, 3), (2, 2), (3, 3), (5, 5), (17, 17), (70, 70), (6, 40), (9, 130), (1, 57)]
+    random.Random(seed).shuffle(shapes)
+    k_cache, v_cache, tables, q, new_k, new_v, full = _mixed_batch(shapes, h_q, h_kv, d, seed)
+    meta = build_metadata([s[0] for s in shapes], [s[1] for s in shapes], tables, BLOCK, torch.device("cpu"),
+                          num_heads=h_q, num_kv_heads=h_kv, backend="paged", kernels=native)
+    assert meta.kernels is native and len(meta.spans) == 7
+    assert kernels.prefill_ok(native, q) and not kernels.prefill_ok(native, q[..., :8])
+    _assert_dense(paged_attention(q, new_k, new_v, k_cache, v_cache, meta), q, shapes, full)
 
 
 def test_group_by_context_is_the_cheapest_partition() -> None:

@@ -52,7 +52,7 @@ def test_matmul_without_native_or_off_cpu32() -> None:
     torch.testing.assert_close(bf(x, w), F.linear(x, w))
 
 
-@pytest.mark.parametrize("m, k", [(1, 576), (3, 17), (4, 64)])
+@pytest.mark.parametrize("m, k", [(1, 576), (3, 17), (4, 64), (kernels.MAX_ROWS + 23, 576)])
 def test_native_rms_norm_matches_torch(native, m: int, k: int) -> None:
     from pdserve.engine.model import RMSNorm
 
@@ -80,8 +80,8 @@ def test_native_rotary_and_silu_mul_match_torch(native) -> None:
     gu = torch.randn(2, 2 * 1536, generator=gen)
     want = F.silu(gu[:, :1536]) * gu[:, 1536:]
     torch.testing.assert_close(kernels.silu_mul(native, gu), want, atol=1e-6, rtol=1e-5)
-    many = torch.randn(9, 8, generator=gen)  # more rows than the native kernels take: torch
-    torch.testing.assert_close(mm.silu_mul(many), F.silu(many[:, :4]) * many[:, 4:])
+    many = torch.randn(kernels.MAX_ROWS + 23, 2 * 1536, generator=gen)  # prefill rows: natively too
+    torch.testing.assert_close(mm.silu_mul(many), F.silu(many[:, :1536]) * many[:, 1536:], atol=1e-6, rtol=1e-5)
 
 
 def test_build_falls_back_to_plain_math_then_reports_a_failed_build(tmp_path, monkeypatch) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from pdserve.config import KVTransferConfig
 from pdserve.kvtransfer.factories import make_receiver, make_sender
-from tests.kvtransfer.test_sender_receiver import DONE, FAILED, _drain, _kv, _pool, _wait, cfg, closing  # noqa: F401
+from tests.kvtransfer.test_sender_receiver import DONE, FAILED, _drain, _kv, _pool, _wait, cfg  # noqa: F401
 from tests.net import LOCAL
 
 

@@ -4,7 +4,6 @@ layer-wise streaming. Pools are synthetic (random KV); the intersection math is 
 from __future__ import annotations
 
 import time
-from typing import Iterator
 
 import pytest
 import torch
@@ -39,14 +38,6 @@ def _kv(pool: KVPool, blocks: list[int], n: int) -> torch.Tensor:
 @pytest.fixture(params=["loopback", "grpc", "torch"])
 def cfg(request: pytest.FixtureRequest) -> KVTransferConfig:
     return KVTransferConfig(transport=request.param, codec="raw", lease_s=60, timeout_s=10)
-
-
-@pytest.fixture
-def closing() -> Iterator[list]:
-    ends: list = []
-    yield ends
-    for e in ends:
-        e.close()
 
 
 def _wait(rx: KVReceiver, xfer: str) -> tuple[TransferStatus, str | None]:

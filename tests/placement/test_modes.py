@@ -81,3 +81,12 @@ def test_pdserve_plan_writes_the_winners_reuse_settings(tmp_path: Path, capsys) 
     assert cfg.engine.enable_prefix_caching and cfg.router.decode_policy == "cache_aware"
     assert cfg.mode == ("colocated" if win["system"] in "bc" else "disaggregated")
     assert cfg.router.pd_threshold_tokens == (win["threshold"] or 0)
+
+
+def test_the_mode_search_covers_every_tp_pp_both_pools_run(tmp_path: Path) -> None:
+    c = compare_modes(spec_for(load_lengths(chat_sessions(tmp_path / "mt.jsonl", num=60)), gpus=4), thresholds=(64,))
+    shapes = {(r.system, r.unit.prefill.tp, r.unit.prefill.pp) for r in c.results}
+    assert {("a", 2, 1), ("d", 2, 1), ("e", 2, 1), ("b", 2, 1), ("c", 2, 1), ("a", 1, 2), ("d", 1, 2)} <= shapes
+    assert not any(pp > 1 for s, _, pp in shapes if s in "bce")  # colocated engines and local prefills: pp = 1
+    assert all(r.num_gpus <= 4 and (r.unit.decode is None or r.unit.decode == r.unit.prefill) for r in c.results)
+    assert c.winner.per_gpu_goodput == max(r.per_gpu_goodput for r in c.results)

@@ -196,3 +196,14 @@ def test_a_client_gone_during_a_local_prefill_aborts_it_and_leaves_no_count() ->
     run(gone())
     assert d.aborted == ["r"] and not p.calls and not p.aborted
     assert_idle(router)
+
+
+def test_a_prefill_pool_without_healthy_instances_means_a_local_prefill_not_a_recompute() -> None:
+    router, (p,), (d,) = conditional(threshold=4)  # 20 uncached tokens: "long" while prefill serves
+    router.remove(p.worker_id)
+    t = served(router, req("r"))[-1].latency
+    assert t is not None and (t.pd_local, t.pd_reason, t.kv_recomputed) == (True, "no_prefill", False)
+    ((dreq, handle),) = d.calls
+    assert handle is None and dreq.local_prefill and not p.calls
+    assert dict(router.conditional.decisions) == {("local", "no_prefill"): 1}
+    assert_idle(router)
