@@ -51,7 +51,10 @@ def test_a_pull_over_tls_moves_the_kv_and_a_plaintext_receiver_is_refused(tls: K
         handle = tx.export("r1", blocks, 10)
         bad = plain.pull(handle, dst)
         assert plain.wait(bad, 10) is TransferStatus.FAILED
-        assert "control rpc failed" in (plain.poll(bad)[1] or "")
+        # refused on whichever plaintext channel meets the TLS server first: the control RPC, or the
+        # data stream (a failing piece fails the pull at once; kvtransfer/receiver.py)
+        error = plain.poll(bad)[1] or ""
+        assert "control rpc failed" in error or "grpc UNAVAILABLE" in error, error
         xfer = rx.pull(handle, dst)
         assert rx.wait(xfer, 10) is TransferStatus.DONE, rx.poll(xfer)
         assert torch.equal(_kv(sp, blocks, 10), _kv(dp, dst, 10))
