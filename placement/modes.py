@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.reuse_settings import ReuseSettings
-from pdserve.placement.search import Progress, SearchSpec, _run, colocated_latencies, job_trace, phase_latencies, \
+from pdserve.placement.search import Progress, SearchSpec, colocated_latencies, run_jobs, job_trace, phase_latencies, \
     search_trace, unit_deployment
 from pdserve.placement.sessions import SessionTrace, as_sessions
 from pdserve.placement.sim_deployment import CHUNK_SIZE, SimDeployment
@@ -148,7 +148,7 @@ def compare_modes(spec: SearchSpec, thresholds: Sequence[int] = THRESHOLDS,
     if not isinstance(trace, SessionTrace):  # every system through the same (session) simulations
         trace = as_sessions(trace)
     jobs = [(dep, job_trace(spec, dep, trace), spec.slo, "joint", float("inf")) for _, dep in cands]
-    values = _run(jobs, spec.jobs, progress, "mode", [f"{SYSTEMS[m.system]} {m.describe()}" for m, _ in cands])
+    values = run_jobs(jobs, spec.jobs, progress, "mode", [f"{SYSTEMS[m.system]} {m.describe()}" for m, _ in cands])
     results = [replace(m, goodput_rps=v) for (m, _), v in zip(cands, values)]
     comparison = ModeComparison(tuple(results))
     final = [replace(r, reuse=reuse_counters(dep, job[1], r.goodput_rps))
