@@ -24,11 +24,14 @@ void pd_pack_f32(const float *restrict w, float *restrict wp, long N, long K) {
     }
 }
 
-/* tile (M, P) = x (M, K; rows ldx floats apart) @ one panel (K, P). M is a constant after inlining. */
+/* tile (M, P) = x (M, K; rows ldx floats apart) @ one panel (K, P). M is a constant after inlining.
+   With pf, each k step also prefetches `npf` cache lines from pf + k * npf lines on (the next panel's
+   share of this pass, see pd_gemv_packed_f32). */
 static inline __attribute__((always_inline)) void panel_tile(const float *restrict x, long ldx,
                                                              const float *restrict wp, long K,
-                                                             float *restrict tile, const int M) {
-    vf acc[4][4];
+                                                             float *restrict tile, const int M,
+                                                             const char *pf, int npf) {
+    vf acc[TILE_ROWS][4];
     for (int m = 0; m < M; m++)
         for (int j = 0; j < 4; j++) acc[m][j] = (vf){0};
     long k = 0;
@@ -44,26 +47,51 @@ static inline __attribute__((always_inline)) void panel_tile(const float *restri
         }
         for (int j = 0; j < 4; j++) acc[0][j] += acc2[j];
     }
+    if (pf)
+        for (; k < K; k++) {
+            const char *line = pf + k * npf * 64;
+            for (int i = 0; i < npf; i++) __builtin_prefetch(line + i * 64, 0, 3);
+            fma_rows(acc, wp + k * P, x + k, ldx, M);
+        }
     for (; k < K; k++) fma_rows(acc, wp + k * P, x + k, ldx, M);
     for (int m = 0; m < M; m++)
         for (int j = 0; j < 4; j++) vstore(tile + m * P + j * VL, acc[m][j]);
 }
 
 /* y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) (+ add[m, n]), m < M, with w packed by
-   pd_pack_f32; x, y, add row-major and contiguous. */
+   pd_pack_f32; x, y, add row-major and contiguous.
+
+   Each panel is streamed once per group of rows, the M rows split into the fewest groups of at most
+   TILE_ROWS, as even as they go (16 rows: 6 + 5 + 5 with AVX-512). Only the first pass over a panel
+   reads memory and the later ones run from L2, so without help a step's matrices (not in cache at
+   decode) cost their read from memory plus their FMAs. At more than 8 rows the passes therefore
+   also prefetch the next panel (it follows this one in wp), each pass its share spread over its k
+   steps, and memory streams while the FMAs run. At fewer rows a pass is bound by memory anyway, and
+   the prefetches slowed 8 rows down (BENCHMARKS.md §1). */
 void pd_gemv_packed_f32(const float *restrict x, const float *restrict wp, const float *restrict bias,
                         const float *add, float *y, long M, long N, long K) { /* y may be add (in place) */
-    float tile[4 * P];
+    float tile[TILE_ROWS * P];
+    long groups = (M + TILE_ROWS - 1) / TILE_ROWS;
+    long lines = K * P * (long)sizeof(float) / 64;     /* cache lines per panel */
+    int npf = groups * K > 0 ? (int)((lines + groups * K - 1) / (groups * K)) : 0; /* lines per k step: each pass a share */
     for (long n0 = 0; n0 < N; n0 += P) {
         const float *panel = wp + n0 * K;
         long width = N - n0 < P ? N - n0 : P;
-        for (long m0 = 0; m0 < M; m0 += 4) { /* rows past the first four find the panel in cache */
-            long rows = M - m0 < 4 ? M - m0 : 4;
+        const char *next = M > 8 && n0 + P < N ? (const char *)(panel + P * K) : NULL;
+        for (long g = 0, m0 = 0; g < groups; g++) { /* rows past the first group find the panel in cache */
+            long rows = (M - m0) / (groups - g) + ((M - m0) % (groups - g) != 0);
+            const float *xm = x + m0 * K;
+            const char *pf = next ? next + g * K * npf * 64 : NULL;
+            if (pf && g * K * npf >= lines) pf = NULL; /* the earlier passes covered the panel */
             switch (rows) {
-                case 1: panel_tile(x + m0 * K, K, panel, K, tile, 1); break;
-                case 2: panel_tile(x + m0 * K, K, panel, K, tile, 2); break;
-                case 3: panel_tile(x + m0 * K, K, panel, K, tile, 3); break;
-                default: panel_tile(x + m0 * K, K, panel, K, tile, 4); break;
+                case 1: panel_tile(xm, K, panel, K, tile, 1, pf, npf); break;
+                case 2: panel_tile(xm, K, panel, K, tile, 2, pf, npf); break;
+                case 3: panel_tile(xm, K, panel, K, tile, 3, pf, npf); break;
+#if TILE_ROWS > 4
+                case 4: panel_tile(xm, K, panel, K, tile, 4, pf, npf); break;
+                case 5: panel_tile(xm, K, panel, K, tile, 5, pf, npf); break;
+#endif
+                default: panel_tile(xm, K, panel, K, tile, TILE_ROWS, pf, npf); break;
             }
             for (long m = 0; m < rows; m++)
                 for (long j = 0; j < width; j++) {
@@ -72,6 +100,7 @@ void pd_gemv_packed_f32(const float *restrict x, const float *restrict wp, const
                     if (add) v += add[(m0 + m) * N + n0 + j];
                     y[(m0 + m) * N + n0 + j] = v;
                 }
+            m0 += rows;
         }
     }
 }

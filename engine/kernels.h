@@ -59,8 +59,16 @@ static inline vf vfma(vf a, vf b, vf c) {
 #endif
 }
 
-/* acc[m][j] += r[j * VL ...] * s[m * s_stride] for m < M, j < 4: one k step of a tile of M <= 4 rows
-   by 4 vectors (the GEMV's panel row, or attention's K^T panel row / V row), r read once. */
+/* Rows of the GEMV's register tile: TILE_ROWS x 4 accumulators, 4 weight vectors and a splat must fit
+   the vector registers (32 with AVX-512: 6 rows use 29; 16 otherwise: 4 rows would already spill). */
+#if defined(__AVX512F__)
+#define TILE_ROWS 6
+#else
+#define TILE_ROWS 4
+#endif
+
+/* acc[m][j] += r[j * VL ...] * s[m * s_stride] for m < M, j < 4: one k step of a tile of M <= TILE_ROWS
+   rows by 4 vectors (the GEMV's panel row, or attention's K^T panel row / V row), r read once. */
 static inline __attribute__((always_inline)) void fma_rows(vf acc[][4], const float *restrict r,
                                                            const float *restrict s, long s_stride, const int M) {
     vf w0 = vload(r), w1 = vload(r + VL), w2 = vload(r + 2 * VL), w3 = vload(r + 3 * VL);

@@ -20,7 +20,7 @@ def native():
     return fn
 
 
-@pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16])  # every tile height and grouping
 @pytest.mark.parametrize("n, k", [(1, 1), (5, 17), (64, 576), (9, 1536), (130, 40)])
 def test_native_gemv_matches_linear(native, m: int, n: int, k: int) -> None:
     """Row counts not a multiple of 4, widths not a multiple of the vector width, bias and add."""
