@@ -2,14 +2,131 @@
    the paged cache in place, and causal attention of a prompt's (or chunk's) new queries. */
 #include "kernels.h"
 
+/* out[i] = the sum of v[i]'s lanes, i < VL: one butterfly of shuffles and adds over all VL vectors
+   (log2 VL levels) in place of VL horizontal sums. The lanes come out in bit-reversed order, which
+   the last shuffle undoes. */
+static inline vf sum_lanes(vf v[VL]) {
+#if VL == 16
+    vf a[8], b[4], c[2], r;
+    for (int i = 0; i < 8; i++)
+        a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+               __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    r = __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+        __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    return __builtin_shufflevector(r, r, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+#else
+    vf r;
+    for (int i = 0; i < VL; i++) r[i] = hsum(v[i]);
+    return r;
+#endif
+}
+
+/* Softmax over p[0, c) in place. */
+static void softmax(float *p, long c) {
+    float mx = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : mx)
+    for (long j = 0; j < c; j++) mx = p[j] > mx ? p[j] : mx;
+#pragma omp simd
+    for (long j = 0; j < c; j++) p[j] = expf(p[j] - mx);
+#pragma omp simd reduction(+ : sum)
+    for (long j = 0; j < c; j++) sum += p[j];
+    float inv = 1.0f / sum;
+#pragma omp simd
+    for (long j = 0; j < c; j++) p[j] *= inv;
+}
+
+/* The offset of token j's row in a paged cache. */
+static inline long slot_offset(const long *tb, long bs, long row, long j) { return (tb[j / bs] * bs + j % bs) * row; }
+
+/* Prefetches the 4 * VL floats at r (a KV head's part of a cached row). */
+static inline void prefetch_row(const float *r) {
+    for (int i = 0; i < 4; i++) __builtin_prefetch(r + i * VL, 0, 3);
+}
+
+/* One sequence's decode attention, D = 4 * VL, G <= 4 query heads per KV head, block size a multiple
+   of VL: q (Hkv * G, D) -> out (Hkv * G, D) over its c cached tokens. The keys go VL at a time (within
+   one block, so contiguous rows), and for each KV head the G query vectors stay in registers while
+   its part of each K row is read; a key's G dot products are left as vectors, and one sum_lanes turns
+   VL keys of a head into VL scores. The V rows go the same way, each KV head's G outputs held in
+   registers over the VL rows. So every K and V row is read once, in place, in position order; while
+   one group of VL rows is read, the next group's (its own block when the table jumps) is prefetched
+   the same way, since a KV head reads only part of each row and the hardware's stream prefetch
+   does not follow that.
+   sc (Hkv * G, cp), cp >= c rounded up to VL; rows of the caches `row` floats apart. */
+static inline __attribute__((always_inline)) void decode_sequence(const float *restrict q, const float *k_cache,
+                                                                  const float *v_cache, const long *restrict tb,
+                                                                  long bs, long row, long Hkv, long c, float scale,
+                                                                  float *restrict sc, long cp, float *restrict out,
+                                                                  const int G) {
+    const long D = 4 * VL;
+    for (long j0 = 0; j0 < c; j0 += VL) {
+        long n = c - j0 < VL ? c - j0 : VL, first = (tb[j0 / bs] * bs + j0 % bs) * row;
+        const float *next = j0 + VL < c ? k_cache + slot_offset(tb, bs, row, j0 + VL) : NULL;
+        for (long g = 0; g < Hkv; g++) {
+            const float *kb = k_cache + first + g * D, *qg = q + g * G * D;
+            vf qv[4][4], part[4][VL];
+            for (int r = 0; r < G; r++)
+                for (int i = 0; i < 4; i++) qv[r][i] = vload(qg + r * D + i * VL);
+            for (long t = 0; t < n; t++) {
+                const float *kr = kb + t * row;
+                if (next) prefetch_row(next + t * row + g * D);
+                vf k0 = vload(kr), k1 = vload(kr + VL), k2 = vload(kr + 2 * VL), k3 = vload(kr + 3 * VL);
+                for (int r = 0; r < G; r++)
+                    part[r][t] = vfma(qv[r][3], k3, vfma(qv[r][2], k2, vfma(qv[r][1], k1, qv[r][0] * k0)));
+            }
+            for (int r = 0; r < G; r++) {
+                for (long t = n; t < VL; t++) part[r][t] = (vf){0};
+                vstore(sc + (g * G + r) * cp + j0, sum_lanes(part[r]) * scale);
+            }
+        }
+    }
+    for (long h = 0; h < Hkv * G; h++) softmax(sc + h * cp, c);
+    memset(out, 0, sizeof(float) * (size_t)(Hkv * G * D));
+    for (long j0 = 0; j0 < c; j0 += VL) {
+        long n = c - j0 < VL ? c - j0 : VL, first = (tb[j0 / bs] * bs + j0 % bs) * row;
+        const float *next = j0 + VL < c ? v_cache + slot_offset(tb, bs, row, j0 + VL) : NULL;
+        for (long g = 0; g < Hkv; g++) {
+            const float *vb = v_cache + first + g * D, *p = sc + g * G * cp + j0;
+            float *og = out + g * G * D;
+            vf acc[4][4];
+            for (int r = 0; r < G; r++)
+                for (int i = 0; i < 4; i++) acc[r][i] = vload(og + r * D + i * VL);
+            for (long t = 0; t < n; t++) {
+                const float *vr = vb + t * row;
+                if (next) prefetch_row(next + t * row + g * D);
+                vf v0 = vload(vr), v1 = vload(vr + VL), v2 = vload(vr + 2 * VL), v3 = vload(vr + 3 * VL);
+                PD_IN_REGS(v0, v1, v2, v3);
+                for (int r = 0; r < G; r++) {
+                    vf w = vsplat(p[r * cp + t]);
+                    acc[r][0] = vfma(v0, w, acc[r][0]);
+                    acc[r][1] = vfma(v1, w, acc[r][1]);
+                    acc[r][2] = vfma(v2, w, acc[r][2]);
+                    acc[r][3] = vfma(v3, w, acc[r][3]);
+                }
+            }
+            for (int r = 0; r < G; r++)
+                for (int i = 0; i < 4; i++) vstore(og + r * D + i * VL, acc[r][i]);
+        }
+    }
+}
+
 /* Decode attention over a paged cache, one query per sequence, read where the blocks lie.
 
    q (n, Hq, D), rows q_stride floats apart; caches (slots, Hkv, D) with slot = block * bs + offset;
    sequence s has ctx[s] tokens, in blocks tables[s, :]. When k_new / v_new are given (rows
    k_stride / v_stride floats apart, Hkv * D each), sequence s's new token is first written at
    position ctx[s] - 1. out (n, Hq, D) = softmax(q K^T * scale) V per query head, query head h
-   reading KV head h / (Hq / Hkv). Each cached token's K (then V) row is read once, whole, in
-   position order. Returns 0, or -1 when the score workspace cannot be allocated. */
+   reading KV head h / (Hq / Hkv). With D = 4 * VL, at most 4 query heads per KV head and blocks of a
+   multiple of VL tokens (SmolLM2 in the engine: 64, 3 and 16), decode_sequence reads each cached K
+   and V row once for all the query heads; otherwise each (token, head) pair is a dot product and an
+   axpy. Returns 0, or -1 when the
+   score workspace cannot be allocated. */
 long pd_decode_attention_f32(const float *restrict q, long q_stride, const float *restrict k_new, long k_stride,
                              const float *restrict v_new, long v_stride, float *restrict k_cache,
                              float *restrict v_cache, const long *restrict tables, long max_blocks,
@@ -17,7 +134,8 @@ long pd_decode_attention_f32(const float *restrict q, long q_stride, const float
                              float scale, float *restrict out) {
     long G = Hq / Hkv, max_ctx = 0, row = Hkv * D;
     for (long s = 0; s < n; s++) max_ctx = ctx[s] > max_ctx ? ctx[s] : max_ctx;
-    float *sc = malloc(sizeof(float) * (size_t)(Hq * max_ctx + 1));
+    long cp = (max_ctx + VL - 1) / VL * VL;
+    float *sc = malloc(sizeof(float) * (size_t)(Hq * cp + 1));
     if (!sc) return -1;
     for (long s = 0; s < n; s++) {
         const long c = ctx[s], *tb = tables + s * max_blocks;
@@ -28,20 +146,21 @@ long pd_decode_attention_f32(const float *restrict q, long q_stride, const float
             memcpy(k_cache + slot * row, k_new + s * k_stride, sizeof(float) * row);
             memcpy(v_cache + slot * row, v_new + s * v_stride, sizeof(float) * row);
         }
+        if (D == 4 * VL && G <= 4 && bs % VL == 0) {
+            switch (G) {
+                case 1: decode_sequence(qs, k_cache, v_cache, tb, bs, row, Hkv, c, scale, sc, cp, os, 1); break;
+                case 2: decode_sequence(qs, k_cache, v_cache, tb, bs, row, Hkv, c, scale, sc, cp, os, 2); break;
+                case 3: decode_sequence(qs, k_cache, v_cache, tb, bs, row, Hkv, c, scale, sc, cp, os, 3); break;
+                default: decode_sequence(qs, k_cache, v_cache, tb, bs, row, Hkv, c, scale, sc, cp, os, 4); break;
+            }
+            continue;
+        }
         for (long j = 0; j < c; j++) {
             const float *kr = k_cache + (tb[j / bs] * bs + j % bs) * row;
             for (long g = 0, h = 0; g < Hkv; g++)
                 for (long r = 0; r < G; r++, h++) sc[h * c + j] = dot(qs + h * D, kr + g * D, D) * scale;
         }
-        for (long h = 0; h < Hq; h++) {
-            float *p = sc + h * c, mx = -INFINITY, sum = 0.f;
-            for (long j = 0; j < c; j++) mx = p[j] > mx ? p[j] : mx;
-            for (long j = 0; j < c; j++) p[j] = expf(p[j] - mx);
-#pragma omp simd reduction(+ : sum)
-            for (long j = 0; j < c; j++) sum += p[j];
-            float inv = 1.0f / sum;
-            for (long j = 0; j < c; j++) p[j] *= inv;
-        }
+        for (long h = 0; h < Hq; h++) softmax(sc + h * c, c);
         memset(os, 0, sizeof(float) * Hq * D);
         for (long j = 0; j < c; j++) {
             const float *vr = v_cache + (tb[j / bs] * bs + j % bs) * row;

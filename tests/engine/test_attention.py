@@ -147,14 +147,16 @@ def _decode_batch(ctx: list[int], h_q: int, h_kv: int, d: int, block: int, seed:
 
 
 @pytest.mark.parametrize("backend", ["paged", "native"])
-@pytest.mark.parametrize("h_q, h_kv", [(4, 4), (4, 2), (9, 3), (8, 1)])
+@pytest.mark.parametrize("h_q, h_kv", [(4, 4), (4, 2), (9, 3), (4, 1), (8, 1)])
 @pytest.mark.parametrize("ctx", [[1], [37], [16, 16, 16], [3, 17, 200, 64, 65, 1, 128], [5 + 23 * i for i in range(16)]])
-def test_paged_decode_matches_reference(ctx: list[int], h_q: int, h_kv: int, backend: str) -> None:
+@pytest.mark.parametrize("d, block", [(32, 16), (64, 16), (64, 32), (64, 8)])
+def test_paged_decode_matches_reference(ctx: list[int], h_q: int, h_kv: int, d: int, block: int, backend: str) -> None:
     """Decode rows read in place (CSR sampled matmul + SpMM, or the native kernel, which also writes
     the new K/V) against the gather + SDPA oracle: GQA ratios 1-8, one sequence, equal contexts (no
-    padding), partial last blocks, unused blocks."""
+    padding), partial last blocks, unused blocks; head sizes and block sizes on both sides of the
+    native kernel's fast path (d = 64 with blocks of a multiple of 16 tokens and <= 4 query heads per
+    KV head) and its general one."""
     native = _kernels(backend)
-    block, d = 16, 32
     tables, k_cache, v_cache, q, k, v = _decode_batch(ctx, h_q, h_kv, d, block, seed=len(ctx) + h_q, extra_blocks=1)
     outs = {}
     for name in ("reference", backend):
