@@ -22,8 +22,11 @@ Outputs under -o: sessions.jsonl (the session trace as a lengths file with sessi
 `pdserve plan` reads), slo.json, one `pdserve bench` results directory per system, summary.json (all
 systems), and report.md (benchmarks/multiturn_report.py: the tables of BENCHMARKS.md §17).
 
-Usage: python benchmarks/multiturn.py [-o results/multiturn] [--sessions 12] [--rates 0.15 0.25 0.4 0.6]
+Usage: python benchmarks/multiturn.py [-o results/multiturn] [--sessions 24] [--rates 0.25 0.5 0.8 1.2 1.8 2.6]
            [--threshold 128] [--systems a b c d e]
+
+About 27 minutes on this machine with the defaults; run it on an idle machine (BENCHMARKS.md §17:
+on a loaded one the host's load moved attainment more than any configuration did).
 """
 
 from __future__ import annotations
@@ -141,8 +144,8 @@ def run_system(key: str, sessions, meta: dict, out: Path, args: argparse.Namespa
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", default="results/multiturn")
-    ap.add_argument("--sessions", type=int, default=12, help="sessions per rate point (the same ones at each)")
-    ap.add_argument("--rates", type=float, nargs="+", default=[0.15, 0.25, 0.4, 0.6],
+    ap.add_argument("--sessions", type=int, default=24, help="sessions per rate point (the same ones at each)")
+    ap.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.8, 1.2, 1.8, 2.6],
                     help="new sessions per second")
     ap.add_argument("--max-turns", type=int, default=4)
     ap.add_argument("--max-context-len", type=int, default=1024)
