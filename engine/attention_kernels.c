@@ -41,7 +41,7 @@ static void softmax(float *p, long c) {
     for (long j = 0; j < c; j++) p[j] *= inv;
 }
 
-/* The offset of token j's row in a paged cache. */
+/* Where token j's row starts in a paged cache, in floats from the cache's start. */
 static inline long slot_offset(const long *tb, long bs, long row, long j) { return (tb[j / bs] * bs + j % bs) * row; }
 
 /* Prefetches the 4 * VL floats at r (a KV head's part of a cached row). */
@@ -66,7 +66,7 @@ static inline __attribute__((always_inline)) void decode_sequence(const float *r
                                                                   const int G) {
     const long D = 4 * VL;
     for (long j0 = 0; j0 < c; j0 += VL) {
-        long n = c - j0 < VL ? c - j0 : VL, first = (tb[j0 / bs] * bs + j0 % bs) * row;
+        long n = c - j0 < VL ? c - j0 : VL, first = slot_offset(tb, bs, row, j0);
         const float *next = j0 + VL < c ? k_cache + slot_offset(tb, bs, row, j0 + VL) : NULL;
         for (long g = 0; g < Hkv; g++) {
             const float *kb = k_cache + first + g * D, *qg = q + g * G * D;
@@ -89,7 +89,7 @@ static inline __attribute__((always_inline)) void decode_sequence(const float *r
     for (long h = 0; h < Hkv * G; h++) softmax(sc + h * cp, c);
     memset(out, 0, sizeof(float) * (size_t)(Hkv * G * D));
     for (long j0 = 0; j0 < c; j0 += VL) {
-        long n = c - j0 < VL ? c - j0 : VL, first = (tb[j0 / bs] * bs + j0 % bs) * row;
+        long n = c - j0 < VL ? c - j0 : VL, first = slot_offset(tb, bs, row, j0);
         const float *next = j0 + VL < c ? v_cache + slot_offset(tb, bs, row, j0 + VL) : NULL;
         for (long g = 0; g < Hkv; g++) {
             const float *vb = v_cache + first + g * D, *p = sc + g * G * cp + j0;
@@ -156,14 +156,14 @@ long pd_decode_attention_f32(const float *restrict q, long q_stride, const float
             continue;
         }
         for (long j = 0; j < c; j++) {
-            const float *kr = k_cache + (tb[j / bs] * bs + j % bs) * row;
+            const float *kr = k_cache + slot_offset(tb, bs, row, j);
             for (long g = 0, h = 0; g < Hkv; g++)
                 for (long r = 0; r < G; r++, h++) sc[h * c + j] = dot(qs + h * D, kr + g * D, D) * scale;
         }
         for (long h = 0; h < Hq; h++) softmax(sc + h * c, c);
         memset(os, 0, sizeof(float) * Hq * D);
         for (long j = 0; j < c; j++) {
-            const float *vr = v_cache + (tb[j / bs] * bs + j % bs) * row;
+            const float *vr = v_cache + slot_offset(tb, bs, row, j);
             for (long g = 0, h = 0; g < Hkv; g++)
                 for (long r = 0; r < G; r++, h++) axpy(os + h * D, sc[h * c + j], vr + g * D, D);
         }
@@ -208,17 +208,9 @@ static inline __attribute__((always_inline)) void weigh_rows(const float *restri
 /* Softmax of row m over its keys [0, first + m], zeros after it up to n_keys (the group's last row's). */
 static void softmax_rows(float *sc, long Lp, long first, long n_keys, long M) {
     for (long m = 0; m < M; m++) {
-        float *p = sc + m * Lp, mx = -INFINITY, sum = 0.f;
+        float *p = sc + m * Lp;
         long n = first + m + 1;
-#pragma omp simd reduction(max : mx)
-        for (long j = 0; j < n; j++) mx = p[j] > mx ? p[j] : mx;
-#pragma omp simd
-        for (long j = 0; j < n; j++) p[j] = expf(p[j] - mx);
-#pragma omp simd reduction(+ : sum)
-        for (long j = 0; j < n; j++) sum += p[j];
-        float inv = 1.0f / sum;
-#pragma omp simd
-        for (long j = 0; j < n; j++) p[j] *= inv;
+        softmax(p, n);
         for (long j = n; j < n_keys; j++) p[j] = 0.f;
     }
 }
