@@ -125,8 +125,7 @@ static inline __attribute__((always_inline)) void decode_sequence(const float *r
    reading KV head h / (Hq / Hkv). With D = 4 * VL, at most 4 query heads per KV head and blocks of a
    multiple of VL tokens (SmolLM2 in the engine: 64, 3 and 16), decode_sequence reads each cached K
    and V row once for all the query heads; otherwise each (token, head) pair is a dot product and an
-   axpy. Returns 0, or -1 when the
-   score workspace cannot be allocated. */
+   axpy. Returns 0, or -1 when the score workspace cannot be allocated. */
 long pd_decode_attention_f32(const float *restrict q, long q_stride, const float *restrict k_new, long k_stride,
                              const float *restrict v_new, long v_stride, float *restrict k_cache,
                              float *restrict v_cache, const long *restrict tables, long max_blocks,

@@ -72,8 +72,9 @@ void pd_gemv_packed_f32(const float *restrict x, const float *restrict wp, const
                         const float *add, float *y, long M, long N, long K) { /* y may be add (in place) */
     float tile[TILE_ROWS * P];
     long groups = (M + TILE_ROWS - 1) / TILE_ROWS;
-    long lines = K * P * (long)sizeof(float) / 64;     /* cache lines per panel */
-    int npf = groups * K > 0 ? (int)((lines + groups * K - 1) / (groups * K)) : 0; /* lines per k step: each pass a share */
+    long lines = K * P * (long)sizeof(float) / 64; /* cache lines per panel */
+    /* lines prefetched per k step, so that the passes together cover the next panel */
+    int npf = groups * K > 0 ? (int)((lines + groups * K - 1) / (groups * K)) : 0;
     for (long n0 = 0; n0 < N; n0 += P) {
         const float *panel = wp + n0 * K;
         long width = N - n0 < P ? N - n0 : P;
