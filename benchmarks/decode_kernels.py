@@ -52,7 +52,8 @@ def gemv(k: kernels.Kernels, hidden: int, q_out: int, inter: int, rows: list[int
               f"hot {hot_s * 1e3:6.2f} ms ({m * flop / hot_s / 1e9:5.1f} GFLOP/s)", flush=True)
 
 
-def attention(k: kernels.Kernels, h_q: int, h_kv: int, d: int, contexts: list[int], n: int = 16, block: int = 16) -> None:
+def attention(k: kernels.Kernels, h_q: int, h_kv: int, d: int, contexts: list[int], n: int = 16,
+              block: int = 16) -> None:
     print(f"decode attention: {n} sequences x {LAYERS} layers, {h_q} query / {h_kv} KV heads of {d}, blocks of {block}")
     gen = torch.Generator().manual_seed(0)
     for ctx_len in contexts:
@@ -61,7 +62,8 @@ def attention(k: kernels.Kernels, h_q: int, h_kv: int, d: int, contexts: list[in
         ctx = torch.full((n,), ctx_len, dtype=torch.long)
         q = torch.randn(n, h_q, d, generator=gen)
         line = f"  context {ctx_len:4d}:"
-        for name, ids in (("in order", torch.arange(n * per_seq)), ("shuffled", torch.randperm(n * per_seq, generator=gen))):
+        orders = (("in order", torch.arange(n * per_seq)), ("shuffled", torch.randperm(n * per_seq, generator=gen)))
+        for name, ids in orders:
             tables = ids.view(n, per_seq).contiguous()
             t = _median_s(lambda: [kernels.decode_attention(k, q, pool[i, 0], pool[i, 1], tables, ctx, None)
                                    for i in range(LAYERS)])
