@@ -49,6 +49,17 @@ static inline void prefetch_row(const float *r) {
     for (int i = 0; i < 4; i++) __builtin_prefetch(r + i * VL, 0, 3);
 }
 
+/* The G heads' vectors of D = 4 * VL floats at p (heads D floats apart) into t, and back. */
+static inline __attribute__((always_inline)) void load_heads(vf t[4][4], const float *p, const int G) {
+    for (int r = 0; r < G; r++)
+        for (int i = 0; i < 4; i++) t[r][i] = vload(p + (r * 4 + i) * VL);
+}
+
+static inline __attribute__((always_inline)) void store_heads(float *p, vf t[4][4], const int G) {
+    for (int r = 0; r < G; r++)
+        for (int i = 0; i < 4; i++) vstore(p + (r * 4 + i) * VL, t[r][i]);
+}
+
 /* One sequence's decode attention, D = 4 * VL, G <= 4 query heads per KV head, block size a multiple
    of VL: q (Hkv * G, D) -> out (Hkv * G, D) over its c cached tokens. The keys go VL at a time (within
    one block, so contiguous rows), and for each KV head the G query vectors stay in registers while
@@ -71,8 +82,7 @@ static inline __attribute__((always_inline)) void decode_sequence(const float *r
         for (long g = 0; g < Hkv; g++) {
             const float *kb = k_cache + first + g * D, *qg = q + g * G * D;
             vf qv[4][4], part[4][VL];
-            for (int r = 0; r < G; r++)
-                for (int i = 0; i < 4; i++) qv[r][i] = vload(qg + r * D + i * VL);
+            load_heads(qv, qg, G);
             for (long t = 0; t < n; t++) {
                 const float *kr = kb + t * row;
                 if (next) prefetch_row(next + t * row + g * D);
@@ -95,8 +105,7 @@ static inline __attribute__((always_inline)) void decode_sequence(const float *r
             const float *vb = v_cache + first + g * D, *p = sc + g * G * cp + j0;
             float *og = out + g * G * D;
             vf acc[4][4];
-            for (int r = 0; r < G; r++)
-                for (int i = 0; i < 4; i++) acc[r][i] = vload(og + r * D + i * VL);
+            load_heads(acc, og, G);
             for (long t = 0; t < n; t++) {
                 const float *vr = vb + t * row;
                 if (next) prefetch_row(next + t * row + g * D);
@@ -110,8 +119,7 @@ static inline __attribute__((always_inline)) void decode_sequence(const float *r
                     acc[r][3] = vfma(v3, w, acc[r][3]);
                 }
             }
-            for (int r = 0; r < G; r++)
-                for (int i = 0; i < 4; i++) vstore(og + r * D + i * VL, acc[r][i]);
+            store_heads(og, acc, G);
         }
     }
 }

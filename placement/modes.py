@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from pdserve.placement.candidates import PhaseConfig, Unit
 from pdserve.placement.reuse_settings import ReuseSettings
-from pdserve.placement.search import Progress, SearchSpec, colocated_latencies, run_jobs, job_trace, phase_latencies, \
+from pdserve.placement.search import Progress, SearchSpec, colocated_latencies, job_trace, phase_latencies, run_jobs, \
     search_trace, unit_deployment
 from pdserve.placement.sessions import SessionTrace, as_sessions
 from pdserve.placement.sim_deployment import CHUNK_SIZE, SimDeployment

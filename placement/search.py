@@ -110,7 +110,7 @@ def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
     # 1. per-phase goodput of every config (Algorithm 1's inner loop; feeds Algorithm 2's estimate)
     phase_jobs = [(role, c) for c in sorted(set(lat) | set(dlat)) for role in ("prefill", "decode") if c in by_role[role]]
     values = run_jobs([_job(spec, _phase_deployment(spec, role, by_role[role][c]), trace, "ttft" if role == "prefill" else "tpot")
-                   for role, c in phase_jobs], spec.jobs, progress, "phase", [f"{r} {c}" for r, c in phase_jobs])
+                       for role, c in phase_jobs], spec.jobs, progress, "phase", [f"{r} {c}" for r, c in phase_jobs])
     g = dict(zip(phase_jobs, values))
     # 2. units, estimated from the phase goodputs; the best few per algorithm are verified jointly
     units: list[Unit] = []
@@ -126,7 +126,7 @@ def search(spec: SearchSpec, progress: Progress | None = None) -> SearchResult:
         units += [u for u in colocated_units(set(colo_lat)) if max_replicas(u, spec.cluster) > 0]
     deps = [unit_deployment(spec, u, colo_lat if u.decode is None else lat, dlat) for u in units]
     joint = run_jobs([_job(spec, d, trace, "joint") for d in deps], spec.jobs, progress, "joint",
-                 [u.describe() for u in units])
+                     [u.describe() for u in units])
     scored = [s for s in (_score(spec, u, gp) for u, gp in zip(units, joint)) if s is not None]
     ranked = _confirm(spec, scored, dict(zip(units, deps)), trace, progress)
     best = ranked[0] if ranked else None
@@ -302,7 +302,7 @@ def _goodput_job(job: Job) -> float:
 
 
 def run_jobs(jobs: list[Job], n_jobs: int, progress: Progress | None,
-         stage: str, labels: list[str]) -> list[float]:
+             stage: str, labels: list[str]) -> list[float]:
     """Goodput of each job, in order; in `n_jobs` processes when there is more than one job."""
     if n_jobs > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(n_jobs, os.cpu_count() or 1)) as pool:
